@@ -1,0 +1,93 @@
+// The LSTM cell math, written once and shared by the CPU kernels (csrc/cpu/) and the CUDA kernels
+// (csrc/cuda/). Everything here is scalar and header-only so that both compilers inline it into their
+// own loops: the CPU walks rows with at::parallel_for, CUDA walks them with one thread per element.
+//
+// Gate order is PyTorch's: i, f, g, o. With pre-activations a_i, a_f, a_g, a_o (input projection plus
+// recurrent projection plus both biases):
+//   i = sigmoid(a_i)   f = sigmoid(a_f)   g = tanh(a_g)   o = sigmoid(a_o)
+//   c' = f * c + i * g
+//   h' = o * tanh(c')
+// Backward of one step, from the saved post-activation gates and the previous cell state (c' is
+// recomputed, which is cheaper than storing it):
+//   dc_total = dc' + dh' * o * (1 - tanh(c')^2)
+//   di = dc_total * g * i (1 - i)        df = dc_total * c * f (1 - f)
+//   dg = dc_total * i * (1 - g^2)        do = dh' * tanh(c') * o (1 - o)
+//   dc = dc_total * f
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FUSED_LSTM_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FUSED_LSTM_HOST_DEVICE inline
+#endif
+
+namespace fused_lstm {
+
+// Activations in the compute type T (float for float/half/bfloat16 storage, double for double).
+// On the device the CUDA math library's overloads of exp/tanh are picked up by ADL-free unqualified
+// calls; on the host std:: is used.
+template <typename T>
+FUSED_LSTM_HOST_DEVICE T sigmoid(T x) {
+#if defined(__CUDA_ARCH__)
+  return T(1) / (T(1) + exp(-x));
+#else
+  return T(1) / (T(1) + std::exp(-x));
+#endif
+}
+
+template <typename T>
+FUSED_LSTM_HOST_DEVICE T tanh_(T x) {
+#if defined(__CUDA_ARCH__)
+  return tanh(x);
+#else
+  return std::tanh(x);
+#endif
+}
+
+// Post-activation gates of one hidden unit.
+template <typename T>
+struct Gates {
+  T i, f, g, o;
+};
+
+// Forward of one hidden unit: activates the four pre-activations and advances the state.
+// Returns the activated gates (what backward needs) and writes the new c and h.
+template <typename T>
+FUSED_LSTM_HOST_DEVICE Gates<T> cell_forward(T a_i, T a_f, T a_g, T a_o, T c_prev, T* c_next, T* h_next) {
+  Gates<T> gate{sigmoid(a_i), sigmoid(a_f), tanh_(a_g), sigmoid(a_o)};
+  const T c = gate.f * c_prev + gate.i * gate.g;
+  *c_next = c;
+  *h_next = gate.o * tanh_(c);
+  return gate;
+}
+
+// Gradients of the four pre-activations of one hidden unit.
+template <typename T>
+struct GateGrads {
+  T i, f, g, o;
+};
+
+// Backward of one hidden unit.
+//   gate:   post-activation gates saved by the forward pass
+//   c_prev: the cell state this step started from
+//   dh:     gradient reaching h' (from the output, the next step and h_n)
+//   dc:     gradient reaching c' (from the next step and c_n)
+// Writes the gradient for c_prev and h' (= o * tanh(c'), needed for the projection's weight gradient)
+// and returns the pre-activation gradients.
+template <typename T>
+FUSED_LSTM_HOST_DEVICE GateGrads<T> cell_backward(const Gates<T>& gate, T c_prev, T dh, T dc, T* dc_prev,
+                                                  T* h_next) {
+  const T c = gate.f * c_prev + gate.i * gate.g;
+  const T tanh_c = tanh_(c);
+  *h_next = gate.o * tanh_c;
+  const T dc_total = dc + dh * gate.o * (T(1) - tanh_c * tanh_c);
+  *dc_prev = dc_total * gate.f;
+  return GateGrads<T>{dc_total * gate.g * gate.i * (T(1) - gate.i),
+                      dc_total * c_prev * gate.f * (T(1) - gate.f),
+                      dc_total * gate.i * (T(1) - gate.g * gate.g),
+                      dh * tanh_c * gate.o * (T(1) - gate.o)};
+}
+
+}  // namespace fused_lstm

@@ -1,0 +1,320 @@
+// The device-agnostic LSTM layer driver. See lstm_layer.h for shapes and the backend contract.
+#include "lstm_layer.h"
+
+#include <ATen/ATen.h>
+
+namespace fused_lstm {
+namespace {
+
+// Sizes of one layer call, checked once against every argument.
+struct LayerShape {
+  int64_t steps;       // T
+  int64_t batch;       // N (rows of the first step)
+  int64_t rows;        // R = total rows over all steps
+  int64_t input_size;  // I
+  int64_t hidden;      // H
+  int64_t out_hidden;  // Hout
+  int64_t directions;  // D
+  bool dense;          // input is [T, N, I] rather than packed [R, I]
+  std::vector<int64_t> step_rows;    // [T] active rows per step
+  std::vector<int64_t> step_offset;  // [T] first row of each step
+};
+
+// The tensors of one direction, views into the caller's weight list.
+struct DirectionWeights {
+  Tensor w_ih;  // [4H, I]
+  Tensor w_hh;  // [4H, Hout]
+  Tensor b_ih;  // [4H] or undefined
+  Tensor b_hh;  // [4H] or undefined
+  Tensor w_hr;  // [Hout, H] or undefined
+};
+
+int64_t weights_per_direction(bool has_biases, bool has_projections) {
+  return 2 + (has_biases ? 2 : 0) + (has_projections ? 1 : 0);
+}
+
+DirectionWeights direction_weights(at::TensorList weights, int64_t d, bool has_biases, bool has_projections) {
+  const int64_t k = weights_per_direction(has_biases, has_projections);
+  const at::TensorList w = weights.slice(d * k, k);
+  DirectionWeights out;
+  out.w_ih = w[0];
+  out.w_hh = w[1];
+  if (has_biases) {
+    out.b_ih = w[2];
+    out.b_hh = w[3];
+  }
+  if (has_projections) out.w_hr = w[k - 1];
+  return out;
+}
+
+void check_same(const Tensor& t, const Tensor& ref, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), "fused_lstm: ", name, " is on ", t.device(), " but input is on ",
+              ref.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fused_lstm: ", name, " has dtype ", t.scalar_type(),
+              " but input has dtype ", ref.scalar_type());
+}
+
+void check_shape(const Tensor& t, at::IntArrayRef expected, const char* name) {
+  TORCH_CHECK(t.sizes() == expected, "fused_lstm: expected ", name, " of shape ", expected, ", got ", t.sizes());
+}
+
+LayerShape check_layer(const Tensor& input, const c10::optional<Tensor>& batch_sizes, const Tensor& h0,
+                       const Tensor& c0, at::TensorList weights, bool has_biases, bool has_projections,
+                       bool bidirectional) {
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), "fused_lstm: input must be a floating point tensor, got ",
+              input.scalar_type());
+  LayerShape s;
+  s.directions = bidirectional ? 2 : 1;
+  s.dense = !batch_sizes.has_value();
+  TORCH_CHECK(input.dim() == (s.dense ? 3 : 2), "fused_lstm: expected ", s.dense ? "dense input [T, N, I]" :
+              "packed input [R, I]", ", got a ", input.dim(), "-D tensor");
+  TORCH_CHECK(h0.dim() == 3, "fused_lstm: expected h0 [D, N, Hout], got a ", h0.dim(), "-D tensor");
+  s.batch = h0.size(1);
+  s.input_size = input.size(-1);
+  const int64_t k = weights_per_direction(has_biases, has_projections);
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == k * s.directions, "fused_lstm: expected ",
+              k * s.directions, " weight tensors, got ", weights.size());
+  const DirectionWeights w0 = direction_weights(weights, 0, has_biases, has_projections);
+  TORCH_CHECK(w0.w_ih.dim() == 2 && w0.w_ih.size(0) % 4 == 0, "fused_lstm: w_ih must be [4H, I], got ",
+              w0.w_ih.sizes());
+  s.hidden = w0.w_ih.size(0) / 4;
+  s.out_hidden = has_projections ? w0.w_hr.size(0) : s.hidden;
+
+  if (s.dense) {
+    s.steps = input.size(0);
+    TORCH_CHECK(input.size(1) == s.batch, "fused_lstm: input has batch ", input.size(1), " but h0 has batch ",
+                s.batch);
+    s.step_rows.assign(s.steps, s.batch);
+  } else {
+    const Tensor& bs = *batch_sizes;
+    TORCH_CHECK(bs.device().is_cpu() && bs.scalar_type() == at::kLong && bs.dim() == 1,
+                "fused_lstm: batch_sizes must be a 1-D int64 CPU tensor, got ", bs.scalar_type(), " on ",
+                bs.device(), " with ", bs.dim(), " dims");
+    s.steps = bs.size(0);
+    const Tensor bs_contig = bs.contiguous();
+    const int64_t* p = bs_contig.data_ptr<int64_t>();
+    s.step_rows.assign(p, p + s.steps);
+    for (int64_t t = 0; t < s.steps; ++t) {
+      TORCH_CHECK(s.step_rows[t] >= 0 && s.step_rows[t] <= (t ? s.step_rows[t - 1] : s.batch),
+                  "fused_lstm: batch_sizes must be non-increasing and start with the batch size of h0 (",
+                  s.batch, "), got ", bs_contig);
+    }
+    TORCH_CHECK(s.steps == 0 || s.step_rows[0] == s.batch, "fused_lstm: batch_sizes[0] (", s.step_rows[0],
+                ") must equal the batch size of h0 (", s.batch, ")");
+  }
+  TORCH_CHECK(s.steps > 0, "Expected sequence length to be larger than 0 in RNN");
+  s.step_offset.resize(s.steps);
+  int64_t rows = 0;
+  for (int64_t t = 0; t < s.steps; ++t) {
+    s.step_offset[t] = rows;
+    rows += s.step_rows[t];
+  }
+  s.rows = rows;
+  if (!s.dense) {
+    TORCH_CHECK(input.size(0) == s.rows, "fused_lstm: packed input has ", input.size(0),
+                " rows but batch_sizes sum to ", s.rows);
+  }
+
+  const int64_t D = s.directions, N = s.batch, H = s.hidden, Hout = s.out_hidden, I = s.input_size;
+  check_same(h0, input, "h0");
+  check_same(c0, input, "c0");
+  check_shape(h0, {D, N, Hout}, "h0");
+  check_shape(c0, {D, N, H}, "c0");
+  for (int64_t d = 0; d < D; ++d) {
+    const DirectionWeights w = direction_weights(weights, d, has_biases, has_projections);
+    check_same(w.w_ih, input, "w_ih");
+    check_shape(w.w_ih, {4 * H, I}, "w_ih");
+    check_same(w.w_hh, input, "w_hh");
+    check_shape(w.w_hh, {4 * H, Hout}, "w_hh");
+    if (has_biases) {
+      check_same(w.b_ih, input, "b_ih");
+      check_shape(w.b_ih, {4 * H}, "b_ih");
+      check_same(w.b_hh, input, "b_hh");
+      check_shape(w.b_hh, {4 * H}, "b_hh");
+    }
+    if (has_projections) {
+      check_same(w.w_hr, input, "w_hr");
+      check_shape(w.w_hr, {Hout, H}, "w_hr");
+    }
+  }
+  return s;
+}
+
+// Raw address of row `row` of a tensor whose rows are `row_stride` elements apart.
+template <typename P>
+P* row_ptr(const Tensor& t, int64_t row, int64_t row_stride) {
+  return reinterpret_cast<P*>(static_cast<char*>(t.data_ptr()) + row * row_stride * t.element_size());
+}
+
+}  // namespace
+
+void LayerBackend::matmul(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) const {
+  if (accumulate) {
+    out.addmm_(a, b);
+  } else {
+    at::mm_out(const_cast<Tensor&>(out), a, b);
+  }
+}
+
+void LayerBackend::for_each_direction(int64_t directions, const std::function<void(int64_t)>& fn) const {
+  for (int64_t d = 0; d < directions; ++d) fn(d);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
+    const Tensor& input_arg, const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0,
+    at::TensorList weights, bool has_biases, bool has_projections, bool bidirectional, bool need_workspace,
+    const LayerBackend& backend) {
+  const LayerShape s = check_layer(input_arg, batch_sizes, h0, c0, weights, has_biases, has_projections,
+                                   bidirectional);
+  const int64_t D = s.directions, N = s.batch, H = s.hidden, Hout = s.out_hidden, R = s.rows;
+  const Tensor input = input_arg.contiguous().view({R, s.input_size});  // [R, I]
+  const auto opts = input.options();
+
+  Tensor output = at::empty({R, D * Hout}, opts);
+  // The running state lives in h_n / c_n: rows of finished sequences simply stop being updated.
+  Tensor h_n = h0.contiguous().clone();  // [D, N, Hout]
+  Tensor c_n = c0.contiguous().clone();  // [D, N, H]
+  // Pre-activations of every step, turned into post-activation gates in place (the workspace).
+  Tensor gates = at::empty({D, R, 4 * H}, opts);
+  Tensor c_prev = need_workspace ? at::empty({D, R, H}, opts) : at::empty({0}, opts);
+  Tensor h_prev = need_workspace ? at::empty({D, R, Hout}, opts) : at::empty({0}, opts);
+  Tensor projection_input = has_projections ? at::empty({D, N, H}, opts) : Tensor();  // h' before w_hr
+
+  backend.for_each_direction(D, [&](int64_t d) {
+    const DirectionWeights w = direction_weights(weights, d, has_biases, has_projections);
+    const bool reverse = d == 1;
+    const Tensor gates_d = gates[d];  // [R, 4H]
+    const Tensor h_state = h_n[d];    // [N, Hout]
+    const Tensor c_state = c_n[d];    // [N, H]
+    const Tensor w_hh_t = w.w_hh.t(); // [Hout, 4H]
+    if (has_biases) {
+      gates_d.copy_((w.b_ih + w.b_hh).unsqueeze(0).expand({R, 4 * H}));
+      backend.matmul(gates_d, input, w.w_ih.t(), /*accumulate=*/true);
+    } else {
+      backend.matmul(gates_d, input, w.w_ih.t(), /*accumulate=*/false);
+    }
+    for (int64_t step = 0; step < s.steps; ++step) {
+      const int64_t t = reverse ? s.steps - 1 - step : step;
+      const int64_t rows = s.step_rows[t], row0 = s.step_offset[t];
+      if (rows == 0) continue;
+      backend.matmul(gates_d.narrow(0, row0, rows), h_state.narrow(0, 0, rows), w_hh_t, /*accumulate=*/true);
+      StepForwardArgs a;
+      a.dtype = input.scalar_type();
+      a.rows = rows;
+      a.hidden = H;
+      a.out_hidden = Hout;
+      a.gates = row_ptr<void>(gates_d, row0, 4 * H);
+      a.c_state = c_state.data_ptr();
+      a.h_state = h_state.data_ptr();
+      a.h_next = has_projections ? projection_input[d].data_ptr() : h_state.data_ptr();
+      a.output = has_projections ? nullptr : row_ptr<char>(output, row0, D * Hout) + d * Hout * output.element_size();
+      a.output_stride = D * Hout;
+      a.c_prev_saved = need_workspace ? row_ptr<void>(c_prev[d], row0, H) : nullptr;
+      a.h_prev_saved = need_workspace ? row_ptr<void>(h_prev[d], row0, Hout) : nullptr;
+      backend.step_forward(a);
+      if (has_projections) {
+        const Tensor h_rows = h_state.narrow(0, 0, rows);
+        backend.matmul(h_rows, projection_input[d].narrow(0, 0, rows), w.w_hr.t(), /*accumulate=*/false);
+        output.narrow(0, row0, rows).narrow(1, d * Hout, Hout).copy_(h_rows);
+      }
+    }
+  });
+
+  if (!need_workspace) gates = at::empty({0}, opts);
+  if (s.dense) output = output.view({s.steps, N, D * Hout});
+  return {output, h_n, c_n, gates, c_prev, h_prev};
+}
+
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_layer_backward(
+    const Tensor& grad_output_arg, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& input_arg,
+    const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0, at::TensorList weights,
+    bool has_biases, bool has_projections, bool bidirectional, const Tensor& gates, const Tensor& c_prev,
+    const Tensor& h_prev, const LayerBackend& backend) {
+  const LayerShape s = check_layer(input_arg, batch_sizes, h0, c0, weights, has_biases, has_projections,
+                                   bidirectional);
+  const int64_t D = s.directions, N = s.batch, H = s.hidden, Hout = s.out_hidden, R = s.rows, I = s.input_size;
+  TORCH_CHECK(gates.numel() == D * R * 4 * H && c_prev.numel() == D * R * H && h_prev.numel() == D * R * Hout,
+              "fused_lstm: lstm_layer_backward needs the workspace of a forward call made with "
+              "need_workspace=True");
+  const Tensor input = input_arg.contiguous().view({R, I});
+  const Tensor grad_output = grad_output_arg.contiguous().view({R, D * Hout});
+  check_same(grad_output, input, "grad_output");
+  check_shape(grad_h_n, h0.sizes(), "grad_h_n");
+  check_shape(grad_c_n, c0.sizes(), "grad_c_n");
+  const Tensor gates_ws = gates.contiguous().view({D, R, 4 * H});
+  const Tensor c_prev_ws = c_prev.contiguous().view({D, R, H});
+  const Tensor h_prev_ws = h_prev.contiguous().view({D, R, Hout});
+  const auto opts = input.options();
+
+  // Everything the directions write is allocated before they start, so a backend may run them on
+  // other streams without outputs crossing streams.
+  Tensor d_gates = at::empty({D, R, 4 * H}, opts);
+  Tensor grad_h0 = grad_h_n.to(opts, /*non_blocking=*/false, /*copy=*/true).contiguous();  // running dh
+  Tensor grad_c0 = grad_c_n.to(opts, /*non_blocking=*/false, /*copy=*/true).contiguous();  // running dc
+  Tensor dh_total = has_projections ? at::empty({D, R, Hout}, opts) : Tensor();  // dL/dh per row (after w_hr)
+  Tensor h_next = has_projections ? at::empty({D, R, H}, opts) : Tensor();      // h' before w_hr per row
+  Tensor dh_projected = has_projections ? at::empty({D, N, H}, opts) : Tensor();
+  std::vector<Tensor> grad_weights;
+  grad_weights.reserve(weights.size());
+  for (const Tensor& w : weights) grad_weights.push_back(at::empty_like(w, at::MemoryFormat::Contiguous));
+  const int64_t k = weights_per_direction(has_biases, has_projections);
+
+  backend.for_each_direction(D, [&](int64_t d) {
+    const DirectionWeights w = direction_weights(weights, d, has_biases, has_projections);
+    const bool reverse = d == 1;
+    const Tensor d_gates_d = d_gates[d];
+    const Tensor dh_state = grad_h0[d];  // [N, Hout]
+    const Tensor dc_state = grad_c0[d];  // [N, H]
+    // Backward walks the steps in the opposite order of this direction's forward pass.
+    for (int64_t step = 0; step < s.steps; ++step) {
+      const int64_t t = reverse ? step : s.steps - 1 - step;
+      const int64_t rows = s.step_rows[t], row0 = s.step_offset[t];
+      if (rows == 0) continue;
+      const Tensor d_output_rows = grad_output.narrow(0, row0, rows).narrow(1, d * Hout, Hout);
+      StepBackwardArgs a;
+      a.dtype = input.scalar_type();
+      a.rows = rows;
+      a.hidden = H;
+      a.gates = row_ptr<void>(gates_ws[d], row0, 4 * H);
+      a.c_prev = row_ptr<void>(c_prev_ws[d], row0, H);
+      a.dc_state = dc_state.data_ptr();
+      a.d_gates = row_ptr<void>(d_gates_d, row0, 4 * H);
+      a.d_output_stride = D * Hout;
+      if (has_projections) {
+        const Tensor dh_rows = dh_total[d].narrow(0, row0, rows);
+        at::add_out(const_cast<Tensor&>(dh_rows), dh_state.narrow(0, 0, rows), d_output_rows);
+        backend.matmul(dh_projected[d].narrow(0, 0, rows), dh_rows, w.w_hr, /*accumulate=*/false);
+        a.dh = dh_projected[d].data_ptr();
+        a.d_output = nullptr;
+        a.h_next = row_ptr<void>(h_next[d], row0, H);
+      } else {
+        a.dh = dh_state.data_ptr();
+        a.d_output = d_output_rows.data_ptr();
+        a.h_next = nullptr;
+      }
+      backend.step_backward(a);
+      backend.matmul(dh_state.narrow(0, 0, rows), d_gates_d.narrow(0, row0, rows), w.w_hh, /*accumulate=*/false);
+    }
+    // Weight gradients as a few large GEMMs over all rows.
+    const at::TensorList gw(grad_weights.data() + d * k, k);
+    backend.matmul(gw[0], d_gates_d.t(), input, /*accumulate=*/false);         // [4H, I]
+    backend.matmul(gw[1], d_gates_d.t(), h_prev_ws[d], /*accumulate=*/false);  // [4H, Hout]
+    if (has_biases) {
+      at::sum_out(const_cast<Tensor&>(gw[2]), d_gates_d, /*dim=*/{0});
+      gw[3].copy_(gw[2]);
+    }
+    if (has_projections) {
+      backend.matmul(gw[k - 1], dh_total[d].t(), h_next[d], /*accumulate=*/false);  // [Hout, H]
+    }
+  });
+
+  Tensor grad_input = at::empty({R, I}, opts);
+  for (int64_t d = 0; d < D; ++d) {
+    const DirectionWeights w = direction_weights(weights, d, has_biases, has_projections);
+    backend.matmul(grad_input, d_gates[d], w.w_ih, /*accumulate=*/d > 0);  // [R, I]
+  }
+  if (s.dense) grad_input = grad_input.view({s.steps, N, I});
+  return {grad_input, grad_h0, grad_c0, grad_weights};
+}
+
+}  // namespace fused_lstm

@@ -1,0 +1,89 @@
+// One LSTM layer (one or two directions) as a device-agnostic driver over a small backend interface.
+//
+// The driver owns the algorithm (input projection as one GEMM, the time loop, deferred weight-gradient
+// GEMMs); a backend supplies the matrix products and the two fused pointwise steps. The CPU backend lives
+// in csrc/cpu/, the CUDA backend in csrc/cuda/; both share the cell math of lstm_cell.h.
+//
+// Shapes (D = 2 if bidirectional else 1, H = hidden size, Hout = proj_size if projecting else H):
+//   input:       dense [T, N, I] (batch_sizes undefined) or packed [R, I] with batch_sizes [T]
+//                (int64, CPU, non-increasing, sum = R). Dense is treated as packed with N rows per step.
+//   h0:          [D, N, Hout]     c0: [D, N, H]
+//   weights:     per direction, in torch.nn.LSTM order: w_ih [4H, I], w_hh [4H, Hout],
+//                (b_ih [4H], b_hh [4H] if has_biases), (w_hr [Hout, H] if has_projections)
+//   output:      dense [T, N, D*Hout] or packed [R, D*Hout]; direction d owns columns [d*Hout, (d+1)*Hout)
+//   h_n, c_n:    like h0, c0
+// Workspaces kept for backward (empty [0] tensors when need_workspace is false):
+//   gates:       [D, R, 4H] post-activation gates, order i, f, g, o
+//   c_prev:      [D, R, H]  the cell state each row's step started from
+//   h_prev:      [D, R, Hout] the hidden state each row's step started from
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Optional.h>
+
+#include <functional>
+#include <tuple>
+#include <vector>
+
+namespace fused_lstm {
+
+using at::Tensor;
+
+// Arguments of the fused pointwise forward of one time step for `rows` active batch rows.
+// All pointers address rows with the given row strides (in elements); `dtype` is the storage type.
+struct StepForwardArgs {
+  at::ScalarType dtype;
+  int64_t rows, hidden, out_hidden;
+  void* gates;          // [rows, 4H], row stride 4H: pre-activations in, post-activations out
+  void* c_state;        // [rows, H], row stride H: c in, c' out
+  const void* h_state;  // [rows, Hout], row stride Hout: h (read only to save it in h_prev_saved)
+  void* h_next;         // [rows, H], row stride H: receives h' (the state itself when not projecting)
+  void* output;         // [rows, Hout], row stride output_stride: also receives h' (null when projecting)
+  int64_t output_stride;
+  void* c_prev_saved;   // [rows, H] or null: receives c
+  void* h_prev_saved;   // [rows, Hout] or null: receives h
+};
+
+// Arguments of the fused pointwise backward of one time step.
+struct StepBackwardArgs {
+  at::ScalarType dtype;
+  int64_t rows, hidden;
+  const void* gates;     // [rows, 4H] saved post-activation gates
+  const void* c_prev;    // [rows, H] saved cell state the step started from
+  const void* dh;        // [rows, H] gradient reaching h' from later steps (or through the projection)
+  const void* d_output;  // [rows, H], row stride d_output_stride, added to dh; null when projecting
+  int64_t d_output_stride;
+  void* dc_state;        // [rows, H]: gradient of c' in, gradient of c out
+  void* d_gates;         // [rows, 4H]: gradient of the pre-activations
+  void* h_next;          // [rows, H] or null: receives the recomputed h' (projection weight gradient)
+};
+
+// What a device provides to the driver. Every call is enqueued on the device's current stream.
+class LayerBackend {
+ public:
+  virtual ~LayerBackend() = default;
+  // out = a @ b (accumulate: out += a @ b). `a` and `b` may be transposed views.
+  virtual void matmul(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) const;
+  virtual void step_forward(const StepForwardArgs& args) const = 0;
+  virtual void step_backward(const StepBackwardArgs& args) const = 0;
+  // Runs fn(d) for each direction; a device may run the directions concurrently and must have
+  // finished (or ordered after the current stream) all of them when it returns. fn allocates nothing
+  // that outlives it.
+  virtual void for_each_direction(int64_t directions, const std::function<void(int64_t)>& fn) const;
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
+    const Tensor& input, const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0,
+    at::TensorList weights, bool has_biases, bool has_projections, bool bidirectional, bool need_workspace,
+    const LayerBackend& backend);
+
+// Gradients of lstm_layer_forward. grad_output is shaped like output, grad_h_n/grad_c_n like h0/c0.
+// Returns (grad_input, grad_h0, grad_c0, grad_weights) with grad_weights in the order of `weights`.
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_layer_backward(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& input,
+    const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0, at::TensorList weights,
+    bool has_biases, bool has_projections, bool bidirectional, const Tensor& gates, const Tensor& c_prev,
+    const Tensor& h_prev, const LayerBackend& backend);
+
+}  // namespace fused_lstm

@@ -1,0 +1,51 @@
+// Op schemas of the fused_lstm library and the Python module fused_lstm._C.
+// Each backend registers its own kernels (csrc/cpu/, csrc/cuda/), so the CPU path is the same op on
+// another device.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+namespace fused_lstm {
+
+TORCH_LIBRARY(fused_lstm, m) {
+  // One layer, both directions in one call. Shapes in lstm_layer.h. Returns
+  // (output, h_n, c_n, gates, c_prev, h_prev); the last three are the backward workspace, empty
+  // [0] tensors when need_workspace is false.
+  m.def(
+      "lstm_layer(Tensor input, Tensor? batch_sizes, Tensor h0, Tensor c0, Tensor[] weights, bool has_biases, "
+      "bool has_projections, bool bidirectional, bool need_workspace) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Returns (grad_input, grad_h0, grad_c0, grad_weights).
+  m.def(
+      "lstm_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, "
+      "Tensor? batch_sizes, Tensor h0, Tensor c0, Tensor[] weights, bool has_biases, bool has_projections, "
+      "bool bidirectional, Tensor gates, Tensor c_prev, Tensor h_prev) -> (Tensor, Tensor, Tensor, Tensor[])");
+}
+
+}  // namespace fused_lstm
+
+#ifndef FUSED_LSTM_CUDA_ARCHS
+#define FUSED_LSTM_CUDA_ARCHS ""
+#endif
+#ifndef FUSED_LSTM_TORCH_VERSION
+#define FUSED_LSTM_TORCH_VERSION ""
+#endif
+#ifndef FUSED_LSTM_CUDA_VERSION
+#define FUSED_LSTM_CUDA_VERSION ""
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fused_lstm C++/CUDA kernels; the ops are registered under torch.ops.fused_lstm";
+  m.def("build_info", [] {
+    pybind11::dict info;
+#ifdef FUSED_LSTM_WITH_CUDA
+    info["cuda"] = true;
+#else
+    info["cuda"] = false;
+#endif
+    info["cuda_archs"] = FUSED_LSTM_CUDA_ARCHS;
+    info["cuda_version"] = FUSED_LSTM_CUDA_VERSION;
+    info["torch_version"] = FUSED_LSTM_TORCH_VERSION;
+    info["compiler"] = __VERSION__;
+    return info;
+  });
+}

@@ -1,0 +1,28 @@
+"""fused_lstm: a drop-in ``torch.nn.LSTM`` / ``torch.nn.LSTMCell`` on fused C++/CUDA custom ops.
+
+    import fused_lstm
+    lstm = fused_lstm.LSTM(512, 512, num_layers=2)   # same arguments as torch.nn.LSTM
+    model = fused_lstm.convert(model)                  # swap every nn.LSTM / nn.LSTMCell in a model
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+
+from . import ops
+from ._C import build_info as _build_info
+from .modules import LSTM, LSTMCell, convert
+
+__all__ = ["LSTM", "LSTMCell", "convert", "build_info", "ops"]
+__version__ = "0.1.0"
+
+
+def build_info() -> Dict[str, Any]:
+    """What the extension was built with: CUDA kernels compiled in or not, CUDA archs and version, the torch
+    it was compiled against, the C++ compiler; plus whether CUDA kernels are usable in this process."""
+    info = dict(_build_info())
+    info["version"] = __version__
+    info["cuda_available"] = bool(info["cuda"]) and torch.cuda.is_available()
+    return info

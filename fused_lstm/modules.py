@@ -1,0 +1,241 @@
+"""Drop-in replacements for ``torch.nn.LSTM`` and ``torch.nn.LSTMCell`` on the fused_lstm custom ops."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple, Union, overload
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import ops
+
+__all__ = ["LSTM", "LSTMCell", "convert"]
+
+_HiddenState = Tuple[Tensor, Tensor]
+
+
+def _check_state(input: Tensor, hx: _HiddenState, weight: Tensor) -> None:
+    """Where torch.nn.LSTM crashes deep inside a kernel or is silent, raise a clear error instead."""
+    if input.device != weight.device:
+        raise RuntimeError(
+            "Input and parameter tensors are not at the same device, found input tensor at "
+            f"{input.device} and parameter tensor at {weight.device}"
+        )
+    for name, state in zip(("h_0", "c_0"), hx):
+        if state.device != input.device:
+            raise RuntimeError(f"Input and hidden tensors are not at the same device, found input tensor at "
+                               f"{input.device} and {name} at {state.device}")
+        if state.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
+            raise RuntimeError(f"Expected {name} to have dtype {input.dtype} like the input, got {state.dtype}")
+
+
+def _needs_workspace(tensors: List[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+class LSTM(nn.RNNBase):
+    r"""A drop-in replacement for :class:`torch.nn.LSTM`.
+
+    Same constructor, parameters (names, shapes, order, initialisation), ``state_dict``, inputs and
+    outputs as ``torch.nn.LSTM``; the computation runs in fused C++/CUDA kernels (``torch.ops.fused_lstm``).
+    Beyond cuDNN it supports double backward, backward in eval mode, bitwise deterministic results and
+    ``torch.compile(fullgraph=True)``.
+
+    It subclasses :class:`torch.nn.RNNBase` (mode ``"LSTM"``), not ``torch.nn.LSTM``: Dynamo refuses to
+    trace any ``nn.LSTM`` instance, so ``isinstance(m, torch.nn.LSTM)`` is ``False`` by design.
+
+    Args: ``input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+    bidirectional=False, proj_size=0, device=None, dtype=None`` — exactly as ``torch.nn.LSTM``.
+    """
+
+    @overload
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None) -> None: ...
+
+    @overload
+    def __init__(self, *args, **kwargs) -> None: ...
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    # Shape checks and hidden-state permutation are torch.nn.LSTM's own, so errors read the same.
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def _zero_state(self, input: Tensor, batch: Union[int, Tensor]) -> _HiddenState:
+        layers = self.num_layers * (2 if self.bidirectional else 1)
+        out_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
+        h = torch.zeros(layers, batch, out_hidden, dtype=input.dtype, device=input.device)
+        c = torch.zeros(layers, batch, self.hidden_size, dtype=input.dtype, device=input.device)
+        return h, c
+
+    @overload
+    def forward(self, input: Tensor, hx: Optional[_HiddenState] = None) -> Tuple[Tensor, _HiddenState]: ...
+
+    @overload
+    def forward(self, input: PackedSequence,
+                hx: Optional[_HiddenState] = None) -> Tuple[PackedSequence, _HiddenState]: ...
+
+    def forward(self, input, hx=None):
+        """input: ``(L, N, H_in)``, ``(N, L, H_in)`` with ``batch_first``, ``(L, H_in)`` unbatched, or a
+        ``PackedSequence``; hx: optional ``(h_0, c_0)``. Returns ``output, (h_n, c_n)`` as torch.nn.LSTM."""
+        self._update_flat_weights()
+        if isinstance(input, PackedSequence):
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            if hx is None:
+                hx = self._zero_state(data, batch_sizes[0] if batch_sizes.numel() else 0)
+            else:
+                hx = self.permute_hidden(hx, sorted_indices)
+            # torch.nn.LSTM skips this for packed input and fails inside its kernel; we check.
+            self.check_forward_args(data, hx, batch_sizes)
+            output, hidden = self._run(data, batch_sizes, hx)
+            return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
+                    self.permute_hidden(hidden, unsorted_indices))
+
+        if input.dim() not in (2, 3):
+            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        is_batched = input.dim() == 3
+        batch_dim = 0 if self.batch_first else 1
+        if not is_batched:
+            input = input.unsqueeze(batch_dim)
+        if hx is None:
+            hx = self._zero_state(input, input.size(batch_dim))
+        else:
+            if is_batched:
+                if hx[0].dim() != 3 or hx[1].dim() != 3:
+                    raise RuntimeError("For batched 3-D input, hx and cx should also be 3-D but got "
+                                       f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+            else:
+                if hx[0].dim() != 2 or hx[1].dim() != 2:
+                    raise RuntimeError("For unbatched 2-D input, hx and cx should also be 2-D but got "
+                                       f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        self.check_forward_args(input, hx, None)
+        if input.size(0 if not self.batch_first else 1) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        time_major = input.transpose(0, 1) if self.batch_first else input
+        output, hidden = self._run(time_major, None, hx)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1))
+        return output, hidden
+
+    def _run(self, input: Tensor, batch_sizes: Optional[Tensor], hx: _HiddenState) -> Tuple[Tensor, _HiddenState]:
+        """All layers. input: time-major [T, N, I] or packed [R, I]; hx: ([L*D, N, Hout], [L*D, N, H])."""
+        weights: List[Tensor] = self._flat_weights  # type: ignore[assignment]
+        _check_state(input, hx, weights[0])
+        directions = 2 if self.bidirectional else 1
+        per_layer = len(weights) // self.num_layers
+        need_workspace = _needs_workspace([input, hx[0], hx[1], *weights])
+        h_n, c_n = [], []
+        layer_input = input
+        for layer in range(self.num_layers):
+            states = slice(layer * directions, (layer + 1) * directions)
+            output, h, c, *_ = ops.lstm_layer(
+                layer_input, batch_sizes, hx[0][states], hx[1][states],
+                weights[layer * per_layer:(layer + 1) * per_layer],
+                self.bias, self.proj_size > 0, self.bidirectional, need_workspace,
+            )
+            h_n.append(h)
+            c_n.append(c)
+            if self.dropout > 0 and self.training and layer + 1 < self.num_layers:
+                output = F.dropout(output, self.dropout, training=True)
+            layer_input = output
+        return layer_input, (torch.cat(h_n), torch.cat(c_n))
+
+
+class LSTMCell(nn.RNNCellBase):
+    r"""A drop-in replacement for :class:`torch.nn.LSTMCell`: same constructor
+    (``input_size, hidden_size, bias=True, device=None, dtype=None``), parameters, inputs ((N, H_in) or
+    (H_in)), optional ``(h_0, c_0)`` and outputs ``(h_1, c_1)``. One step of the fused LSTM op."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
+
+    def forward(self, input: Tensor, hx: Optional[_HiddenState] = None) -> _HiddenState:
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            for idx, value in enumerate(hx):
+                if value.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            hx = (zeros, zeros)
+        elif not is_batched:
+            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        self._check_forward(input, hx)
+        weights = [self.weight_ih, self.weight_hh]
+        if self.bias:
+            weights += [self.bias_ih, self.bias_hh]
+        _, h, c, *_ = ops.lstm_layer(
+            input.unsqueeze(0), None, hx[0].unsqueeze(0), hx[1].unsqueeze(0), weights,
+            self.bias, False, False, _needs_workspace([input, hx[0], hx[1], *weights]),
+        )
+        h, c = h[0], c[0]
+        if not is_batched:
+            h, c = h.squeeze(0), c.squeeze(0)
+        return h, c
+
+    def _check_forward(self, input: Tensor, hx: _HiddenState) -> None:
+        """torch's own cell checks (same messages), plus dtype and device."""
+        if input.dtype != self.weight_ih.dtype and not torch.is_autocast_enabled(input.device.type):
+            raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {input.dtype} and "
+                               f"{self.weight_ih.dtype}")
+        if input.size(1) != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
+        for label, state in enumerate(hx):
+            if input.size(0) != state.size(0):
+                raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{label} batch size "
+                                   f"{state.size(0)}")
+            if state.size(1) != self.hidden_size:
+                raise RuntimeError(f"hidden{label} has inconsistent hidden_size: got {state.size(1)}, expected "
+                                   f"{self.hidden_size}")
+        _check_state(input, hx, self.weight_ih)
+
+
+_TORCH_TO_FUSED = {nn.LSTM: LSTM, nn.LSTMCell: LSTMCell}
+_FUSED_TO_TORCH = {LSTM: nn.LSTM, LSTMCell: nn.LSTMCell}
+
+
+def _constructor_args(module: nn.Module) -> dict:
+    if isinstance(module, (nn.LSTM, LSTM)):
+        return dict(input_size=module.input_size, hidden_size=module.hidden_size, num_layers=module.num_layers,
+                    bias=module.bias, batch_first=module.batch_first, dropout=module.dropout,
+                    bidirectional=module.bidirectional, proj_size=module.proj_size)
+    return dict(input_size=module.input_size, hidden_size=module.hidden_size, bias=module.bias)
+
+
+def _swap(module: nn.Module, target: type) -> nn.Module:
+    param = next(module.parameters())
+    new = target(**_constructor_args(module), device=param.device, dtype=param.dtype)
+    new.load_state_dict(module.state_dict(), strict=True)
+    for (_, p_new), (_, p_old) in zip(new.named_parameters(), module.named_parameters()):
+        p_new.requires_grad_(p_old.requires_grad)
+    new.train(module.training)
+    return new
+
+
+def convert(module: nn.Module, back: bool = False) -> nn.Module:
+    """Replace every ``torch.nn.LSTM`` / ``torch.nn.LSTMCell`` inside ``module`` (or ``module`` itself)
+    with ``fused_lstm.LSTM`` / ``fused_lstm.LSTMCell`` — weights, device, dtype, ``requires_grad`` and
+    train/eval mode included — and return the model. ``back=True`` does the reverse. Children are
+    replaced in place; hooks registered on the replaced modules are not carried over."""
+    mapping = _FUSED_TO_TORCH if back else _TORCH_TO_FUSED
+    target = mapping.get(type(module))
+    if target is not None:
+        return _swap(module, target)
+    for name, child in module.named_children():
+        converted = convert(child, back=back)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module

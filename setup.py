@@ -1,0 +1,116 @@
+"""Builds fused_lstm._C: the CPU kernels always, the CUDA kernels when torch has CUDA and nvcc is found.
+
+Environment:
+  FUSED_LSTM_CUDA=0|1     force the CUDA sources off or on (default: on when torch.version.cuda is set
+                          and a CUDA toolkit is found)
+  CUDA_HOME               the CUDA toolkit; found from /usr/local/cuda or nvcc on PATH when unset
+  TORCH_CUDA_ARCH_LIST    GPU architectures to compile for (default "8.0;9.0+PTX")
+  MAX_JOBS                parallel compile jobs (default: from cores and free memory)
+Install with `pip install --no-build-isolation .` so the build uses the torch already installed.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+
+
+def _is_toolkit(path: str | None) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(path, "include", "cuda_runtime.h")
+    )
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit root. torch guesses it from `nvcc` on PATH, which is wrong when that nvcc is a
+    wrapper script outside the toolkit, so look in the usual places first."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        try:  # a wrapper script names the real nvcc: look for ".../bin/nvcc" in its text
+            with open(nvcc, "rb") as f:
+                head = f.read(4096).decode("utf-8", "ignore")
+            candidates += [m.group(1) for m in re.finditer(r"(/[^\s'\"]+)/bin/nvcc", head)]
+        except OSError:
+            pass
+    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    return next((os.path.realpath(c) for c in candidates if _is_toolkit(c)), None)
+
+
+def want_cuda(cuda_home: str | None) -> bool:
+    import torch
+
+    forced = os.environ.get("FUSED_LSTM_CUDA")
+    if forced is not None and forced.strip() not in ("0", "1"):
+        sys.exit(f"FUSED_LSTM_CUDA must be 0 or 1, got {forced!r}")
+    if forced == "0":
+        return False
+    if forced == "1":
+        if torch.version.cuda is None:
+            sys.exit("FUSED_LSTM_CUDA=1 but this torch has no CUDA support")
+        if cuda_home is None:
+            sys.exit("FUSED_LSTM_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME")
+        return True
+    return torch.version.cuda is not None and cuda_home is not None
+
+
+def default_max_jobs() -> int:
+    """Compiling a CUDA file with the torch headers can take ~3 GB, so cap jobs by memory as well as cores."""
+    cores = os.cpu_count() or 1
+    try:
+        free_gb = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (ValueError, OSError):
+        free_gb = 8.0
+    return max(1, min(cores, int(free_gb // 3)))
+
+
+def extensions():
+    cuda_home = find_cuda_home()
+    if cuda_home is not None:
+        # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME at import time.
+        os.environ["CUDA_HOME"] = cuda_home
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    with_cuda = want_cuda(cuda_home)
+    os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    defines = [f'-DFUSED_LSTM_TORCH_VERSION="{torch.__version__}"']
+    cxx_flags = ["-O3", "-fopenmp"]
+    if with_cuda:
+        arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+        defines += [
+            "-DFUSED_LSTM_WITH_CUDA",
+            f'-DFUSED_LSTM_CUDA_ARCHS="{arch_list}"',
+            f'-DFUSED_LSTM_CUDA_VERSION="{torch.version.cuda}"',
+        ]
+        sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+        ext = CUDAExtension(
+            "fused_lstm._C",
+            sources,
+            extra_compile_args={
+                "cxx": cxx_flags + defines,
+                "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas=-v"] + defines,
+            },
+            extra_link_args=["-fopenmp"],
+            libraries=["cublas"],
+        )
+    else:
+        ext = CppExtension("fused_lstm._C", sources, extra_compile_args=cxx_flags + defines,
+                           extra_link_args=["-fopenmp"])
+    print(f"fused_lstm: building {'CPU + CUDA' if with_cuda else 'CPU only'}"
+          f"{' (CUDA_HOME=' + cuda_home + ')' if with_cuda else ''}, MAX_JOBS={os.environ['MAX_JOBS']}")
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
