@@ -1,0 +1,103 @@
+// CUDA backend of the LSTM layer: the driver of ../lstm_layer.cpp over
+//   - cuBLAS products with cuDNN's precision policy (cublas_matmul.cuh),
+//   - the fused pointwise step kernels (pointwise_kernels.cuh),
+//   - the two directions of a bidirectional layer on two streams.
+// Everything is enqueued on the current stream of the input's device (or a side stream ordered after
+// it and joined back before returning); nothing in the time loop allocates or synchronises the host.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <exception>
+
+#include "../lstm_layer.h"
+#include "cublas_matmul.cuh"
+#include "pointwise_kernels.cuh"
+
+namespace fused_lstm {
+namespace {
+
+class CudaBackend final : public LayerBackend {
+ public:
+  void matmul(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) const override {
+    // cuBLAS for every layout the driver produces; ATen (its own cuBLAS path, torch.matmul's TF32
+    // policy) only for a layout transposed_operand rejects, which the driver never passes today.
+    if (!cuda::cublas_matmul(out, a, b, accumulate)) LayerBackend::matmul(out, a, b, accumulate);
+  }
+
+  void step_forward(const StepForwardArgs& args) const override { cuda::launch_step_forward(args); }
+
+  void step_backward(const StepBackwardArgs& args) const override { cuda::launch_step_backward(args); }
+
+  // Direction 0 runs on the current stream, direction 1 on a pooled side stream, so the two recurrences
+  // (each a chain of small dependent launches) overlap on the GPU:
+  //
+  //   current: --[ready]-- fn(0) ......................... wait(done) --> later work
+  //   side:          wait(ready) -- fn(1) -- [done] ------'
+  //
+  // Memory: every tensor fn writes, and every input it reads, is allocated by the driver on the current
+  // stream before this call and is released only after it returns, i.e. after the current stream has been
+  // made to wait for the side stream; so no block is freed while the side stream may still use it and no
+  // record_stream is needed. Temporaries fn(1) creates itself (e.g. the b_ih + b_hh sum) are allocated
+  // on, used on and freed on the side stream. Under CUDA graph capture the event record/wait pair forks
+  // the side stream into the capture and joins it back, so it is captured as two parallel branches.
+  void for_each_direction(int64_t directions, const std::function<void(int64_t)>& fn) const override {
+    if (directions < 2) {
+      for (int64_t d = 0; d < directions; ++d) fn(d);
+      return;
+    }
+    TORCH_CHECK(directions == 2, "fused_lstm: expected 1 or 2 directions, got ", directions);
+    const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream();
+    // From torch's per-device round-robin pool: no stream is created (or destroyed) per call.
+    const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false,
+                                                                     current.device_index());
+    c10::cuda::CUDAEvent inputs_ready, side_done;  // cudaEventDisableTiming: cheap, capturable
+    inputs_ready.record(current);
+    inputs_ready.block(side);
+    // Join the side stream back even if fn throws half-way: its enqueued work may use tensors the
+    // unwinding frees.
+    auto join = [&] {
+      side_done.record(side);
+      side_done.block(current);
+    };
+    try {
+      fn(0);
+      const c10::cuda::CUDAStreamGuard on_side(side);  // cuBLAS and ATen ops inside fn(1) go to it
+      fn(1);
+    } catch (...) {
+      join();
+      throw;
+    }
+    join();
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cuda(
+    const Tensor& input, const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0,
+    at::TensorList weights, bool has_biases, bool has_projections, bool bidirectional, bool need_workspace) {
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  return lstm_layer_forward(input, batch_sizes, h0, c0, weights, has_biases, has_projections, bidirectional,
+                            need_workspace, CudaBackend());
+}
+
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_layer_backward_cuda(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& input,
+    const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0, at::TensorList weights,
+    bool has_biases, bool has_projections, bool bidirectional, const Tensor& gates, const Tensor& c_prev,
+    const Tensor& h_prev) {
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  return lstm_layer_backward(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weights, has_biases,
+                             has_projections, bidirectional, gates, c_prev, h_prev, CudaBackend());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_lstm, CUDA, m) {
+  m.impl("lstm_layer", &lstm_layer_cuda);
+  m.impl("lstm_layer_backward", &lstm_layer_backward_cuda);
+}
+
+}  // namespace fused_lstm

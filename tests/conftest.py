@@ -1,0 +1,52 @@
+"""Shared helpers: build a torch.nn.LSTM / fused_lstm.LSTM pair with one state_dict, draw inputs, compare."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_lstm
+
+# float64 compares to rounding noise; float32 to what a different summation order gives.
+TOLERANCE = {torch.float64: dict(atol=1e-10, rtol=1e-9), torch.float32: dict(atol=2e-5, rtol=1e-4)}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """A different seed for every test (and every run), printed on failure, so inputs are never stale."""
+    seed = torch.seed() % (2**31)
+    torch.manual_seed(seed)
+    request.node.user_properties.append(("seed", seed))
+    yield
+
+
+def lstm_pair(*args, dtype=torch.float64, device="cpu", init_scale=0.6, **kwargs):
+    """(torch.nn.LSTM, fused_lstm.LSTM) with identical weights, uniform in +-init_scale (large for small
+    sizes, so gates leave their linear range); init_scale=None keeps torch's 1/sqrt(H) initialisation."""
+    ref = torch.nn.LSTM(*args, **kwargs, dtype=dtype, device=device)
+    if init_scale is not None:
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.uniform_(-init_scale, init_scale)
+    ours = fused_lstm.LSTM(*args, **kwargs, dtype=dtype, device=device)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def cell_pair(*args, dtype=torch.float64, **kwargs):
+    ref = torch.nn.LSTMCell(*args, **kwargs, dtype=dtype)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.uniform_(-0.6, 0.6)
+    ours = fused_lstm.LSTMCell(*args, **kwargs, dtype=dtype)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def assert_close(actual, expected, dtype=torch.float64, what=""):
+    """Elementwise closeness with the absolute tolerance scaled by the tensor's magnitude: weight gradients
+    sum over every step and row, so their rounding error grows with their size."""
+    tol = dict(TOLERANCE[dtype])
+    scale = expected.detach().abs().max().item() if expected.numel() else 1.0
+    tol["atol"] *= max(1.0, scale)
+    torch.testing.assert_close(actual, expected, **tol, msg=lambda m: f"{what}: {m}")

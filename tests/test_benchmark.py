@@ -1,0 +1,469 @@
+"""Tests of the benchmark suite (``fused_lstm.benchmark``): CPU only, no timing assertions.
+
+The harness takes the implementation under test as a factory, so most tests inject
+``torch.nn.LSTM`` (a correct candidate) or deliberately wrong subclasses of it; tests
+that exercise the real candidate run with ``fused_lstm.LSTM`` when it is built and
+fall back to the stand-in otherwise (nothing is skipped).
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if importlib.util.find_spec("fused_lstm") is None:  # running pytest without the repo on sys.path
+    sys.path.insert(0, str(REPO))
+
+from fused_lstm.benchmark import cli, report  # noqa: E402
+from fused_lstm.benchmark.algo import CudaProps, baseline_algo, cudnn_algo  # noqa: E402
+from fused_lstm.benchmark.candidates import last_path, resolve_candidate  # noqa: E402
+from fused_lstm.benchmark.flops import forward_flops, mode_flops  # noqa: E402
+from fused_lstm.benchmark.gate import TOLERANCES, check_pair, tolerance_for  # noqa: E402
+from fused_lstm.benchmark.harness import BenchmarkConfig, Job, Result, plan_jobs, run_benchmark  # noqa: E402
+from fused_lstm.benchmark.inputs import build_pair, draw_inputs  # noqa: E402
+from fused_lstm.benchmark.shapes import (  # noqa: E402
+    DTYPES, MODES, PRESETS, Case, Shape, parse_shape, select_cases,
+)
+from fused_lstm.benchmark.timing import Stats, TimingConfig, measure_interleaved  # noqa: E402
+from fused_lstm.benchmark.workloads import Workload  # noqa: E402
+
+CPU = torch.device("cpu")
+FAST = TimingConfig(warmup=1, min_repeats=2, max_repeats=3, min_time_s=0.0, max_time_s=1.0, n_inputs=2)
+FAST_ARGS = ["--warmup", "1", "--min-repeats", "2", "--max-repeats", "3", "--min-time", "0",
+             "--max-time", "1", "--inputs", "2", "--quiet"]
+TINY = Shape(6, 3, 5, 8)
+GATE_SHAPES = [TINY, Shape(5, 4, 6, 8, layers=2, bidirectional=True), Shape(7, 5, 4, 8, packed=True),
+               Shape(5, 3, 4, 8, proj_size=3)]
+
+
+def _fused_available() -> bool:
+    try:
+        resolve_candidate("fused")
+    except ImportError:
+        return False
+    return True
+
+
+#: Candidates expected to pass the gate: the stand-in always, the real one once built.
+GOOD_CANDIDATES = ["torch"] + (["fused"] if _fused_available() else [])
+#: The candidate end-to-end runs use: the real one where available.
+DEFAULT_CANDIDATE = GOOD_CANDIDATES[-1]
+
+
+class OffsetLSTM(torch.nn.LSTM):
+    """Wrong: adds 1e-2 to the output sequence."""
+
+    def forward(self, input: Any, hx: Any = None) -> Any:  # noqa: A002
+        out, state = super().forward(input, hx)
+        if isinstance(out, torch.nn.utils.rnn.PackedSequence):
+            return out._replace(data=out.data + 1e-2), state
+        return out + 1e-2, state
+
+
+class HalfStateLSTM(torch.nn.LSTM):
+    """Wrong: returns h_n scaled by one half."""
+
+    def forward(self, input: Any, hx: Any = None) -> Any:  # noqa: A002
+        out, (h, c) = super().forward(input, hx)
+        return out, (h * 0.5, c)
+
+
+class WrongGradLSTM(torch.nn.LSTM):
+    """Wrong only in training: exact forward, output gradient scaled by 1.1."""
+
+    def forward(self, input: Any, hx: Any = None) -> Any:  # noqa: A002
+        out, state = super().forward(input, hx)
+        return out + 0.1 * (out - out.detach()), state
+
+
+class PathLSTM(torch.nn.LSTM):
+    """Correct, and reports which path it took like fused_lstm may."""
+
+    last_path = "test-path"
+
+
+class BrokenLSTM(torch.nn.LSTM):
+    """Raises on every call, like an unsupported configuration."""
+
+    def forward(self, input: Any, hx: Any = None) -> Any:  # noqa: A002
+        raise RuntimeError("unsupported configuration")
+
+
+def _gate(candidate: Any, shape: Shape, grads: bool, dtype: str = "fp32") -> Any:
+    reference, cand = build_pair(shape, DTYPES[dtype], CPU, resolve_candidate(candidate))
+    inputs = draw_inputs(shape, DTYPES[dtype], CPU, 1)
+    return check_pair(reference, cand, inputs[0], grads, tolerance_for(dtype, CPU))
+
+
+def _run(candidate: Any, shapes: Sequence[Shape], modes: Sequence[str]) -> List[Result]:
+    jobs = [Job(s, "test", "fp32", tuple(modes)) for s in shapes]
+    return run_benchmark(jobs, resolve_candidate(candidate), BenchmarkConfig(CPU, FAST))
+
+
+def _main(tmp_path: Path, *args: str) -> int:
+    return cli.main([*args, *FAST_ARGS, "--out", str(tmp_path / "out")])
+
+
+# --- correctness gate -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("candidate", GOOD_CANDIDATES)
+@pytest.mark.parametrize("shape", GATE_SHAPES, ids=lambda s: s.label().replace(" ", "_"))
+@pytest.mark.parametrize("grads", [False, True], ids=["infer", "train"])
+def test_gate_accepts_correct_candidate(candidate: str, shape: Shape, grads: bool) -> None:
+    gate = _gate(candidate, shape, grads)
+    assert gate.ok, gate.summary()
+    names = {c.name for c in gate.checks}
+    assert {"output", "h_n", "c_n"} <= names
+    assert ("grad_input" in names and "grad_weight_hh_l0" in names) == grads
+
+
+@pytest.mark.parametrize("shape", GATE_SHAPES[:3], ids=lambda s: s.label().replace(" ", "_"))
+@pytest.mark.parametrize("grads", [False, True], ids=["infer", "train"])
+def test_gate_refuses_offset_output(shape: Shape, grads: bool) -> None:
+    gate = _gate(OffsetLSTM, shape, grads)
+    assert not gate.ok
+    bad = {c.name for c in gate.checks if not c.ok}
+    assert "output" in bad
+    assert gate.worst.max_abs == pytest.approx(1e-2, rel=1e-3)
+
+
+def test_gate_refuses_wrong_h_n() -> None:
+    gate = _gate(HalfStateLSTM, TINY, grads=False)
+    assert not gate.ok
+    assert [c.name for c in gate.checks if not c.ok] == ["h_n"]
+    assert "h_n" in gate.summary()
+
+
+def test_gate_refuses_wrong_gradients_only_when_training() -> None:
+    assert _gate(WrongGradLSTM, TINY, grads=False).ok
+    gate = _gate(WrongGradLSTM, TINY, grads=True)
+    assert not gate.ok
+    bad = {c.name for c in gate.checks if not c.ok}
+    assert "grad_input" in bad and "grad_weight_ih_l0" in bad
+    assert not {"output", "h_n", "c_n"} & bad
+
+
+def test_tolerances_depend_on_dtype() -> None:
+    assert tolerance_for("fp32", CPU) == TOLERANCES["fp32"]
+    assert TOLERANCES["fp32"].rtol < TOLERANCES["fp16"].rtol < TOLERANCES["bf16"].rtol
+
+
+# --- harness ----------------------------------------------------------------------------------
+
+def test_mismatch_is_recorded_untimed_and_run_continues() -> None:
+    results = _run(OffsetLSTM, [TINY, Shape(4, 2, 3, 8)], ["infer", "train"])
+    assert [r.status for r in results] == ["mismatch"] * 4
+    assert all(r.torch_ms is None and r.fused_ms is None and r.speedup is None for r in results)
+    assert all(r.gate_tensor == "output" and r.gate_max_abs_err > r.gate_limit for r in results)
+    assert cli.exit_code(results, allow_mismatch=False) == 1
+    assert cli.exit_code(results, allow_mismatch=True) == 0
+
+
+def test_wrong_gradient_refuses_only_grad_modes() -> None:
+    results = _run(WrongGradLSTM, [TINY], MODES)
+    assert {r.mode: r.status for r in results} == {
+        "infer": "ok", "train": "mismatch", "fwd": "mismatch", "bwd": "mismatch"}
+
+
+def test_exception_is_recorded_as_error() -> None:
+    results = _run(BrokenLSTM, [TINY], ["infer"])
+    assert results[0].status == "error" and "unsupported configuration" in results[0].message
+    assert cli.exit_code(results, allow_mismatch=True) == 1
+
+
+@pytest.mark.parametrize("candidate", GOOD_CANDIDATES)
+def test_all_modes_are_timed(candidate: str) -> None:
+    results = _run(candidate, [TINY, Shape(5, 3, 4, 8, packed=True)], MODES)
+    assert len(results) == 2 * len(MODES)
+    for r in results:
+        assert r.status == "ok", r.message
+        assert r.torch_ms > 0 and r.fused_ms > 0 and r.speedup > 0
+        assert r.torch_min_ms <= r.torch_ms <= r.torch_max_ms
+        assert 2 <= r.repeats <= 3
+        assert r.gflop == pytest.approx(mode_flops(r.shape, r.mode) / 1e9)
+        assert r.torch_algo == "cpu"
+
+
+def test_fused_path_column_reports_last_path() -> None:
+    assert _run(PathLSTM, [TINY], ["infer"])[0].fused_path == "test-path"
+    assert last_path(torch.nn.LSTM(2, 3)) is None
+
+
+def test_plan_jobs_overrides_and_cpu_dtypes() -> None:
+    full = PRESETS["full"]
+    jobs = plan_jobs(full.cases, full.modes, full.dtypes, CPU)
+    assert {j.dtype for j in jobs} == {"fp32"}
+    assert len(jobs) == len(full.cases)
+    infer_only = [j for j in jobs if j.group == "deepbench-infer"]
+    assert infer_only and all(j.modes == ("infer",) for j in infer_only)
+    assert all(j.modes == ("train", "fwd", "bwd") for j in jobs if j.group == "deepbench-train")
+    forced = plan_jobs(full.cases[:2], full.modes, full.dtypes, CPU, modes=("bwd", "infer"))
+    assert [j.modes for j in forced] == [("infer", "bwd")] * 2
+
+
+# --- timing -----------------------------------------------------------------------------------
+
+def test_measure_interleaves_and_rotates_inputs() -> None:
+    calls: List[tuple] = []
+
+    def workload(name: str) -> Workload:
+        return Workload(prepare=lambda inp: inp, run=lambda inp: calls.append((name, inp)))
+
+    config = TimingConfig(warmup=0, min_repeats=4, max_repeats=4, min_time_s=0.0, n_inputs=3)
+    stats = measure_interleaved([workload("A"), workload("B")], ["x0", "x1", "x2"], CPU, config)
+    assert [s.repeats for s in stats] == [4, 4]
+    assert [name for name, _ in calls] == list("ABBAABBA")
+    assert [inp for _, inp in calls[::2]] == ["x0", "x1", "x2", "x0"]
+
+
+def test_stats_summarize_samples() -> None:
+    stats = Stats.of([4.0, 1.0, 3.0, 2.0, 5.0])
+    assert (stats.median_ms, stats.min_ms, stats.max_ms, stats.repeats) == (3.0, 1.0, 5.0, 5)
+    assert stats.q1_ms == 2.0 and stats.q3_ms == 4.0 and stats.iqr_ms == 2.0
+    assert Stats.of([7.0]).iqr_ms == 0.0
+
+
+# --- shapes, presets, FLOPs, cuDNN algorithm --------------------------------------------------
+
+def test_parse_shape() -> None:
+    assert parse_shape("100,64,512,512") == Shape(100, 64, 512, 512)
+    assert parse_shape("10, 2, 3, 4, 2, 1, 1") == Shape(10, 2, 3, 4, 2, True, True)
+    assert parse_shape("10,2,3,8,1,0,0,4").proj_size == 4
+
+
+@pytest.mark.parametrize("text,message", [
+    ("1,2,3", "expected T,N,I,H"),
+    ("1,2,x,4", "must be integers"),
+    ("0,2,3,4", "T must be >= 1"),
+    ("1,2,3,4,1,maybe", "bidir must be 0 or 1"),
+    ("1,2,3,4,1,0,0,4", "proj_size"),
+])
+def test_parse_shape_errors(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_shape(text)
+
+
+def test_packed_lengths_spread_and_unsorted() -> None:
+    lengths = Shape(100, 64, 8, 8, packed=True).lengths()
+    assert min(lengths) == 1 and max(lengths) == 100 and len(lengths) == 64
+    assert lengths != sorted(lengths, reverse=True)
+    assert Shape(100, 64, 8, 8).tokens() == 6400
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_are_well_formed(name: str) -> None:
+    preset = PRESETS[name]
+    assert preset.cases and preset.description
+    assert set(preset.modes) <= set(MODES) and set(preset.dtypes) <= set(DTYPES)
+    assert "fp32" in preset.dtypes
+    for case in preset.cases:
+        assert set(case.modes or ()) <= set(MODES) and set(case.dtypes or ()) <= set(DTYPES)
+    keys = [(c.group, c.shape) for c in preset.cases]
+    assert len(keys) == len(set(keys))
+
+
+def test_quick_preset_is_small() -> None:
+    quick = PRESETS["quick"]
+    assert 4 <= len(quick.cases) <= 6
+    assert set(quick.modes) == {"infer", "train"}
+    assert all(c.shape.T <= 50 and c.shape.H <= 256 and c.shape.I <= 256 for c in quick.cases)
+    assert sum(mode_flops(c.shape, "train") for c in quick.cases) < 5e9
+    topologies = {c.shape.topology() for c in quick.cases}
+    assert {"L1 uni", "L1 uni packed"} <= topologies and any("bi" in t for t in topologies)
+
+
+def test_gpu_and_full_presets_contain_the_issue_shapes() -> None:
+    gpu, full = PRESETS["gpu"], PRESETS["full"]
+    classic = Shape(100, 64, 512, 512)
+    assert any(c.shape == classic and set(c.dtypes or gpu.dtypes) == set(DTYPES) for c in gpu.cases)
+    assert {(c.shape.N, c.shape.H) for c in gpu.cases if c.group == "sweep"} == {
+        (n, h) for n in (1, 8, 64) for h in (256, 512, 1024)}
+    assert any(c.shape.packed for c in gpu.cases)
+    assert any(c.shape.layers == 2 and c.shape.bidirectional for c in gpu.cases)
+    groups = [c.group for c in full.cases]
+    assert groups.count("sweep") == 40 and groups.count("deepbench-train") == 22
+    assert groups.count("deepbench-infer") == 15 and any(c.shape == classic for c in full.cases)
+    assert all(c.shape.N <= 64 and 128 <= c.shape.H <= 1024 for c in PRESETS["cpu"].cases)
+
+
+def test_select_cases_filter_and_limit() -> None:
+    cases = PRESETS["full"].cases
+    infer = select_cases(cases, "deepbench-INFER", None)
+    assert len(infer) == 15
+    assert len(select_cases(cases, r"H=1024\b", 3)) == 3
+    assert select_cases(cases, "no-such-shape", None) == []
+    assert select_cases([Case(TINY)], None, None) == [Case(TINY)]
+
+
+def test_flop_counts() -> None:
+    classic = Shape(100, 64, 512, 512)
+    assert forward_flops(classic) == 16 * 512 * 512 * 64 * 100
+    assert mode_flops(classic, "train") == 3 * forward_flops(classic)
+    assert mode_flops(classic, "bwd") == 2 * mode_flops(classic, "infer")
+    two_bi = Shape(10, 2, 3, 4, layers=2, bidirectional=True)
+    assert forward_flops(two_bi) == 2 * 20 * (8 * 16 + 8 * 3 * 4) + 2 * 20 * (8 * 16 + 8 * 8 * 4)
+    proj = Shape(10, 2, 3, 8, proj_size=4)
+    assert forward_flops(proj) == 20 * (8 * 8 * 4 + 8 * 3 * 8 + 2 * 8 * 4)
+    assert forward_flops(Shape(10, 4, 8, 8, packed=True)) == sum(
+        Shape(10, 4, 8, 8, packed=True).lengths()) * 16 * 64
+
+
+H100 = CudaProps(9, 0, 132)
+
+
+@pytest.mark.parametrize("shape,dtype,forward,props,expected", [
+    (Shape(100, 64, 512, 512), torch.float16, True, H100, "persist"),
+    (Shape(100, 64, 512, 512), torch.float32, True, H100, "standard"),
+    (Shape(100, 64, 512, 512), torch.bfloat16, True, H100, "standard"),
+    (Shape(100, 64, 512, 512), torch.float16, True, CudaProps(8, 6, 84), "standard"),
+    (Shape(100, 60, 512, 512), torch.float16, True, H100, "standard"),
+    (Shape(100, 64, 512, 512, layers=2), torch.float16, True, H100, "standard"),
+    (Shape(100, 64, 512, 512, packed=True), torch.float16, True, H100, "standard"),
+    (Shape(100, 64, 128, 192), torch.float32, True, H100, "persist-small-h"),
+    (Shape(100, 64, 128, 192), torch.float32, False, H100, "standard"),
+    (Shape(100, 64, 128, 128, packed=True), torch.float32, True, H100, "standard"),
+    (Shape(100, 64, 128, 128), torch.float64, True, H100, "standard"),
+])
+def test_cudnn_algo_heuristic(shape: Shape, dtype: torch.dtype, forward: bool, props: CudaProps,
+                              expected: str) -> None:
+    assert cudnn_algo(shape, dtype, forward, props) == expected
+
+
+def test_baseline_algo_labels() -> None:
+    cuda = torch.device("cuda")
+    shape = Shape(100, 64, 128, 192)
+    if torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled:
+        assert baseline_algo(shape, torch.float32, "infer", cuda, H100) == "persist-small-h"
+        assert baseline_algo(shape, torch.float32, "bwd", cuda, H100) == "standard"
+        assert baseline_algo(shape, torch.float32, "train", cuda, H100) == "persist-small-h/standard"
+    assert baseline_algo(shape, torch.float32, "train", CPU) == "cpu"
+
+
+# --- outputs ----------------------------------------------------------------------------------
+
+def test_tiny_run_writes_all_outputs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = _main(tmp_path, "--shape", "6,3,5,8", "--shape", "5,2,4,8,1,0,1", "--modes", "infer,train,fwd,bwd",
+                 "--device", "cpu", "--candidate", DEFAULT_CANDIDATE)
+    out = tmp_path / "out"
+    assert code == 0, capsys.readouterr()
+
+    doc = json.loads((out / "results.json").read_text())
+    env = doc["environment"]
+    for key in ("date", "device", "device_name", "torch", "cuda", "cudnn", "cpu_model", "torch_threads",
+                "git_commit", "tf32", "fused_lstm_build_info", "candidate"):
+        assert key in env
+    assert {"torch.backends.cuda.matmul.allow_tf32", "torch.backends.cudnn.allow_tf32"} <= set(env["tf32"])
+    assert "8*H*H_out" in doc["flop_formula"]
+    rows = doc["results"]
+    assert [(r["T"], r["mode"]) for r in rows] == [(6, m) for m in MODES] + [(5, m) for m in MODES]
+    assert rows[-1]["packed"] is True
+    for r in rows:
+        assert r["status"] == "ok" and r["dtype"] == "fp32" and r["torch_algo"] == "cpu"
+        assert r["torch_ms"] > 0 and r["fused_ms"] > 0 and r["speedup"] > 0 and r["gflop"] > 0
+    assert doc["summary"]["status_counts"] == {"ok": 8}
+
+    with (out / "results.csv").open() as fh:
+        csv_rows = list(csv.DictReader(fh))
+    assert len(csv_rows) == 8
+    assert {"T", "N", "I", "H", "dtype", "mode", "torch_ms", "fused_ms", "speedup", "fused_tflops",
+            "torch_algo", "fused_path", "status"} <= set(csv_rows[0])
+
+    md = (out / "results.md").read_text()
+    assert "## Environment" in md and "| shape | topology | dtype | mode |" in md
+    assert md.count("| T=6 N=3 I=5 H=8 |") == 4
+
+    png = (out / "speedup.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+
+    printed = capsys.readouterr().out
+    assert "speedup" in printed and "TFLOP/s" in printed and "results.json" in printed
+
+
+def test_plot_handles_no_timed_results(tmp_path: Path) -> None:
+    path = tmp_path / "empty.png"
+    report.plot_speedup(path, _run(OffsetLSTM, [TINY], ["infer"]))
+    assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_mismatch_run_exits_non_zero_unless_allowed(tmp_path: Path) -> None:
+    candidate = f"{__name__}:OffsetLSTM"
+    assert _main(tmp_path, "--shape", "4,2,3,8", "--modes", "infer", "--device", "cpu",
+                 "--candidate", candidate) == 1
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    assert rows[0]["status"] == "mismatch" and rows[0]["torch_ms"] is None
+    assert "MISMATCH" in (tmp_path / "out" / "results.md").read_text()
+    assert _main(tmp_path, "--shape", "4,2,3,8", "--modes", "infer", "--device", "cpu",
+                 "--candidate", candidate, "--allow-mismatch") == 0
+
+
+# --- command line -----------------------------------------------------------------------------
+
+def test_help_runs_as_module() -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-m", "fused_lstm.benchmark", "--help"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for option in ("--preset", "--shape", "--modes", "--dtypes", "--device", "--out", "--allow-mismatch"):
+        assert option in done.stdout
+
+
+def test_list_prints_plan(capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["--preset", "gpu", "--device", "cpu", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(PRESETS["gpu"].cases) and all(" fp32 " in line for line in lines)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--device", "cpu", "--dtypes", "fp32,bf16"], "half precision is only benchmarked on CUDA"),
+    (["--shape", "1,2,3"], "expected T,N,I,H"),
+    (["--modes", "infer,sideways"], "unknown mode sideways"),
+    (["--dtypes", "fp8"], "unknown dtype fp8"),
+    (["--preset", "huge"], "invalid choice"),
+    (["--max-shapes", "0"], "must be > 0"),
+    (["--min-repeats", "5", "--max-repeats", "2"], "--max-repeats must be >= --min-repeats"),
+    (["--filter", "no-such-shape"], "no shapes selected"),
+    (["--device", "cpu", "--candidate", "no_such_module_xyz:LSTM"], "cannot load candidate"),
+])
+def test_cli_rejects_bad_arguments(args: List[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*args, "--device", "cpu"] if "--device" not in args else args)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_rejects_cuda_without_gpu(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--device", "cuda"])
+    assert exc.value.code == 2 and "CUDA is not available" in capsys.readouterr().err
+
+
+# --- packaging --------------------------------------------------------------------------------
+
+def _imported_roots(path: Path) -> List[Optional[str]]:
+    roots: List[Optional[str]] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            roots += [a.name.split(".")[0] for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            roots.append(None if node.level else (node.module or "").split(".")[0])
+    return roots
+
+
+def test_benchmark_package_depends_only_on_torch_matplotlib_stdlib() -> None:
+    allowed = set(sys.stdlib_module_names) | {"torch", "matplotlib", "numpy", None}
+    for path in (REPO / "fused_lstm" / "benchmark").glob("*.py"):
+        assert set(_imported_roots(path)) <= allowed, path.name
+    init_roots = _imported_roots(REPO / "fused_lstm" / "benchmark" / "__init__.py")
+    assert "fused_lstm" not in init_roots
