@@ -94,13 +94,12 @@ LayerShape check_layer(const Tensor& input, const c10::optional<Tensor>& batch_s
     const Tensor bs_contig = bs.contiguous();
     const int64_t* p = bs_contig.data_ptr<int64_t>();
     s.step_rows.assign(p, p + s.steps);
-    for (int64_t t = 0; t < s.steps; ++t) {
-      TORCH_CHECK(s.step_rows[t] >= 0 && s.step_rows[t] <= (t ? s.step_rows[t - 1] : s.batch),
-                  "fused_lstm: batch_sizes must be non-increasing and start with the batch size of h0 (",
-                  s.batch, "), got ", bs_contig);
-    }
     TORCH_CHECK(s.steps == 0 || s.step_rows[0] == s.batch, "fused_lstm: batch_sizes[0] (", s.step_rows[0],
                 ") must equal the batch size of h0 (", s.batch, ")");
+    for (int64_t t = 1; t < s.steps; ++t) {
+      TORCH_CHECK(s.step_rows[t] >= 0 && s.step_rows[t] <= s.step_rows[t - 1],
+                  "fused_lstm: batch_sizes must be non-increasing, got ", c10::IntArrayRef(s.step_rows));
+    }
   }
   TORCH_CHECK(s.steps > 0, "Expected sequence length to be larger than 0 in RNN");
   s.step_offset.resize(s.steps);

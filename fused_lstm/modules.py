@@ -31,6 +31,11 @@ def _check_state(input: Tensor, hx: _HiddenState, weight: Tensor) -> None:
             raise RuntimeError(f"Expected {name} to have dtype {input.dtype} like the input, got {state.dtype}")
 
 
+def _c10_name(dtype: torch.dtype) -> str:
+    """The C++ name torch's own messages use for a dtype ("Float", "Double", "BFloat16")."""
+    return torch.empty(0, dtype=dtype).type().removeprefix("torch.").removesuffix("Tensor")
+
+
 def _needs_workspace(tensors: List[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -189,8 +194,8 @@ class LSTMCell(nn.RNNCellBase):
     def _check_forward(self, input: Tensor, hx: _HiddenState) -> None:
         """torch's own cell checks (same messages), plus dtype and device."""
         if input.dtype != self.weight_ih.dtype and not torch.is_autocast_enabled(input.device.type):
-            raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {input.dtype} and "
-                               f"{self.weight_ih.dtype}")
+            raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {_c10_name(input.dtype)} and "
+                               f"{_c10_name(self.weight_ih.dtype)}")
         if input.size(1) != self.input_size:
             raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
         for label, state in enumerate(hx):

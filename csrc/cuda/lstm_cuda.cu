@@ -6,7 +6,16 @@
 // it and joined back before returning); nothing in the time loop allocates or synchronises the host.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+// c10/cuda/CUDAEvent.h aligns a struct to std::hardware_destructive_interference_size, which GCC >= 12
+// flags (-Winterference-size) in every file that includes it; the value is torch's ABI, not ours.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Winterference-size"
+#endif
 #include <c10/cuda/CUDAEvent.h>
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#pragma GCC diagnostic pop
+#endif
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>

@@ -1,0 +1,151 @@
+"""Correctness gate: a shape is only timed if the candidate agrees with torch.
+
+Each compared tensor passes when ``max|candidate - torch| <= atol + rtol * max|torch|``,
+i.e. the tolerance scales with the tensor's magnitude (weight gradients summed over
+many tokens are large; h is bounded by 1). Compared: ``output``, ``h_n``, ``c_n``
+and, for modes that train, the input gradient and every weight gradient (matched
+by parameter name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .inputs import InputSet
+from .workloads import Outputs, backward, forward
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """Relative and absolute tolerance, both scaled as described in the module doc."""
+
+    rtol: float
+    atol: float
+
+
+#: Default tolerances. ``tf32`` is used for fp32 on CUDA when cuDNN may use TF32.
+TOLERANCES: Dict[str, Tolerance] = {
+    "fp32": Tolerance(1e-4, 1e-4),
+    "tf32": Tolerance(5e-3, 5e-3),
+    "bf16": Tolerance(4e-2, 4e-2),
+    "fp16": Tolerance(1e-2, 1e-2),
+}
+
+
+def cudnn_may_use_tf32() -> bool:
+    """Whether torch's cuDNN RNN may run fp32 math in TF32 (the default on Ampere+)."""
+    rnn = getattr(torch.backends.cudnn, "rnn", None)
+    precision = getattr(rnn, "fp32_precision", None)
+    if precision is not None and precision != "none":
+        return precision == "tf32"
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+def tolerance_for(dtype_name: str, device: torch.device,
+                  override: Optional[Tolerance] = None) -> Tolerance:
+    """Tolerance for precision ``dtype_name`` on ``device`` (``override`` wins)."""
+    if override is not None:
+        return override
+    if dtype_name == "fp32" and device.type == "cuda" and cudnn_may_use_tf32():
+        return TOLERANCES["tf32"]
+    return TOLERANCES[dtype_name]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorCheck:
+    """How far one candidate tensor is from torch's."""
+
+    name: str
+    max_abs: float
+    limit: float
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Within tolerance."""
+        return self.max_abs <= self.limit
+
+    @property
+    def ratio(self) -> float:
+        """Error as a fraction of the allowed error (> 1 fails)."""
+        if self.max_abs == 0:
+            return 0.0
+        return self.max_abs / self.limit if self.limit > 0 else math.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class GateResult:
+    """Outcome of comparing candidate and torch on one input set."""
+
+    checks: Tuple[TensorCheck, ...]
+
+    @property
+    def ok(self) -> bool:
+        """All tensors within tolerance."""
+        return all(c.ok for c in self.checks)
+
+    @property
+    def worst(self) -> TensorCheck:
+        """The tensor closest to (or furthest past) its limit."""
+        return max(self.checks, key=lambda c: c.ratio)
+
+    def summary(self) -> str:
+        """One line: worst tensor, its error and its limit."""
+        w = self.worst
+        note = f" ({w.note})" if w.note else ""
+        return f"{w.name} max|err|={w.max_abs:.3g} limit={w.limit:.3g}{note}"
+
+
+def compare(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance) -> TensorCheck:
+    """Scaled max-error check of ``actual`` against ``expected``."""
+    expected64 = expected.detach().double()
+    limit = tol.atol + tol.rtol * (float(expected64.abs().max()) if expected64.numel() else 0.0)
+    if actual.shape != expected.shape:
+        return TensorCheck(name, math.inf, limit, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}")
+    if not expected64.numel():
+        return TensorCheck(name, 0.0, limit)
+    err = float((actual.detach().double() - expected64).abs().max())
+    return TensorCheck(name, math.inf if math.isnan(err) else err, limit)
+
+
+def _compare_all(names: Sequence[str], actual: Sequence[torch.Tensor],
+                 expected: Sequence[torch.Tensor], tol: Tolerance) -> List[TensorCheck]:
+    return [compare(n, a, e, tol) for n, a, e in zip(names, actual, expected)]
+
+
+_OUTPUT_NAMES = ("output", "h_n", "c_n")
+
+
+def _run(model: torch.nn.Module, inp: InputSet, grads: bool,
+         names: Sequence[str]) -> Tuple[Outputs, Tuple[torch.Tensor, ...]]:
+    model.train(grads)
+    if not grads:
+        with torch.no_grad():
+            return forward(model, inp), ()
+    params = dict(model.named_parameters())
+    outputs = forward(model, inp)
+    return outputs, backward(outputs, inp, [params[n] for n in names])
+
+
+def check_pair(reference: torch.nn.Module, candidate: torch.nn.Module, inp: InputSet,
+               grads: bool, tol: Tolerance) -> GateResult:
+    """Compare ``candidate`` with ``reference`` on ``inp``.
+
+    With ``grads=False`` both run as in ``infer`` (eval, no_grad); with ``grads=True``
+    as in training, and the input and weight gradients are compared too.
+    """
+    names = [n for n, _ in reference.named_parameters()]
+    cand_names = {n for n, _ in candidate.named_parameters()}
+    if grads and set(names) != cand_names:
+        missing = sorted(set(names) ^ cand_names)
+        return GateResult((TensorCheck("parameters", math.inf, 0.0, f"names differ: {missing}"),))
+    ref_out, ref_grads = _run(reference, inp, grads, names)
+    cand_out, cand_grads = _run(candidate, inp, grads, names)
+    checks = _compare_all(_OUTPUT_NAMES, cand_out, ref_out, tol)
+    grad_names = ["grad_input"] + [f"grad_{n}" for n in names]
+    checks += _compare_all(grad_names, cand_grads, ref_grads, tol)
+    return GateResult(tuple(checks))

@@ -1,0 +1,199 @@
+"""The benchmark loop: for each (shape, precision) build both modules, gate, time.
+
+A (shape, precision) pair is a :class:`Job`; each of its modes yields one
+:class:`Result` row with status ``ok`` (timed), ``mismatch`` (the gate refused it,
+not timed) or ``error`` (an exception, e.g. an unsupported configuration).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .algo import baseline_algo
+from .candidates import CandidateFactory, last_path
+from .flops import mode_flops, tflops
+from .gate import GateResult, Tolerance, check_pair, tolerance_for
+from .inputs import InputSet, build_pair, draw_inputs
+from .shapes import CPU_DTYPES, DTYPES, GRAD_MODES, MODES, Case, Shape
+from .timing import Stats, TimingConfig, measure_interleaved
+from .workloads import make_workload
+
+#: Receives one progress line at a time (the CLI prints them to stderr).
+Progress = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One shape in one precision, timed in some modes."""
+
+    shape: Shape
+    group: str
+    dtype: str
+    modes: Tuple[str, ...]
+
+
+@dataclasses.dataclass
+class Result:
+    """One row of the report. Times are medians in ms; ``None`` when not timed."""
+
+    group: str
+    T: int
+    N: int
+    I: int
+    H: int
+    layers: int
+    bidirectional: bool
+    packed: bool
+    proj_size: int
+    dtype: str
+    mode: str
+    status: str
+    torch_ms: Optional[float] = None
+    torch_q1_ms: Optional[float] = None
+    torch_q3_ms: Optional[float] = None
+    torch_min_ms: Optional[float] = None
+    torch_max_ms: Optional[float] = None
+    fused_ms: Optional[float] = None
+    fused_q1_ms: Optional[float] = None
+    fused_q3_ms: Optional[float] = None
+    fused_min_ms: Optional[float] = None
+    fused_max_ms: Optional[float] = None
+    repeats: Optional[int] = None
+    speedup: Optional[float] = None
+    gflop: float = 0.0
+    fused_tflops: Optional[float] = None
+    torch_tflops: Optional[float] = None
+    torch_algo: str = ""
+    fused_path: str = ""
+    gate_tensor: str = ""
+    gate_max_abs_err: Optional[float] = None
+    gate_limit: Optional[float] = None
+    message: str = ""
+
+    @property
+    def shape(self) -> Shape:
+        """The measured shape."""
+        return Shape(self.T, self.N, self.I, self.H, self.layers, self.bidirectional,
+                     self.packed, self.proj_size)
+
+    def as_dict(self) -> Dict[str, object]:
+        """Plain dict (field order kept) for JSON/CSV."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class BenchmarkConfig:
+    """How to run: where, how long, how strict."""
+
+    device: torch.device
+    timing: TimingConfig = dataclasses.field(default_factory=TimingConfig)
+    seed: int = 0
+    tolerance: Optional[Tolerance] = None
+
+
+def plan_jobs(cases: Sequence[Case], default_modes: Sequence[str], default_dtypes: Sequence[str],
+              device: torch.device, modes: Optional[Sequence[str]] = None,
+              dtypes: Optional[Sequence[str]] = None) -> List[Job]:
+    """Expand cases into jobs. Explicit ``modes``/``dtypes`` override each case's own.
+
+    On CPU only :data:`CPU_DTYPES` are kept from preset defaults (callers must reject
+    explicitly requested half types themselves, with a message).
+    """
+    jobs = []
+    for case in cases:
+        case_modes = tuple(m for m in MODES if m in (modes or case.modes or default_modes))
+        case_dtypes = tuple(dtypes or case.dtypes or default_dtypes)
+        if device.type != "cuda":
+            case_dtypes = tuple(d for d in case_dtypes if d in CPU_DTYPES)
+        jobs.extend(Job(case.shape, case.group, d, case_modes) for d in case_dtypes if case_modes)
+    return jobs
+
+
+def run_benchmark(jobs: Sequence[Job], factory: CandidateFactory, config: BenchmarkConfig,
+                  progress: Optional[Progress] = None) -> List[Result]:
+    """Gate and time every job; never raises for a single bad shape."""
+    total = sum(len(j.modes) for j in jobs)
+    results: List[Result] = []
+    for job in jobs:
+        for result in _run_job(job, factory, config):
+            results.append(result)
+            if progress:
+                progress(f"[{len(results)}/{total}] {progress_line(result)}")
+    return results
+
+
+def _base(job: Job, mode: str, device: torch.device) -> Result:
+    s = job.shape
+    return Result(job.group, s.T, s.N, s.I, s.H, s.layers, s.bidirectional, s.packed, s.proj_size,
+                  job.dtype, mode, "error", gflop=mode_flops(s, mode) / 1e9,
+                  torch_algo=baseline_algo(s, DTYPES[job.dtype], mode, device))
+
+
+def _run_job(job: Job, factory: CandidateFactory, config: BenchmarkConfig) -> List[Result]:
+    device, dtype = config.device, DTYPES[job.dtype]
+    rows = {m: _base(job, m, device) for m in job.modes}
+    try:
+        reference, candidate = build_pair(job.shape, dtype, device, factory, config.seed)
+        inputs = draw_inputs(job.shape, dtype, device, config.timing.n_inputs, config.seed + 1)
+        tol = tolerance_for(job.dtype, device, config.tolerance)
+        gates: Dict[bool, GateResult] = {}
+        for mode in job.modes:
+            grads = mode in GRAD_MODES
+            if grads not in gates:
+                gates[grads] = check_pair(reference, candidate, inputs[0], grads, tol)
+            _fill(rows[mode], gates[grads], reference, candidate, inputs, config)
+    except Exception as exc:  # keep going: record the failure against the remaining modes
+        for row in rows.values():
+            if row.status == "error" and not row.message:
+                row.message = f"{type(exc).__name__}: {exc}"
+    finally:
+        _release(device)
+    return list(rows.values())
+
+
+def _fill(row: Result, gate: GateResult, reference: torch.nn.Module, candidate: torch.nn.Module,
+          inputs: Sequence[InputSet], config: BenchmarkConfig) -> None:
+    """Record the gate outcome in ``row`` and, if it passed, time the mode."""
+    worst = gate.worst
+    row.gate_tensor, row.gate_max_abs_err, row.gate_limit = worst.name, worst.max_abs, worst.limit
+    if not gate.ok:
+        row.status, row.message = "mismatch", gate.summary()
+        return
+    workloads = [make_workload(reference, row.mode), make_workload(candidate, row.mode)]
+    ref_stats, cand_stats = measure_interleaved(workloads, inputs, config.device, config.timing)
+    row.fused_path = last_path(candidate) or ""
+    _set_times(row, "torch", ref_stats)
+    _set_times(row, "fused", cand_stats)
+    row.repeats = min(ref_stats.repeats, cand_stats.repeats)
+    row.speedup = ref_stats.median_ms / cand_stats.median_ms if cand_stats.median_ms > 0 else None
+    flops = mode_flops(row.shape, row.mode)
+    row.fused_tflops = tflops(flops, cand_stats.median_ms)
+    row.torch_tflops = tflops(flops, ref_stats.median_ms)
+    row.status = "ok"
+
+
+def _set_times(row: Result, prefix: str, stats: Stats) -> None:
+    for field, value in (("ms", stats.median_ms), ("q1_ms", stats.q1_ms), ("q3_ms", stats.q3_ms),
+                         ("min_ms", stats.min_ms), ("max_ms", stats.max_ms)):
+        setattr(row, f"{prefix}_{field}", value)
+
+
+def _release(device: torch.device) -> None:
+    """Free the job's tensors before the next one (matters for large GPU shapes)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def progress_line(r: Result) -> str:
+    """One line describing a finished row, e.g. for stderr."""
+    head = f"{r.shape.label()} {r.dtype} {r.mode}"
+    if r.status == "ok":
+        tf = f"  {r.fused_tflops:.2f} TFLOP/s" if r.fused_tflops is not None else ""
+        return (f"{head}: torch {r.torch_ms:.3f} ms, fused {r.fused_ms:.3f} ms, "
+                f"{r.speedup:.2f}x{tf}")
+    return f"{head}: {r.status.upper()} {r.message}"

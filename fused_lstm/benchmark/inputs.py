@@ -1,0 +1,81 @@
+"""Building the two modules with identical weights, and drawing their inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Tuple, Union
+
+import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+from .candidates import CandidateFactory
+from .shapes import Shape
+
+LstmInput = Union[torch.Tensor, PackedSequence]
+
+
+@dataclasses.dataclass
+class InputSet:
+    """One pre-drawn call: input, initial state and the upstream gradients.
+
+    ``leaf`` is the tensor the input gradient is taken against: ``x`` itself, or the
+    ``data`` of the packed sequence (packing is done once, outside any timing).
+    """
+
+    x: LstmInput
+    leaf: torch.Tensor
+    hx: Tuple[torch.Tensor, torch.Tensor]
+    grad_outputs: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def build_pair(shape: Shape, dtype: torch.dtype, device: torch.device,
+               factory: CandidateFactory, seed: int = 0) -> Tuple[torch.nn.Module, torch.nn.Module]:
+    """``(torch.nn.LSTM, candidate)`` on ``device``/``dtype`` with the same weights.
+
+    The baseline is initialised from ``seed``; the candidate receives its
+    ``state_dict`` (strict, so differing parameter names fail loudly).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        reference = torch.nn.LSTM(**shape.lstm_kwargs())  # type: ignore[arg-type]
+    reference = reference.to(device=device, dtype=dtype)
+    candidate = factory(**shape.lstm_kwargs()).to(device=device, dtype=dtype)
+    candidate.load_state_dict(reference.state_dict())
+    return reference, candidate
+
+
+def draw_inputs(shape: Shape, dtype: torch.dtype, device: torch.device,
+                count: int, seed: int = 0) -> List[InputSet]:
+    """``count`` independent input sets (drawn on CPU from ``seed``, then moved)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [_draw_one(shape, dtype, device, generator) for _ in range(count)]
+
+
+def _randn(generator: torch.Generator, *size: int, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(*size, generator=generator) * scale
+
+
+def _draw_one(shape: Shape, dtype: torch.dtype, device: torch.device,
+              generator: torch.Generator) -> InputSet:
+    def put(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype)
+
+    states = shape.layers * shape.directions
+    x = put(_randn(generator, shape.T, shape.N, shape.I))
+    h0 = put(_randn(generator, states, shape.N, shape.h_out, scale=0.5))
+    c0 = put(_randn(generator, states, shape.N, shape.H, scale=0.5))
+    features = shape.directions * shape.h_out
+    if shape.packed:
+        lengths = torch.tensor(shape.lengths(), dtype=torch.int64)
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        leaf = packed.data.detach().requires_grad_()
+        x_in: LstmInput = PackedSequence(leaf, packed.batch_sizes, packed.sorted_indices,
+                                         packed.unsorted_indices)
+        out_size: Tuple[int, ...] = (leaf.shape[0], features)
+    else:
+        leaf = x.requires_grad_()
+        x_in = leaf
+        out_size = (shape.T, shape.N, features)
+    grads = (put(_randn(generator, *out_size)), put(_randn(generator, *h0.shape)),
+             put(_randn(generator, *c0.shape)))
+    return InputSet(x_in, leaf, (h0, c0), grads)

@@ -1,0 +1,146 @@
+"""What fused_lstm adds beyond cuDNN's LSTM, and module-level behaviour: torch.compile without graph
+breaks, backward in eval mode, determinism, dropout between layers, convert()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fused_lstm
+from conftest import lstm_pair
+
+
+class Tagger(nn.Module):
+    """A small model with our LSTM inside, as users would write it."""
+
+    def __init__(self, lstm: nn.Module):
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.lstm = lstm
+        self.head = nn.Linear(2 * 10, 3)
+
+    def forward(self, x):
+        out, (h, c) = self.lstm(torch.tanh(self.embed(x)))
+        return self.head(out).sum(-1) + h.sum(0).mean(-1, keepdim=True) + c.mean()
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_matches_eager(backend):
+    torch._dynamo.reset()
+    model = Tagger(fused_lstm.LSTM(8, 10, num_layers=2, bidirectional=True, batch_first=True))
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    x = torch.randn(3, 7, 6, requires_grad=True)
+    expected = model(x)
+    got = compiled(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(expected)
+    grads_expected = torch.autograd.grad(expected, [x, *model.parameters()], g)
+    grads = torch.autograd.grad(got, [x, *model.parameters()], g)
+    for a, b in zip(grads, grads_expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_compile_has_no_graph_break_and_calls_our_op():
+    torch._dynamo.reset()
+    model = Tagger(fused_lstm.LSTM(8, 10, bidirectional=True, batch_first=True))
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 5, 6))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    graph_code = "\n".join(g.code for g in explanation.graphs)
+    assert "fused_lstm.lstm_layer" in graph_code
+
+
+def test_compile_lstm_cell():
+    torch._dynamo.reset()
+    cell = fused_lstm.LSTMCell(4, 5)
+    x, hx = torch.randn(3, 4), (torch.randn(3, 5), torch.randn(3, 5))
+    compiled = torch.compile(cell, fullgraph=True, backend="aot_eager")
+    for a, b in zip(compiled(x, hx), cell(x, hx)):
+        torch.testing.assert_close(a, b)
+
+
+def test_backward_in_eval_mode():
+    ref, ours = lstm_pair(4, 5, num_layers=2, dropout=0.5)
+    ref.eval()
+    ours.eval()
+    x = torch.randn(6, 2, 4, dtype=torch.float64, requires_grad=True)
+    (g_ref,) = torch.autograd.grad(ref(x)[0].sum(), x)
+    (g,) = torch.autograd.grad(ours(x)[0].sum(), x)
+    torch.testing.assert_close(g, g_ref)
+
+
+def test_no_grad_keeps_no_workspace_and_matches():
+    _, ours = lstm_pair(4, 5)
+    x = torch.randn(6, 2, 4, dtype=torch.float64)
+    with torch.no_grad():
+        out_inference = ours(x)[0]
+    out_training = ours(x)[0]
+    assert out_inference.grad_fn is None and out_training.grad_fn is not None
+    assert torch.equal(out_inference, out_training.detach())
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_bitwise_deterministic(packed):
+    _, ours = lstm_pair(16, 32, num_layers=2, bidirectional=True, dtype=torch.float32, init_scale=None)
+    x = torch.randn(12, 9, 16)
+    lengths = torch.randint(1, 13, (9,))
+    lengths[0] = 12
+
+    def run():
+        inp = x.clone().requires_grad_()
+        feed = pack_padded_sequence(inp, lengths, enforce_sorted=False) if packed else inp
+        out, (h, c) = ours(feed)
+        out = out.data if packed else out
+        grads = torch.autograd.grad((out * out).sum() + h.sum() + c.sum(), [inp, *ours.parameters()])
+        return [out, h, c, *grads]
+
+    first, second = run(), run()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_dropout_only_between_layers_and_only_in_training():
+    p = 0.4
+    _, ours = lstm_pair(8, 400, num_layers=2, dropout=p, dtype=torch.float32, init_scale=None)
+    _, single = lstm_pair(8, 400, num_layers=2, dropout=0.0, dtype=torch.float32, init_scale=None)
+    single.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 2, 8)
+    ours.eval()
+    single.eval()
+    with torch.no_grad():
+        assert torch.equal(ours(x)[0], single(x)[0])  # eval: no dropout at all
+        ours.train()
+        a, b = ours(x)[0], ours(x)[0]
+        assert not torch.equal(a, b)  # training: fresh masks each call
+        # One layer has nothing to drop between: dropout must not touch its output.
+        one = fused_lstm.LSTM(8, 16, num_layers=1)
+        with pytest.warns(UserWarning):
+            one_dropout = fused_lstm.LSTM(8, 16, num_layers=1, dropout=p)
+        one_dropout.load_state_dict(one.state_dict())
+        assert torch.equal(one(x)[0], one_dropout.train()(x)[0])
+
+
+def test_dropout_is_applied_between_layers_at_rate_p():
+    """Layer 2 sees layer 1's output with each element zeroed with probability p and the rest scaled by
+    1/(1-p): rebuild that by hand from two one-layer LSTMs and the same random stream."""
+    p = 0.3
+    lstm = fused_lstm.LSTM(4, 300, num_layers=2, dropout=p, dtype=torch.float64)
+    first = fused_lstm.LSTM(4, 300, dtype=torch.float64)
+    second = fused_lstm.LSTM(300, 300, dtype=torch.float64)
+    state = lstm.state_dict()
+    first.load_state_dict({k.replace("_l0", "_l0"): v for k, v in state.items() if k.endswith("_l0")})
+    second.load_state_dict({k.replace("_l1", "_l0"): v for k, v in state.items() if k.endswith("_l1")})
+    x = torch.randn(20, 10, 4, dtype=torch.float64)
+    with torch.no_grad():
+        torch.manual_seed(99)
+        out = lstm(x)[0]
+        torch.manual_seed(99)
+        hidden = first(x)[0]
+        mask = torch.nn.functional.dropout(torch.ones_like(hidden), p, training=True)
+        torch.manual_seed(99)
+        first(x)
+        expected = second(torch.nn.functional.dropout(hidden, p, training=True))[0]
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    zero_fraction = (mask == 0).double().mean().item()
+    assert abs(zero_fraction - p) < 0.01, zero_fraction
+    assert torch.allclose(mask[mask != 0], torch.tensor(1 / (1 - p), dtype=torch.float64))

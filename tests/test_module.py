@@ -1,0 +1,223 @@
+"""fused_lstm.LSTM / LSTMCell as drop-ins: constructor, parameters, state_dict, serialisation, input
+validation (same exception type and message as torch where torch has one)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fused_lstm
+from conftest import cell_pair, lstm_pair
+
+
+def raises_like_torch(make_call):
+    """make_call(module_class) -> zero-arg callable. Both torch and fused_lstm must raise, alike."""
+    with pytest.raises(Exception) as expected:
+        make_call(nn.LSTM)()
+    with pytest.raises(type(expected.value)) as got:
+        make_call(fused_lstm.LSTM)()
+    assert str(got.value) == str(expected.value)
+
+
+CONFIGS = [
+    ((3, 5), {}),
+    ((3, 5, 2), dict(bias=False, batch_first=True)),
+    ((4, 6), dict(num_layers=3, dropout=0.25, bidirectional=True, proj_size=2)),
+    ((4, 6, 2, True, True, 0.0, True, 3), {}),  # every argument positional
+]
+
+
+@pytest.mark.parametrize("args,kwargs", CONFIGS)
+def test_same_parameters_and_initialisation(args, kwargs):
+    torch.manual_seed(1234)
+    ref = nn.LSTM(*args, **kwargs)
+    torch.manual_seed(1234)
+    ours = fused_lstm.LSTM(*args, **kwargs)
+    assert [(n, p.shape) for n, p in ref.named_parameters()] == [(n, p.shape) for n, p in ours.named_parameters()]
+    for (_, a), (_, b) in zip(ref.named_parameters(), ours.named_parameters()):
+        assert torch.equal(a, b)
+    assert [[p.shape for p in layer] for layer in ref.all_weights] == [[p.shape for p in l] for l in ours.all_weights]
+    assert repr(ours) == repr(ref)
+    assert not isinstance(ours, nn.LSTM) and isinstance(ours, nn.RNNBase)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(input_size=3, hidden_size=0), dict(input_size=0, hidden_size=3), dict(input_size=3, hidden_size=4.5),
+    dict(input_size=3, hidden_size=4, num_layers=0), dict(input_size=3, hidden_size=4, dropout=1.5),
+    dict(input_size=3, hidden_size=4, dropout=True), dict(input_size=3, hidden_size=4, proj_size=4),
+    dict(input_size=3, hidden_size=4, proj_size=-1), dict(input_size=3, hidden_size=4, num_layers=1.0),
+])
+def test_constructor_errors_match_torch(kwargs):
+    raises_like_torch(lambda cls: lambda: cls(**kwargs))
+
+
+def test_dropout_warning_matches_torch():
+    with pytest.warns(UserWarning, match="dropout option adds dropout after all but last recurrent layer"):
+        fused_lstm.LSTM(3, 4, dropout=0.5)
+
+
+@pytest.mark.parametrize("args,kwargs", CONFIGS)
+def test_state_dict_round_trips_strictly(args, kwargs):
+    ref, ours = nn.LSTM(*args, **kwargs), fused_lstm.LSTM(*args, **kwargs)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    back = nn.LSTM(*args, **kwargs)
+    back.load_state_dict(ours.state_dict(), strict=True)
+    for a, b in zip(ref.state_dict().values(), back.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def _same_output(a, b, x):
+    torch.testing.assert_close(a(x)[0], b(x)[0], atol=0, rtol=0)
+
+
+def test_pickle_deepcopy_and_torch_save():
+    _, ours = lstm_pair(3, 5, num_layers=2, bidirectional=True)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    _same_output(ours, pickle.loads(pickle.dumps(ours)), x)
+    _same_output(ours, copy.deepcopy(ours), x)
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    buffer.seek(0)
+    _same_output(ours, torch.load(buffer, weights_only=False), x)
+
+
+def test_functional_call_uses_the_given_parameters():
+    ref, ours = lstm_pair(3, 5)
+    other = {n: torch.randn_like(p) for n, p in ours.named_parameters()}
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    got = torch.func.functional_call(ours, other, (x,))[0]
+    expected = torch.func.functional_call(ref, other, (x,))[0]
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, ours(x)[0])
+
+
+def test_dtype_conversions_and_flatten_parameters():
+    ref, ours = lstm_pair(3, 5, num_layers=2, dtype=torch.float32)
+    ours.flatten_parameters()
+    x = torch.randn(4, 2, 3)
+    torch.testing.assert_close(ours.double()(x.double())[0], ref.double()(x.double())[0])
+    assert all(p.dtype == torch.float64 for p in ours.parameters())
+    assert all(p.dtype == torch.float32 for p in ours.to(torch.float32).parameters())
+    half = copy.deepcopy(ours).half()
+    assert all(p.dtype == torch.float16 for p in half.parameters())
+    with torch.no_grad():
+        out = half(x.half())[0]
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+# ---- forward validation ---------------------------------------------------------------------------------
+
+def _forward_error_case(x, hx=None, **kwargs):
+    def make(cls):
+        torch.manual_seed(0)
+        module = cls(3, 4, **kwargs)
+        return lambda: module(x, hx)
+    return make
+
+
+@pytest.mark.parametrize("name,x,hx", [
+    ("4-D input", torch.randn(2, 2, 3, 1), None),
+    ("1-D input", torch.randn(3), None),
+    ("wrong input size", torch.randn(5, 2, 2), None),
+    ("float64 input", torch.randn(5, 2, 3, dtype=torch.float64), None),
+    ("integer input", torch.randint(0, 3, (5, 2, 3)), None),
+    ("sequence length 0", torch.randn(0, 2, 3), None),
+    ("h0 batch", torch.randn(5, 2, 3), (torch.randn(1, 3, 4), torch.randn(1, 2, 4))),
+    ("c0 batch", torch.randn(5, 2, 3), (torch.randn(1, 2, 4), torch.randn(1, 3, 4))),
+    ("h0 size", torch.randn(5, 2, 3), (torch.randn(1, 2, 5), torch.randn(1, 2, 4))),
+    ("hx 2-D for batched", torch.randn(5, 2, 3), (torch.randn(2, 4), torch.randn(2, 4))),
+    ("hx 3-D for unbatched", torch.randn(5, 3), (torch.randn(1, 1, 4), torch.randn(1, 1, 4))),
+    ("hx of one tensor", torch.randn(5, 2, 3), (torch.randn(1, 2, 4),)),
+])
+def test_forward_errors_match_torch(name, x, hx):
+    raises_like_torch(_forward_error_case(x, hx))
+
+
+def test_forward_errors_match_torch_batch_first():
+    raises_like_torch(_forward_error_case(torch.randn(2, 0, 3), batch_first=True))
+    raises_like_torch(_forward_error_case(torch.randn(2, 5, 7), batch_first=True))
+
+
+def test_packed_input_with_wrong_feature_size_is_a_clear_error():
+    packed = pack_padded_sequence(torch.randn(5, 2, 2), torch.tensor([5, 3]))
+    with pytest.raises(RuntimeError, match="input.size\\(-1\\) must be equal to input_size. Expected 3, got 2"):
+        fused_lstm.LSTM(3, 4)(packed)
+
+
+def test_hidden_state_dtype_mismatch_is_a_clear_error():
+    x = torch.randn(5, 2, 3)
+    with pytest.raises(RuntimeError, match="Expected h_0 to have dtype torch.float32 like the input, got torch.float64"):
+        fused_lstm.LSTM(3, 4)(x, (torch.randn(1, 2, 4, dtype=torch.float64), torch.randn(1, 2, 4)))
+
+
+def test_input_on_another_device_is_a_clear_error():
+    x = torch.randn(5, 2, 3, device="meta")
+    with pytest.raises(RuntimeError, match="Input and parameter tensors are not at the same device"):
+        fused_lstm.LSTM(3, 4)(x)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_batch_size_zero_works_like_torch(bidirectional):
+    ref, ours = lstm_pair(3, 4, bidirectional=bidirectional, proj_size=2)
+    x = torch.randn(5, 0, 3, dtype=torch.float64, requires_grad=True)
+    out_ref, (h_ref, c_ref) = ref(x)
+    out, (h, c) = ours(x)
+    assert out.shape == out_ref.shape and h.shape == h_ref.shape and c.shape == c_ref.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+# ---- LSTMCell ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("with_hx", [True, False])
+def test_cell_parity(bias, batched, with_hx):
+    ref, ours = cell_pair(7, 5, bias=bias)
+    x = torch.randn(*((3,) if batched else ()), 7, dtype=torch.float64, requires_grad=True)
+    hx = None
+    if with_hx:
+        hx = tuple(torch.randn(*((3,) if batched else ()), 5, dtype=torch.float64, requires_grad=True) for _ in "hc")
+    h_ref, c_ref = ref(x, hx)
+    h, c = ours(x, hx)
+    torch.testing.assert_close(h, h_ref)
+    torch.testing.assert_close(c, c_ref)
+    leaves = [x, *(hx or ()), *ref.parameters()]
+    g_ref = torch.autograd.grad(h_ref.sum() + 2 * c_ref.sum(), leaves)
+    g = torch.autograd.grad(h.sum() + 2 * c.sum(), [x, *(hx or ()), *ours.parameters()])
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("x,hx", [
+    (torch.randn(2, 3, 1), None),
+    (torch.randn(2, 2), None),
+    (torch.randn(2, 3), (torch.randn(2, 5), torch.randn(2, 4))),
+    (torch.randn(2, 3), (torch.randn(3, 4), torch.randn(2, 4))),
+    (torch.randn(2, 3), (torch.randn(2, 4), torch.randn(2, 5))),
+    (torch.randn(2, 3), (torch.randn(2, 4, 1), torch.randn(2, 4))),
+    (torch.randn(2, 3, dtype=torch.float64), None),
+])
+def test_cell_errors_match_torch(x, hx):
+    with pytest.raises(Exception) as expected:
+        nn.LSTMCell(3, 4)(x, hx)
+    with pytest.raises(type(expected.value)) as got:
+        fused_lstm.LSTMCell(3, 4)(x, hx)
+    assert str(got.value) == str(expected.value)
+
+
+def test_cell_state_dict_and_init_match_torch():
+    torch.manual_seed(7)
+    ref = nn.LSTMCell(3, 4)
+    torch.manual_seed(7)
+    ours = fused_lstm.LSTMCell(3, 4)
+    for a, b in zip(ref.state_dict().items(), ours.state_dict().items()):
+        assert a[0] == b[0] and torch.equal(a[1], b[1])
+    nn.LSTMCell(3, 4).load_state_dict(ours.state_dict(), strict=True)
+    assert repr(ours) == repr(ref)
