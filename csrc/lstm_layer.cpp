@@ -159,6 +159,8 @@ void LayerBackend::for_each_direction(int64_t directions, const std::function<vo
   for (int64_t d = 0; d < directions; ++d) fn(d);
 }
 
+bool LayerBackend::recurrence_forward(const RecurrenceForwardArgs&) const { return false; }
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
     const Tensor& input_arg, const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0,
     at::TensorList weights, bool has_biases, bool has_projections, bool bidirectional, bool need_workspace,
@@ -192,6 +194,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
     } else {
       backend.matmul(gates_d, input, w.w_ih.t(), /*accumulate=*/false);
     }
+    RecurrenceForwardArgs whole;
+    whole.step_rows = &s.step_rows;
+    whole.step_offset = &s.step_offset;
+    whole.batch_sizes = batch_sizes.has_value() ? &*batch_sizes : nullptr;
+    whole.reverse = reverse;
+    whole.gates = gates_d;
+    whole.w_hh = w.w_hh;
+    whole.w_hr = w.w_hr;
+    whole.h_state = h_state;
+    whole.c_state = c_state;
+    whole.output = output.narrow(1, d * Hout, Hout);
+    if (need_workspace) {
+      whole.c_prev_saved = c_prev[d];
+      whole.h_prev_saved = h_prev[d];
+    }
+    if (backend.recurrence_forward(whole)) return;
     for (int64_t step = 0; step < s.steps; ++step) {
       const int64_t t = reverse ? s.steps - 1 - step : step;
       const int64_t rows = s.step_rows[t], row0 = s.step_offset[t];

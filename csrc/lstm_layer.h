@@ -59,6 +59,23 @@ struct StepBackwardArgs {
   void* h_next;          // [rows, H] or null: receives the recomputed h' (projection weight gradient)
 };
 
+// The whole time loop of one direction's forward pass, for backends that can run it in one go (the
+// persistent CUDA kernel). Tensors are views into the driver's buffers; shapes as in the header comment.
+struct RecurrenceForwardArgs {
+  const std::vector<int64_t>* step_rows;    // [T] active rows per step (host)
+  const std::vector<int64_t>* step_offset;  // [T] first row of each step (host)
+  const Tensor* batch_sizes;                // the op's batch_sizes (CPU int64 [T]) or nullptr when dense
+  bool reverse;                             // walk the steps from T-1 down to 0
+  Tensor gates;         // [R, 4H]: input projection + biases in; post-activation gates out
+  Tensor w_hh;          // [4H, Hout]
+  Tensor w_hr;          // [Hout, H] or undefined
+  Tensor h_state;       // [N, Hout]: h0 in, h_n out
+  Tensor c_state;       // [N, H]: c0 in, c_n out
+  Tensor output;        // [R, Hout], row stride D*Hout: this direction's columns of the output
+  Tensor c_prev_saved;  // [R, H] or undefined (no workspace)
+  Tensor h_prev_saved;  // [R, Hout] or undefined
+};
+
 // What a device provides to the driver. Every call is enqueued on the device's current stream.
 class LayerBackend {
  public:
@@ -71,6 +88,9 @@ class LayerBackend {
   // finished (or ordered after the current stream) all of them when it returns. fn allocates nothing
   // that outlives it.
   virtual void for_each_direction(int64_t directions, const std::function<void(int64_t)>& fn) const;
+  // Runs the whole forward recurrence of one direction and returns true, or returns false (the default)
+  // to let the driver walk the steps itself with matmul + step_forward.
+  virtual bool recurrence_forward(const RecurrenceForwardArgs& args) const;
 };
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
