@@ -29,7 +29,7 @@ from fused_lstm.benchmark import cli, report  # noqa: E402
 from fused_lstm.benchmark.algo import CudaProps, baseline_algo, cudnn_algo  # noqa: E402
 from fused_lstm.benchmark.candidates import last_path, resolve_candidate  # noqa: E402
 from fused_lstm.benchmark.flops import forward_flops, mode_flops  # noqa: E402
-from fused_lstm.benchmark.gate import TOLERANCES, check_pair, tolerance_for  # noqa: E402
+from fused_lstm.benchmark.gate import TOLERANCES, Tolerance, check_pair, compare, tolerance_for  # noqa: E402
 from fused_lstm.benchmark.harness import BenchmarkConfig, Job, Result, plan_jobs, run_benchmark  # noqa: E402
 from fused_lstm.benchmark.inputs import build_pair, draw_inputs  # noqa: E402
 from fused_lstm.benchmark.shapes import (  # noqa: E402
@@ -38,6 +38,8 @@ from fused_lstm.benchmark.shapes import (  # noqa: E402
 from fused_lstm.benchmark.timing import Stats, TimingConfig, measure_interleaved  # noqa: E402
 from fused_lstm.benchmark.workloads import Workload  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+
 CPU = torch.device("cpu")
 FAST = TimingConfig(warmup=1, min_repeats=2, max_repeats=3, min_time_s=0.0, max_time_s=1.0, n_inputs=2)
 FAST_ARGS = ["--warmup", "1", "--min-repeats", "2", "--max-repeats", "3", "--min-time", "0",
@@ -45,6 +47,15 @@ FAST_ARGS = ["--warmup", "1", "--min-repeats", "2", "--max-repeats", "3", "--min
 TINY = Shape(6, 3, 5, 8)
 GATE_SHAPES = [TINY, Shape(5, 4, 6, 8, layers=2, bidirectional=True), Shape(7, 5, 4, 8, packed=True),
                Shape(5, 3, 4, 8, proj_size=3)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Any:
+    """Tiny shapes gain nothing from threads, and OpenMP spin-waits stall on a busy host."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _fused_available() -> bool:
@@ -97,7 +108,7 @@ class BrokenLSTM(torch.nn.LSTM):
     """Raises on every call, like an unsupported configuration."""
 
     def forward(self, input: Any, hx: Any = None) -> Any:  # noqa: A002
-        raise RuntimeError("unsupported configuration")
+        raise RuntimeError("unsupported\n   configuration")
 
 
 def _gate(candidate: Any, shape: Shape, grads: bool, dtype: str = "fp32") -> Any:
@@ -154,6 +165,15 @@ def test_gate_refuses_wrong_gradients_only_when_training() -> None:
     assert not {"output", "h_n", "c_n"} & bad
 
 
+def test_compare_flags_nan_shape_and_dtype() -> None:
+    tol = Tolerance(1e-4, 1e-4)
+    ref = torch.ones(3)
+    assert compare("t", ref + 1e-5, ref, tol).ok
+    assert not compare("t", torch.tensor([1.0, float("nan"), 1.0]), ref, tol).ok
+    assert "shape" in compare("t", torch.ones(4), ref, tol).note
+    assert "dtype" in compare("t", ref.double(), ref, tol).note
+
+
 def test_tolerances_depend_on_dtype() -> None:
     assert tolerance_for("fp32", CPU) == TOLERANCES["fp32"]
     assert TOLERANCES["fp32"].rtol < TOLERANCES["fp16"].rtol < TOLERANCES["bf16"].rtol
@@ -208,6 +228,9 @@ def test_plan_jobs_overrides_and_cpu_dtypes() -> None:
     infer_only = [j for j in jobs if j.group == "deepbench-infer"]
     assert infer_only and all(j.modes == ("infer",) for j in infer_only)
     assert all(j.modes == ("train", "fwd", "bwd") for j in jobs if j.group == "deepbench-train")
+    gpu = PRESETS["gpu"]
+    cuda_jobs = plan_jobs(gpu.cases, gpu.modes, gpu.dtypes, torch.device("cuda"))
+    assert len(cuda_jobs) == 3 * len(gpu.cases) and {j.dtype for j in cuda_jobs} == set(DTYPES)
     forced = plan_jobs(full.cases[:2], full.modes, full.dtypes, CPU, modes=("bwd", "infer"))
     assert [j.modes for j in forced] == [("infer", "bwd")] * 2
 
@@ -462,7 +485,10 @@ def _imported_roots(path: Path) -> List[Optional[str]]:
 
 
 def test_benchmark_package_depends_only_on_torch_matplotlib_stdlib() -> None:
-    allowed = set(sys.stdlib_module_names) | {"torch", "matplotlib", "numpy", None}
+    stdlib = {"__future__", "argparse", "collections", "csv", "dataclasses", "datetime", "gc", "importlib",
+              "json", "math", "os", "pathlib", "platform", "random", "re", "statistics", "subprocess", "sys",
+              "time", "typing"}
+    allowed = stdlib | {"torch", "matplotlib", "numpy", None}
     for path in (REPO / "fused_lstm" / "benchmark").glob("*.py"):
         assert set(_imported_roots(path)) <= allowed, path.name
     init_roots = _imported_roots(REPO / "fused_lstm" / "benchmark" / "__init__.py")

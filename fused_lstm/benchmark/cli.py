@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--shape", action="append", type=_arg_type(parse_shape), metavar="T,N,I,H[,L[,BI[,PK]]]",
                       help="custom shape (repeatable) replacing the preset's shapes: sequence length, "
                            "batch, input size, hidden size, then optional layers, bidirectional 0/1, "
-                           "packed 0/1 (lengths spread 1..T), proj_size")
+                           "packed 0/1 (lengths spread 1..T), proj_size; modes and dtypes still default to "
+                           "the preset's")
     what.add_argument("--modes", type=_arg_type(lambda s: parse_names(s, MODES, "mode")),
                       help="comma list of infer (eval, no_grad forward), train (forward+backward), "
                            "fwd (forward with autograd), bwd (backward only; its forward runs untimed "

@@ -101,14 +101,17 @@ class GateResult:
 
 
 def compare(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance) -> TensorCheck:
-    """Scaled max-error check of ``actual`` against ``expected``."""
-    expected64 = expected.detach().double()
-    limit = tol.atol + tol.rtol * (float(expected64.abs().max()) if expected64.numel() else 0.0)
+    """Scaled max-error check of ``actual`` against ``expected`` (same shape and dtype required)."""
+    work = torch.promote_types(expected.dtype, torch.float32)
+    ref = expected.detach().to(work)
+    limit = tol.atol + tol.rtol * (float(ref.abs().max()) if ref.numel() else 0.0)
     if actual.shape != expected.shape:
         return TensorCheck(name, math.inf, limit, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}")
-    if not expected64.numel():
+    if actual.dtype != expected.dtype:
+        return TensorCheck(name, math.inf, limit, f"dtype {actual.dtype} != {expected.dtype}")
+    if not ref.numel():
         return TensorCheck(name, 0.0, limit)
-    err = float((actual.detach().double() - expected64).abs().max())
+    err = float((actual.detach().to(work) - ref).abs().max())
     return TensorCheck(name, math.inf if math.isnan(err) else err, limit)
 
 

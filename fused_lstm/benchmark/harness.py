@@ -149,10 +149,16 @@ def _run_job(job: Job, factory: CandidateFactory, config: BenchmarkConfig) -> Li
     except Exception as exc:  # keep going: record the failure against the remaining modes
         for row in rows.values():
             if row.status == "error" and not row.message:
-                row.message = f"{type(exc).__name__}: {exc}"
+                row.message = _one_line(f"{type(exc).__name__}: {exc}")
     finally:
         _release(device)
     return list(rows.values())
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """Collapse whitespace (exception texts span lines) and cap the length for tables."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _fill(row: Result, gate: GateResult, reference: torch.nn.Module, candidate: torch.nn.Module,

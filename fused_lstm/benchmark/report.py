@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .flops import FLOP_FORMULA
 from .harness import Result
+from .shapes import DTYPES, MODES
 
 #: Output file names inside ``--out``.
 FILES = {"json": "results.json", "csv": "results.csv", "md": "results.md", "png": "speedup.png"}
@@ -149,49 +150,77 @@ def write_markdown(path: Path, results: Sequence[Result], environment: Mapping[s
     path.write_text(text)
 
 
-def _series(rows: Sequence[Result]) -> Dict[str, List[Tuple[int, float]]]:
-    """Lines of one panel: label -> sorted (batch, speedup) points, one line per hidden size."""
-    ts = {r.T for r in rows}
+def _line_label(r: Result, vary_t: bool) -> str:
+    """Legend label of the line a row belongs to: hidden size, plus what else varies."""
+    parts = [f"H={r.H}"]
+    if vary_t:
+        parts.append(f"T={r.T}")
+    if r.I != r.H:
+        parts.append(f"I={r.I}")
+    if r.shape.topology() != "L1 uni":
+        parts.append(r.shape.topology())
+    return " ".join(parts)
+
+
+def _series(rows: Sequence[Result], vary_t: bool) -> Dict[str, List[Tuple[int, float]]]:
+    """Lines of one panel: label -> (batch, speedup) points sorted by batch."""
     lines: Dict[str, Dict[int, float]] = defaultdict(dict)
     for r in sorted(rows, key=lambda r: (r.H, r.T, r.I, r.shape.topology())):
-        parts = [f"H={r.H}"]
-        if len(ts) > 1:
-            parts.append(f"T={r.T}")
-        if r.I != r.H:
-            parts.append(f"I={r.I}")
-        if r.shape.topology() != "L1 uni":
-            parts.append(r.shape.topology())
-        lines[" ".join(parts)].setdefault(r.N, r.speedup or 0.0)
+        lines[_line_label(r, vary_t)].setdefault(r.N, r.speedup or 0.0)
     return {label: sorted(points.items()) for label, points in lines.items()}
 
 
-def plot_speedup(path: Path, results: Sequence[Result]) -> None:
-    """``speedup.png``: speedup vs batch, one panel per (mode, dtype), one line per H."""
-    from matplotlib.figure import Figure  # Agg via Figure.savefig; no pyplot state
+def _panel_order(key: Tuple[str, str]) -> Tuple[int, int]:
+    mode, dtype = key
+    return MODES.index(mode), list(DTYPES).index(dtype)
 
+
+def plot_speedup(path: Path, results: Sequence[Result]) -> None:
+    """``speedup.png``: speedup vs batch, one panel per (mode, dtype), one line per H.
+
+    A line keeps its colour in every panel; one legend below the panels.
+    """
+    from matplotlib.figure import Figure  # Agg via Figure.savefig; no pyplot state
+    from matplotlib.lines import Line2D
+
+    timed = [r for r in results if r.speedup]
+    vary_t = len({r.T for r in timed}) > 1
     panels: Dict[Tuple[str, str], List[Result]] = defaultdict(list)
-    for r in results:
-        if r.speedup:
-            panels[(r.mode, r.dtype)].append(r)
+    for r in timed:
+        panels[(r.mode, r.dtype)].append(r)
+    labels = list(_series(timed, vary_t))
+    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
     cols = max(1, min(len(panels), 3))
     rows = max(1, math.ceil(len(panels) / cols))
-    fig = Figure(figsize=(5.2 * cols, 3.8 * rows), layout="constrained")
+    fig = Figure(figsize=(5.2 * cols, 3.6 * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, ((mode, dtype), rs) in zip(axes, sorted(panels.items())):
-        _draw_panel(ax, f"{mode} {dtype}", _series(rs))
+    for ax, key in zip(axes, sorted(panels, key=_panel_order)):
+        _draw_panel(ax, " ".join(key), _series(panels[key], vary_t), colors)
     if not panels:
-        _draw_panel(axes[0], "no timed results", {})
+        _draw_panel(axes[0], "no timed results", {}, colors)
     for ax in axes[max(1, len(panels)):]:
         ax.set_visible(False)
+    if labels:
+        handles = [Line2D([], [], color=colors[label], marker="o") for label in labels]
+        _figure_legend(fig, handles, labels)
     fig.suptitle("fused_lstm speedup over torch.nn.LSTM (torch ms / fused ms; > 1 = fused faster)")
     fig.savefig(path, dpi=110)
 
 
-def _draw_panel(ax: Any, title: str, series: Mapping[str, List[Tuple[int, float]]]) -> None:
+def _figure_legend(fig: Any, handles: Sequence[Any], labels: Sequence[str]) -> None:
+    """One legend under all panels ("outside" placement needs matplotlib >= 3.7)."""
+    try:
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6), fontsize="small")
+    except (ValueError, TypeError):
+        fig.legend(handles, labels, loc="lower center", fontsize="small")
+
+
+def _draw_panel(ax: Any, title: str, series: Mapping[str, List[Tuple[int, float]]],
+                colors: Mapping[str, str]) -> None:
     batches = sorted({n for points in series.values() for n, _ in points})
     speedups = [s for points in series.values() for _, s in points]
     for label, points in series.items():
-        ax.plot([n for n, _ in points], [s for _, s in points], marker="o", label=label)
+        ax.plot([n for n, _ in points], [s for _, s in points], marker="o", color=colors[label])
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
     # Keep at least 0.8x..1.25x visible so noise around parity does not look like a trend.
     ax.set_ylim(min([0.8, *speedups]) / 1.05, max([1.25, *speedups]) * 1.05)
@@ -199,7 +228,6 @@ def _draw_panel(ax: Any, title: str, series: Mapping[str, List[Tuple[int, float]
     ax.minorticks_off()
     if batches:
         ax.set_xticks(batches, [str(n) for n in batches])
-        ax.legend(fontsize="small")
     ax.set_title(title)
     ax.set_xlabel("batch size N")
     ax.set_ylabel("speedup")
