@@ -46,6 +46,34 @@ def find_cuda_home() -> str | None:
     return next((os.path.realpath(c) for c in candidates if _is_toolkit(c)), None)
 
 
+def _wheel_dirs(subdir: str) -> list[str]:
+    """<site-packages>/nvidia/*/<subdir> folders: where the CUDA pip wheels that torch depends on keep the
+    cuBLAS/cuSPARSE headers and libraries when the toolkit itself has none."""
+    import site
+
+    roots = list(dict.fromkeys(site.getsitepackages() + [site.getusersitepackages()] + sys.path))
+    return sorted({d for r in roots if r for d in glob.glob(os.path.join(r, "nvidia", "*", subdir))})
+
+
+def cuda_library_flags(cuda_home: str) -> tuple[list[str], list[str]]:
+    """(include_dirs, link_args) for the cuBLAS we call directly and the headers ATen's CUDA headers need."""
+    include_dirs: list[str] = []
+    for header in ("cublas_v2.h", "cusparse.h"):
+        if not os.path.isfile(os.path.join(cuda_home, "include", header)):
+            found = [d for d in _wheel_dirs("include") if os.path.isfile(os.path.join(d, header))]
+            if not found:
+                sys.exit(f"fused_lstm: {header} is neither in {cuda_home}/include nor in an nvidia wheel")
+            include_dirs += [d for d in found[:1] if d not in include_dirs]
+    for lib_dir in ("lib64", "lib"):
+        if os.path.isfile(os.path.join(cuda_home, lib_dir, "libcublas.so")):
+            return include_dirs, ["-L" + os.path.join(cuda_home, lib_dir), "-lcublas"]
+    for lib_dir in _wheel_dirs("lib"):
+        versioned = sorted(glob.glob(os.path.join(lib_dir, "libcublas.so.*")))
+        if versioned:  # wheels ship only libcublas.so.N: link that file by name
+            return include_dirs, ["-L" + lib_dir, "-l:" + os.path.basename(versioned[0])]
+    sys.exit(f"fused_lstm: libcublas was found neither in {cuda_home} nor in an nvidia wheel")
+
+
 def want_cuda(cuda_home: str | None) -> bool:
     import torch
 
@@ -93,16 +121,17 @@ def extensions():
             f'-DFUSED_LSTM_CUDA_ARCHS="{arch_list}"',
             f'-DFUSED_LSTM_CUDA_VERSION="{torch.version.cuda}"',
         ]
-        sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        include_dirs, cublas_link = cuda_library_flags(cuda_home)
         ext = CUDAExtension(
             "fused_lstm._C",
             sources,
+            include_dirs=include_dirs,
             extra_compile_args={
                 "cxx": cxx_flags + defines,
                 "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas=-v"] + defines,
             },
-            extra_link_args=["-fopenmp"],
-            libraries=["cublas"],
+            extra_link_args=["-fopenmp"] + cublas_link,
         )
     else:
         ext = CppExtension("fused_lstm._C", sources, extra_compile_args=cxx_flags + defines,

@@ -27,10 +27,10 @@ namespace cuda {
 
 // Whether float32 products may use TF32, decided as torch's cuDNN RNN decides it.
 inline bool rnn_allows_tf32() {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
-  // The per-op form: the argument-less allowTF32CuDNN() warns that the legacy API is deprecated.
-  return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::RNN) ==
-         at::Float32Precision::TF32;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+  // The per-op query torch's cuDNN RNN makes. The argument-less form is deprecated and throws when the
+  // conv and RNN settings differ (torch.backends.cudnn.rnn.fp32_precision set on its own).
+  return at::globalContext().allowTF32CuDNN(at::Float32Op::RNN);
 #else
   return at::globalContext().allowTF32CuDNN();
 #endif
