@@ -147,11 +147,16 @@ P* row_ptr(const Tensor& t, int64_t row, int64_t row_stride) {
 
 }  // namespace
 
-void LayerBackend::matmul(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) const {
+void LayerBackend::matmul(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate,
+                          const Tensor& bias) const {
+  TORCH_INTERNAL_ASSERT(!(accumulate && bias.defined()), "fused_lstm: matmul takes a bias only when not accumulating");
+  Tensor& result = const_cast<Tensor&>(out);
   if (accumulate) {
-    out.addmm_(a, b);
+    result.addmm_(a, b);
+  } else if (bias.defined()) {
+    at::addmm_out(result, bias, a, b);
   } else {
-    at::mm_out(const_cast<Tensor&>(out), a, b);
+    at::mm_out(result, a, b);
   }
 }
 
@@ -188,12 +193,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
     const Tensor h_state = h_n[d];    // [N, Hout]
     const Tensor c_state = c_n[d];    // [N, H]
     const Tensor w_hh_t = w.w_hh.t(); // [Hout, 4H]
-    if (has_biases) {
-      gates_d.copy_((w.b_ih + w.b_hh).unsqueeze(0).expand({R, 4 * H}));
-      backend.matmul(gates_d, input, w.w_ih.t(), /*accumulate=*/true);
-    } else {
-      backend.matmul(gates_d, input, w.w_ih.t(), /*accumulate=*/false);
-    }
+    backend.matmul(gates_d, input, w.w_ih.t(), /*accumulate=*/false, has_biases ? w.b_ih + w.b_hh : Tensor());
     RecurrenceForwardArgs whole;
     whole.step_rows = &s.step_rows;
     whole.step_offset = &s.step_offset;

@@ -80,8 +80,10 @@ struct RecurrenceForwardArgs {
 class LayerBackend {
  public:
   virtual ~LayerBackend() = default;
-  // out = a @ b (accumulate: out += a @ b). `a` and `b` may be transposed views.
-  virtual void matmul(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) const;
+  // out = a @ b + bias (bias [cols] broadcast over rows, or none when undefined); with accumulate,
+  // out += a @ b (bias must be undefined). `a` and `b` may be transposed views.
+  virtual void matmul(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate,
+                      const Tensor& bias = Tensor()) const;
   virtual void step_forward(const StepForwardArgs& args) const = 0;
   virtual void step_backward(const StepBackwardArgs& args) const = 0;
   // Runs fn(d) for each direction; a device may run the directions concurrently and must have

@@ -1,15 +1,17 @@
 // CPU backend of the LSTM layer: the fused pointwise steps as loops over (row, hidden unit), split
 // across threads with at::parallel_for; matrix products go through ATen (MKL / oneDNN / OpenBLAS).
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <deque>
+#include <utility>
 
-#include "../lstm_cell.h"
 #include "../lstm_layer.h"
+#include "packed_gemm.h"
+#include "recurrence_cpu.h"
+#include "step_spans.h"
 
 namespace fused_lstm {
 namespace {
@@ -29,72 +31,6 @@ void for_each_row_span(int64_t rows, int64_t hidden, const Fn& fn) {
       idx += j1 - j0;
     }
   });
-}
-
-// The x86 builds get AVX2 and AVX-512 clones of the hot loops, picked at load time, so one binary is both
-// portable and vectorised (the loops below are written so that `omp simd` can vectorise them).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FUSED_LSTM_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FUSED_LSTM_SIMD_CLONES
-#endif
-#define FUSED_LSTM_ALWAYS_INLINE inline __attribute__((always_inline))
-
-// Forward of hidden units [j0, j1) of batch row b. Arguments as in StepForwardArgs.
-template <typename scalar_t>
-FUSED_LSTM_ALWAYS_INLINE void forward_span(const StepForwardArgs& a, int64_t b, int64_t j0, int64_t j1) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t H = a.hidden, Hout = a.out_hidden;
-  scalar_t* g = static_cast<scalar_t*>(a.gates) + b * 4 * H;
-  scalar_t* c = static_cast<scalar_t*>(a.c_state) + b * H;
-  scalar_t* h_next = static_cast<scalar_t*>(a.h_next) + b * H;
-  scalar_t* output = a.output ? static_cast<scalar_t*>(a.output) + b * a.output_stride : nullptr;
-  // h is saved before the loop below overwrites it (h_next may be the state itself).
-  if (a.h_prev_saved) {
-    const scalar_t* h = static_cast<const scalar_t*>(a.h_state) + b * Hout;
-    scalar_t* saved = static_cast<scalar_t*>(a.h_prev_saved) + b * Hout;
-    std::copy(h + j0, h + std::min(j1, Hout), saved + j0);
-  }
-  if (a.c_prev_saved) std::copy(c + j0, c + j1, static_cast<scalar_t*>(a.c_prev_saved) + b * H + j0);
-#pragma omp simd
-  for (int64_t j = j0; j < j1; ++j) {
-    acc_t c_next, h;
-    const Gates<acc_t> gate = cell_forward<acc_t>(g[j], g[H + j], g[2 * H + j], g[3 * H + j], c[j], &c_next, &h);
-    g[j] = gate.i;
-    g[H + j] = gate.f;
-    g[2 * H + j] = gate.g;
-    g[3 * H + j] = gate.o;
-    c[j] = c_next;
-    h_next[j] = h;
-  }
-  if (output) std::copy(h_next + j0, h_next + j1, output + j0);
-}
-
-// Backward of hidden units [j0, j1) of batch row b. Arguments as in StepBackwardArgs.
-template <typename scalar_t>
-FUSED_LSTM_ALWAYS_INLINE void backward_span(const StepBackwardArgs& a, int64_t b, int64_t j0, int64_t j1) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t H = a.hidden;
-  const scalar_t* g = static_cast<const scalar_t*>(a.gates) + b * 4 * H;
-  const scalar_t* c_prev = static_cast<const scalar_t*>(a.c_prev) + b * H;
-  const scalar_t* dh = static_cast<const scalar_t*>(a.dh) + b * H;
-  const scalar_t* d_output = a.d_output ? static_cast<const scalar_t*>(a.d_output) + b * a.d_output_stride : nullptr;
-  scalar_t* dc = static_cast<scalar_t*>(a.dc_state) + b * H;
-  scalar_t* dg = static_cast<scalar_t*>(a.d_gates) + b * 4 * H;
-  scalar_t* h_next = a.h_next ? static_cast<scalar_t*>(a.h_next) + b * H : nullptr;
-#pragma omp simd
-  for (int64_t j = j0; j < j1; ++j) {
-    const Gates<acc_t> gate{g[j], g[H + j], g[2 * H + j], g[3 * H + j]};
-    const acc_t dh_j = d_output ? acc_t(dh[j]) + acc_t(d_output[j]) : acc_t(dh[j]);
-    acc_t dc_prev, h;
-    const GateGrads<acc_t> grad = cell_backward<acc_t>(gate, c_prev[j], dh_j, dc[j], &dc_prev, &h);
-    dg[j] = grad.i;
-    dg[H + j] = grad.f;
-    dg[2 * H + j] = grad.g;
-    dg[3 * H + j] = grad.o;
-    dc[j] = dc_prev;
-    if (h_next) h_next[j] = h;
-  }
 }
 
 // One non-template entry per storage type, so that each can carry its ISA clones.
@@ -130,14 +66,48 @@ void run_spans(const Args& a, SpanFn<Args> float_fn, SpanFn<Args> double_fn, Spa
   for_each_row_span(a.rows, a.hidden, [&](int64_t b, int64_t j0, int64_t j1) { fn(a, b, j0, j1); });
 }
 
+// Identifies a right-hand matrix operand within one op call (weights and saved tensors do not change
+// during a call, so their packed panels can be reused by every step).
+struct OperandKey {
+  const void* data;
+  int64_t rows, cols, row_stride, col_stride;
+  bool operator==(const OperandKey& o) const {
+    return data == o.data && rows == o.rows && cols == o.cols && row_stride == o.row_stride &&
+           col_stride == o.col_stride;
+  }
+};
+
+// One instance per op call.
 class CpuBackend final : public LayerBackend {
  public:
+  // float32 through the packed AVX-512/AVX2 kernel (see packed_gemm.h), other dtypes through ATen.
+  void matmul(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate,
+              const Tensor& bias) const override {
+    if (out.scalar_type() != at::kFloat || out.stride(1) != 1 || a.size(0) == 0) {
+      LayerBackend::matmul(out, a, b, accumulate, bias);
+      return;
+    }
+    packed_matmul(out, a, packed(b), accumulate, bias);
+  }
   void step_forward(const StepForwardArgs& a) const override {
     run_spans(a, forward_span_float, forward_span_double, forward_span_half, forward_span_bfloat16);
   }
   void step_backward(const StepBackwardArgs& a) const override {
     run_spans(a, backward_span_float, backward_span_double, backward_span_half, backward_span_bfloat16);
   }
+  bool recurrence_forward(const RecurrenceForwardArgs& a) const override { return cpu_recurrence_forward(a); }
+
+ private:
+  // Packs b on first use in this call; the per-step products reuse it.
+  const PackedMatrix& packed(const Tensor& b) const {
+    const OperandKey key{b.data_ptr(), b.size(0), b.size(1), b.stride(0), b.stride(1)};
+    for (const auto& [k, matrix] : packed_) {
+      if (k == key) return matrix;
+    }
+    packed_.emplace_back(key, pack_matrix(b));
+    return packed_.back().second;
+  }
+  mutable std::deque<std::pair<OperandKey, PackedMatrix>> packed_;
 };
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(

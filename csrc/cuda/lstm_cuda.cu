@@ -31,7 +31,12 @@ namespace {
 
 class CudaBackend final : public LayerBackend {
  public:
-  void matmul(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) const override {
+  void matmul(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate,
+              const Tensor& bias) const override {
+    if (bias.defined()) {  // out = bias + a @ b as a broadcast copy then an accumulating product
+      out.copy_(bias.unsqueeze(0).expand_as(out));
+      accumulate = true;
+    }
     // cuBLAS for every layout the driver produces; ATen (its own cuBLAS path, torch.matmul's TF32
     // policy) only for a layout transposed_operand rejects, which the driver never passes today.
     if (!cuda::cublas_matmul(out, a, b, accumulate)) LayerBackend::matmul(out, a, b, accumulate);

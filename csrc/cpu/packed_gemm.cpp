@@ -1,0 +1,77 @@
+#include "packed_gemm.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+namespace fused_lstm {
+namespace {
+
+FUSED_LSTM_SIMD_CLONES void matmul_panels(const float* a, int64_t a_row_stride, int64_t a_col_stride,
+                                          const PackedMatrix& b, float* out, int64_t out_row_stride,
+                                          bool accumulate, const float* bias, int64_t panel, int64_t row_begin,
+                                          int64_t row_end) {
+  const int64_t first_col = panel * kPanel;
+  int64_t valid[4];
+  for (int g = 0; g < 4; ++g) valid[g] = std::clamp<int64_t>(b.cols - first_col - g * kLanes, 0, kLanes);
+  panel_rows(a + row_begin * a_row_stride, a_row_stride, a_col_stride, b.panel(panel), b.K,
+             out + row_begin * out_row_stride + first_col, out_row_stride, kLanes, valid, accumulate,
+             bias ? bias + first_col : nullptr, row_end - row_begin);
+}
+
+}  // namespace
+
+PackedMatrix pack_matrix(const at::Tensor& b) {
+  PackedMatrix packed;
+  packed.K = b.size(0);
+  packed.cols = b.size(1);
+  packed.panels = at::empty({packed.count() * packed.K * kPanel}, b.options().dtype(at::kFloat));
+  const float* src = b.data_ptr<float>();
+  const int64_t s0 = b.stride(0), s1 = b.stride(1), K = packed.K, cols = packed.cols;
+  float* dst = packed.panels.data_ptr<float>();
+  at::parallel_for(0, packed.count(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      for (int64_t k = 0; k < K; ++k) {
+        float* row = dst + (p * K + k) * kPanel;
+        for (int64_t c = 0; c < kPanel; ++c) {
+          const int64_t col = p * kPanel + c;
+          row[c] = col < cols ? src[k * s0 + col * s1] : 0.0f;
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+void packed_matmul(const at::Tensor& out, const at::Tensor& a, const PackedMatrix& b, bool accumulate,
+                   const at::Tensor& bias) {
+  const int64_t M = a.size(0);
+  if (M == 0 || b.cols == 0) return;
+  if (b.K == 0) {
+    if (!accumulate) bias.defined() ? void(out.copy_(bias.expand_as(out))) : void(out.zero_());
+    return;
+  }
+  // Padded to whole panels, so the kernel can load full vectors of it.
+  at::Tensor padded_bias;
+  if (bias.defined()) {
+    padded_bias = at::zeros({b.count() * kPanel}, out.options());
+    padded_bias.narrow(0, 0, b.cols).copy_(bias);
+  }
+  const float* bias_ptr = bias.defined() ? padded_bias.data_ptr<float>() : nullptr;
+  const float* a_ptr = a.data_ptr<float>();
+  float* out_ptr = out.data_ptr<float>();
+  const int64_t a_rs = a.stride(0), a_cs = a.stride(1), out_rs = out.stride(0);
+  // Tasks: (panel, group of row tiles); enough row tiles per task to amortise the panel's trip to cache.
+  const int64_t rows_per_task = std::max<int64_t>(kRowTile, (M + 7) / 8 / kRowTile * kRowTile);
+  const int64_t row_groups = (M + rows_per_task - 1) / rows_per_task;
+  const int64_t tasks = b.count() * row_groups;
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, b.K * rows_per_task / kRowTile));
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t panel = task % b.count(), group = task / b.count();
+      const int64_t row_begin = group * rows_per_task, row_end = std::min(M, row_begin + rows_per_task);
+      matmul_panels(a_ptr, a_rs, a_cs, b, out_ptr, out_rs, accumulate, bias_ptr, panel, row_begin, row_end);
+    }
+  });
+}
+
+}  // namespace fused_lstm

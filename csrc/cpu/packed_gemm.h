@@ -1,0 +1,109 @@
+// Float32 matrix products for the CPU backend on weights packed into 64-column panels, with a register-
+// tiled kernel written in GCC vector extensions (one zmm per 16 floats in the AVX-512 clone). MKL, which
+// ATen uses on x86, runs AVX2 code on AMD processors; this kernel runs AVX-512 where the CPU has it, and
+// a packed panel is reused by every row tile and every time step.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstring>
+
+#include "step_spans.h"
+
+// The vector helpers are always inlined into the ISA clones, so no vector crosses an ABI boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace fused_lstm {
+
+constexpr int64_t kLanes = 16;               // floats per vector
+constexpr int64_t kPanel = 4 * kLanes;       // columns per packed panel: 4 vectors
+constexpr int kRowTile = 4;                  // rows per tile: 4 rows x 4 vectors = 16 accumulators
+
+typedef float vec16 __attribute__((vector_size(kLanes * sizeof(float))));
+
+FUSED_LSTM_ALWAYS_INLINE vec16 load16(const float* p) {
+  vec16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+FUSED_LSTM_ALWAYS_INLINE void store16(float* p, vec16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// One panel's product for Rows rows: out[r, group g lane l] (+)= bias[g*16 + l] + sum_k a[r, k] * panel[k][g*16 + l].
+//   a:     element (r, k) at a[r * a_row_stride + k * a_col_stride]
+//   panel: [K][64]
+//   out:   vector group g of row r starts at out + r * out_row_stride + g * group_stride; only the first
+//          valid[g] lanes of each group are real columns (the panel is zero past them).
+//   bias:  [64] for this panel, or null
+template <int Rows>
+FUSED_LSTM_ALWAYS_INLINE void panel_tile(const float* a, int64_t a_row_stride, int64_t a_col_stride,
+                                         const float* panel, int64_t K, float* out, int64_t out_row_stride,
+                                         int64_t group_stride, const int64_t (&valid)[4], bool accumulate,
+                                         const float* bias) {
+  vec16 acc[Rows][4] = {};
+  if (bias) {
+    for (int r = 0; r < Rows; ++r) {
+      for (int g = 0; g < 4; ++g) acc[r][g] = load16(bias + g * kLanes);
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const float* w = panel + k * kPanel;
+    const vec16 w0 = load16(w), w1 = load16(w + kLanes), w2 = load16(w + 2 * kLanes), w3 = load16(w + 3 * kLanes);
+#pragma GCC unroll 4
+    for (int r = 0; r < Rows; ++r) {
+      const float x = a[r * a_row_stride + k * a_col_stride];
+      acc[r][0] += x * w0;
+      acc[r][1] += x * w1;
+      acc[r][2] += x * w2;
+      acc[r][3] += x * w3;
+    }
+  }
+  for (int r = 0; r < Rows; ++r) {
+    for (int g = 0; g < 4; ++g) {
+      float* o = out + r * out_row_stride + g * group_stride;
+      if (valid[g] == kLanes) {
+        store16(o, accumulate ? load16(o) + acc[r][g] : acc[r][g]);
+      } else {
+        for (int64_t l = 0; l < valid[g]; ++l) o[l] = accumulate ? o[l] + acc[r][g][l] : acc[r][g][l];
+      }
+    }
+  }
+}
+
+// panel_tile over `rows` rows in tiles of kRowTile (the remainder with a smaller tile).
+FUSED_LSTM_ALWAYS_INLINE void panel_rows(const float* a, int64_t a_row_stride, int64_t a_col_stride,
+                                         const float* panel, int64_t K, float* out, int64_t out_row_stride,
+                                         int64_t group_stride, const int64_t (&valid)[4], bool accumulate,
+                                         const float* bias, int64_t rows) {
+  int64_t r = 0;
+  for (; r + kRowTile <= rows; r += kRowTile) {
+    panel_tile<kRowTile>(a + r * a_row_stride, a_row_stride, a_col_stride, panel, K, out + r * out_row_stride,
+                         out_row_stride, group_stride, valid, accumulate, bias);
+  }
+  const float* a_rest = a + r * a_row_stride;
+  float* out_rest = out + r * out_row_stride;
+  switch (rows - r) {
+    case 3: panel_tile<3>(a_rest, a_row_stride, a_col_stride, panel, K, out_rest, out_row_stride, group_stride, valid, accumulate, bias); break;
+    case 2: panel_tile<2>(a_rest, a_row_stride, a_col_stride, panel, K, out_rest, out_row_stride, group_stride, valid, accumulate, bias); break;
+    case 1: panel_tile<1>(a_rest, a_row_stride, a_col_stride, panel, K, out_rest, out_row_stride, group_stride, valid, accumulate, bias); break;
+    default: break;
+  }
+}
+
+// A [K, Nc] right-hand matrix packed into ceil(Nc / 64) panels of [K][64] (zero past Nc).
+struct PackedMatrix {
+  at::Tensor panels;  // [panels * K * 64] float32
+  int64_t K = 0, cols = 0;
+  int64_t count() const { return (cols + kPanel - 1) / kPanel; }
+  const float* panel(int64_t p) const { return panels.data_ptr<float>() + p * K * kPanel; }
+};
+
+// Packs b ([K, Nc] float32, any strides) in parallel.
+PackedMatrix pack_matrix(const at::Tensor& b);
+
+// out[M, Nc] (accumulate ? += : =) a[M, K] @ b (+ bias [Nc] when defined and not accumulating); out must
+// have unit column stride; a any strides.
+void packed_matmul(const at::Tensor& out, const at::Tensor& a, const PackedMatrix& b, bool accumulate,
+                   const at::Tensor& bias);
+
+}  // namespace fused_lstm

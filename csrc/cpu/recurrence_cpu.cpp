@@ -1,0 +1,125 @@
+// Forward recurrence of one direction with each thread owning a fixed slice of hidden units for the whole
+// sequence (the CPU counterpart of a persistent GPU kernel). A library GEMM per step re-reads all of
+// W_hh on every core and forks and joins the thread pool twice per step (GEMM, then pointwise); here each
+// thread packs its slice of W_hh (all four gates of its units) once, keeps it in its own core's cache,
+// computes its gates with a register-tiled kernel and runs the pointwise step on them right away, and the
+// threads meet at one barrier per step. h is double-buffered, since every thread reads all of h_{t-1}
+// while others write h_t; c is only ever touched by the thread that owns the unit.
+#include "recurrence_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "packed_gemm.h"
+
+namespace fused_lstm {
+namespace {
+
+// Packs unit blocks [block_begin, block_end) of w_hh [4H, Hout] into packed [blocks][Hout][4][16]:
+// packed[((ub * Hout + k) * 4 + q) * 16 + l] = w_hh[q * H + ub * 16 + l][k], zero for units past H.
+void pack_blocks(const float* w_hh, int64_t H, int64_t Hout, float* packed, int64_t block_begin,
+                 int64_t block_end) {
+  for (int64_t ub = block_begin; ub < block_end; ++ub) {
+    float* dst = packed + ub * Hout * kPanel;
+    for (int64_t k = 0; k < Hout; ++k) {
+      for (int64_t q = 0; q < 4; ++q) {
+        for (int64_t l = 0; l < kLanes; ++l) {
+          const int64_t unit = ub * kLanes + l;
+          dst[(k * 4 + q) * kLanes + l] = unit < H ? w_hh[(q * H + unit) * Hout + k] : 0.0f;
+        }
+      }
+    }
+  }
+}
+
+// One thread's share of one step: recurrent GEMM of its unit blocks for `rows` rows, then the pointwise
+// step on its units [unit_begin, unit_end) (rows' pre-activations are complete once its own blocks are).
+FUSED_LSTM_SIMD_CLONES void thread_step(const StepForwardArgs& step, const float* packed, int64_t block_begin,
+                                        int64_t block_end) {
+  const int64_t H = step.hidden, Hout = step.out_hidden;
+  const float* h = static_cast<const float*>(step.h_state);  // [rows, Hout]
+  float* gates = static_cast<float*>(step.gates);            // [rows, 4H]
+  for (int64_t ub = block_begin; ub < block_end; ++ub) {
+    const int64_t units = std::min(kLanes, H - ub * kLanes);
+    const int64_t valid[4] = {units, units, units, units};
+    // The panel's 4 vector groups are the 4 gates of 16 units: they land H columns apart.
+    panel_rows(h, Hout, 1, packed + ub * Hout * kPanel, Hout, gates + ub * kLanes, 4 * H, H, valid,
+               /*accumulate=*/true, /*bias=*/nullptr, step.rows);
+  }
+  const int64_t unit_begin = block_begin * kLanes, unit_end = std::min(H, block_end * kLanes);
+  for (int64_t b = 0; b < step.rows; ++b) forward_span<float>(step, b, unit_begin, unit_end);
+}
+
+}  // namespace
+
+bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
+  if (a.gates.scalar_type() != at::kFloat || a.w_hr.defined()) return false;
+  const int64_t N = a.h_state.size(0), H = a.c_state.size(1), Hout = a.h_state.size(1);
+  const int64_t steps = static_cast<int64_t>(a.step_rows->size());
+  const int64_t blocks = (H + kLanes - 1) / kLanes;
+  const at::Tensor w_hh = a.w_hh.contiguous();
+  at::Tensor packed = at::empty({blocks * Hout * kPanel}, a.gates.options());
+  at::Tensor h_buffers = at::empty({2, N, Hout}, a.gates.options());  // h_{t-1} / h_t, swapped every step
+  h_buffers[0].copy_(a.h_state);
+
+  const float* w = w_hh.data_ptr<float>();
+  float* packed_ptr = packed.data_ptr<float>();
+  float* h_buf = h_buffers.data_ptr<float>();
+  float* gates = a.gates.data_ptr<float>();
+  float* c_state = a.c_state.data_ptr<float>();
+  float* output = a.output.data_ptr<float>();
+  const int64_t output_stride = a.output.stride(0);
+  float* c_prev = a.c_prev_saved.defined() ? a.c_prev_saved.data_ptr<float>() : nullptr;
+  float* h_prev = a.h_prev_saved.defined() ? a.h_prev_saved.data_ptr<float>() : nullptr;
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks)));
+  int64_t final_buffer = 0;  // which of h_buffers holds h after the last step
+
+#pragma omp parallel num_threads(threads)
+  {
+#ifdef _OPENMP
+    const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
+#else
+    const int64_t thread = 0, team = 1;
+#endif
+    const int64_t block_begin = blocks * thread / team, block_end = blocks * (thread + 1) / team;
+    const int64_t unit_begin = block_begin * kLanes, unit_end = std::min(H, block_end * kLanes);
+    pack_blocks(w, H, Hout, packed_ptr, block_begin, block_end);  // first touch by the thread that reads it
+    int64_t parity = 0;
+    for (int64_t step = 0; step < steps; ++step) {
+      const int64_t t = a.reverse ? steps - 1 - step : step;
+      const int64_t rows = (*a.step_rows)[t], row0 = (*a.step_offset)[t];
+      if (rows == 0) continue;  // the same on every thread, so the barriers stay matched
+      float* h_cur = h_buf + parity * N * Hout;
+      float* h_next = h_buf + (1 - parity) * N * Hout;
+      StepForwardArgs s;
+      s.dtype = at::kFloat;
+      s.rows = rows;
+      s.hidden = H;
+      s.out_hidden = Hout;
+      s.gates = gates + row0 * 4 * H;
+      s.c_state = c_state;
+      s.h_state = h_cur;
+      s.h_next = h_next;
+      s.output = output + row0 * output_stride;
+      s.output_stride = output_stride;
+      s.c_prev_saved = c_prev ? c_prev + row0 * H : nullptr;
+      s.h_prev_saved = h_prev ? h_prev + row0 * Hout : nullptr;
+      thread_step(s, packed_ptr, block_begin, block_end);
+      // Rows not active this step keep their state: carry them into the buffer that becomes current.
+      for (int64_t b = rows; b < N; ++b) {
+        std::copy(h_cur + b * Hout + unit_begin, h_cur + b * Hout + unit_end, h_next + b * Hout + unit_begin);
+      }
+      parity = 1 - parity;
+#pragma omp barrier
+    }
+    if (thread == 0) final_buffer = parity;
+  }
+  a.h_state.copy_(h_buffers[final_buffer]);
+  return true;
+}
+
+}  // namespace fused_lstm

@@ -1,0 +1,13 @@
+// The whole forward recurrence of one direction on the CPU, for float32 without projections.
+#pragma once
+
+#include "../lstm_layer.h"
+
+namespace fused_lstm {
+
+// Runs the forward time loop of one direction (semantics of the driver's per-step loop in
+// lstm_layer.cpp) and returns true, or returns false when it does not apply (dtype other than
+// float32, projections) so that the driver runs its generic loop.
+bool cpu_recurrence_forward(const RecurrenceForwardArgs& args);
+
+}  // namespace fused_lstm

@@ -1,0 +1,56 @@
+// The persistent forward recurrence on CUDA: one cooperative kernel launch runs a whole direction's time
+// loop (see DESIGN.md, "The persistent path", and persistent_forward.cuh for how the kernel works).
+//
+// The CUDA backend calls persistent_try_forward from its LayerBackend::recurrence_forward override; the
+// other functions are the pieces it is made of, public so that a caller can decide differently.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "../../lstm_layer.h"
+
+namespace fused_lstm {
+
+// Which path the forward recurrence takes, from the environment variable FUSED_LSTM_PERSISTENT:
+//   "0"                      Never: always the standard per-step path.
+//   "1"                      Always: the persistent kernel; a shape it does not support is an error
+//                            (RuntimeError with the reason), never a silent fallback.
+//   unset, "" or "auto"      Auto: the persistent kernel when persistent_supported and
+//                            persistent_preferred both say so, else the standard path.
+// Anything else is an error. The variable is read on every call (a getenv, negligible next to a layer)
+// so that a process, or a test with monkeypatch.setenv, can switch modes at any time.
+enum class PersistentMode { Never, Auto, Always };
+PersistentMode persistent_mode();
+
+// Whether the persistent kernel can run this direction's recurrence: CUDA tensors of float32, float16 or
+// bfloat16; no projection (proj_size == 0); 1 <= N <= 64 batch rows; the device supports cooperative
+// launches; and the plan fits: every block's slice of W_hh plus the staged h_{t-1} fit in its shared
+// memory with all blocks of the grid co-resident. When false and why_not is given, *why_not says why.
+bool persistent_supported(const RecurrenceForwardArgs& a, std::string* why_not);
+
+// The Auto heuristic: worth running persistent (assumes persistent_supported). A GUESS until measured on a
+// GPU: small batch (N <= 32), where the standard path's two launches per step dominate, and enough steps
+// (T >= 16) to amortise the one-time load of W_hh into shared memory.
+bool persistent_preferred(const RecurrenceForwardArgs& a);
+
+// Runs the recurrence with the persistent kernel on the current stream: same results and side effects as
+// the driver's per-step loop (gates, output, h_state, c_state, c_prev_saved, h_prev_saved). TORCH_CHECKs
+// that persistent_supported holds. Allocates one small exchange buffer [2, N, H] before the launch; no
+// host synchronisation.
+void persistent_recurrence_forward(const RecurrenceForwardArgs& a);
+
+// The whole policy in one call, for LayerBackend::recurrence_forward: runs the persistent kernel and
+// returns true when the mode says so (Always: or throws the reason it cannot; Auto: supported and
+// preferred), else returns false so the driver walks the steps itself.
+bool persistent_try_forward(const RecurrenceForwardArgs& a);
+
+// Introspection for tests and benchmarks (also exposed as torch.ops.fused_lstm.persistent_max_hidden and
+// torch.ops.fused_lstm.persistent_launches):
+//   the largest hidden size H (no projection) the persistent kernel supports for `batch` rows of `dtype`
+//   on CUDA device `device`, or 0 when it supports none;
+int64_t persistent_max_hidden(at::ScalarType dtype, int64_t batch, c10::DeviceIndex device);
+//   how many persistent kernels this process has launched (to assert that a test took the path).
+int64_t persistent_launches();
+
+}  // namespace fused_lstm

@@ -1,0 +1,326 @@
+// Host side of the persistent forward recurrence: mode, support checks, the launch plan (grid and slice
+// size from the device's occupancy, never from an assumed card) and the cooperative launch.
+// The kernel itself is in persistent_forward.cuh; the public interface in persistent.h.
+#include "persistent.h"
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "persistent_forward.cuh"
+
+namespace fused_lstm {
+namespace {
+
+using cuda::persistent::kMaxBatch;
+using cuda::persistent::kRowsPerTile;
+using cuda::persistent::kThreads;
+using cuda::persistent::Params;
+using cuda::persistent::persistent_forward_kernel;
+using cuda::persistent::round_up;
+using cuda::persistent::shared_bytes;
+
+std::atomic<int64_t> launch_count{0};
+
+// The kernel instantiation for a storage dtype, or null for a dtype the kernel does not have.
+const void* kernel_for(at::ScalarType dtype, bool save_workspace) {
+  switch (dtype) {
+    case at::kFloat:
+      return save_workspace ? reinterpret_cast<const void*>(&persistent_forward_kernel<float, true>)
+                            : reinterpret_cast<const void*>(&persistent_forward_kernel<float, false>);
+    case at::kHalf:
+      return save_workspace ? reinterpret_cast<const void*>(&persistent_forward_kernel<c10::Half, true>)
+                            : reinterpret_cast<const void*>(&persistent_forward_kernel<c10::Half, false>);
+    case at::kBFloat16:
+      return save_workspace ? reinterpret_cast<const void*>(&persistent_forward_kernel<c10::BFloat16, true>)
+                            : reinterpret_cast<const void*>(&persistent_forward_kernel<c10::BFloat16, false>);
+    default:
+      return nullptr;
+  }
+}
+
+// How one call runs: U units per block, `blocks` blocks (all co-resident), k_split lanes per tile.
+struct Plan {
+  int units_per_block;
+  int blocks;
+  int k_split;
+  int padded_hidden;  // H rounded up to whole 16-byte vectors
+  size_t smem_bytes;
+};
+
+void set_reason(std::string* why_not, const std::string& reason) {
+  if (why_not != nullptr) *why_not = reason;
+}
+
+// The launch plan for N = batch rows and H = hidden units on `device`, or nullopt (and the reason).
+// The slice size U is the smallest for which ceil(H / U) blocks are co-resident by the occupancy API with
+// the shared memory that U needs: the most blocks, so the most SMs, share the work. Only the dtype, the
+// workspace flag, N and H matter, so this is also what persistent_max_hidden searches over.
+std::optional<Plan> make_plan(at::ScalarType dtype, bool save_workspace, int64_t batch, int64_t hidden,
+                              c10::DeviceIndex device, std::string* why_not) {
+  const void* kernel = kernel_for(dtype, save_workspace);
+  if (kernel == nullptr) {
+    set_reason(why_not, std::string("dtype ") + c10::toString(dtype) + " (float32, float16 and bfloat16 only)");
+    return std::nullopt;
+  }
+  if (batch < 1 || batch > kMaxBatch) {
+    set_reason(why_not, "batch " + std::to_string(batch) + " (1 to " + std::to_string(kMaxBatch) + " rows)");
+    return std::nullopt;
+  }
+  if (hidden < 1 || hidden > (1 << 20)) {
+    set_reason(why_not, "hidden size " + std::to_string(hidden));
+    return std::nullopt;
+  }
+  const c10::cuda::CUDAGuard guard(device);
+  int cooperative = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
+  if (!cooperative) {
+    set_reason(why_not, "the device does not support cooperative launches");
+    return std::nullopt;
+  }
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
+  const size_t smem_limit = prop->sharedMemPerBlockOptin;
+  // Opt in to the device's whole per-block shared memory, and prefer shared memory over L1 (this kernel
+  // reads everything it reuses from shared memory; global reads bypass L1 anyway).
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem_limit)));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      cudaSharedmemCarveoutMaxShared));
+
+  const int H = static_cast<int>(hidden), N = static_cast<int>(batch);
+  const int element_size = static_cast<int>(c10::elementSize(dtype));
+  const int P = round_up(H, 16 / element_size);
+  const int sms = prop->multiProcessorCount;
+  const int blocks_per_sm_by_threads = std::max(1, prop->maxThreadsPerMultiProcessor / kThreads);
+  const int64_t most_blocks = static_cast<int64_t>(sms) * blocks_per_sm_by_threads;
+  for (int64_t U = std::max<int64_t>(1, (H + most_blocks - 1) / most_blocks); U <= H; ++U) {
+    const size_t smem = shared_bytes(static_cast<int>(U), P, N, element_size);
+    if (smem > smem_limit) {
+      set_reason(why_not, "hidden size " + std::to_string(H) + " with batch " + std::to_string(N) + " in " +
+                              c10::toString(dtype) + " does not fit: " + std::to_string(U) +
+                              " units per block need " + std::to_string(smem) +
+                              " bytes of shared memory per block for all blocks to be co-resident, the device "
+                              "allows " + std::to_string(smem_limit));
+      return std::nullopt;
+    }
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+    const int64_t blocks = (H + U - 1) / U;
+    if (per_sm > 0 && blocks <= static_cast<int64_t>(per_sm) * sms) {
+      Plan plan;
+      // Same block count, the least shared memory: spread the units evenly.
+      plan.units_per_block = static_cast<int>((H + blocks - 1) / blocks);
+      plan.blocks = static_cast<int>(blocks);
+      plan.padded_hidden = P;
+      plan.smem_bytes = shared_bytes(plan.units_per_block, P, N, element_size);
+      // Fewer tiles -> more lanes per tile, so small problems still keep several lanes busy per output.
+      const int tiles = plan.units_per_block * (round_up(N, kRowsPerTile) / kRowsPerTile);
+      plan.k_split = tiles <= kThreads / 32 ? 32 : (tiles <= kThreads / 16 ? 16 : 8);
+      return plan;
+    }
+  }
+  set_reason(why_not, "no grid of co-resident blocks covers hidden size " + std::to_string(H));
+  return std::nullopt;
+}
+
+// Sequence length of each batch row: lengths[b] = number of steps with more than b active rows (step_rows
+// is non-increasing, so row b is active exactly at steps t < lengths[b]). O(T + N).
+std::vector<int> row_lengths(const std::vector<int64_t>& step_rows, int batch) {
+  std::vector<int> steps_with_rows(batch + 1, 0);  // [r]: steps with exactly r active rows
+  for (const int64_t rows : step_rows) ++steps_with_rows[std::min<int64_t>(std::max<int64_t>(rows, 0), batch)];
+  std::vector<int> lengths(batch, 0);
+  int running = 0;
+  for (int b = batch - 1; b >= 0; --b) {
+    running += steps_with_rows[b + 1];
+    lengths[b] = running;
+  }
+  return lengths;
+}
+
+template <typename scalar_t>
+void launch(const RecurrenceForwardArgs& a, const Plan& plan, bool save_workspace) {
+  const int64_t N = a.h_state.size(0), H = a.c_state.size(1), P = plan.padded_hidden;
+  const int64_t T = static_cast<int64_t>(a.step_rows->size());
+
+  // The h exchange buffer [2, N, P]: half 0 starts as h0, padding columns stay zero (the kernel's dot
+  // products run over all P columns). Allocated once per call, before the launch.
+  const Tensor h_exchange = at::zeros({2, N, P}, a.h_state.options());
+  h_exchange[0].narrow(1, 0, H).copy_(a.h_state);
+
+  Params<scalar_t> p;
+  p.gates = a.gates.data_ptr<scalar_t>();
+  p.w_hh = a.w_hh.data_ptr<scalar_t>();
+  p.w_stride_row = a.w_hh.stride(0);
+  p.w_stride_col = a.w_hh.stride(1);
+  p.c_state = a.c_state.data_ptr<scalar_t>();
+  p.output = a.output.data_ptr<scalar_t>();
+  p.output_stride = a.output.stride(0);
+  p.c_prev_saved = save_workspace ? a.c_prev_saved.data_ptr<scalar_t>() : nullptr;
+  p.h_prev_saved = save_workspace ? a.h_prev_saved.data_ptr<scalar_t>() : nullptr;
+  p.h_exchange = h_exchange.data_ptr<scalar_t>();
+  p.total_rows = a.gates.size(0);
+  p.hidden = static_cast<int>(H);
+  p.padded_hidden = static_cast<int>(P);
+  p.batch = static_cast<int>(N);
+  p.units_per_block = plan.units_per_block;
+  p.k_split = plan.k_split;
+  p.steps = static_cast<int>(T);
+  p.reverse = a.reverse;
+  const std::vector<int> lengths = row_lengths(*a.step_rows, static_cast<int>(N));
+  std::fill(std::begin(p.lengths), std::end(p.lengths), 0);
+  std::copy(lengths.begin(), lengths.end(), p.lengths);
+
+  void* args[] = {&p};
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel_for(a.gates.scalar_type(), save_workspace), dim3(plan.blocks),
+                                             dim3(kThreads), args, plan.smem_bytes, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_count.fetch_add(1, std::memory_order_relaxed);
+
+  // h_n: every row's last h (finished rows were carried forward) is in half T % 2.
+  a.h_state.copy_(h_exchange[T % 2].narrow(1, 0, H));
+}
+
+// The plan for `a`, after checking everything about `a` the plan does not cover.
+std::optional<Plan> plan_for(const RecurrenceForwardArgs& a, std::string* why_not) {
+  if (!a.gates.defined() || !a.gates.is_cuda()) {
+    set_reason(why_not, "tensors not on a CUDA device");
+    return std::nullopt;
+  }
+  if (a.w_hr.defined()) {
+    set_reason(why_not, "projections (proj_size > 0) are not supported");
+    return std::nullopt;
+  }
+  const int64_t N = a.h_state.size(0), H = a.c_state.size(1), R = a.gates.size(0);
+  const int64_t T = a.step_rows == nullptr ? 0 : static_cast<int64_t>(a.step_rows->size());
+  if (T < 1 || T > INT_MAX || (*a.step_rows)[0] != N) {
+    set_reason(why_not, "unexpected steps / batch sizes");
+    return std::nullopt;
+  }
+  // The layouts the driver produces; anything else goes to the standard path.
+  const bool layouts_ok = a.gates.dim() == 2 && a.gates.size(1) == 4 * H && a.gates.is_contiguous() &&
+                          a.w_hh.dim() == 2 && a.w_hh.size(0) == 4 * H && a.w_hh.size(1) == H &&
+                          a.h_state.dim() == 2 && a.h_state.size(1) == H && a.h_state.is_contiguous() &&
+                          a.c_state.dim() == 2 && a.c_state.size(0) == N && a.c_state.is_contiguous() &&
+                          a.output.dim() == 2 && a.output.size(0) == R && a.output.size(1) == H &&
+                          (a.output.stride(1) == 1 || H == 1) &&
+                          (!a.c_prev_saved.defined() || (a.c_prev_saved.is_contiguous() &&
+                                                         a.c_prev_saved.numel() == R * H)) &&
+                          (!a.h_prev_saved.defined() || (a.h_prev_saved.is_contiguous() &&
+                                                         a.h_prev_saved.numel() == R * H)) &&
+                          a.c_prev_saved.defined() == a.h_prev_saved.defined();
+  if (!layouts_ok) {
+    set_reason(why_not, "unexpected tensor layouts");
+    return std::nullopt;
+  }
+  const at::ScalarType dtype = a.gates.scalar_type();
+  for (const Tensor* t : {&a.w_hh, &a.h_state, &a.c_state, &a.output}) {
+    if (t->scalar_type() != dtype || t->device() != a.gates.device()) {
+      set_reason(why_not, "tensors of mixed dtypes or devices");
+      return std::nullopt;
+    }
+  }
+  return make_plan(dtype, a.c_prev_saved.defined(), N, H, a.gates.device().index(), why_not);
+}
+
+}  // namespace
+
+PersistentMode persistent_mode() {
+  const char* value = std::getenv("FUSED_LSTM_PERSISTENT");
+  if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "auto") == 0) {
+    return PersistentMode::Auto;
+  }
+  if (std::strcmp(value, "0") == 0) return PersistentMode::Never;
+  if (std::strcmp(value, "1") == 0) return PersistentMode::Always;
+  TORCH_CHECK(false, "fused_lstm: FUSED_LSTM_PERSISTENT must be 0, 1 or auto, got '", value, "'");
+}
+
+bool persistent_supported(const RecurrenceForwardArgs& a, std::string* why_not) {
+  return plan_for(a, why_not).has_value();
+}
+
+bool persistent_preferred(const RecurrenceForwardArgs& a) {
+  // A guess, to be replaced by measured crossover points (see persistent.h).
+  const int64_t N = a.h_state.size(0);
+  const int64_t T = a.step_rows == nullptr ? 0 : static_cast<int64_t>(a.step_rows->size());
+  return N <= 32 && T >= 16;
+}
+
+void persistent_recurrence_forward(const RecurrenceForwardArgs& a) {
+  std::string why_not;
+  const std::optional<Plan> plan = plan_for(a, &why_not);
+  TORCH_CHECK(plan.has_value(), "fused_lstm: the persistent CUDA kernel cannot run this layer: ", why_not,
+              " (set FUSED_LSTM_PERSISTENT=auto or 0 to use the standard path)");
+  const c10::cuda::CUDAGuard guard(a.gates.device());
+  const bool save_workspace = a.c_prev_saved.defined();
+  switch (a.gates.scalar_type()) {
+    case at::kFloat:
+      launch<float>(a, *plan, save_workspace);
+      break;
+    case at::kHalf:
+      launch<c10::Half>(a, *plan, save_workspace);
+      break;
+    case at::kBFloat16:
+      launch<c10::BFloat16>(a, *plan, save_workspace);
+      break;
+    default:
+      TORCH_CHECK(false, "fused_lstm: persistent kernel: unexpected dtype ", a.gates.scalar_type());
+  }
+}
+
+bool persistent_try_forward(const RecurrenceForwardArgs& a) {
+  switch (persistent_mode()) {
+    case PersistentMode::Never:
+      return false;
+    case PersistentMode::Always:
+      persistent_recurrence_forward(a);  // throws with the reason when unsupported
+      return true;
+    case PersistentMode::Auto:
+      if (!persistent_preferred(a) || !persistent_supported(a, nullptr)) return false;
+      persistent_recurrence_forward(a);
+      return true;
+  }
+  return false;
+}
+
+int64_t persistent_max_hidden(at::ScalarType dtype, int64_t batch, c10::DeviceIndex device) {
+  // Support is monotone in H (more units need more shared memory per block or more blocks), so bisect on
+  // "a plan exists", from H = 1 up to the first power of two without one.
+  const auto fits = [&](int64_t hidden) {
+    return make_plan(dtype, /*save_workspace=*/true, batch, hidden, device, nullptr).has_value();
+  };
+  if (!fits(1)) return 0;
+  int64_t good = 1, bad = 2;
+  while (fits(bad)) {
+    good = bad;
+    bad *= 2;
+  }
+  while (bad - good > 1) {
+    const int64_t mid = good + (bad - good) / 2;
+    (fits(mid) ? good : bad) = mid;
+  }
+  return good;
+}
+
+int64_t persistent_launches() { return launch_count.load(std::memory_order_relaxed); }
+
+// Introspection ops for tests and benchmarks (no autograd, no fake kernel: eager calls only).
+TORCH_LIBRARY_FRAGMENT(fused_lstm, m) {
+  m.def("persistent_max_hidden(Tensor sample, int batch) -> int", [](const at::Tensor& sample, int64_t batch) {
+    TORCH_CHECK(sample.is_cuda(), "fused_lstm.persistent_max_hidden: sample must be a CUDA tensor");
+    return persistent_max_hidden(sample.scalar_type(), batch, sample.device().index());
+  });
+  m.def("persistent_launches() -> int", []() { return persistent_launches(); });
+}
+
+}  // namespace fused_lstm
