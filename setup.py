@@ -121,7 +121,7 @@ def extensions():
             f'-DFUSED_LSTM_CUDA_ARCHS="{arch_list}"',
             f'-DFUSED_LSTM_CUDA_VERSION="{torch.version.cuda}"',
         ]
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True))
         include_dirs, cublas_link = cuda_library_flags(cuda_home)
         ext = CUDAExtension(
             "fused_lstm._C",

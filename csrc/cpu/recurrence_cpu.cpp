@@ -75,7 +75,11 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
   const int64_t output_stride = a.output.stride(0);
   float* c_prev = a.c_prev_saved.defined() ? a.c_prev_saved.data_ptr<float>() : nullptr;
   float* h_prev = a.h_prev_saved.defined() ? a.h_prev_saved.data_ptr<float>() : nullptr;
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks)));
+  // A thread per ~2 MFLOP of recurrent work per step: below that the per-step barrier costs more than the
+  // thread saves, and a barrier is where a busy machine hurts most (a descheduled thread stalls the rest).
+  const int64_t flops_per_step = 8 * H * Hout * N;
+  const int threads = static_cast<int>(std::max<int64_t>(
+      1, std::min({static_cast<int64_t>(at::get_num_threads()), blocks, flops_per_step / (2 << 20)})));
   int64_t final_buffer = 0;  // which of h_buffers holds h after the last step
 
 #pragma omp parallel num_threads(threads)

@@ -24,6 +24,7 @@
 
 #include "../lstm_layer.h"
 #include "cublas_matmul.cuh"
+#include "persistent/persistent.h"
 #include "pointwise_kernels.cuh"
 
 namespace fused_lstm {
@@ -43,6 +44,9 @@ class CudaBackend final : public LayerBackend {
   }
 
   void step_forward(const StepForwardArgs& args) const override { cuda::launch_step_forward(args); }
+
+  // The persistent kernel when FUSED_LSTM_PERSISTENT asks for it (see persistent/persistent.h).
+  bool recurrence_forward(const RecurrenceForwardArgs& args) const override { return persistent_try_forward(args); }
 
   void step_backward(const StepBackwardArgs& args) const override { cuda::launch_step_backward(args); }
 
@@ -64,6 +68,13 @@ class CudaBackend final : public LayerBackend {
       return;
     }
     TORCH_CHECK(directions == 2, "fused_lstm: expected 1 or 2 directions, got ", directions);
+    if (persistent_mode() != PersistentMode::Never) {
+      // Two cooperative launches, each sized to fill the GPU, must not run side by side (a grid is only
+      // guaranteed co-resident when it has the device to itself): keep the directions on one stream.
+      fn(0);
+      fn(1);
+      return;
+    }
     const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream();
     // From torch's per-device round-robin pool: no stream is created (or destroyed) per call.
     const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false,

@@ -13,10 +13,11 @@
 namespace fused_lstm {
 
 // Which path the forward recurrence takes, from the environment variable FUSED_LSTM_PERSISTENT:
-//   "0"                      Never: always the standard per-step path.
+//   unset, "" or "0"         Never: always the standard per-step path. The default until a GPU run has
+//                            verified the persistent kernel and measured where it wins.
 //   "1"                      Always: the persistent kernel; a shape it does not support is an error
 //                            (RuntimeError with the reason), never a silent fallback.
-//   unset, "" or "auto"      Auto: the persistent kernel when persistent_supported and
+//   "auto"                   Auto: the persistent kernel when persistent_supported and
 //                            persistent_preferred both say so, else the standard path.
 // Anything else is an error. The variable is read on every call (a getenv, negligible next to a layer)
 // so that a process, or a test with monkeypatch.setenv, can switch modes at any time.

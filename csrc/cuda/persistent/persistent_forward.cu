@@ -118,9 +118,9 @@ std::optional<Plan> make_plan(at::ScalarType dtype, bool save_workspace, int64_t
     const int64_t blocks = (H + U - 1) / U;
     if (per_sm > 0 && blocks <= static_cast<int64_t>(per_sm) * sms) {
       Plan plan;
-      // Same block count, the least shared memory: spread the units evenly.
+      // Spread the units evenly: no more blocks, and no more shared memory per block, than U needs.
       plan.units_per_block = static_cast<int>((H + blocks - 1) / blocks);
-      plan.blocks = static_cast<int>(blocks);
+      plan.blocks = (H + plan.units_per_block - 1) / plan.units_per_block;
       plan.padded_hidden = P;
       plan.smem_bytes = shared_bytes(plan.units_per_block, P, N, element_size);
       // Fewer tiles -> more lanes per tile, so small problems still keep several lanes busy per output.
@@ -237,10 +237,11 @@ std::optional<Plan> plan_for(const RecurrenceForwardArgs& a, std::string* why_no
 
 PersistentMode persistent_mode() {
   const char* value = std::getenv("FUSED_LSTM_PERSISTENT");
-  if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "auto") == 0) {
-    return PersistentMode::Auto;
+  // Unset means Never until a GPU run has verified the kernel and measured where it wins.
+  if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "0") == 0) {
+    return PersistentMode::Never;
   }
-  if (std::strcmp(value, "0") == 0) return PersistentMode::Never;
+  if (std::strcmp(value, "auto") == 0) return PersistentMode::Auto;
   if (std::strcmp(value, "1") == 0) return PersistentMode::Always;
   TORCH_CHECK(false, "fused_lstm: FUSED_LSTM_PERSISTENT must be 0, 1 or auto, got '", value, "'");
 }
