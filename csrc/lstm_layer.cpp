@@ -166,6 +166,8 @@ void LayerBackend::for_each_direction(int64_t directions, const std::function<vo
 
 bool LayerBackend::recurrence_forward(const RecurrenceForwardArgs&) const { return false; }
 
+bool LayerBackend::recurrence_backward(const RecurrenceBackwardArgs&) const { return false; }
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
     const Tensor& input_arg, const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0,
     at::TensorList weights, bool has_biases, bool has_projections, bool bidirectional, bool need_workspace,
@@ -282,8 +284,23 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_layer_backward(
     const Tensor d_gates_d = d_gates[d];
     const Tensor dh_state = grad_h0[d];  // [N, Hout]
     const Tensor dc_state = grad_c0[d];  // [N, H]
+    bool walked = false;
+    if (!has_projections) {
+      RecurrenceBackwardArgs whole;
+      whole.step_rows = &s.step_rows;
+      whole.step_offset = &s.step_offset;
+      whole.reverse = reverse;
+      whole.gates = gates_ws[d];
+      whole.c_prev = c_prev_ws[d];
+      whole.d_output = grad_output.narrow(1, d * Hout, Hout);
+      whole.w_hh = w.w_hh;
+      whole.dh_state = dh_state;
+      whole.dc_state = dc_state;
+      whole.d_gates = d_gates_d;
+      walked = backend.recurrence_backward(whole);
+    }
     // Backward walks the steps in the opposite order of this direction's forward pass.
-    for (int64_t step = 0; step < s.steps; ++step) {
+    for (int64_t step = 0; step < s.steps && !walked; ++step) {
       const int64_t t = reverse ? step : s.steps - 1 - step;
       const int64_t rows = s.step_rows[t], row0 = s.step_offset[t];
       if (rows == 0) continue;

@@ -76,6 +76,21 @@ struct RecurrenceForwardArgs {
   Tensor h_prev_saved;  // [R, Hout] or undefined
 };
 
+// The whole time loop of one direction's backward pass (without projections), for backends that can run
+// it in one go. Walks the steps in the opposite order of the forward pass.
+struct RecurrenceBackwardArgs {
+  const std::vector<int64_t>* step_rows;    // [T] active rows per step (host)
+  const std::vector<int64_t>* step_offset;  // [T] first row of each step (host)
+  bool reverse;                             // the forward pass walked the steps from T-1 down to 0
+  Tensor gates;        // [R, 4H] saved post-activation gates
+  Tensor c_prev;       // [R, H] saved cell states
+  Tensor d_output;     // [R, H], row stride D*H: this direction's columns of grad_output
+  Tensor w_hh;         // [4H, H]
+  Tensor dh_state;     // [N, H]: grad of h_n in, grad of h0 out
+  Tensor dc_state;     // [N, H]: grad of c_n in, grad of c0 out
+  Tensor d_gates;      // [R, 4H] out: gradients of the pre-activations
+};
+
 // What a device provides to the driver. Every call is enqueued on the device's current stream.
 class LayerBackend {
  public:
@@ -93,6 +108,8 @@ class LayerBackend {
   // Runs the whole forward recurrence of one direction and returns true, or returns false (the default)
   // to let the driver walk the steps itself with matmul + step_forward.
   virtual bool recurrence_forward(const RecurrenceForwardArgs& args) const;
+  // Likewise for the backward recurrence (never called with projections).
+  virtual bool recurrence_backward(const RecurrenceBackwardArgs& args) const;
 };
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(

@@ -119,19 +119,27 @@ def test_parity_float32(case):
     run_pair(ref, ours, case, index, torch.float32)
 
 
-@pytest.mark.parametrize("hidden,batch", [(128, 4), (256, 16), (96, 64)])
-def test_parity_float32_larger(hidden, batch):
-    """Sizes where the CPU kernels take their vectorised and multi-threaded paths."""
-    ref, ours = lstm_pair(hidden // 2, hidden, num_layers=2, dtype=torch.float32, init_scale=None)
+@pytest.mark.parametrize("hidden,batch,packed", [(128, 4, False), (256, 16, False), (96, 64, False),
+                                                  (192, 40, True)])
+def test_parity_float32_larger(hidden, batch, packed):
+    """Sizes where the CPU kernels take their vectorised, multi-threaded fused recurrences (bidirectional
+    and packed so that both directions' row bookkeeping runs with several threads)."""
+    ref, ours = lstm_pair(hidden // 2, hidden, num_layers=2, bidirectional=packed, dtype=torch.float32,
+                          init_scale=None)
     x = torch.randn(20, batch, hidden // 2, requires_grad=True)
-    out_ref, (h_ref, c_ref) = ref(x)
-    out, (h, c) = ours(x)
+    lengths = torch.randint(1, 21, (batch,))
+    lengths[0] = 20
+    feed = (lambda: pack_padded_sequence(x, lengths, enforce_sorted=False)) if packed else (lambda: x)
+    out_ref, (h_ref, c_ref) = ref(feed())
+    out, (h, c) = ours(feed())
+    if packed:
+        out_ref, out = out_ref.data, out.data
     assert_close(out, out_ref, torch.float32, "output")
     assert_close(h, h_ref, torch.float32, "h_n")
     assert_close(c, c_ref, torch.float32, "c_n")
     g = torch.randn_like(out)
-    grads_ref = torch.autograd.grad(out_ref, [x, *ref.parameters()], g)
-    grads = torch.autograd.grad(out, [x, *ours.parameters()], g)
+    grads_ref = torch.autograd.grad((out_ref * g).sum() + h_ref.sum() + c_ref.sum(), [x, *ref.parameters()])
+    grads = torch.autograd.grad((out * g).sum() + h.sum() + c.sum(), [x, *ours.parameters()])
     for a, b in zip(grads, grads_ref):
         assert_close(a, b, torch.float32, "grad")
 

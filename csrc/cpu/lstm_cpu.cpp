@@ -96,6 +96,7 @@ class CpuBackend final : public LayerBackend {
     run_spans(a, backward_span_float, backward_span_double, backward_span_half, backward_span_bfloat16);
   }
   bool recurrence_forward(const RecurrenceForwardArgs& a) const override { return cpu_recurrence_forward(a); }
+  bool recurrence_backward(const RecurrenceBackwardArgs& a) const override { return cpu_recurrence_backward(a); }
 
  private:
   // Packs b on first use in this call; the per-step products reuse it.

@@ -4,9 +4,8 @@
 #include <ATen/Parallel.h>
 
 namespace fused_lstm {
-namespace {
 
-FUSED_LSTM_SIMD_CLONES void matmul_panels(const float* a, int64_t a_row_stride, int64_t a_col_stride,
+FUSED_LSTM_SIMD_CLONES void matmul_panel(const float* a, int64_t a_row_stride, int64_t a_col_stride,
                                           const PackedMatrix& b, float* out, int64_t out_row_stride,
                                           bool accumulate, const float* bias, int64_t panel, int64_t row_begin,
                                           int64_t row_end) {
@@ -17,8 +16,6 @@ FUSED_LSTM_SIMD_CLONES void matmul_panels(const float* a, int64_t a_row_stride, 
              out + row_begin * out_row_stride + first_col, out_row_stride, kLanes, valid, accumulate,
              bias ? bias + first_col : nullptr, row_end - row_begin);
 }
-
-}  // namespace
 
 PackedMatrix pack_matrix(const at::Tensor& b) {
   PackedMatrix packed;
@@ -69,7 +66,7 @@ void packed_matmul(const at::Tensor& out, const at::Tensor& a, const PackedMatri
     for (int64_t task = begin; task < end; ++task) {
       const int64_t panel = task % b.count(), group = task / b.count();
       const int64_t row_begin = group * rows_per_task, row_end = std::min(M, row_begin + rows_per_task);
-      matmul_panels(a_ptr, a_rs, a_cs, b, out_ptr, out_rs, accumulate, bias_ptr, panel, row_begin, row_end);
+      matmul_panel(a_ptr, a_rs, a_cs, b, out_ptr, out_rs, accumulate, bias_ptr, panel, row_begin, row_end);
     }
   });
 }

@@ -98,6 +98,12 @@ struct PackedMatrix {
   const float* panel(int64_t p) const { return panels.data_ptr<float>() + p * K * kPanel; }
 };
 
+// Rows [row_begin, row_end) of out's columns of one panel: out (+)= a @ b (+ bias, padded to whole panels).
+// Pointers address the whole matrices; strides in elements.
+void matmul_panel(const float* a, int64_t a_row_stride, int64_t a_col_stride, const PackedMatrix& b, float* out,
+                  int64_t out_row_stride, bool accumulate, const float* bias, int64_t panel, int64_t row_begin,
+                  int64_t row_end);
+
 // Packs b ([K, Nc] float32, any strides) in parallel.
 PackedMatrix pack_matrix(const at::Tensor& b);
 

@@ -10,6 +10,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <utility>
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -54,6 +57,29 @@ FUSED_LSTM_SIMD_CLONES void thread_step(const StepForwardArgs& step, const float
   for (int64_t b = 0; b < step.rows; ++b) forward_span<float>(step, b, unit_begin, unit_end);
 }
 
+// Threads for a recurrence: one per ~2 MFLOP of recurrent work per step, at most one per slice. Below that
+// the per-step barrier costs more than the thread saves, and a barrier is where a busy machine hurts most
+// (a descheduled thread stalls the rest).
+int team_size(int64_t H, int64_t Hout, int64_t N, int64_t slices) {
+  const int64_t flops_per_step = 8 * H * Hout * N;
+  return static_cast<int>(std::max<int64_t>(
+      1, std::min({static_cast<int64_t>(at::get_num_threads()), slices, flops_per_step / (2 << 20)})));
+}
+
+// (this thread's index, the team's size) inside an OpenMP parallel region.
+std::pair<int64_t, int64_t> thread_in_team() {
+#ifdef _OPENMP
+  return {omp_get_thread_num(), omp_get_num_threads()};
+#else
+  return {0, 1};
+#endif
+}
+
+FUSED_LSTM_SIMD_CLONES void pointwise_backward_units(const StepBackwardArgs& step, int64_t unit_begin,
+                                                     int64_t unit_end) {
+  for (int64_t b = 0; b < step.rows; ++b) backward_span<float>(step, b, unit_begin, unit_end);
+}
+
 }  // namespace
 
 bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
@@ -75,20 +101,12 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
   const int64_t output_stride = a.output.stride(0);
   float* c_prev = a.c_prev_saved.defined() ? a.c_prev_saved.data_ptr<float>() : nullptr;
   float* h_prev = a.h_prev_saved.defined() ? a.h_prev_saved.data_ptr<float>() : nullptr;
-  // A thread per ~2 MFLOP of recurrent work per step: below that the per-step barrier costs more than the
-  // thread saves, and a barrier is where a busy machine hurts most (a descheduled thread stalls the rest).
-  const int64_t flops_per_step = 8 * H * Hout * N;
-  const int threads = static_cast<int>(std::max<int64_t>(
-      1, std::min({static_cast<int64_t>(at::get_num_threads()), blocks, flops_per_step / (2 << 20)})));
+  const int threads = team_size(H, Hout, N, blocks);
   int64_t final_buffer = 0;  // which of h_buffers holds h after the last step
 
 #pragma omp parallel num_threads(threads)
   {
-#ifdef _OPENMP
-    const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
-#else
-    const int64_t thread = 0, team = 1;
-#endif
+    const auto [thread, team] = thread_in_team();
     const int64_t block_begin = blocks * thread / team, block_end = blocks * (thread + 1) / team;
     const int64_t unit_begin = block_begin * kLanes, unit_end = std::min(H, block_end * kLanes);
     pack_blocks(w, H, Hout, packed_ptr, block_begin, block_end);  // first touch by the thread that reads it
@@ -123,6 +141,57 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
     if (thread == 0) final_buffer = parity;
   }
   a.h_state.copy_(h_buffers[final_buffer]);
+  return true;
+}
+
+
+// Each thread owns 64-unit panels of hidden units for the whole sequence: per step it runs the pointwise
+// backward of its units (d_gates of its units' four gates), the team meets at a barrier, and it computes
+// its columns of dh = d_gates @ w_hh from all units' d_gates. The dh columns it writes are exactly the
+// units its next pointwise step reads, and c is per unit, so one barrier per step is enough.
+bool cpu_recurrence_backward(const RecurrenceBackwardArgs& a) {
+  if (a.gates.scalar_type() != at::kFloat) return false;
+  const int64_t N = a.dh_state.size(0), H = a.dc_state.size(1);
+  const int64_t steps = static_cast<int64_t>(a.step_rows->size());
+  const PackedMatrix w_hh = pack_matrix(a.w_hh);  // [4H, H] in panels of 64 columns (units)
+  const int threads = team_size(H, H, N, w_hh.count());
+
+  const float* gates = a.gates.data_ptr<float>();
+  const float* c_prev = a.c_prev.data_ptr<float>();
+  const float* d_output = a.d_output.data_ptr<float>();
+  const int64_t d_output_stride = a.d_output.stride(0);
+  float* dh = a.dh_state.data_ptr<float>();
+  float* dc = a.dc_state.data_ptr<float>();
+  float* d_gates = a.d_gates.data_ptr<float>();
+
+#pragma omp parallel num_threads(threads)
+  {
+    const auto [thread, team] = thread_in_team();
+    const int64_t panel_begin = w_hh.count() * thread / team, panel_end = w_hh.count() * (thread + 1) / team;
+    const int64_t unit_begin = panel_begin * kPanel, unit_end = std::min(H, panel_end * kPanel);
+    for (int64_t step = 0; step < steps; ++step) {
+      const int64_t t = a.reverse ? step : steps - 1 - step;
+      const int64_t rows = (*a.step_rows)[t], row0 = (*a.step_offset)[t];
+      if (rows == 0) continue;  // the same on every thread, so the barriers stay matched
+      StepBackwardArgs s;
+      s.dtype = at::kFloat;
+      s.rows = rows;
+      s.hidden = H;
+      s.gates = gates + row0 * 4 * H;
+      s.c_prev = c_prev + row0 * H;
+      s.dh = dh;
+      s.d_output = d_output + row0 * d_output_stride;
+      s.d_output_stride = d_output_stride;
+      s.dc_state = dc;
+      s.d_gates = d_gates + row0 * 4 * H;
+      s.h_next = nullptr;
+      pointwise_backward_units(s, unit_begin, unit_end);
+#pragma omp barrier
+      for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
+        matmul_panel(d_gates + row0 * 4 * H, 4 * H, 1, w_hh, dh, H, /*accumulate=*/false, nullptr, panel, 0, rows);
+      }
+    }
+  }
   return true;
 }
 
