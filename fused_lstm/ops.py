@@ -109,6 +109,7 @@ def _setup_context(ctx, inputs, output) -> None:
     input, batch_sizes, h0, c0, weights, has_biases, has_projections, bidirectional, _ = inputs
     _, _, _, gates, c_prev, h_prev = output
     ctx.mark_non_differentiable(gates, c_prev, h_prev)
+    ctx.set_materialize_grads(False)  # unused outputs would otherwise get zero-filled gradients
     ctx.flags = (has_biases, has_projections, bidirectional)
     ctx.num_weights = len(weights)
     ctx.save_for_backward(input, batch_sizes, h0, c0, gates, c_prev, h_prev, *weights)
@@ -117,6 +118,14 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_c_prev, _grad_h_prev):
     input, batch_sizes, h0, c0, gates, c_prev, h_prev, *weights = ctx.saved_tensors
     has_biases, has_projections, bidirectional = ctx.flags
+    if grad_output is None and grad_h_n is None and grad_c_n is None:
+        return None, None, None, None, [None] * len(weights), None, None, None, None
+    # Gradients are not materialised (set_materialize_grads(False)): only the used outputs' are zeroed here.
+    if grad_output is None:
+        out_hidden = weights[1].shape[1] * (2 if bidirectional else 1)
+        grad_output = input.new_zeros(*input.shape[:-1], out_hidden)
+    grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
+    grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
     if torch.is_grad_enabled():
         # create_graph=True: differentiate the pure PyTorch layer instead, so the gradients are themselves
         # differentiable (double backward, gradgradcheck).

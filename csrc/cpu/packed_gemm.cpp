@@ -3,6 +3,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <vector>
+
 namespace fused_lstm {
 
 FUSED_LSTM_SIMD_CLONES void matmul_panel(const float* a, int64_t a_row_stride, int64_t a_col_stride,
@@ -57,6 +60,26 @@ void packed_matmul(const at::Tensor& out, const at::Tensor& a, const PackedMatri
   const float* a_ptr = a.data_ptr<float>();
   float* out_ptr = out.data_ptr<float>();
   const int64_t a_rs = a.stride(0), a_cs = a.stride(1), out_rs = out.stride(0);
+  if (a_cs != 1) {
+    // A transposed `a` (the weight gradients' d_gates^T): the kernel reads a row by row along k, so each
+    // task first gathers its rows into a contiguous buffer, then runs them against every panel.
+    constexpr int64_t kRowsPerTask = 4 * kRowTile;
+    const int64_t K = b.K;
+    at::parallel_for(0, (M + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> rows_buffer(kRowsPerTask * K);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t row_begin = task * kRowsPerTask, rows = std::min(kRowsPerTask, M - row_begin);
+        for (int64_t k = 0; k < K; ++k) {
+          for (int64_t r = 0; r < rows; ++r) rows_buffer[r * K + k] = a_ptr[(row_begin + r) * a_rs + k * a_cs];
+        }
+        for (int64_t panel = 0; panel < b.count(); ++panel) {
+          matmul_panel(rows_buffer.data(), K, 1, b, out_ptr + row_begin * out_rs, out_rs, accumulate, bias_ptr,
+                       panel, 0, rows);
+        }
+      }
+    });
+    return;
+  }
   // Tasks: (panel, group of row tiles); enough row tiles per task to amortise the panel's trip to cache.
   const int64_t rows_per_task = std::max<int64_t>(kRowTile, (M + 7) / 8 / kRowTile * kRowTile);
   const int64_t row_groups = (M + rows_per_task - 1) / rows_per_task;

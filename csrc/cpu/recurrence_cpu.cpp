@@ -57,13 +57,15 @@ FUSED_LSTM_SIMD_CLONES void thread_step(const StepForwardArgs& step, const float
   for (int64_t b = 0; b < step.rows; ++b) forward_span<float>(step, b, unit_begin, unit_end);
 }
 
-// Threads for a recurrence: one per ~2 MFLOP of recurrent work per step, at most one per slice. Below that
+// Threads for a recurrence: one per kFlopsPerThread of recurrent work per step, at most one per slice. Below that
 // the per-step barrier costs more than the thread saves, and a barrier is where a busy machine hurts most
 // (a descheduled thread stalls the rest).
+constexpr int64_t kFlopsPerThread = 256 << 10;
+
 int team_size(int64_t H, int64_t Hout, int64_t N, int64_t slices) {
   const int64_t flops_per_step = 8 * H * Hout * N;
   return static_cast<int>(std::max<int64_t>(
-      1, std::min({static_cast<int64_t>(at::get_num_threads()), slices, flops_per_step / (2 << 20)})));
+      1, std::min({static_cast<int64_t>(at::get_num_threads()), slices, flops_per_step / kFlopsPerThread})));
 }
 
 // (this thread's index, the team's size) inside an OpenMP parallel region.
