@@ -50,3 +50,24 @@ def assert_close(actual, expected, dtype=torch.float64, what=""):
     scale = expected.detach().abs().max().item() if expected.numel() else 1.0
     tol["atol"] *= max(1.0, scale)
     torch.testing.assert_close(actual, expected, **tol, msg=lambda m: f"{what}: {m}")
+
+
+def assert_cuda_graph_replays(module, static_x):
+    """Capture module(static_x) in a CUDA graph (after a side-stream warm-up, as torch's docs do), then
+    check that replays on fresh inputs written into static_x equal eager calls."""
+    with torch.no_grad():
+        warmup = torch.cuda.Stream()
+        warmup.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(warmup):
+            for _ in range(2):
+                module(static_x)
+        torch.cuda.current_stream().wait_stream(warmup)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out, (static_h, static_c) = module(static_x)
+        for _ in range(3):
+            static_x.copy_(torch.randn_like(static_x))
+            graph.replay()
+            out, (h, c) = module(static_x)
+            for replayed, eager in ((static_out, out), (static_h, h), (static_c, c)):
+                torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-6)

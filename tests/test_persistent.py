@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fused_lstm
+from conftest import assert_cuda_graph_replays
 
 pytestmark = [
     pytest.mark.cuda,
@@ -336,19 +337,4 @@ def test_cuda_graph_capture_replays(persistent):
     torch.manual_seed(0)
     module = fused_lstm.LSTM(8, 16, num_layers=2, bidirectional=True, device=DEVICE)
     static_x = torch.randn(17, 3, 8, device=DEVICE)
-    with torch.no_grad():
-        warmup = torch.cuda.Stream()
-        warmup.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(warmup):
-            for _ in range(2):
-                module(static_x)
-        torch.cuda.current_stream().wait_stream(warmup)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out, (static_h, static_c) = module(static_x)
-        for _ in range(3):
-            static_x.copy_(torch.randn_like(static_x))
-            graph.replay()
-            out, (h, c) = module(static_x)
-            for replayed, eager in ((static_out, out), (static_h, h), (static_c, c)):
-                torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-6)
+    assert_cuda_graph_replays(module, static_x)
