@@ -87,7 +87,15 @@ class CpuBackend final : public LayerBackend {
       LayerBackend::matmul(out, a, b, accumulate, bias);
       return;
     }
-    packed_matmul(out, a, packed(b), accumulate, bias);
+    // Packing b costs about as much as multiplying a handful of rows by it: pack when the product is
+    // big enough or b comes back (the per-step products of the time loop).
+    const OperandKey key{b.data_ptr(), b.size(0), b.size(1), b.stride(0), b.stride(1)};
+    const PackedMatrix* cached = find(key);
+    if (cached == nullptr && a.size(0) < kMinPackedRows && !seen_once(key)) {
+      LayerBackend::matmul(out, a, b, accumulate, bias);
+      return;
+    }
+    packed_matmul(out, a, cached ? *cached : pack(key, b), accumulate, bias);
   }
   void step_forward(const StepForwardArgs& a) const override {
     run_spans(a, forward_span_float, forward_span_double, forward_span_half, forward_span_bfloat16);
@@ -99,16 +107,30 @@ class CpuBackend final : public LayerBackend {
   bool recurrence_backward(const RecurrenceBackwardArgs& a) const override { return cpu_recurrence_backward(a); }
 
  private:
-  // Packs b on first use in this call; the per-step products reuse it.
-  const PackedMatrix& packed(const Tensor& b) const {
-    const OperandKey key{b.data_ptr(), b.size(0), b.size(1), b.stride(0), b.stride(1)};
+  static constexpr int64_t kMinPackedRows = 16;
+
+  const PackedMatrix* find(const OperandKey& key) const {
     for (const auto& [k, matrix] : packed_) {
-      if (k == key) return matrix;
+      if (k == key) return &matrix;
     }
+    return nullptr;
+  }
+  const PackedMatrix& pack(const OperandKey& key, const Tensor& b) const {
     packed_.emplace_back(key, pack_matrix(b));
     return packed_.back().second;
   }
+  // True from the second time an operand is asked about.
+  bool seen_once(const OperandKey& key) const {
+    for (const OperandKey& k : seen_) {
+      if (k == key) return true;
+    }
+    seen_.push_back(key);
+    return false;
+  }
+  // Operands do not change during a call (weights, the input, saved workspaces), so a packed copy is
+  // valid until the backend, which lives for one op call, goes away.
   mutable std::deque<std::pair<OperandKey, PackedMatrix>> packed_;
+  mutable std::vector<OperandKey> seen_;
 };
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(

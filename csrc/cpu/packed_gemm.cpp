@@ -28,13 +28,22 @@ PackedMatrix pack_matrix(const at::Tensor& b) {
   const float* src = b.data_ptr<float>();
   const int64_t s0 = b.stride(0), s1 = b.stride(1), K = packed.K, cols = packed.cols;
   float* dst = packed.panels.data_ptr<float>();
+  // Read the source along its unit stride: a strided gather from a matrix that does not fit in cache costs
+  // more than the products the panel is then used for (at T = 1, the whole call).
+  const bool columns_contiguous = s1 == 1 || s0 != 1;
   at::parallel_for(0, packed.count(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      for (int64_t k = 0; k < K; ++k) {
-        float* row = dst + (p * K + k) * kPanel;
-        for (int64_t c = 0; c < kPanel; ++c) {
-          const int64_t col = p * kPanel + c;
-          row[c] = col < cols ? src[k * s0 + col * s1] : 0.0f;
+      float* panel = dst + p * K * kPanel;
+      const int64_t width = std::min(kPanel, cols - p * kPanel);
+      if (width < kPanel) std::fill(panel, panel + K * kPanel, 0.0f);
+      if (columns_contiguous) {
+        for (int64_t k = 0; k < K; ++k) {
+          for (int64_t c = 0; c < width; ++c) panel[k * kPanel + c] = src[k * s0 + (p * kPanel + c) * s1];
+        }
+      } else {  // b is a transposed view: each panel column is a contiguous source row
+        for (int64_t c = 0; c < width; ++c) {
+          const float* column = src + (p * kPanel + c) * s1;
+          for (int64_t k = 0; k < K; ++k) panel[k * kPanel + c] = column[k * s0];
         }
       }
     }
@@ -80,10 +89,14 @@ void packed_matmul(const at::Tensor& out, const at::Tensor& a, const PackedMatri
     });
     return;
   }
-  // Tasks: (panel, group of row tiles); enough row tiles per task to amortise the panel's trip to cache.
-  const int64_t rows_per_task = std::max<int64_t>(kRowTile, (M + 7) / 8 / kRowTile * kRowTile);
-  const int64_t row_groups = (M + rows_per_task - 1) / rows_per_task;
-  const int64_t tasks = b.count() * row_groups;
+  // Tasks: (panel, group of rows). A panel ([K][64], up to a few hundred KB) is streamed from memory once
+  // per task and then stays in cache for the task's rows, so split rows only as far as needed to give
+  // every thread a few tasks.
+  const int64_t tiles = (M + kRowTile - 1) / kRowTile;
+  const int64_t wanted_groups = (4 * at::get_num_threads() + b.count() - 1) / b.count();
+  const int64_t row_groups = std::clamp<int64_t>(wanted_groups, 1, tiles);
+  const int64_t rows_per_task = (tiles + row_groups - 1) / row_groups * kRowTile;
+  const int64_t tasks = b.count() * ((M + rows_per_task - 1) / rows_per_task);
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, b.K * rows_per_task / kRowTile));
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {

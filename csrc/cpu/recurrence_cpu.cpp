@@ -28,12 +28,12 @@ void pack_blocks(const float* w_hh, int64_t H, int64_t Hout, float* packed, int6
                  int64_t block_end) {
   for (int64_t ub = block_begin; ub < block_end; ++ub) {
     float* dst = packed + ub * Hout * kPanel;
-    for (int64_t k = 0; k < Hout; ++k) {
-      for (int64_t q = 0; q < 4; ++q) {
-        for (int64_t l = 0; l < kLanes; ++l) {
-          const int64_t unit = ub * kLanes + l;
-          dst[(k * 4 + q) * kLanes + l] = unit < H ? w_hh[(q * H + unit) * Hout + k] : 0.0f;
-        }
+    // Walk each source row of w_hh contiguously (see pack_matrix).
+    for (int64_t q = 0; q < 4; ++q) {
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const int64_t unit = ub * kLanes + l;
+        const float* row = unit < H ? w_hh + (q * H + unit) * Hout : nullptr;
+        for (int64_t k = 0; k < Hout; ++k) dst[(k * 4 + q) * kLanes + l] = row ? row[k] : 0.0f;
       }
     }
   }
@@ -62,6 +62,10 @@ FUSED_LSTM_SIMD_CLONES void thread_step(const StepForwardArgs& step, const float
 // (a descheduled thread stalls the rest).
 constexpr int64_t kFlopsPerThread = 256 << 10;
 
+// Packing W_hh costs about as much as multiplying a handful of rows by it: with fewer rows in the whole
+// sequence (an LSTMCell call, say) the per-step library products are cheaper.
+constexpr int64_t kMinRows = 16;
+
 int team_size(int64_t H, int64_t Hout, int64_t N, int64_t slices) {
   const int64_t flops_per_step = 8 * H * Hout * N;
   return static_cast<int>(std::max<int64_t>(
@@ -85,7 +89,7 @@ FUSED_LSTM_SIMD_CLONES void pointwise_backward_units(const StepBackwardArgs& ste
 }  // namespace
 
 bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
-  if (a.gates.scalar_type() != at::kFloat || a.w_hr.defined()) return false;
+  if (a.gates.scalar_type() != at::kFloat || a.w_hr.defined() || a.gates.size(0) < kMinRows) return false;
   const int64_t N = a.h_state.size(0), H = a.c_state.size(1), Hout = a.h_state.size(1);
   const int64_t steps = static_cast<int64_t>(a.step_rows->size());
   const int64_t blocks = (H + kLanes - 1) / kLanes;
@@ -152,7 +156,7 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
 // its columns of dh = d_gates @ w_hh from all units' d_gates. The dh columns it writes are exactly the
 // units its next pointwise step reads, and c is per unit, so one barrier per step is enough.
 bool cpu_recurrence_backward(const RecurrenceBackwardArgs& a) {
-  if (a.gates.scalar_type() != at::kFloat) return false;
+  if (a.gates.scalar_type() != at::kFloat || a.gates.size(0) < kMinRows) return false;
   const int64_t N = a.dh_state.size(0), H = a.dc_state.size(1);
   const int64_t steps = static_cast<int64_t>(a.step_rows->size());
   const PackedMatrix w_hh = pack_matrix(a.w_hh);  // [4H, H] in panels of 64 columns (units)
