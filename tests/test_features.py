@@ -144,3 +144,57 @@ def test_dropout_is_applied_between_layers_at_rate_p():
     zero_fraction = (mask == 0).double().mean().item()
     assert abs(zero_fraction - p) < 0.01, zero_fraction
     assert torch.allclose(mask[mask != 0], torch.tensor(1 / (1 - p), dtype=torch.float64))
+
+
+class Nested(nn.Module):
+    """LSTMs at several depths, in a ModuleList and a Sequential, plus an LSTMCell."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.LSTM(6, 8, num_layers=2, bidirectional=True, batch_first=True)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(16, 16), nn.Tanh()),
+                                     nn.ModuleDict({"rnn": nn.LSTM(16, 5, proj_size=3)})])
+        self.cell = nn.LSTMCell(3, 4)
+
+    def forward(self, x):
+        out, _ = self.encoder(x)
+        out = self.blocks[0](out)
+        out, (h, c) = self.blocks[1]["rnn"](out.transpose(0, 1))
+        h1, c1 = self.cell(out[-1])
+        return out.sum() + h.sum() + c.sum() + h1.sum() + c1.sum()
+
+
+def test_convert_nested_model_and_back():
+    torch.manual_seed(3)
+    model = Nested().double()
+    model.blocks[1]["rnn"].weight_hh_l0.requires_grad_(False)
+    model.eval()
+    x = torch.randn(2, 7, 6, dtype=torch.float64)
+    expected = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    converted = fused_lstm.convert(model)
+    assert converted is model
+    assert isinstance(model.encoder, fused_lstm.LSTM) and isinstance(model.blocks[1]["rnn"], fused_lstm.LSTM)
+    assert isinstance(model.cell, fused_lstm.LSTMCell)
+    assert not any(isinstance(m, (nn.LSTM, nn.LSTMCell)) for m in model.modules())
+    assert model.encoder.batch_first and model.encoder.bidirectional and model.encoder.num_layers == 2
+    assert model.blocks[1]["rnn"].proj_size == 3
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert not model.blocks[1]["rnn"].weight_hh_l0.requires_grad and model.encoder.weight_hh_l0.requires_grad
+    assert not model.encoder.training and not model.cell.training
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    torch.testing.assert_close(model(x), expected)
+
+    back = fused_lstm.convert(model, back=True)
+    assert type(back.encoder) is nn.LSTM and type(back.cell) is nn.LSTMCell
+    torch.testing.assert_close(back(x), expected)
+
+
+def test_convert_a_bare_lstm_returns_the_new_module():
+    lstm = nn.LSTM(3, 4).train(False)
+    ours = fused_lstm.convert(lstm)
+    assert isinstance(ours, fused_lstm.LSTM) and not ours.training
+    x = torch.randn(5, 2, 3)
+    torch.testing.assert_close(ours(x)[0], lstm(x)[0])
+    assert type(fused_lstm.convert(ours, back=True)) is nn.LSTM
