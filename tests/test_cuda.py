@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fused_lstm
-from conftest import assert_cuda_graph_replays
+from conftest import assert_close, assert_cuda_graph_replays
 
 pytestmark = [
     pytest.mark.cuda,
@@ -356,21 +356,115 @@ def test_batch_zero(bidirectional: bool):
     assert all(p.grad is not None and not p.grad.isnan().any() for p in module.parameters())
 
 
+def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The values of `t` stored another way: "transposed_view" (a 2-D tensor as the transpose of its
+    contiguous transpose: column-major) or "strided_slice" (every other element of a NaN-padded larger
+    tensor along the last dimension)."""
+    if layout == "transposed_view":
+        out = t.t().contiguous().t() if t.dim() == 2 else t
+    else:
+        assert layout == "strided_slice", layout
+        big = torch.full((*t.shape[:-1], 2 * t.shape[-1]), float("nan"), device=t.device, dtype=t.dtype)
+        big[..., ::2] = t
+        out = big[..., ::2]
+    assert torch.equal(out, t) and (t.dim() == 1 and layout == "transposed_view" or not out.is_contiguous())
+    return out
+
+
+def op_args(dtype: torch.dtype, packed: bool, proj: int, seed: int = 0):
+    """Arguments of torch.ops.fused_lstm.lstm_layer for a bidirectional layer with biases, on the CPU."""
+    gen = torch.Generator().manual_seed(seed)
+    T, N, I, H, D = 5, 4, 6, 7, 2
+    Hout = proj or H
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    weights = []
+    for _ in range(D):
+        weights += [randn(4 * H, I, scale=0.5), randn(4 * H, Hout, scale=0.5), randn(4 * H, scale=0.5),
+                    randn(4 * H, scale=0.5)]
+        if proj:
+            weights.append(randn(proj, H, scale=0.5))
+    batch_sizes = torch.tensor([N, N, 3, 1, 1]) if packed else None
+    x = randn(int(batch_sizes.sum()), I) if packed else randn(T, N, I)
+    return x, batch_sizes, randn(D, N, Hout), randn(D, N, H), weights, True, proj > 0, True
+
+
+def op_forward_backward(args, device) -> List[torch.Tensor]:
+    """Forward (keeping the workspace) and backward of the layer op; every output and gradient."""
+    x, batch_sizes, h0, c0, weights, has_biases, has_projections, bidirectional = args
+    x, h0, c0 = (t.to(device) for t in (x, h0, c0))
+    output, h_n, c_n, gates, c_prev, h_prev = torch.ops.fused_lstm.lstm_layer(
+        x, batch_sizes, h0, c0, weights, has_biases, has_projections, bidirectional, True)
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(device=device, dtype=t.dtype)
+             for t in (output, h_n, c_n)]
+    grad_input, grad_h0, grad_c0, grad_weights = torch.ops.fused_lstm.lstm_layer_backward(
+        *grads, x, batch_sizes, h0, c0, weights, has_biases, has_projections, bidirectional, gates, c_prev, h_prev)
+    return [output, h_n, c_n, grad_input, grad_h0, grad_c0, *grad_weights]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", ["transposed_view", "strided_slice"])
+@pytest.mark.parametrize("packed, proj", [(False, 0), (True, 3)], ids=["dense", "packed_projection"])
+def test_noncontiguous_weights_match_cpu(packed: bool, proj: int, layout: str, dtype: torch.dtype):
+    """User weights stored as transposed views (cuBLAS reads them as they are, with the other op flag) or as
+    strided slices (no cuBLAS form: ATen's product) give what the CPU op gives with contiguous weights."""
+    args = op_args(dtype, packed, proj)
+    with fp32_precision(allow_tf32=False):
+        expected = op_forward_backward(args, "cpu")
+        weights = [relayout(w.to(DEVICE), layout) for w in args[4]]
+        got = op_forward_backward((*args[:4], weights, *args[5:]), DEVICE)
+    assert len(got) == len(expected)
+    for index, (value, want) in enumerate(zip(got, expected)):
+        assert value.device.type == "cuda" and value.is_contiguous(), index
+        assert_close(value.cpu(), want, dtype=dtype, what=f"result {index}")
+
+
+@pytest.mark.parametrize("packed, proj", [(False, 0), (True, 3)], ids=["dense", "packed_projection"])
+def test_opcheck_on_cuda(packed: bool, proj: int):
+    """Schema, fake-kernel metadata (shapes, strides, dtypes) and autograd registration hold for the CUDA kernels."""
+    x, batch_sizes, h0, c0, weights, *flags = op_args(torch.float64, packed, proj)
+    x, h0, c0 = (t.to(DEVICE).requires_grad_() for t in (x, h0, c0))
+    weights = [w.to(DEVICE).requires_grad_() for w in weights]
+    forward_args = (x, batch_sizes, h0, c0, weights, *flags, True)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")  # compile paths: test_ops.py
+    torch.library.opcheck(torch.ops.fused_lstm.lstm_layer.default, forward_args, test_utils=checks)
+    with torch.no_grad():
+        output, h_n, c_n, gates, c_prev, h_prev = torch.ops.fused_lstm.lstm_layer(*forward_args)
+    backward_args = (torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), x.detach(), batch_sizes,
+                     h0.detach(), c0.detach(), [w.detach() for w in weights], *flags, gates, c_prev, h_prev)
+    torch.library.opcheck(torch.ops.fused_lstm.lstm_layer_backward.default, backward_args, test_utils=checks)
+
+
 SANITIZER_SCRIPT = """
+import os
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 import fused_lstm
 
+# The standard path, then the persistent kernel (the only kernel of ours with shared memory, so the one
+# racecheck can check); the mode is read on every call. Forced persistent raises on what it cannot run:
+# only its dtypes, no projection.
+PATHS = [
+    ("0", [(torch.float32, True, 3), (torch.float16, True, 0), (torch.float64, False, 2)]),
+    ("1", [(torch.float32, True, 0), (torch.float16, True, 0), (torch.bfloat16, False, 0)]),
+]
 torch.manual_seed(0)
-for dtype, bidirectional, proj_size in [(torch.float32, True, 3), (torch.float16, True, 0), (torch.float64, False, 2)]:
-    module = fused_lstm.LSTM(5, 7, num_layers=2, bidirectional=bidirectional, proj_size=proj_size,
-                             device="cuda", dtype=dtype)
-    x = torch.randn(4, 3, 5, device="cuda", dtype=dtype, requires_grad=True)
-    packed = pack_padded_sequence(x, torch.tensor([2, 4, 3]), enforce_sorted=False)
-    output, (h_n, c_n) = module(packed)
-    (output.data.float().sum() + h_n.float().sum() + c_n.float().sum()).backward()
-    output, (h_n, c_n) = module(x)
-    (output.float().sum() + h_n.float().sum() + c_n.float().sum()).backward()
+for mode, configs in PATHS:
+    os.environ["FUSED_LSTM_PERSISTENT"] = mode
+    launches = torch.ops.fused_lstm.persistent_launches()
+    for dtype, bidirectional, proj_size in configs:
+        module = fused_lstm.LSTM(5, 7, num_layers=2, bidirectional=bidirectional, proj_size=proj_size,
+                                 device="cuda", dtype=dtype)
+        x = torch.randn(4, 3, 5, device="cuda", dtype=dtype, requires_grad=True)
+        packed = pack_padded_sequence(x, torch.tensor([2, 4, 3]), enforce_sorted=False)
+        output, (h_n, c_n) = module(packed)
+        (output.data.float().sum() + h_n.float().sum() + c_n.float().sum()).backward()
+        output, (h_n, c_n) = module(x)
+        (output.float().sum() + h_n.float().sum() + c_n.float().sum()).backward()
+    assert (torch.ops.fused_lstm.persistent_launches() > launches) == (mode == "1"), mode
 torch.cuda.synchronize()
 print("sanitizer script done")
 """
@@ -388,6 +482,8 @@ def find_compute_sanitizer() -> Optional[str]:
 
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer_clean(tool: str, tmp_path):
+    """memcheck: no out-of-bounds or misaligned access in any kernel, standard and persistent path;
+    racecheck: no shared-memory hazard in our kernels."""
     sanitizer = find_compute_sanitizer()
     if sanitizer is None:
         pytest.skip("compute-sanitizer not found")

@@ -277,6 +277,48 @@ def test_forced_off_and_on_agree(monkeypatch, dtype: torch.dtype):
                                    msg=lambda m: f"{name}: {m}")
 
 
+
+def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The values of `t` stored another way: "transposed_view" (a 2-D tensor as the transpose of its contiguous
+    transpose: column-major) or "strided_slice" (every other element of a larger tensor along the last dim)."""
+    if layout == "transposed_view":
+        return t.t().contiguous().t() if t.dim() == 2 else t
+    big = torch.full((*t.shape[:-1], 2 * t.shape[-1]), float("nan"), device=t.device, dtype=t.dtype)
+    big[..., ::2] = t
+    return big[..., ::2]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["transposed_view", "strided_slice"])
+def test_noncontiguous_weights(monkeypatch, layout: str, dtype: torch.dtype):
+    """Weights that are transposed views or strided slices (the kernel reads W_hh through its strides): the
+    persistent path gives the standard path's outputs and gradients."""
+    shape = Shape("noncontiguous_weights", hidden_size=40, bidirectional=True, packed=True, batch=6, steps=9)
+    inputs = make_inputs(shape, dtype)
+    module = fused_lstm.LSTM(**shape.module_kwargs(), device=DEVICE, dtype=dtype)
+    results = {}
+    with strict_fp32():
+        for mode in ("0", "1"):
+            monkeypatch.setenv(ENV, mode)
+            params = {name: relayout(value.to(DEVICE), layout).requires_grad_()
+                      for name, value in inputs.state_dict.items()}
+            assert not params["weight_hh_l0"].is_contiguous()
+            x, h0, c0 = (t.to(DEVICE).requires_grad_() for t in (inputs.x, inputs.h0, inputs.c0))
+            packed = pack_padded_sequence(x, inputs.lengths, enforce_sorted=False)
+            before = launches()
+            output, (h_n, c_n) = torch.func.functional_call(module, params, (packed, (h0, c0)))
+            assert launches() - before == (shape.kernel_launches if mode == "1" else 0), mode
+            output, _ = pad_packed_sequence(output, total_length=shape.steps)
+            loss = (output.double() * inputs.grad_output.to(device=DEVICE, dtype=torch.float64)).sum()
+            loss = loss + h_n.double().sum() + c_n.double().sum()
+            grads = torch.autograd.grad(loss, [x, h0, c0, *params.values()])
+            results[mode] = [output.detach(), h_n.detach(), c_n.detach(), *grads]
+    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}[dtype]
+    for index, (on, off) in enumerate(zip(results["1"], results["0"])):
+        torch.testing.assert_close(on, off, atol=tol * max(1.0, off.abs().max().item()), rtol=tol,
+                                   msg=lambda m: f"result {index}: {m}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_reruns_are_bitwise_equal(persistent, dtype: torch.dtype):
     shape = Shape("rerun", hidden_size=130, num_layers=2, bidirectional=True, packed=True, batch=11, steps=10)
