@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("fused_lstm") is None:  # running pytest without the repo on sys.path
     sys.path.insert(0, str(REPO))
 
-from fused_lstm.benchmark import cli, report  # noqa: E402
+from fused_lstm.benchmark import cli, harness, report  # noqa: E402
 from fused_lstm.benchmark.algo import CudaProps, baseline_algo, cudnn_algo  # noqa: E402
 from fused_lstm.benchmark.candidates import last_path, resolve_candidate  # noqa: E402
 from fused_lstm.benchmark.flops import forward_flops, mode_flops  # noqa: E402
@@ -486,10 +486,30 @@ def _imported_roots(path: Path) -> List[Optional[str]]:
 
 def test_benchmark_package_depends_only_on_torch_matplotlib_stdlib() -> None:
     stdlib = {"__future__", "argparse", "collections", "csv", "dataclasses", "datetime", "gc", "importlib",
-              "json", "math", "os", "pathlib", "platform", "random", "re", "statistics", "subprocess", "sys",
+              "json", "math", "os", "pathlib", "platform", "random", "re", "signal", "statistics", "subprocess", "sys",
               "time", "typing"}
     allowed = stdlib | {"torch", "matplotlib", "numpy", None}
     for path in (REPO / "fused_lstm" / "benchmark").glob("*.py"):
         assert set(_imported_roots(path)) <= allowed, path.name
     init_roots = _imported_roots(REPO / "fused_lstm" / "benchmark" / "__init__.py")
     assert "fused_lstm" not in init_roots
+
+
+def test_interrupted_run_writes_what_it_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A time limit (SIGTERM) or Ctrl-C mid-run still leaves the finished rows on disk, marked as such."""
+    real_run_job = harness._run_job
+    calls = []
+
+    def run_job_then_stop(*args: Any, **kwargs: Any) -> List[Result]:
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real_run_job(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "_run_job", run_job_then_stop)
+    code = _main(tmp_path, "--shape", "6,3,5,8", "--shape", "5,2,4,8", "--modes", "infer", "--device", "cpu",
+                 "--candidate", "torch")
+    assert code == 130
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert doc["settings"]["interrupted"] is True
+    assert len(doc["results"]) == 1 and doc["results"][0]["status"] == "ok"

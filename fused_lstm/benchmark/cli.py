@@ -7,6 +7,7 @@ correctness gate (unless ``--allow-mismatch``) or raised, 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -221,11 +222,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     start = time.perf_counter()
     environment = collect_environment(device, candidate_name(factory))
-    results = run_benchmark(jobs, factory, _config(args, device), None if args.quiet else _stderr)
+    results: List[Result] = []
+    interrupted = False
+    # A time limit (timeout sends SIGTERM) or Ctrl-C still leaves the rows measured so far on disk.
+    previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        run_benchmark(jobs, factory, _config(args, device), None if args.quiet else _stderr, results)
+    except KeyboardInterrupt:
+        interrupted = True
+        _stderr(f"interrupted after {len(results)} of {sum(len(j.modes) for j in jobs)} rows: writing those")
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     seconds = time.perf_counter() - start
 
     print(format_table(results))
     print(format_summary(results))
-    paths = write_outputs(args.out, results, environment, _settings(args, jobs, seconds))
+    settings = _settings(args, jobs, seconds)
+    settings["interrupted"] = interrupted
+    paths = write_outputs(args.out, results, environment, settings)
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {seconds:.1f} s")
-    return exit_code(results, args.allow_mismatch)
+    return 130 if interrupted else exit_code(results, args.allow_mismatch)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt

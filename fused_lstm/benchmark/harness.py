@@ -114,10 +114,11 @@ def plan_jobs(cases: Sequence[Case], default_modes: Sequence[str], default_dtype
 
 
 def run_benchmark(jobs: Sequence[Job], factory: CandidateFactory, config: BenchmarkConfig,
-                  progress: Optional[Progress] = None) -> List[Result]:
-    """Gate and time every job; never raises for a single bad shape."""
+                  progress: Optional[Progress] = None, results: Optional[List[Result]] = None) -> List[Result]:
+    """Gate and time every job; never raises for a single bad shape. Results are appended to ``results``
+    (a new list if None) as they come, so a caller that is interrupted still has what was measured."""
     total = sum(len(j.modes) for j in jobs)
-    results: List[Result] = []
+    results = [] if results is None else results
     for job in jobs:
         for result in _run_job(job, factory, config):
             results.append(result)
