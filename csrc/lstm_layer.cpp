@@ -166,6 +166,12 @@ void LayerBackend::for_each_direction(int64_t directions, const std::function<vo
 
 bool LayerBackend::recurrence_forward(const RecurrenceForwardArgs&) const { return false; }
 
+namespace {
+thread_local std::string last_path;  // per thread: concurrent callers do not see each other's calls
+}  // namespace
+
+std::string last_forward_path() { return last_path; }
+
 bool LayerBackend::recurrence_backward(const RecurrenceBackwardArgs&) const { return false; }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
@@ -188,6 +194,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
   Tensor h_prev = need_workspace ? at::empty({D, R, Hout}, opts) : at::empty({0}, opts);
   Tensor projection_input = has_projections ? at::empty({D, N, H}, opts) : Tensor();  // h' before w_hr
 
+  bool whole_recurrence = false;
   backend.for_each_direction(D, [&](int64_t d) {
     const DirectionWeights w = direction_weights(weights, d, has_biases, has_projections);
     const bool reverse = d == 1;
@@ -211,7 +218,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
       whole.c_prev_saved = c_prev[d];
       whole.h_prev_saved = h_prev[d];
     }
-    if (backend.recurrence_forward(whole)) return;
+    if (backend.recurrence_forward(whole)) {
+      whole_recurrence = true;
+      return;
+    }
     for (int64_t step = 0; step < s.steps; ++step) {
       const int64_t t = reverse ? s.steps - 1 - step : step;
       const int64_t rows = s.step_rows[t], row0 = s.step_offset[t];
@@ -239,6 +249,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
     }
   });
 
+  last_path = backend.path_name(whole_recurrence);
   if (!need_workspace) gates = at::empty({0}, opts);
   if (s.dense) output = output.view({s.steps, N, D * Hout});
   return {output, h_n, c_n, gates, c_prev, h_prev};

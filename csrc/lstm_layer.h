@@ -23,6 +23,7 @@
 #include <c10/util/Optional.h>
 
 #include <functional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -110,7 +111,13 @@ class LayerBackend {
   virtual bool recurrence_forward(const RecurrenceForwardArgs& args) const;
   // Likewise for the backward recurrence (never called with projections).
   virtual bool recurrence_backward(const RecurrenceBackwardArgs& args) const;
+  // A name for the path a forward call took, for diagnostics and the benchmark ("cuda:standard", ...).
+  virtual std::string path_name(bool whole_recurrence) const = 0;
 };
+
+// The path the last lstm_layer_forward call on this thread took (path_name of its backend), or "" before
+// the first call.
+std::string last_forward_path();
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
     const Tensor& input, const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0,
@@ -124,5 +131,32 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_layer_backward(
     const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0, at::TensorList weights,
     bool has_biases, bool has_projections, bool bidirectional, const Tensor& gates, const Tensor& c_prev,
     const Tensor& h_prev, const LayerBackend& backend);
+
+// The registered kernels of a backend (its TORCH_LIBRARY_IMPL maps the op schemas onto these), run
+// under DeviceGuard for the input's device.
+struct NoDeviceGuard {
+  explicit NoDeviceGuard(c10::Device) {}
+};
+
+template <class Backend, class DeviceGuard = NoDeviceGuard>
+struct LayerOps {
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward(
+      const Tensor& input, const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0,
+      at::TensorList weights, bool has_biases, bool has_projections, bool bidirectional, bool need_workspace) {
+    const DeviceGuard guard(input.device());
+    return lstm_layer_forward(input, batch_sizes, h0, c0, weights, has_biases, has_projections, bidirectional,
+                              need_workspace, Backend());
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward(
+      const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& input,
+      const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0, at::TensorList weights,
+      bool has_biases, bool has_projections, bool bidirectional, const Tensor& gates, const Tensor& c_prev,
+      const Tensor& h_prev) {
+    const DeviceGuard guard(input.device());
+    return lstm_layer_backward(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weights, has_biases,
+                               has_projections, bidirectional, gates, c_prev, h_prev, Backend());
+  }
+};
 
 }  // namespace fused_lstm

@@ -4,6 +4,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "lstm_layer.h"
+
 namespace fused_lstm {
 
 TORCH_LIBRARY(fused_lstm, m) {
@@ -35,6 +37,8 @@ TORCH_LIBRARY(fused_lstm, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_lstm C++/CUDA kernels; the ops are registered under torch.ops.fused_lstm";
+  m.def("last_path", &fused_lstm::last_forward_path,
+        "The path the last forward layer call on this thread took, e.g. 'cuda:standard'");
   m.def("build_info", [] {
     pybind11::dict info;
 #ifdef FUSED_LSTM_WITH_CUDA

@@ -13,9 +13,10 @@ import torch
 
 from . import ops
 from ._C import build_info as _build_info
+from ._C import last_path as _last_path
 from .modules import LSTM, LSTMCell, convert
 
-__all__ = ["LSTM", "LSTMCell", "convert", "build_info", "ops"]
+__all__ = ["LSTM", "LSTMCell", "convert", "build_info", "last_path", "ops"]
 __version__ = "0.1.0"
 
 
@@ -26,3 +27,9 @@ def build_info() -> Dict[str, Any]:
     info["version"] = __version__
     info["cuda_available"] = bool(info["cuda"]) and torch.cuda.is_available()
     return info
+
+
+def last_path() -> str:
+    """The kernel path the last layer computed on this thread took: ``"cpu:fused-recurrence"`` (float32),
+    ``"cpu:per-step"``, ``"cuda:standard"`` or ``"cuda:persistent"``; ``""`` before the first call."""
+    return _last_path()

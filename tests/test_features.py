@@ -198,3 +198,14 @@ def test_convert_a_bare_lstm_returns_the_new_module():
     x = torch.randn(5, 2, 3)
     torch.testing.assert_close(ours(x)[0], lstm(x)[0])
     assert type(fused_lstm.convert(ours, back=True)) is nn.LSTM
+
+
+def test_last_path_names_the_kernel_path():
+    lstm = fused_lstm.LSTM(8, 16)
+    with torch.no_grad():
+        lstm(torch.randn(5, 4, 8))
+        assert fused_lstm.last_path() == "cpu:fused-recurrence"  # float32: the fused recurrence
+        lstm.double()(torch.randn(5, 4, 8, dtype=torch.float64))
+        assert fused_lstm.last_path() == "cpu:per-step"
+        fused_lstm.LSTM(8, 16, proj_size=4)(torch.randn(5, 4, 8))
+        assert fused_lstm.last_path() == "cpu:per-step"  # projections take the per-step loop

@@ -105,6 +105,9 @@ class CpuBackend final : public LayerBackend {
   }
   bool recurrence_forward(const RecurrenceForwardArgs& a) const override { return cpu_recurrence_forward(a); }
   bool recurrence_backward(const RecurrenceBackwardArgs& a) const override { return cpu_recurrence_backward(a); }
+  std::string path_name(bool whole_recurrence) const override {
+    return whole_recurrence ? "cpu:fused-recurrence" : "cpu:per-step";
+  }
 
  private:
   static constexpr int64_t kMinPackedRows = 16;
@@ -133,27 +136,11 @@ class CpuBackend final : public LayerBackend {
   mutable std::vector<OperandKey> seen_;
 };
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
-    const Tensor& input, const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0,
-    at::TensorList weights, bool has_biases, bool has_projections, bool bidirectional, bool need_workspace) {
-  return lstm_layer_forward(input, batch_sizes, h0, c0, weights, has_biases, has_projections, bidirectional,
-                            need_workspace, CpuBackend());
-}
-
-std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_layer_backward_cpu(
-    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& input,
-    const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0, at::TensorList weights,
-    bool has_biases, bool has_projections, bool bidirectional, const Tensor& gates, const Tensor& c_prev,
-    const Tensor& h_prev) {
-  return lstm_layer_backward(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weights, has_biases,
-                             has_projections, bidirectional, gates, c_prev, h_prev, CpuBackend());
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {
-  m.impl("lstm_layer", &lstm_layer_cpu);
-  m.impl("lstm_layer_backward", &lstm_layer_backward_cpu);
+  m.impl("lstm_layer", &LayerOps<CpuBackend>::forward);
+  m.impl("lstm_layer_backward", &LayerOps<CpuBackend>::backward);
 }
 
 }  // namespace fused_lstm

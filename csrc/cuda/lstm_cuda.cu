@@ -47,6 +47,9 @@ class CudaBackend final : public LayerBackend {
 
   // The persistent kernel when FUSED_LSTM_PERSISTENT asks for it (see persistent/persistent.h).
   bool recurrence_forward(const RecurrenceForwardArgs& args) const override { return persistent_try_forward(args); }
+  std::string path_name(bool whole_recurrence) const override {
+    return whole_recurrence ? "cuda:persistent" : "cuda:standard";
+  }
 
   void step_backward(const StepBackwardArgs& args) const override { cuda::launch_step_backward(args); }
 
@@ -100,29 +103,11 @@ class CudaBackend final : public LayerBackend {
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_cuda(
-    const Tensor& input, const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0,
-    at::TensorList weights, bool has_biases, bool has_projections, bool bidirectional, bool need_workspace) {
-  const c10::cuda::CUDAGuard device_guard(input.device());
-  return lstm_layer_forward(input, batch_sizes, h0, c0, weights, has_biases, has_projections, bidirectional,
-                            need_workspace, CudaBackend());
-}
-
-std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_layer_backward_cuda(
-    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& input,
-    const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0, at::TensorList weights,
-    bool has_biases, bool has_projections, bool bidirectional, const Tensor& gates, const Tensor& c_prev,
-    const Tensor& h_prev) {
-  const c10::cuda::CUDAGuard device_guard(input.device());
-  return lstm_layer_backward(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weights, has_biases,
-                             has_projections, bidirectional, gates, c_prev, h_prev, CudaBackend());
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_lstm, CUDA, m) {
-  m.impl("lstm_layer", &lstm_layer_cuda);
-  m.impl("lstm_layer_backward", &lstm_layer_backward_cuda);
+  m.impl("lstm_layer", &LayerOps<CudaBackend, c10::cuda::CUDAGuard>::forward);
+  m.impl("lstm_layer_backward", &LayerOps<CudaBackend, c10::cuda::CUDAGuard>::backward);
 }
 
 }  // namespace fused_lstm
