@@ -1,5 +1,7 @@
-// CPU backend of the LSTM layer: the fused pointwise steps as loops over (row, hidden unit), split
-// across threads with at::parallel_for; matrix products go through ATen (MKL / oneDNN / OpenBLAS).
+// CPU backend of the LSTM layer and its op registration. Float32 products go through the packed AVX-512/
+// AVX2 kernel (packed_gemm.h) and whole recurrences through the fused thread-per-slice loops
+// (recurrence_cpu.h); other dtypes use ATen's GEMMs and the per-step pointwise spans (step_spans.h),
+// split across threads with at::parallel_for.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
