@@ -91,12 +91,15 @@ class LSTM(nn.RNNBase):
         self._update_flat_weights()
         if isinstance(input, PackedSequence):
             data, batch_sizes, sorted_indices, unsorted_indices = input
+            # The batch size is the length of sorted_indices when there is one: a static size under
+            # torch.compile, where batch_sizes[0] would be data-dependent.
+            batch = sorted_indices.numel() if sorted_indices is not None else int(batch_sizes[0])
             if hx is None:
-                hx = self._zero_state(data, batch_sizes[0] if batch_sizes.numel() else 0)
+                hx = self._zero_state(data, batch)
             else:
                 hx = self.permute_hidden(hx, sorted_indices)
-            # torch.nn.LSTM skips this for packed input and fails inside its kernel; we check.
-            self.check_forward_args(data, hx, batch_sizes)
+            # torch.nn.LSTM skips these checks for packed input and fails inside its kernel; we check.
+            self._check_packed_args(data, batch_sizes, batch, hx)
             output, hidden = self._run(data, batch_sizes, hx)
             return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
                     self.permute_hidden(hidden, unsorted_indices))
@@ -130,6 +133,15 @@ class LSTM(nn.RNNBase):
             output = output.squeeze(batch_dim)
             hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1))
         return output, hidden
+
+    def _check_packed_args(self, data: Tensor, batch_sizes: Tensor, batch: int, hx: _HiddenState) -> None:
+        """torch's check_forward_args for packed input, with the batch size given rather than read from
+        batch_sizes (same messages)."""
+        self.check_input(data, batch_sizes)
+        layers = self.num_layers * (2 if self.bidirectional else 1)
+        out_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
+        self.check_hidden_size(hx[0], (layers, batch, out_hidden), "Expected hidden[0] size {}, got {}")
+        self.check_hidden_size(hx[1], (layers, batch, self.hidden_size), "Expected hidden[1] size {}, got {}")
 
     def _run(self, input: Tensor, batch_sizes: Optional[Tensor], hx: _HiddenState) -> Tuple[Tensor, _HiddenState]:
         """All layers. input: time-major [T, N, I] or packed [R, I]; hx: ([L*D, N, Hout], [L*D, N, H])."""

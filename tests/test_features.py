@@ -51,6 +51,25 @@ def test_compile_has_no_graph_break_and_calls_our_op():
     assert "fused_lstm.lstm_layer" in graph_code
 
 
+def test_compile_packed_sequence_fullgraph():
+    """Variable-length batches under torch.compile: the batch size comes from sorted_indices (static)."""
+    torch._dynamo.reset()
+    lstm = fused_lstm.LSTM(4, 5, bidirectional=True)
+    x = torch.randn(6, 3, 4, requires_grad=True)
+    lengths = torch.tensor([4, 6, 2])
+    hx = (torch.randn(2, 3, 5), torch.randn(2, 3, 5))
+    compiled = torch.compile(lstm, fullgraph=True, backend="aot_eager")
+    for state in (None, hx):
+        out, (h, c) = compiled(pack_padded_sequence(x, lengths, enforce_sorted=False), state)
+        ref, (h_ref, c_ref) = lstm(pack_padded_sequence(x, lengths, enforce_sorted=False), state)
+        torch.testing.assert_close(out.data, ref.data)
+        torch.testing.assert_close(h, h_ref)
+        torch.testing.assert_close(c, c_ref)
+        (g,) = torch.autograd.grad(out.data.sum() + h.sum(), x)
+        (g_ref,) = torch.autograd.grad(ref.data.sum() + h_ref.sum(), x)
+        torch.testing.assert_close(g, g_ref)
+
+
 def test_compile_lstm_cell():
     torch._dynamo.reset()
     cell = fused_lstm.LSTMCell(4, 5)
