@@ -164,7 +164,17 @@ void LayerBackend::for_each_direction(int64_t directions, const std::function<vo
   for (int64_t d = 0; d < directions; ++d) fn(d);
 }
 
-bool LayerBackend::recurrence_forward(const RecurrenceForwardArgs&) const { return false; }
+RecurrencePath parse_recurrence_path(c10::string_view name) {
+  if (name == "auto") return RecurrencePath::Auto;
+  if (name == "standard") return RecurrencePath::Standard;
+  if (name == "persistent") return RecurrencePath::Persistent;
+  TORCH_CHECK(false, "fused_lstm: recurrence must be 'auto', 'standard' or 'persistent', got '", name, "'");
+}
+
+bool LayerBackend::recurrence_forward(const RecurrenceForwardArgs& args) const {
+  TORCH_CHECK(!args.required, "fused_lstm: recurrence='persistent' is not available on this device");
+  return false;
+}
 
 namespace {
 thread_local std::string last_path;  // per thread: concurrent callers do not see each other's calls
@@ -204,6 +214,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
     const Tensor w_hh_t = w.w_hh.t(); // [Hout, 4H]
     backend.matmul(gates_d, input, w.w_ih.t(), /*accumulate=*/false, has_biases ? w.b_ih + w.b_hh : Tensor());
     RecurrenceForwardArgs whole;
+    whole.required = backend.recurrence() == RecurrencePath::Persistent;
     whole.step_rows = &s.step_rows;
     whole.step_offset = &s.step_offset;
     whole.batch_sizes = batch_sizes.has_value() ? &*batch_sizes : nullptr;
@@ -218,7 +229,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
       whole.c_prev_saved = c_prev[d];
       whole.h_prev_saved = h_prev[d];
     }
-    if (backend.recurrence_forward(whole)) {
+    if (backend.recurrence() != RecurrencePath::Standard && backend.recurrence_forward(whole)) {
       whole_recurrence = true;
       return;
     }

@@ -21,6 +21,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
 
 #include <functional>
 #include <string>
@@ -60,9 +61,18 @@ struct StepBackwardArgs {
   void* h_next;          // [rows, H] or null: receives the recomputed h' (projection weight gradient)
 };
 
+// Which path the forward time loop takes (the op's `recurrence` argument):
+//   Auto:       the backend decides (CPU: its fused recurrence where it applies; CUDA: the persistent
+//               kernel only as FUSED_LSTM_PERSISTENT says, which defaults to never);
+//   Standard:   the driver's per-step loop (a GEMM and a pointwise step per step);
+//   Persistent: the backend's whole-recurrence path, or an error saying why it cannot run this layer.
+enum class RecurrencePath { Auto, Standard, Persistent };
+RecurrencePath parse_recurrence_path(c10::string_view name);
+
 // The whole time loop of one direction's forward pass, for backends that can run it in one go (the
 // persistent CUDA kernel). Tensors are views into the driver's buffers; shapes as in the header comment.
 struct RecurrenceForwardArgs {
+  bool required = false;  // RecurrencePath::Persistent: run it or throw the reason, never return false
   const std::vector<int64_t>* step_rows;    // [T] active rows per step (host)
   const std::vector<int64_t>* step_offset;  // [T] first row of each step (host)
   const Tensor* batch_sizes;                // the op's batch_sizes (CPU int64 [T]) or nullptr when dense
@@ -92,10 +102,15 @@ struct RecurrenceBackwardArgs {
   Tensor d_gates;      // [R, 4H] out: gradients of the pre-activations
 };
 
-// What a device provides to the driver. Every call is enqueued on the device's current stream.
+// What a device provides to the driver. Every call is enqueued on the device's current stream. One
+// instance serves one op call.
 class LayerBackend {
  public:
+  explicit LayerBackend(RecurrencePath recurrence = RecurrencePath::Auto) : recurrence_(recurrence) {}
   virtual ~LayerBackend() = default;
+  // The forward path this call asked for (the driver honours Standard and Persistent; a backend may use it
+  // to schedule, e.g. to keep cooperative launches of two directions apart).
+  RecurrencePath recurrence() const { return recurrence_; }
   // out = a @ b + bias (bias [cols] broadcast over rows, or none when undefined); with accumulate,
   // out += a @ b (bias must be undefined). `a` and `b` may be transposed views.
   virtual void matmul(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate,
@@ -113,6 +128,9 @@ class LayerBackend {
   virtual bool recurrence_backward(const RecurrenceBackwardArgs& args) const;
   // A name for the path a forward call took, for diagnostics and the benchmark ("cuda:standard", ...).
   virtual std::string path_name(bool whole_recurrence) const = 0;
+
+ private:
+  RecurrencePath recurrence_;
 };
 
 // The path the last lstm_layer_forward call on this thread took (path_name of its backend), or "" before
@@ -142,10 +160,11 @@ template <class Backend, class DeviceGuard = NoDeviceGuard>
 struct LayerOps {
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward(
       const Tensor& input, const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0,
-      at::TensorList weights, bool has_biases, bool has_projections, bool bidirectional, bool need_workspace) {
+      at::TensorList weights, bool has_biases, bool has_projections, bool bidirectional, bool need_workspace,
+      c10::string_view recurrence) {
     const DeviceGuard guard(input.device());
     return lstm_layer_forward(input, batch_sizes, h0, c0, weights, has_biases, has_projections, bidirectional,
-                              need_workspace, Backend());
+                              need_workspace, Backend(parse_recurrence_path(recurrence)));
   }
 
   static std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward(

@@ -9,12 +9,13 @@
 namespace fused_lstm {
 
 TORCH_LIBRARY(fused_lstm, m) {
-  // One layer, both directions in one call. Shapes in lstm_layer.h. Returns
+  // One layer, both directions in one call. Shapes in lstm_layer.h; `recurrence` picks the forward path
+  // ("auto", "standard", "persistent": RecurrencePath in lstm_layer.h). Returns
   // (output, h_n, c_n, gates, c_prev, h_prev); the last three are the backward workspace, empty
   // [0] tensors when need_workspace is false.
   m.def(
       "lstm_layer(Tensor input, Tensor? batch_sizes, Tensor h0, Tensor c0, Tensor[] weights, bool has_biases, "
-      "bool has_projections, bool bidirectional, bool need_workspace) "
+      "bool has_projections, bool bidirectional, bool need_workspace, str recurrence=\"auto\") "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Returns (grad_input, grad_h0, grad_c0, grad_weights).
   m.def(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union, overload
+from typing import List, Literal, Optional, Tuple, Union, overload
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,14 @@ from . import ops
 __all__ = ["LSTM", "LSTMCell", "convert"]
 
 _HiddenState = Tuple[Tensor, Tensor]
+Recurrence = Literal["auto", "standard", "persistent"]
+_RECURRENCES = ("auto", "standard", "persistent")
+
+
+def _checked_recurrence(recurrence: str) -> str:
+    if recurrence not in _RECURRENCES:
+        raise ValueError(f"recurrence must be one of {_RECURRENCES}, got {recurrence!r}")
+    return recurrence
 
 
 def _check_state(input: Tensor, hx: _HiddenState, weight: Tensor) -> None:
@@ -52,19 +60,28 @@ class LSTM(nn.RNNBase):
     trace any ``nn.LSTM`` instance, so ``isinstance(m, torch.nn.LSTM)`` is ``False`` by design.
 
     Args: ``input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-    bidirectional=False, proj_size=0, device=None, dtype=None`` — exactly as ``torch.nn.LSTM``.
+    bidirectional=False, proj_size=0, device=None, dtype=None`` — exactly as ``torch.nn.LSTM`` — plus the
+    keyword-only ``recurrence``: ``"auto"`` (default), ``"standard"`` (a GEMM and a fused pointwise step per
+    time step) or ``"persistent"`` (the whole sequence in one kernel: the persistent CUDA kernel, the CPU's
+    fused recurrence; an error where it cannot run). It is not part of the state_dict.
     """
 
     @overload
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, device=None, dtype=None) -> None: ...
+                 proj_size: int = 0, device=None, dtype=None, *, recurrence: Recurrence = "auto") -> None: ...
 
     @overload
     def __init__(self, *args, **kwargs) -> None: ...
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, recurrence: Recurrence = "auto", **kwargs):
         super().__init__("LSTM", *args, **kwargs)
+        self.recurrence = _checked_recurrence(recurrence)
+
+    def extra_repr(self) -> str:
+        extra = super().extra_repr()
+        recurrence = getattr(self, "recurrence", "auto")
+        return extra if recurrence == "auto" else f"{extra}, recurrence={recurrence!r}"
 
     # Shape checks and hidden-state permutation are torch.nn.LSTM's own, so errors read the same.
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
@@ -158,6 +175,7 @@ class LSTM(nn.RNNBase):
                 layer_input, batch_sizes, hx[0][states], hx[1][states],
                 weights[layer * per_layer:(layer + 1) * per_layer],
                 self.bias, self.proj_size > 0, self.bidirectional, need_workspace,
+                getattr(self, "recurrence", "auto"),  # modules pickled before the attribute existed
             )
             h_n.append(h)
             c_n.append(c)
@@ -169,11 +187,14 @@ class LSTM(nn.RNNBase):
 
 class LSTMCell(nn.RNNCellBase):
     r"""A drop-in replacement for :class:`torch.nn.LSTMCell`: same constructor
-    (``input_size, hidden_size, bias=True, device=None, dtype=None``), parameters, inputs ((N, H_in) or
-    (H_in)), optional ``(h_0, c_0)`` and outputs ``(h_1, c_1)``. One step of the fused LSTM op."""
+    (``input_size, hidden_size, bias=True, device=None, dtype=None``, plus the keyword-only ``recurrence``
+    of :class:`LSTM`), parameters, inputs ((N, H_in) or (H_in)), optional ``(h_0, c_0)`` and outputs
+    ``(h_1, c_1)``. One step of the fused LSTM op."""
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
+                 recurrence: Recurrence = "auto") -> None:
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
+        self.recurrence = _checked_recurrence(recurrence)
 
     def forward(self, input: Tensor, hx: Optional[_HiddenState] = None) -> _HiddenState:
         if input.dim() not in (1, 2):
@@ -197,6 +218,7 @@ class LSTMCell(nn.RNNCellBase):
         _, h, c, *_ = ops.lstm_layer(
             input.unsqueeze(0), None, hx[0].unsqueeze(0), hx[1].unsqueeze(0), weights,
             self.bias, False, False, _needs_workspace([input, hx[0], hx[1], *weights]),
+            getattr(self, "recurrence", "auto"),
         )
         h, c = h[0], c[0]
         if not is_batched:

@@ -27,6 +27,7 @@ def lstm_layer(
     has_projections: bool,
     bidirectional: bool,
     need_workspace: bool,
+    recurrence: str = "auto",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One LSTM layer (both directions when ``bidirectional``), differentiable.
 
@@ -34,10 +35,14 @@ def lstm_layer(
     (int64, CPU, non-increasing); h0 ``[D, N, Hout]``; c0 ``[D, N, H]``; weights per direction in
     ``torch.nn.LSTM`` order ``w_ih [4H, I], w_hh [4H, Hout], (b_ih [4H], b_hh [4H]), (w_hr [Hout, H])``.
     Returns ``(output, h_n, c_n, gates, c_prev, h_prev)``; the last three are the backward workspace
-    (empty unless ``need_workspace``), needed when anything is to be differentiated.
+    (empty unless ``need_workspace``), needed when anything is to be differentiated. ``recurrence`` picks
+    the forward path: ``"auto"``, ``"standard"`` (a GEMM and a pointwise step per time step) or
+    ``"persistent"`` (the whole sequence in one go: the persistent CUDA kernel, the CPU's fused recurrence;
+    an error when it cannot run this layer).
     """
     return torch.ops.fused_lstm.lstm_layer.default(
-        input, batch_sizes, h0, c0, list(weights), has_biases, has_projections, bidirectional, need_workspace
+        input, batch_sizes, h0, c0, list(weights), has_biases, has_projections, bidirectional, need_workspace,
+        recurrence,
     )
 
 
@@ -74,7 +79,7 @@ def _layer_sizes(input: Tensor, batch_sizes: Optional[Tensor], weights: Sequence
 
 @torch.library.register_fake("fused_lstm::lstm_layer")
 def _lstm_layer_fake(input, batch_sizes, h0, c0, weights, has_biases, has_projections, bidirectional,
-                     need_workspace):
+                     need_workspace, recurrence="auto"):
     directions, hidden, out_hidden, rows = _layer_sizes(input, batch_sizes, weights, bidirectional)
     torch._check(input.dim() == (3 if batch_sizes is None else 2), lambda: "fused_lstm: bad input rank")
     torch._check(h0.shape[0] == directions and c0.shape[0] == directions, lambda: "fused_lstm: bad h0/c0")
@@ -106,7 +111,7 @@ def _lstm_layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_size
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    input, batch_sizes, h0, c0, weights, has_biases, has_projections, bidirectional, _ = inputs
+    input, batch_sizes, h0, c0, weights, has_biases, has_projections, bidirectional, _, _ = inputs
     _, _, _, gates, c_prev, h_prev = output
     ctx.mark_non_differentiable(gates, c_prev, h_prev)
     ctx.set_materialize_grads(False)  # unused outputs would otherwise get zero-filled gradients
@@ -119,7 +124,7 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_c_prev, _
     input, batch_sizes, h0, c0, gates, c_prev, h_prev, *weights = ctx.saved_tensors
     has_biases, has_projections, bidirectional = ctx.flags
     if grad_output is None and grad_h_n is None and grad_c_n is None:
-        return None, None, None, None, [None] * len(weights), None, None, None, None
+        return None, None, None, None, [None] * len(weights), None, None, None, None, None
     # Gradients are not materialised (set_materialize_grads(False)): only the used outputs' are zeroed here.
     if grad_output is None:
         out_hidden = weights[1].shape[1] * (2 if bidirectional else 1)
@@ -137,7 +142,7 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_c_prev, _
         )
         grads = [grad_input, grad_h0, grad_c0, *grad_weights]
     grad_input, grad_h0, grad_c0, *grad_weights = grads
-    return grad_input, None, grad_h0, grad_c0, list(grad_weights), None, None, None, None
+    return grad_input, None, grad_h0, grad_c0, list(grad_weights), None, None, None, None, None
 
 
 def _reference_backward(ctx, grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weights):

@@ -3,6 +3,8 @@ breaks, backward in eval mode, determinism, dropout between layers, convert().""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -228,3 +230,46 @@ def test_last_path_names_the_kernel_path():
         assert fused_lstm.last_path() == "cpu:per-step"
         fused_lstm.LSTM(8, 16, proj_size=4)(torch.randn(5, 4, 8))
         assert fused_lstm.last_path() == "cpu:per-step"  # projections take the per-step loop
+
+
+@pytest.mark.parametrize("recurrence,path", [("auto", "cpu:fused-recurrence"), ("standard", "cpu:per-step"),
+                                             ("persistent", "cpu:fused-recurrence")])
+def test_recurrence_argument_picks_the_path(recurrence, path):
+    """recurrence= forces the per-step loop or the whole-sequence path; results agree across paths."""
+    ref, _ = lstm_pair(6, 40, num_layers=2, bidirectional=True, dtype=torch.float32, init_scale=None)
+    ours = fused_lstm.LSTM(6, 40, num_layers=2, bidirectional=True, recurrence=recurrence)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(9, 5, 6, requires_grad=True)
+    out, (h, c) = ours(x)
+    assert fused_lstm.last_path() == path
+    out_ref, (h_ref, c_ref) = ref(x)
+    torch.testing.assert_close(out, out_ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(c, c_ref, atol=2e-5, rtol=1e-4)
+    (g,) = torch.autograd.grad(out.sum() + h.sum(), x)
+    (g_ref,) = torch.autograd.grad(out_ref.sum() + h_ref.sum(), x)
+    torch.testing.assert_close(g, g_ref, atol=2e-5, rtol=1e-4)
+
+
+def test_recurrence_persistent_runs_even_tiny_layers_and_cells():
+    with torch.no_grad():
+        fused_lstm.LSTM(3, 4, recurrence="persistent")(torch.randn(1, 1, 3))  # below the auto threshold
+        assert fused_lstm.last_path() == "cpu:fused-recurrence"
+        fused_lstm.LSTMCell(3, 4, recurrence="standard")(torch.randn(2, 3))
+        assert fused_lstm.last_path() == "cpu:per-step"
+
+
+@pytest.mark.parametrize("kwargs,dtype", [(dict(), torch.float64), (dict(proj_size=2), torch.float32)])
+def test_recurrence_persistent_says_why_it_cannot_run(kwargs, dtype):
+    lstm = fused_lstm.LSTM(3, 4, recurrence="persistent", dtype=dtype, **kwargs)
+    with pytest.raises(RuntimeError, match="recurrence='persistent' on the CPU needs float32 and no proj_size"):
+        lstm(torch.randn(5, 2, 3, dtype=dtype))
+
+
+def test_recurrence_argument_validation_repr_and_state_dict():
+    with pytest.raises(ValueError, match="recurrence must be one of"):
+        fused_lstm.LSTM(3, 4, recurrence="fast")
+    lstm = fused_lstm.LSTM(3, 4, recurrence="standard")
+    assert repr(lstm) == "LSTM(3, 4, recurrence='standard')"
+    assert repr(fused_lstm.LSTM(3, 4)) == repr(nn.LSTM(3, 4))
+    nn.LSTM(3, 4).load_state_dict(lstm.state_dict(), strict=True)
+    assert copy.deepcopy(lstm).recurrence == "standard"

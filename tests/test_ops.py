@@ -153,3 +153,14 @@ def test_build_info():
     info = fused_lstm.build_info()
     assert set(info) >= {"cuda", "cuda_archs", "torch_version", "version", "cuda_available"}
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+
+
+@pytest.mark.parametrize("recurrence", ["standard", "persistent"])
+def test_opcheck_with_recurrence_argument(recurrence):
+    args = layer_args(bidirectional=True, packed=True, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.fused_lstm.lstm_layer.default, (*args, recurrence))
+
+
+def test_unknown_recurrence_is_an_error():
+    with pytest.raises(RuntimeError, match="recurrence must be 'auto', 'standard' or 'persistent'"):
+        ops.lstm_layer(*layer_args(), recurrence="sometimes")

@@ -242,3 +242,20 @@ def test_cuda_graph_capture_replays(persistent):
     module = fused_lstm.LSTM(8, 16, num_layers=2, bidirectional=True, device=DEVICE)
     static_x = torch.randn(17, 3, 8, device=DEVICE)
     assert_cuda_graph_replays(module, static_x)
+
+
+def test_module_argument_forces_either_path(monkeypatch):
+    """recurrence= on the module overrides FUSED_LSTM_PERSISTENT both ways; both paths agree."""
+    module = fused_lstm.LSTM(8, 64, device=DEVICE, recurrence="persistent")
+    x = torch.randn(20, 4, 8, device=DEVICE)
+    monkeypatch.setenv(ENV, "0")
+    before = launches()
+    with torch.no_grad(), fp32_precision(allow_tf32=False):  # the persistent kernel is strict FP32
+        persistent = module(x)[0]
+    assert launches() == before + 1 and fused_lstm.last_path() == "cuda:persistent"
+    monkeypatch.setenv(ENV, "1")
+    module.recurrence = "standard"
+    with torch.no_grad(), fp32_precision(allow_tf32=False):
+        standard = module(x)[0]
+    assert launches() == before + 1 and fused_lstm.last_path() == "cuda:standard"
+    torch.testing.assert_close(persistent, standard, atol=1e-5, rtol=1e-5)

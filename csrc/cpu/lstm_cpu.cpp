@@ -82,6 +82,8 @@ struct OperandKey {
 // One instance per op call.
 class CpuBackend final : public LayerBackend {
  public:
+  using LayerBackend::LayerBackend;
+
   // float32 through the packed AVX-512/AVX2 kernel (see packed_gemm.h), other dtypes through ATen.
   void matmul(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate,
               const Tensor& bias) const override {

@@ -89,7 +89,10 @@ FUSED_LSTM_SIMD_CLONES void pointwise_backward_units(const StepBackwardArgs& ste
 }  // namespace
 
 bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
-  if (a.gates.scalar_type() != at::kFloat || a.w_hr.defined() || a.gates.size(0) < kMinRows) return false;
+  const bool supported = a.gates.scalar_type() == at::kFloat && !a.w_hr.defined();
+  TORCH_CHECK(supported || !a.required, "fused_lstm: recurrence='persistent' on the CPU needs float32 and no "
+              "proj_size (got ", a.gates.scalar_type(), a.w_hr.defined() ? " with proj_size" : "", ")");
+  if (!supported || (a.gates.size(0) < kMinRows && !a.required)) return false;
   const int64_t N = a.h_state.size(0), H = a.c_state.size(1), Hout = a.h_state.size(1);
   const int64_t steps = static_cast<int64_t>(a.step_rows->size());
   const int64_t blocks = (H + kLanes - 1) / kLanes;

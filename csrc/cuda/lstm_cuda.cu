@@ -32,6 +32,8 @@ namespace {
 
 class CudaBackend final : public LayerBackend {
  public:
+  using LayerBackend::LayerBackend;
+
   void matmul(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate,
               const Tensor& bias) const override {
     if (bias.defined()) {  // out = bias + a @ b as a broadcast copy then an accumulating product
@@ -71,7 +73,8 @@ class CudaBackend final : public LayerBackend {
       return;
     }
     TORCH_CHECK(directions == 2, "fused_lstm: expected 1 or 2 directions, got ", directions);
-    if (persistent_mode() != PersistentMode::Never) {
+    if (recurrence() == RecurrencePath::Persistent ||
+        (recurrence() == RecurrencePath::Auto && persistent_mode() != PersistentMode::Never)) {
       // Two cooperative launches, each sized to fill the GPU, must not run side by side (a grid is only
       // guaranteed co-resident when it has the device to itself): keep the directions on one stream.
       fn(0);

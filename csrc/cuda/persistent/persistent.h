@@ -42,8 +42,8 @@ bool persistent_preferred(const RecurrenceForwardArgs& a);
 void persistent_recurrence_forward(const RecurrenceForwardArgs& a);
 
 // The whole policy in one call, for LayerBackend::recurrence_forward: runs the persistent kernel and
-// returns true when the mode says so (Always: or throws the reason it cannot; Auto: supported and
-// preferred), else returns false so the driver walks the steps itself.
+// returns true when the mode says so (Always, or a.required: or throws the reason it cannot; Auto:
+// supported and preferred), else returns false so the driver walks the steps itself.
 bool persistent_try_forward(const RecurrenceForwardArgs& a);
 
 // Introspection for tests and benchmarks (also exposed as torch.ops.fused_lstm.persistent_max_hidden and

@@ -280,7 +280,8 @@ void persistent_recurrence_forward(const RecurrenceForwardArgs& a) {
 }
 
 bool persistent_try_forward(const RecurrenceForwardArgs& a) {
-  switch (persistent_mode()) {
+  // recurrence='persistent' asks for it whatever the environment says.
+  switch (a.required ? PersistentMode::Always : persistent_mode()) {
     case PersistentMode::Never:
       return false;
     case PersistentMode::Always:
