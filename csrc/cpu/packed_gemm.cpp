@@ -9,15 +9,16 @@
 namespace fused_lstm {
 
 FUSED_LSTM_SIMD_CLONES void matmul_panel(const float* a, int64_t a_row_stride, int64_t a_col_stride,
-                                          const PackedMatrix& b, float* out, int64_t out_row_stride,
-                                          bool accumulate, const float* bias, int64_t panel, int64_t row_begin,
-                                          int64_t row_end) {
+                                         const PackedMatrix& b, float* out, int64_t out_row_stride,
+                                         bool accumulate, const float* bias, int64_t panel, int64_t row_begin,
+                                         int64_t row_end, int64_t k_begin, int64_t k_end) {
   const int64_t first_col = panel * kPanel;
+  if (k_end < 0) k_end = b.K;
   int64_t valid[4];
   for (int g = 0; g < 4; ++g) valid[g] = std::clamp<int64_t>(b.cols - first_col - g * kLanes, 0, kLanes);
-  panel_rows(a + row_begin * a_row_stride, a_row_stride, a_col_stride, b.panel(panel), b.K,
-             out + row_begin * out_row_stride + first_col, out_row_stride, kLanes, valid, accumulate,
-             bias ? bias + first_col : nullptr, row_end - row_begin);
+  panel_rows(a + row_begin * a_row_stride + k_begin * a_col_stride, a_row_stride, a_col_stride,
+             b.panel(panel) + k_begin * kPanel, k_end - k_begin, out + row_begin * out_row_stride + first_col,
+             out_row_stride, kLanes, valid, accumulate, bias ? bias + first_col : nullptr, row_end - row_begin);
 }
 
 PackedMatrix pack_matrix(const at::Tensor& b) {
@@ -70,20 +71,31 @@ void packed_matmul(const at::Tensor& out, const at::Tensor& a, const PackedMatri
   float* out_ptr = out.data_ptr<float>();
   const int64_t a_rs = a.stride(0), a_cs = a.stride(1), out_rs = out.stride(0);
   if (a_cs != 1) {
-    // A transposed `a` (the weight gradients' d_gates^T): the kernel reads a row by row along k, so each
-    // task first gathers its rows into a contiguous buffer, then runs them against every panel.
-    constexpr int64_t kRowsPerTask = 4 * kRowTile;
+    // A transposed `a` (the weight gradients' d_gates^T, with K = all rows of the sequence): the kernel
+    // reads a row by row along k, so each task gathers a block of its rows for a chunk of k into a buffer,
+    // stored k-major ([k][rows]: each k copies contiguous elements of a's column; the kernel broadcasts from
+    // it with row stride 1), then runs it against every panel's matching chunk, which stays in cache for
+    // the block's row tiles.
+    constexpr int64_t kRowsPerTask = 8 * kRowTile, kChunk = 1024;
     const int64_t K = b.K;
     at::parallel_for(0, (M + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> rows_buffer(kRowsPerTask * K);
+      std::vector<float> block(kChunk * kRowsPerTask);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t row_begin = task * kRowsPerTask, rows = std::min(kRowsPerTask, M - row_begin);
-        for (int64_t k = 0; k < K; ++k) {
-          for (int64_t r = 0; r < rows; ++r) rows_buffer[r * K + k] = a_ptr[(row_begin + r) * a_rs + k * a_cs];
-        }
-        for (int64_t panel = 0; panel < b.count(); ++panel) {
-          matmul_panel(rows_buffer.data(), K, 1, b, out_ptr + row_begin * out_rs, out_rs, accumulate, bias_ptr,
-                       panel, 0, rows);
+        for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+          const int64_t k1 = std::min(K, k0 + kChunk);
+          for (int64_t k = k0; k < k1; ++k) {
+            const float* column = a_ptr + row_begin * a_rs + k * a_cs;
+            float* dst = block.data() + (k - k0) * kRowsPerTask;
+            for (int64_t r = 0; r < rows; ++r) dst[r] = column[r * a_rs];
+          }
+          // The block holds k in [k0, k1): shift its origin so that matmul_panel's k offset lands on it.
+          const float* origin = block.data() - k0 * kRowsPerTask;
+          const bool first = k0 == 0;
+          for (int64_t panel = 0; panel < b.count(); ++panel) {
+            matmul_panel(origin, 1, kRowsPerTask, b, out_ptr + row_begin * out_rs, out_rs, accumulate || !first,
+                         first ? bias_ptr : nullptr, panel, 0, rows, k0, k1);
+          }
         }
       }
     });
