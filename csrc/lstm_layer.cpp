@@ -176,13 +176,13 @@ bool LayerBackend::recurrence_forward(const RecurrenceForwardArgs& args) const {
   return false;
 }
 
+bool LayerBackend::recurrence_backward(const RecurrenceBackwardArgs&) const { return false; }
+
 namespace {
 thread_local std::string last_path;  // per thread: concurrent callers do not see each other's calls
 }  // namespace
 
 std::string last_forward_path() { return last_path; }
-
-bool LayerBackend::recurrence_backward(const RecurrenceBackwardArgs&) const { return false; }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
     const Tensor& input_arg, const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0,
