@@ -91,6 +91,9 @@ inline size_t shared_bytes(int units_per_block, int padded_hidden, int batch, si
 template <typename scalar_t>
 constexpr int kVec = 16 / static_cast<int>(sizeof(scalar_t));
 
+__device__ __forceinline__ float2 pair_to_float2(__half2 pair) { return __half22float2(pair); }
+__device__ __forceinline__ float2 pair_to_float2(__nv_bfloat162 pair) { return __bfloat1622float2(pair); }
+
 // One 16-byte vector of storage-dtype values -> kVec floats.
 template <typename scalar_t>
 __device__ __forceinline__ void unpack(const uint4& v, float (&out)[kVec<scalar_t>]) {
@@ -99,20 +102,15 @@ __device__ __forceinline__ void unpack(const uint4& v, float (&out)[kVec<scalar_
     out[1] = __uint_as_float(v.y);
     out[2] = __uint_as_float(v.z);
     out[3] = __uint_as_float(v.w);
-  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    const __half2* pairs = reinterpret_cast<const __half2*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __half22float2(pairs[i]);
-      out[2 * i] = f.x;
-      out[2 * i + 1] = f.y;
-    }
   } else {
-    static_assert(std::is_same_v<scalar_t, c10::BFloat16>, "persistent kernel: float, Half or BFloat16");
-    const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&v);
+    static_assert(std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>,
+                  "persistent kernel: float, Half or BFloat16");
+    // Half and BFloat16 differ only in the pair type and its conversion (pair_to_float2 above).
+    using Pair = std::conditional_t<std::is_same_v<scalar_t, c10::Half>, __half2, __nv_bfloat162>;
+    const Pair* pairs = reinterpret_cast<const Pair*>(&v);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const float2 f = __bfloat1622float2(pairs[i]);
+      const float2 f = pair_to_float2(pairs[i]);
       out[2 * i] = f.x;
       out[2 * i + 1] = f.y;
     }
