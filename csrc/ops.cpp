@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/cpu_limits.h"
 #include "lstm_layer.h"
 
 namespace fused_lstm {
@@ -40,6 +41,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_lstm C++/CUDA kernels; the ops are registered under torch.ops.fused_lstm";
   m.def("last_path", &fused_lstm::last_forward_path,
         "The path the last forward layer call on this thread took, e.g. 'cuda:standard'");
+  m.def("cpu_kernel_limits", [] {
+    namespace limits = fused_lstm::cpu_limits;
+    pybind11::dict d;
+    d["max_in_place_rows"] = limits::kMaxInPlaceRows;
+    d["min_packed_rows"] = limits::kMinPackedRows;
+    d["max_in_place_batch"] = limits::kMaxInPlaceBatch;
+    d["min_recurrence_rows"] = limits::kMinRecurrenceRows;
+    return d;
+  }, "Sizes where the CPU kernels switch form (csrc/cpu/cpu_limits.h)");
   m.def("build_info", [] {
     pybind11::dict info;
 #ifdef FUSED_LSTM_WITH_CUDA

@@ -11,6 +11,8 @@
 #include <utility>
 
 #include "../lstm_layer.h"
+#include "cpu_limits.h"
+#include "dot_gemm.h"
 #include "packed_gemm.h"
 #include "recurrence_cpu.h"
 #include "step_spans.h"
@@ -91,11 +93,17 @@ class CpuBackend final : public LayerBackend {
       LayerBackend::matmul(out, a, b, accumulate, bias);
       return;
     }
-    // Packing b costs about as much as multiplying a handful of rows by it: pack when the product is
-    // big enough or b comes back (the per-step products of the time loop).
     const OperandKey key{b.data_ptr(), b.size(0), b.size(1), b.stride(0), b.stride(1)};
     const PackedMatrix* cached = find(key);
-    if (cached == nullptr && a.size(0) < kMinPackedRows && !seen_once(key)) {
+    // b = W^T with W's rows contiguous (the forward products with the weights): with few rows of a, read W
+    // in place rather than pack it (see dot_gemm.h).
+    if (cached == nullptr && b.stride(0) == 1 && a.stride(1) == 1 && a.size(0) < cpu_limits::kMaxInPlaceRows) {
+      dot_matmul(out, a, b.t(), accumulate, bias);
+      return;
+    }
+    // Packing b costs about as much as multiplying a handful of rows by it: pack when the product is
+    // big enough or b comes back (the per-step products of the time loop).
+    if (cached == nullptr && a.size(0) < cpu_limits::kMinPackedRows && !seen_once(key)) {
       LayerBackend::matmul(out, a, b, accumulate, bias);
       return;
     }
@@ -114,7 +122,6 @@ class CpuBackend final : public LayerBackend {
   }
 
  private:
-  static constexpr int64_t kMinPackedRows = 16;
 
   const PackedMatrix* find(const OperandKey& key) const {
     for (const auto& [k, matrix] : packed_) {

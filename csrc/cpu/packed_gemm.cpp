@@ -21,6 +21,17 @@ FUSED_LSTM_SIMD_CLONES void matmul_panel(const float* a, int64_t a_row_stride, i
              out_row_stride, kLanes, valid, accumulate, bias ? bias + first_col : nullptr, row_end - row_begin);
 }
 
+void fill_panel_from_rows(const float* const (&rows)[kPanel], int64_t k_stride, int64_t K, float* panel) {
+  constexpr int64_t kChunk = 16;  // 16 k x 64 columns: 4 KB of panel
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    const int64_t k1 = std::min(K, k0 + kChunk);
+    for (int64_t c = 0; c < kPanel; ++c) {
+      const float* row = rows[c];
+      for (int64_t k = k0; k < k1; ++k) panel[k * kPanel + c] = row ? row[k * k_stride] : 0.0f;
+    }
+  }
+}
+
 PackedMatrix pack_matrix(const at::Tensor& b) {
   PackedMatrix packed;
   packed.K = b.size(0);
@@ -42,10 +53,9 @@ PackedMatrix pack_matrix(const at::Tensor& b) {
           for (int64_t c = 0; c < width; ++c) panel[k * kPanel + c] = src[k * s0 + (p * kPanel + c) * s1];
         }
       } else {  // b is a transposed view: each panel column is a contiguous source row
-        for (int64_t c = 0; c < width; ++c) {
-          const float* column = src + (p * kPanel + c) * s1;
-          for (int64_t k = 0; k < K; ++k) panel[k * kPanel + c] = column[k * s0];
-        }
+        const float* rows[kPanel];
+        for (int64_t c = 0; c < kPanel; ++c) rows[c] = c < width ? src + (p * kPanel + c) * s1 : nullptr;
+        fill_panel_from_rows(rows, s0, K, panel);
       }
     }
   });

@@ -6,28 +6,12 @@
 
 #include <ATen/core/Tensor.h>
 
-#include <cstring>
-
-#include "step_spans.h"
-
-// The vector helpers are always inlined into the ISA clones, so no vector crosses an ABI boundary.
-#pragma GCC diagnostic ignored "-Wpsabi"
+#include "vec16.h"
 
 namespace fused_lstm {
 
-constexpr int64_t kLanes = 16;               // floats per vector
 constexpr int64_t kPanel = 4 * kLanes;       // columns per packed panel: 4 vectors
 constexpr int kRowTile = 4;                  // rows per tile: 4 rows x 4 vectors = 16 accumulators
-
-typedef float vec16 __attribute__((vector_size(kLanes * sizeof(float))));
-
-FUSED_LSTM_ALWAYS_INLINE vec16 load16(const float* p) {
-  vec16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-FUSED_LSTM_ALWAYS_INLINE void store16(float* p, vec16 v) { std::memcpy(p, &v, sizeof(v)); }
 
 // One panel's product for Rows rows: out[r, group g lane l] (+)= bias[g*16 + l] + sum_k a[r, k] * panel[k][g*16 + l].
 //   a:     element (r, k) at a[r * a_row_stride + k * a_col_stride]
@@ -112,6 +96,11 @@ struct PackedMatrix {
 void matmul_panel(const float* a, int64_t a_row_stride, int64_t a_col_stride, const PackedMatrix& b, float* out,
                   int64_t out_row_stride, bool accumulate, const float* bias, int64_t panel, int64_t row_begin,
                   int64_t row_end, int64_t k_begin = 0, int64_t k_end = -1);
+
+// Fills one panel [K][64] from 64 source rows (rows[c] holds panel column c along k, at stride k_stride;
+// null for a zero column). Walks k in chunks so that the scattered writes land in an L1-sized chunk of the
+// panel: writing one column at a time touched a new cache line per element (~2 ms for a 4 MB W_hh).
+void fill_panel_from_rows(const float* const (&rows)[kPanel], int64_t k_stride, int64_t K, float* panel);
 
 // Packs b ([K, Nc] float32, any strides) in parallel.
 PackedMatrix pack_matrix(const at::Tensor& b);

@@ -17,6 +17,8 @@
 #include <omp.h>
 #endif
 
+#include "cpu_limits.h"
+#include "dot_gemm.h"
 #include "packed_gemm.h"
 
 namespace fused_lstm {
@@ -27,15 +29,14 @@ namespace {
 void pack_blocks(const float* w_hh, int64_t H, int64_t Hout, float* packed, int64_t block_begin,
                  int64_t block_end) {
   for (int64_t ub = block_begin; ub < block_end; ++ub) {
-    float* dst = packed + ub * Hout * kPanel;
-    // Walk each source row of w_hh contiguously (see pack_matrix).
+    const float* rows[kPanel];
     for (int64_t q = 0; q < 4; ++q) {
       for (int64_t l = 0; l < kLanes; ++l) {
         const int64_t unit = ub * kLanes + l;
-        const float* row = unit < H ? w_hh + (q * H + unit) * Hout : nullptr;
-        for (int64_t k = 0; k < Hout; ++k) dst[(k * 4 + q) * kLanes + l] = row ? row[k] : 0.0f;
+        rows[q * kLanes + l] = unit < H ? w_hh + (q * H + unit) * Hout : nullptr;
       }
     }
+    fill_panel_from_rows(rows, 1, Hout, packed + ub * Hout * kPanel);
   }
 }
 
@@ -57,14 +58,24 @@ FUSED_LSTM_SIMD_CLONES void thread_step(const StepForwardArgs& step, const float
   for (int64_t b = 0; b < step.rows; ++b) forward_span<float>(step, b, unit_begin, unit_end);
 }
 
+// The same with W_hh read in place (dot_gemm.h): per gate, the thread's units are one contiguous block of
+// W_hh's rows. For small batches, where packing W_hh would cost more than it saves.
+FUSED_LSTM_SIMD_CLONES void thread_step_in_place(const StepForwardArgs& step, const float* w_hh, int64_t unit_begin,
+                                                 int64_t unit_end) {
+  const int64_t H = step.hidden, Hout = step.out_hidden;
+  const float* h = static_cast<const float*>(step.h_state);  // [rows, Hout]
+  float* gates = static_cast<float*>(step.gates);            // [rows, 4H]
+  for (int64_t q = 0; q < 4; ++q) {
+    dot_block(h, Hout, w_hh + (q * H + unit_begin) * Hout, Hout, Hout, gates + q * H + unit_begin, 4 * H,
+              /*accumulate=*/true, /*bias=*/nullptr, step.rows, unit_end - unit_begin);
+  }
+  for (int64_t b = 0; b < step.rows; ++b) forward_span<float>(step, b, unit_begin, unit_end);
+}
+
 // Threads for a recurrence: one per kFlopsPerThread of recurrent work per step, at most one per slice. Below that
 // the per-step barrier costs more than the thread saves, and a barrier is where a busy machine hurts most
 // (a descheduled thread stalls the rest).
 constexpr int64_t kFlopsPerThread = 256 << 10;
-
-// Packing W_hh costs about as much as multiplying a handful of rows by it: with fewer rows in the whole
-// sequence (an LSTMCell call, say) the per-step library products are cheaper.
-constexpr int64_t kMinRows = 16;
 
 int team_size(int64_t H, int64_t Hout, int64_t N, int64_t slices) {
   const int64_t flops_per_step = 8 * H * Hout * N;
@@ -92,12 +103,14 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
   const bool supported = a.gates.scalar_type() == at::kFloat && !a.w_hr.defined();
   TORCH_CHECK(supported || !a.required, "fused_lstm: recurrence='persistent' on the CPU needs float32 and no "
               "proj_size (got ", a.gates.scalar_type(), a.w_hr.defined() ? " with proj_size" : "", ")");
-  if (!supported || (a.gates.size(0) < kMinRows && !a.required)) return false;
+  if (!supported) return false;
   const int64_t N = a.h_state.size(0), H = a.c_state.size(1), Hout = a.h_state.size(1);
+  const bool in_place = N <= cpu_limits::kMaxInPlaceBatch;
+  if (!in_place && a.gates.size(0) < cpu_limits::kMinRecurrenceRows && !a.required) return false;
   const int64_t steps = static_cast<int64_t>(a.step_rows->size());
   const int64_t blocks = (H + kLanes - 1) / kLanes;
   const at::Tensor w_hh = a.w_hh.contiguous();
-  at::Tensor packed = at::empty({blocks * Hout * kPanel}, a.gates.options());
+  at::Tensor packed = at::empty({in_place ? 0 : blocks * Hout * kPanel}, a.gates.options());
   at::Tensor h_buffers = at::empty({2, N, Hout}, a.gates.options());  // h_{t-1} / h_t, swapped every step
   h_buffers[0].copy_(a.h_state);
 
@@ -118,7 +131,7 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
     const auto [thread, team] = thread_in_team();
     const int64_t block_begin = blocks * thread / team, block_end = blocks * (thread + 1) / team;
     const int64_t unit_begin = block_begin * kLanes, unit_end = std::min(H, block_end * kLanes);
-    pack_blocks(w, H, Hout, packed_ptr, block_begin, block_end);  // first touch by the thread that reads it
+    if (!in_place) pack_blocks(w, H, Hout, packed_ptr, block_begin, block_end);  // first touch by its reader
     int64_t parity = 0;
     for (int64_t step = 0; step < steps; ++step) {
       const int64_t t = a.reverse ? steps - 1 - step : step;
@@ -139,7 +152,11 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
       s.output_stride = output_stride;
       s.c_prev_saved = c_prev ? c_prev + row0 * H : nullptr;
       s.h_prev_saved = h_prev ? h_prev + row0 * Hout : nullptr;
-      thread_step(s, packed_ptr, block_begin, block_end);
+      if (in_place) {
+        thread_step_in_place(s, w, unit_begin, unit_end);
+      } else {
+        thread_step(s, packed_ptr, block_begin, block_end);
+      }
       // Rows not active this step keep their state: carry them into the buffer that becomes current.
       for (int64_t b = rows; b < N; ++b) {
         std::copy(h_cur + b * Hout + unit_begin, h_cur + b * Hout + unit_end, h_next + b * Hout + unit_begin);
@@ -159,7 +176,7 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
 // its columns of dh = d_gates @ w_hh from all units' d_gates. The dh columns it writes are exactly the
 // units its next pointwise step reads, and c is per unit, so one barrier per step is enough.
 bool cpu_recurrence_backward(const RecurrenceBackwardArgs& a) {
-  if (a.gates.scalar_type() != at::kFloat || a.gates.size(0) < kMinRows) return false;
+  if (a.gates.scalar_type() != at::kFloat || a.gates.size(0) < cpu_limits::kMinRecurrenceRows) return false;
   const int64_t N = a.dh_state.size(0), H = a.dc_state.size(1);
   const int64_t steps = static_cast<int64_t>(a.step_rows->size());
   const PackedMatrix w_hh = pack_matrix(a.w_hh);  // [4H, H] in panels of 64 columns (units)

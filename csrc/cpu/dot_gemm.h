@@ -1,0 +1,100 @@
+// Float32 products against a matrix held with its reduction index contiguous, as nn.LSTM holds its weights
+// (W [4H, K], each row one gate unit's weights): out = a @ W^T. The kernel runs along k in vectors and
+// reduces each accumulator at the end, so it reads W in place. Packing W for the broadcast kernel
+// (packed_gemm.h) reads and writes all of W once per call, which costs more than it saves when few rows
+// use it: at batch 1, H = 1024, the two packs were a third of a 50-step forward.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "vec16.h"
+
+namespace fused_lstm {
+
+constexpr int kDotRows = 4;  // rows of a per tile
+constexpr int kDotCols = 4;  // rows of W (output columns) per tile: 4 x 4 accumulators
+
+// Rows x Cols outputs: out[r * out_row_stride + c] (+)= bias[c] + sum_k a[r * a_row_stride + k] * w[c * w_row_stride + k]
+// for r < Rows, c < Cols; bias may be null, and is ignored when accumulating. a and w have unit stride along k.
+template <int Rows, int Cols>
+FUSED_LSTM_ALWAYS_INLINE void dot_tile(const float* a, int64_t a_row_stride, const float* w, int64_t w_row_stride,
+                                       int64_t K, float* out, int64_t out_row_stride, bool accumulate,
+                                       const float* bias) {
+  vec16 acc[Rows][Cols] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    vec16 wv[Cols];
+    for (int c = 0; c < Cols; ++c) wv[c] = load16(w + c * w_row_stride + k);
+    for (int r = 0; r < Rows; ++r) {
+      const vec16 av = load16(a + r * a_row_stride + k);
+      for (int c = 0; c < Cols; ++c) acc[r][c] += av * wv[c];
+    }
+  }
+  if (k < K) {
+    for (int r = 0; r < Rows; ++r) {
+      const vec16 av = load16_partial(a + r * a_row_stride + k, K - k);
+      for (int c = 0; c < Cols; ++c) acc[r][c] += av * load16_partial(w + c * w_row_stride + k, K - k);
+    }
+  }
+  for (int r = 0; r < Rows; ++r) {
+    float* o = out + r * out_row_stride;
+    if constexpr (Cols == 4) {
+      vec4 sums = reduce_add4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+      if (accumulate || bias) {
+        vec4 previous;
+        std::memcpy(&previous, accumulate ? o : bias, sizeof(previous));
+        sums += previous;
+      }
+      std::memcpy(o, &sums, sizeof(sums));
+    } else {
+      for (int c = 0; c < Cols; ++c) {
+        const float sum = reduce_add4(acc[r][c], vec16{}, vec16{}, vec16{})[0];
+        o[c] = sum + (accumulate ? o[c] : bias ? bias[c] : 0.0f);
+      }
+    }
+  }
+}
+
+// dot_tile<.., Cols> over `rows` rows in tiles of kDotRows (the remainder with a smaller tile).
+template <int Cols>
+FUSED_LSTM_ALWAYS_INLINE void dot_rows(const float* a, int64_t a_row_stride, const float* w, int64_t w_row_stride,
+                                       int64_t K, float* out, int64_t out_row_stride, bool accumulate,
+                                       const float* bias, int64_t rows) {
+  int64_t r = 0;
+  for (; r + kDotRows <= rows; r += kDotRows) {
+    dot_tile<kDotRows, Cols>(a + r * a_row_stride, a_row_stride, w, w_row_stride, K, out + r * out_row_stride,
+                             out_row_stride, accumulate, bias);
+  }
+  const float* a_rest = a + r * a_row_stride;
+  float* out_rest = out + r * out_row_stride;
+  switch (rows - r) {
+    case 3: dot_tile<3, Cols>(a_rest, a_row_stride, w, w_row_stride, K, out_rest, out_row_stride, accumulate, bias); break;
+    case 2: dot_tile<2, Cols>(a_rest, a_row_stride, w, w_row_stride, K, out_rest, out_row_stride, accumulate, bias); break;
+    case 1: dot_tile<1, Cols>(a_rest, a_row_stride, w, w_row_stride, K, out_rest, out_row_stride, accumulate, bias); break;
+    default: break;
+  }
+}
+
+// A rows x cols block in tiles of kDotRows x kDotCols (smaller at the edges). Each W tile (kDotCols rows of
+// W) stays in L1 while every row tile of a passes over it. (No lambdas here: a lambda's body would be
+// compiled for the baseline ISA, not the caller's clone.)
+FUSED_LSTM_ALWAYS_INLINE void dot_block(const float* a, int64_t a_row_stride, const float* w, int64_t w_row_stride,
+                                        int64_t K, float* out, int64_t out_row_stride, bool accumulate,
+                                        const float* bias, int64_t rows, int64_t cols) {
+  int64_t c = 0;
+  for (; c + kDotCols <= cols; c += kDotCols) {
+    dot_rows<kDotCols>(a, a_row_stride, w + c * w_row_stride, w_row_stride, K, out + c, out_row_stride, accumulate,
+                       bias ? bias + c : nullptr, rows);
+  }
+  for (; c < cols; ++c) {
+    dot_rows<1>(a, a_row_stride, w + c * w_row_stride, w_row_stride, K, out + c, out_row_stride, accumulate,
+                bias ? bias + c : nullptr, rows);
+  }
+}
+
+// out[M, Nc] (accumulate ? += : =) a[M, K] @ w[Nc, K]^T (+ bias [Nc] when defined and not accumulating), in
+// parallel over blocks of rows and columns. out, a and w have unit stride along their last dimension.
+void dot_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w, bool accumulate,
+                const at::Tensor& bias);
+
+}  // namespace fused_lstm

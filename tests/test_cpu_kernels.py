@@ -1,0 +1,66 @@
+"""The CPU float32 kernels on both sides of every size switch (csrc/cpu/cpu_limits.h): W read in place vs
+packed, for the input projection, the fused recurrence and the per-step loop, with row counts and sizes
+that leave vector tails (not multiples of 16) and several threads. Each case is checked against
+torch.nn.LSTM and against a float64 run: our float32 error must stay within twice torch's own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_lstm
+from conftest import assert_close, lstm_pair
+
+LIMITS = fused_lstm._C.cpu_kernel_limits()
+IN_PLACE_BATCH = LIMITS["max_in_place_batch"]
+IN_PLACE_ROWS = LIMITS["max_in_place_rows"]
+
+
+def _cases():
+    """(steps, batch, input_size, hidden, proj_size, what it covers)."""
+    small, large = IN_PLACE_BATCH, IN_PLACE_BATCH + 1
+    return [
+        (9, 1, 37, 50, 0, "batch 1: W_hh and W_ih in place, K tails"),
+        (5, small, 64, 128, 0, "largest in-place batch, two threads per step"),
+        (7, large, 33, 40, 0, "smallest packed batch, projection in place"),
+        (-(-IN_PLACE_ROWS // large), large, 19, 72, 0, "packed batch, packed projection (rows at the switch)"),
+        (IN_PLACE_ROWS - 1, 1, 24, 17, 0, "projection in place just below the switch"),
+        (3, 2, 16, 48, 0, "fewer rows than a packed recurrence needs: in place anyway"),
+        (6, 3, 21, 36, 11, "proj_size: per-step products in place"),
+        (3, IN_PLACE_ROWS + 3, 21, 36, 11, "proj_size with a large batch: packed per-step products"),
+    ]
+
+
+@pytest.mark.parametrize("steps,batch,input_size,hidden,proj,what", _cases(), ids=[c[-1] for c in _cases()])
+@pytest.mark.parametrize("recurrence", ["auto", "standard"])
+def test_float32_kernels_match_torch_and_float64(steps, batch, input_size, hidden, proj, what, recurrence):
+    ref64, _ = lstm_pair(input_size, hidden, proj_size=proj, bidirectional=True, init_scale=None)
+    ref32, ours = lstm_pair(input_size, hidden, proj_size=proj, bidirectional=True, dtype=torch.float32)
+    ref32.load_state_dict(ref64.state_dict())
+    ours.load_state_dict(ref64.state_dict())
+    ours.recurrence = recurrence
+    x64 = torch.randn(steps, batch, input_size, dtype=torch.float64)
+    x = x64.float().requires_grad_()
+    exact_out, (exact_h, exact_c) = ref64(x64)
+    out_ref, (h_ref, c_ref) = ref32(x)
+    out, (h, c) = ours(x)
+    expected_path = "cpu:per-step" if recurrence == "standard" or proj else "cpu:fused-recurrence"
+    assert fused_lstm.last_path() == expected_path
+    for name, mine, theirs, exact in (("output", out, out_ref, exact_out), ("h_n", h, h_ref, exact_h),
+                                      ("c_n", c, c_ref, exact_c)):
+        assert_close(mine, theirs, torch.float32, name)
+        err_ours = (mine.double() - exact).abs().max().item()
+        err_torch = (theirs.double() - exact).abs().max().item()
+        assert err_ours <= 2 * err_torch + 1e-6, (name, err_ours, err_torch)
+    g = torch.randn_like(out)
+    grads_ref = torch.autograd.grad((out_ref * g).sum() + h_ref.sum() + c_ref.sum(), [x, *ref32.parameters()])
+    grads = torch.autograd.grad((out * g).sum() + h.sum() + c.sum(), [x, *ours.parameters()])
+    for name, mine, theirs in zip(["input", *dict(ours.named_parameters())], grads, grads_ref):
+        assert_close(mine, theirs, torch.float32, f"grad {name}")
+
+
+def test_limits_are_consistent():
+    """The switches the cases above straddle exist and are ordered as the cases assume."""
+    assert 1 <= IN_PLACE_BATCH < IN_PLACE_ROWS
+    assert 1 <= LIMITS["min_packed_rows"] <= IN_PLACE_ROWS
+    assert LIMITS["min_recurrence_rows"] >= 1
