@@ -198,8 +198,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
   // The running state lives in h_n / c_n: rows of finished sequences simply stop being updated.
   Tensor h_n = h0.contiguous().clone();  // [D, N, Hout]
   Tensor c_n = c0.contiguous().clone();  // [D, N, H]
-  // Pre-activations of every step, turned into post-activation gates in place (the workspace).
-  Tensor gates = at::empty({D, R, 4 * H}, opts);
+  // Pre-activations of every step, turned into post-activation gates in place (the workspace; in
+  // inference a direction's buffer is made only if the backend does not fuse the input projection).
+  Tensor gates = at::empty({need_workspace ? D : 0, R, 4 * H}, opts);
   Tensor c_prev = need_workspace ? at::empty({D, R, H}, opts) : at::empty({0}, opts);
   Tensor h_prev = need_workspace ? at::empty({D, R, Hout}, opts) : at::empty({0}, opts);
   Tensor projection_input = has_projections ? at::empty({D, N, H}, opts) : Tensor();  // h' before w_hr
@@ -208,18 +209,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
   backend.for_each_direction(D, [&](int64_t d) {
     const DirectionWeights w = direction_weights(weights, d, has_biases, has_projections);
     const bool reverse = d == 1;
-    const Tensor gates_d = gates[d];  // [R, 4H]
     const Tensor h_state = h_n[d];    // [N, Hout]
     const Tensor c_state = c_n[d];    // [N, H]
     const Tensor w_hh_t = w.w_hh.t(); // [Hout, 4H]
-    backend.matmul(gates_d, input, w.w_ih.t(), /*accumulate=*/false, has_biases ? w.b_ih + w.b_hh : Tensor());
+    const Tensor bias = has_biases ? w.b_ih + w.b_hh : Tensor();
     RecurrenceForwardArgs whole;
     whole.required = backend.recurrence() == RecurrencePath::Persistent;
     whole.step_rows = &s.step_rows;
     whole.step_offset = &s.step_offset;
     whole.batch_sizes = batch_sizes.has_value() ? &*batch_sizes : nullptr;
     whole.reverse = reverse;
-    whole.gates = gates_d;
+    whole.projected = false;
+    whole.input = input;
+    whole.w_ih = w.w_ih;
+    whole.bias = bias;
+    whole.gates = need_workspace ? gates[d] : Tensor();
     whole.w_hh = w.w_hh;
     whole.w_hr = w.w_hr;
     whole.h_state = h_state;
@@ -229,7 +233,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
       whole.c_prev_saved = c_prev[d];
       whole.h_prev_saved = h_prev[d];
     }
-    if (backend.recurrence() != RecurrencePath::Standard && backend.recurrence_forward(whole)) {
+    const bool try_whole = backend.recurrence() != RecurrencePath::Standard;
+    if (try_whole && backend.recurrence_forward(whole)) {
+      whole_recurrence = true;
+      return;
+    }
+    const Tensor gates_d = need_workspace ? gates[d] : at::empty({R, 4 * H}, opts);  // [R, 4H]
+    backend.matmul(gates_d, input, w.w_ih.t(), /*accumulate=*/false, bias);
+    whole.projected = true;
+    whole.gates = gates_d;
+    if (try_whole && backend.recurrence_forward(whole)) {
       whole_recurrence = true;
       return;
     }

@@ -77,7 +77,14 @@ struct RecurrenceForwardArgs {
   const std::vector<int64_t>* step_offset;  // [T] first row of each step (host)
   const Tensor* batch_sizes;                // the op's batch_sizes (CPU int64 [T]) or nullptr when dense
   bool reverse;                             // walk the steps from T-1 down to 0
-  Tensor gates;         // [R, 4H]: input projection + biases in; post-activation gates out
+  // The driver asks twice: first with projected = false, offering the input projection too (gates then
+  // the workspace or undefined in inference, holding nothing yet), and, if declined, again after
+  // computing it into gates.
+  bool projected = true;
+  Tensor input;         // [R, I] the layer input
+  Tensor w_ih;          // [4H, I]
+  Tensor bias;          // [4H] b_ih + b_hh, or undefined
+  Tensor gates;         // [R, 4H]: input projection + biases in (when projected); post-activation gates out
   Tensor w_hh;          // [4H, Hout]
   Tensor w_hr;          // [Hout, H] or undefined
   Tensor h_state;       // [N, Hout]: h0 in, h_n out

@@ -17,25 +17,27 @@ IN_PLACE_ROWS = LIMITS["max_in_place_rows"]
 
 
 def _cases():
-    """(steps, batch, input_size, hidden, proj_size, what it covers)."""
+    """(steps, batch, input_size, hidden, proj_size, bias, what it covers)."""
     small, large = IN_PLACE_BATCH, IN_PLACE_BATCH + 1
     return [
-        (9, 1, 37, 50, 0, "batch 1: W_hh and W_ih in place, K tails"),
-        (5, small, 64, 128, 0, "largest in-place batch, two threads per step"),
-        (7, large, 33, 40, 0, "smallest packed batch, projection in place"),
-        (-(-IN_PLACE_ROWS // large), large, 19, 72, 0, "packed batch, packed projection (rows at the switch)"),
-        (IN_PLACE_ROWS - 1, 1, 24, 17, 0, "projection in place just below the switch"),
-        (3, 2, 16, 48, 0, "fewer rows than a packed recurrence needs: in place anyway"),
-        (6, 3, 21, 36, 11, "proj_size: per-step products in place"),
-        (3, IN_PLACE_ROWS + 3, 21, 36, 11, "proj_size with a large batch: packed per-step products"),
+        (9, 1, 37, 50, 0, True, "batch 1: W_hh and W_ih in place, K tails"),
+        (5, small, 64, 128, 0, True, "largest in-place batch, two threads per step"),
+        (7, large, 33, 40, 0, True, "smallest packed batch: input projection fused into the recurrence"),
+        (6, 2 * large + 1, 19, 72, 0, False, "packed, fused projection without bias, row tile tails"),
+        (5, 24, 48, 96, 0, True, "packed, two threads per step"),
+        (IN_PLACE_ROWS - 1, 1, 24, 17, 0, True, "projection in place just below the switch"),
+        (-(-IN_PLACE_ROWS // large), large, 19, 72, 0, True, "per-step loop: packed projection at the switch"),
+        (3, 2, 16, 48, 0, True, "fewer rows than a packed recurrence needs: in place anyway"),
+        (6, 3, 21, 36, 11, True, "proj_size: per-step products in place"),
+        (3, IN_PLACE_ROWS + 3, 21, 36, 11, True, "proj_size with a large batch: packed per-step products"),
     ]
 
 
-@pytest.mark.parametrize("steps,batch,input_size,hidden,proj,what", _cases(), ids=[c[-1] for c in _cases()])
+@pytest.mark.parametrize("steps,batch,input_size,hidden,proj,bias,what", _cases(), ids=[c[-1] for c in _cases()])
 @pytest.mark.parametrize("recurrence", ["auto", "standard"])
-def test_float32_kernels_match_torch_and_float64(steps, batch, input_size, hidden, proj, what, recurrence):
-    ref64, _ = lstm_pair(input_size, hidden, proj_size=proj, bidirectional=True, init_scale=None)
-    ref32, ours = lstm_pair(input_size, hidden, proj_size=proj, bidirectional=True, dtype=torch.float32)
+def test_float32_kernels_match_torch_and_float64(steps, batch, input_size, hidden, proj, bias, what, recurrence):
+    ref64, _ = lstm_pair(input_size, hidden, proj_size=proj, bias=bias, bidirectional=True, init_scale=None)
+    ref32, ours = lstm_pair(input_size, hidden, proj_size=proj, bias=bias, bidirectional=True, dtype=torch.float32)
     ref32.load_state_dict(ref64.state_dict())
     ours.load_state_dict(ref64.state_dict())
     ours.recurrence = recurrence
@@ -52,6 +54,11 @@ def test_float32_kernels_match_torch_and_float64(steps, batch, input_size, hidde
         err_ours = (mine.double() - exact).abs().max().item()
         err_torch = (theirs.double() - exact).abs().max().item()
         assert err_ours <= 2 * err_torch + 1e-6, (name, err_ours, err_torch)
+    # Inference keeps no workspace (the fused recurrence then holds one step's gates at a time): the same
+    # arithmetic, so the same bits.
+    with torch.no_grad():
+        out_inference, (h_inference, c_inference) = ours(x)
+    assert torch.equal(out_inference, out) and torch.equal(h_inference, h) and torch.equal(c_inference, c)
     g = torch.randn_like(out)
     grads_ref = torch.autograd.grad((out_ref * g).sum() + h_ref.sum() + c_ref.sum(), [x, *ref32.parameters()])
     grads = torch.autograd.grad((out * g).sum() + h.sum() + c.sum(), [x, *ours.parameters()])

@@ -16,9 +16,10 @@ FUSED_LSTM_SIMD_CLONES void matmul_panel(const float* a, int64_t a_row_stride, i
   if (k_end < 0) k_end = b.K;
   int64_t valid[4];
   for (int g = 0; g < 4; ++g) valid[g] = std::clamp<int64_t>(b.cols - first_col - g * kLanes, 0, kLanes);
-  panel_rows(a + row_begin * a_row_stride + k_begin * a_col_stride, a_row_stride, a_col_stride,
-             b.panel(panel) + k_begin * kPanel, k_end - k_begin, out + row_begin * out_row_stride + first_col,
-             out_row_stride, kLanes, valid, accumulate, bias ? bias + first_col : nullptr, row_end - row_begin);
+  const PanelOperand operand[1] = {{a + row_begin * a_row_stride + k_begin * a_col_stride, a_row_stride, a_col_stride,
+                                    b.panel(panel) + k_begin * kPanel, k_end - k_begin}};
+  panel_rows(operand, out + row_begin * out_row_stride + first_col, out_row_stride, kLanes, valid, accumulate,
+             bias ? bias + first_col : nullptr, row_end - row_begin);
 }
 
 void fill_panel_from_rows(const float* const (&rows)[kPanel], int64_t k_stride, int64_t K, float* panel) {

@@ -13,15 +13,24 @@ namespace fused_lstm {
 constexpr int64_t kPanel = 4 * kLanes;       // columns per packed panel: 4 vectors
 constexpr int kRowTile = 4;                  // rows per tile: 4 rows x 4 vectors = 16 accumulators
 
-// One panel's product for Rows rows: out[r, group g lane l] (+)= bias[g*16 + l] + sum_k a[r, k] * panel[k][g*16 + l].
-//   a:     element (r, k) at a[r * a_row_stride + k * a_col_stride]
-//   panel: [K][64]
+// A left operand and the packed panel it multiplies: element (r, k) of a at a[r * row_stride + k * col_stride],
+// panel [K][64].
+struct PanelOperand {
+  const float* a;
+  int64_t row_stride, col_stride;
+  const float* panel;
+  int64_t K;
+  PanelOperand from_row(int64_t r) const { return {a + r * row_stride, row_stride, col_stride, panel, K}; }
+};
+
+// One panel's product for Rows rows, summed over Operands operand/panel pairs (an LSTM step's input and
+// recurrent products land in the same accumulators):
+//   out[r, group g lane l] (+)= bias[g*16 + l] + sum_ops sum_k a[r, k] * panel[k][g*16 + l]
 //   out:   vector group g of row r starts at out + r * out_row_stride + g * group_stride; only the first
 //          valid[g] lanes of each group are real columns (the panel is zero past them).
 //   bias:  [64] for this panel, or null
-template <int Rows>
-FUSED_LSTM_ALWAYS_INLINE void panel_tile(const float* a, int64_t a_row_stride, int64_t a_col_stride,
-                                         const float* panel, int64_t K, float* out, int64_t out_row_stride,
+template <int Rows, int Operands>
+FUSED_LSTM_ALWAYS_INLINE void panel_tile(const PanelOperand (&ops)[Operands], float* out, int64_t out_row_stride,
                                          int64_t group_stride, const int64_t (&valid)[4], bool accumulate,
                                          const float* bias) {
   if (accumulate) {
@@ -38,16 +47,18 @@ FUSED_LSTM_ALWAYS_INLINE void panel_tile(const float* a, int64_t a_row_stride, i
       for (int g = 0; g < 4; ++g) acc[r][g] = load16(bias + g * kLanes);
     }
   }
-  for (int64_t k = 0; k < K; ++k) {
-    const float* w = panel + k * kPanel;
-    const vec16 w0 = load16(w), w1 = load16(w + kLanes), w2 = load16(w + 2 * kLanes), w3 = load16(w + 3 * kLanes);
+  for (const PanelOperand& op : ops) {
+    for (int64_t k = 0; k < op.K; ++k) {
+      const float* w = op.panel + k * kPanel;
+      const vec16 w0 = load16(w), w1 = load16(w + kLanes), w2 = load16(w + 2 * kLanes), w3 = load16(w + 3 * kLanes);
 #pragma GCC unroll 4
-    for (int r = 0; r < Rows; ++r) {
-      const float x = a[r * a_row_stride + k * a_col_stride];
-      acc[r][0] += x * w0;
-      acc[r][1] += x * w1;
-      acc[r][2] += x * w2;
-      acc[r][3] += x * w3;
+      for (int r = 0; r < Rows; ++r) {
+        const float x = op.a[r * op.row_stride + k * op.col_stride];
+        acc[r][0] += x * w0;
+        acc[r][1] += x * w1;
+        acc[r][2] += x * w2;
+        acc[r][3] += x * w3;
+      }
     }
   }
   for (int r = 0; r < Rows; ++r) {
@@ -55,29 +66,39 @@ FUSED_LSTM_ALWAYS_INLINE void panel_tile(const float* a, int64_t a_row_stride, i
       float* o = out + r * out_row_stride + g * group_stride;
       if (valid[g] == kLanes) {
         store16(o, accumulate ? load16(o) + acc[r][g] : acc[r][g]);
-      } else {
-        for (int64_t l = 0; l < valid[g]; ++l) o[l] = accumulate ? o[l] + acc[r][g][l] : acc[r][g][l];
+      } else if (valid[g] > 0) {
+        // Through one vector, so the accumulators themselves stay in registers.
+        const vec16 v = accumulate ? load16_partial(o, valid[g]) + acc[r][g] : acc[r][g];
+        std::memcpy(o, &v, valid[g] * sizeof(float));
       }
     }
   }
 }
 
-// panel_tile over `rows` rows in tiles of kRowTile (the remainder with a smaller tile).
-FUSED_LSTM_ALWAYS_INLINE void panel_rows(const float* a, int64_t a_row_stride, int64_t a_col_stride,
-                                         const float* panel, int64_t K, float* out, int64_t out_row_stride,
+// panel_tile on rows [r, r + Rows) of the operands.
+template <int Rows, int Operands>
+FUSED_LSTM_ALWAYS_INLINE void panel_tile_at(const PanelOperand (&ops)[Operands], int64_t r, float* out,
+                                            int64_t out_row_stride, int64_t group_stride, const int64_t (&valid)[4],
+                                            bool accumulate, const float* bias) {
+  PanelOperand shifted[Operands];
+  for (int i = 0; i < Operands; ++i) shifted[i] = ops[i].from_row(r);
+  panel_tile<Rows, Operands>(shifted, out + r * out_row_stride, out_row_stride, group_stride, valid, accumulate, bias);
+}
+
+// panel_tile over `rows` rows in tiles of kRowTile (the remainder with a smaller tile). No lambdas in these
+// helpers: a lambda's body is compiled for the baseline ISA, not the calling clone's.
+template <int Operands>
+FUSED_LSTM_ALWAYS_INLINE void panel_rows(const PanelOperand (&ops)[Operands], float* out, int64_t out_row_stride,
                                          int64_t group_stride, const int64_t (&valid)[4], bool accumulate,
                                          const float* bias, int64_t rows) {
   int64_t r = 0;
   for (; r + kRowTile <= rows; r += kRowTile) {
-    panel_tile<kRowTile>(a + r * a_row_stride, a_row_stride, a_col_stride, panel, K, out + r * out_row_stride,
-                         out_row_stride, group_stride, valid, accumulate, bias);
+    panel_tile_at<kRowTile>(ops, r, out, out_row_stride, group_stride, valid, accumulate, bias);
   }
-  const float* a_rest = a + r * a_row_stride;
-  float* out_rest = out + r * out_row_stride;
   switch (rows - r) {
-    case 3: panel_tile<3>(a_rest, a_row_stride, a_col_stride, panel, K, out_rest, out_row_stride, group_stride, valid, accumulate, bias); break;
-    case 2: panel_tile<2>(a_rest, a_row_stride, a_col_stride, panel, K, out_rest, out_row_stride, group_stride, valid, accumulate, bias); break;
-    case 1: panel_tile<1>(a_rest, a_row_stride, a_col_stride, panel, K, out_rest, out_row_stride, group_stride, valid, accumulate, bias); break;
+    case 3: panel_tile_at<3>(ops, r, out, out_row_stride, group_stride, valid, accumulate, bias); break;
+    case 2: panel_tile_at<2>(ops, r, out, out_row_stride, group_stride, valid, accumulate, bias); break;
+    case 1: panel_tile_at<1>(ops, r, out, out_row_stride, group_stride, valid, accumulate, bias); break;
     default: break;
   }
 }

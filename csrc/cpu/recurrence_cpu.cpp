@@ -24,35 +24,64 @@
 namespace fused_lstm {
 namespace {
 
-// Packs unit blocks [block_begin, block_end) of w_hh [4H, Hout] into packed [blocks][Hout][4][16]:
-// packed[((ub * Hout + k) * 4 + q) * 16 + l] = w_hh[q * H + ub * 16 + l][k], zero for units past H.
-void pack_blocks(const float* w_hh, int64_t H, int64_t Hout, float* packed, int64_t block_begin,
-                 int64_t block_end) {
+// Packs unit blocks [block_begin, block_end) of w [4H, K] (W_hh or W_ih) into packed [blocks][K][4][16]:
+// packed[((ub * K + k) * 4 + q) * 16 + l] = w[q * H + ub * 16 + l][k], zero for units past H. A block's
+// panel holds the four gates of 16 units, so a thread owning whole blocks owns whole gate rows.
+void pack_blocks(const float* w, int64_t H, int64_t K, float* packed, int64_t block_begin, int64_t block_end) {
   for (int64_t ub = block_begin; ub < block_end; ++ub) {
     const float* rows[kPanel];
     for (int64_t q = 0; q < 4; ++q) {
       for (int64_t l = 0; l < kLanes; ++l) {
         const int64_t unit = ub * kLanes + l;
-        rows[q * kLanes + l] = unit < H ? w_hh + (q * H + unit) * Hout : nullptr;
+        rows[q * kLanes + l] = unit < H ? w + (q * H + unit) * K : nullptr;
       }
     }
-    fill_panel_from_rows(rows, 1, Hout, packed + ub * Hout * kPanel);
+    fill_panel_from_rows(rows, 1, K, packed + ub * K * kPanel);
   }
 }
 
-// One thread's share of one step: recurrent GEMM of its unit blocks for `rows` rows, then the pointwise
-// step on its units [unit_begin, unit_end) (rows' pre-activations are complete once its own blocks are).
-FUSED_LSTM_SIMD_CLONES void thread_step(const StepForwardArgs& step, const float* packed, int64_t block_begin,
-                                        int64_t block_end) {
-  const int64_t H = step.hidden, Hout = step.out_hidden;
+// The bias [4H] in the same block order: packed[ub * 64 + q * 16 + l] = bias[q * H + ub * 16 + l].
+void pack_bias_blocks(const float* bias, int64_t H, float* packed, int64_t block_begin, int64_t block_end) {
+  for (int64_t ub = block_begin; ub < block_end; ++ub) {
+    for (int64_t q = 0; q < 4; ++q) {
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const int64_t unit = ub * kLanes + l;
+        packed[ub * kPanel + q * kLanes + l] = unit < H ? bias[q * H + unit] : 0.0f;
+      }
+    }
+  }
+}
+
+// The packed input projection of one step, fused into the recurrence (null when the driver computed it).
+struct StepProjection {
+  const float* input = nullptr;        // [rows, I]: this step's rows of the layer input
+  int64_t input_size = 0;              // I
+  const float* packed_w_ih = nullptr;  // pack_blocks of W_ih
+  const float* packed_bias = nullptr;  // pack_bias_blocks of b_ih + b_hh, or null
+};
+
+// One thread's share of one step: the gate pre-activations of its unit blocks for `rows` rows (with the
+// input projection fused, the step's input rows against the block's W_ih panel and h against its W_hh
+// panel sum in the same registers), then the pointwise step on its units
+// [unit_begin, unit_end) (rows' pre-activations are complete once its own blocks are).
+FUSED_LSTM_SIMD_CLONES void thread_step(const StepForwardArgs& step, const StepProjection& projection,
+                                        const float* packed_w_hh, int64_t block_begin, int64_t block_end) {
+  const int64_t H = step.hidden, Hout = step.out_hidden, I = projection.input_size;
   const float* h = static_cast<const float*>(step.h_state);  // [rows, Hout]
   float* gates = static_cast<float*>(step.gates);            // [rows, 4H]
   for (int64_t ub = block_begin; ub < block_end; ++ub) {
     const int64_t units = std::min(kLanes, H - ub * kLanes);
     const int64_t valid[4] = {units, units, units, units};
     // The panel's 4 vector groups are the 4 gates of 16 units: they land H columns apart.
-    panel_rows(h, Hout, 1, packed + ub * Hout * kPanel, Hout, gates + ub * kLanes, 4 * H, H, valid,
-               /*accumulate=*/true, /*bias=*/nullptr, step.rows);
+    const PanelOperand recurrent{h, Hout, 1, packed_w_hh + ub * Hout * kPanel, Hout};
+    if (projection.input) {
+      const PanelOperand both[2] = {{projection.input, I, 1, projection.packed_w_ih + ub * I * kPanel, I}, recurrent};
+      panel_rows(both, gates + ub * kLanes, 4 * H, H, valid, /*accumulate=*/false,
+                 projection.packed_bias ? projection.packed_bias + ub * kPanel : nullptr, step.rows);
+    } else {
+      const PanelOperand only[1] = {recurrent};
+      panel_rows(only, gates + ub * kLanes, 4 * H, H, valid, /*accumulate=*/true, /*bias=*/nullptr, step.rows);
+    }
   }
   const int64_t unit_begin = block_begin * kLanes, unit_end = std::min(H, block_end * kLanes);
   for (int64_t b = 0; b < step.rows; ++b) forward_span<float>(step, b, unit_begin, unit_end);
@@ -100,30 +129,48 @@ FUSED_LSTM_SIMD_CLONES void pointwise_backward_units(const StepBackwardArgs& ste
 }  // namespace
 
 bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
-  const bool supported = a.gates.scalar_type() == at::kFloat && !a.w_hr.defined();
+  const at::ScalarType dtype = a.h_state.scalar_type();
+  const bool supported = dtype == at::kFloat && !a.w_hr.defined();
   TORCH_CHECK(supported || !a.required, "fused_lstm: recurrence='persistent' on the CPU needs float32 and no "
-              "proj_size (got ", a.gates.scalar_type(), a.w_hr.defined() ? " with proj_size" : "", ")");
+              "proj_size (got ", dtype, a.w_hr.defined() ? " with proj_size" : "", ")");
   if (!supported) return false;
   const int64_t N = a.h_state.size(0), H = a.c_state.size(1), Hout = a.h_state.size(1);
+  const int64_t R = a.input.size(0), I = a.input.size(1);
   const bool in_place = N <= cpu_limits::kMaxInPlaceBatch;
-  if (!in_place && a.gates.size(0) < cpu_limits::kMinRecurrenceRows && !a.required) return false;
+  if (!in_place && R < cpu_limits::kMinRecurrenceRows && !a.required) return false;
+  // With packed weights the input projection is fused into each step (its rows of the gates are still in
+  // cache when the recurrent product adds to them, and inference needs no [R, 4H] buffer); in place, the
+  // driver's projection (a dot-form product when rows are few) comes first.
+  const bool fuse_projection = !in_place;
+  if (a.projected == fuse_projection) return false;
   const int64_t steps = static_cast<int64_t>(a.step_rows->size());
   const int64_t blocks = (H + kLanes - 1) / kLanes;
+  const auto opts = a.h_state.options();
   const at::Tensor w_hh = a.w_hh.contiguous();
-  at::Tensor packed = at::empty({in_place ? 0 : blocks * Hout * kPanel}, a.gates.options());
-  at::Tensor h_buffers = at::empty({2, N, Hout}, a.gates.options());  // h_{t-1} / h_t, swapped every step
+  const at::Tensor w_ih = fuse_projection ? a.w_ih.contiguous() : at::Tensor();
+  const at::Tensor bias = fuse_projection && a.bias.defined() ? a.bias.contiguous() : at::Tensor();
+  at::Tensor packed_w_hh = at::empty({in_place ? 0 : blocks * Hout * kPanel}, opts);
+  at::Tensor packed_w_ih = at::empty({fuse_projection ? blocks * I * kPanel : 0}, opts);
+  at::Tensor packed_bias = at::empty({bias.defined() ? blocks * kPanel : 0}, opts);
+  // Inference keeps no workspace: one step's gates at a time.
+  at::Tensor gates_buffer = a.gates.defined() ? a.gates : at::empty({N, 4 * H}, opts);
+  const int64_t gates_row0_stride = a.gates.defined() ? 4 * H : 0;  // gates row of step row0
+  at::Tensor h_buffers = at::empty({2, N, Hout}, opts);  // h_{t-1} / h_t, swapped every step
   h_buffers[0].copy_(a.h_state);
 
   const float* w = w_hh.data_ptr<float>();
-  float* packed_ptr = packed.data_ptr<float>();
+  float* packed_ptr = packed_w_hh.data_ptr<float>();
+  float* packed_ih_ptr = packed_w_ih.data_ptr<float>();
+  float* packed_bias_ptr = bias.defined() ? packed_bias.data_ptr<float>() : nullptr;
+  const float* input = a.input.data_ptr<float>();
   float* h_buf = h_buffers.data_ptr<float>();
-  float* gates = a.gates.data_ptr<float>();
+  float* gates = gates_buffer.data_ptr<float>();
   float* c_state = a.c_state.data_ptr<float>();
   float* output = a.output.data_ptr<float>();
   const int64_t output_stride = a.output.stride(0);
   float* c_prev = a.c_prev_saved.defined() ? a.c_prev_saved.data_ptr<float>() : nullptr;
   float* h_prev = a.h_prev_saved.defined() ? a.h_prev_saved.data_ptr<float>() : nullptr;
-  const int threads = team_size(H, Hout, N, blocks);
+  const int threads = team_size(H, Hout + (fuse_projection ? I : 0), N, blocks);
   int64_t final_buffer = 0;  // which of h_buffers holds h after the last step
 
 #pragma omp parallel num_threads(threads)
@@ -131,7 +178,10 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
     const auto [thread, team] = thread_in_team();
     const int64_t block_begin = blocks * thread / team, block_end = blocks * (thread + 1) / team;
     const int64_t unit_begin = block_begin * kLanes, unit_end = std::min(H, block_end * kLanes);
-    if (!in_place) pack_blocks(w, H, Hout, packed_ptr, block_begin, block_end);  // first touch by its reader
+    // Packed by the thread that reads them (first touch), so no barrier is needed before the first step.
+    if (!in_place) pack_blocks(w, H, Hout, packed_ptr, block_begin, block_end);
+    if (fuse_projection) pack_blocks(w_ih.data_ptr<float>(), H, I, packed_ih_ptr, block_begin, block_end);
+    if (packed_bias_ptr) pack_bias_blocks(bias.data_ptr<float>(), H, packed_bias_ptr, block_begin, block_end);
     int64_t parity = 0;
     for (int64_t step = 0; step < steps; ++step) {
       const int64_t t = a.reverse ? steps - 1 - step : step;
@@ -144,7 +194,7 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
       s.rows = rows;
       s.hidden = H;
       s.out_hidden = Hout;
-      s.gates = gates + row0 * 4 * H;
+      s.gates = gates + row0 * gates_row0_stride;
       s.c_state = c_state;
       s.h_state = h_cur;
       s.h_next = h_next;
@@ -155,7 +205,14 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
       if (in_place) {
         thread_step_in_place(s, w, unit_begin, unit_end);
       } else {
-        thread_step(s, packed_ptr, block_begin, block_end);
+        StepProjection projection;
+        if (fuse_projection) {
+          projection.input = input + row0 * I;
+          projection.input_size = I;
+          projection.packed_w_ih = packed_ih_ptr;
+          projection.packed_bias = packed_bias_ptr;
+        }
+        thread_step(s, projection, packed_ptr, block_begin, block_end);
       }
       // Rows not active this step keep their state: carry them into the buffer that becomes current.
       for (int64_t b = rows; b < N; ++b) {

@@ -47,8 +47,11 @@ class CudaBackend final : public LayerBackend {
 
   void step_forward(const StepForwardArgs& args) const override { cuda::launch_step_forward(args); }
 
-  // The persistent kernel when FUSED_LSTM_PERSISTENT asks for it (see persistent/persistent.h).
-  bool recurrence_forward(const RecurrenceForwardArgs& args) const override { return persistent_try_forward(args); }
+  // The persistent kernel when FUSED_LSTM_PERSISTENT asks for it (see persistent/persistent.h), on gates
+  // that already hold the input projection (cuBLAS computes it).
+  bool recurrence_forward(const RecurrenceForwardArgs& args) const override {
+    return args.projected && persistent_try_forward(args);
+  }
   std::string path_name(bool whole_recurrence) const override {
     return whole_recurrence ? "cuda:persistent" : "cuda:standard";
   }
