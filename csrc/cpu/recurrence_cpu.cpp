@@ -112,6 +112,25 @@ int team_size(int64_t H, int64_t Hout, int64_t N, int64_t slices) {
       1, std::min({static_cast<int64_t>(at::get_num_threads()), slices, flops_per_step / kFlopsPerThread})));
 }
 
+// Whether a packed forward recurrence computes the input projection itself (see cpu_limits.h).
+bool fuse_input_projection(int64_t N, int64_t H, int64_t Hout, int64_t I, int64_t blocks) {
+  if (N < cpu_limits::kFusedProjectionMinBatch) return false;
+  if (N >= cpu_limits::kFusedProjectionLargeBatch) return true;
+  const int64_t threads = team_size(H, Hout + I, N, blocks);
+  const int64_t slice_bytes = (I + Hout) * 4 * H * static_cast<int64_t>(sizeof(float)) / threads;
+  return slice_bytes <= cpu_limits::kFusedProjectionMaxSliceBytes;
+}
+
+// Whether a packed forward recurrence splits the batch between threads instead of the hidden units (see
+// cpu_limits.h), and how many threads it then uses.
+bool split_batch(int64_t N, int64_t H, int64_t Hout, int64_t I) {
+  const int64_t weight_bytes = (I + Hout) * 4 * H * static_cast<int64_t>(sizeof(float));
+  return N >= cpu_limits::kRowSplitMinBatch && weight_bytes <= cpu_limits::kRowSplitMaxWeightBytes;
+}
+int row_team_size(int64_t N) {
+  return static_cast<int>(std::clamp<int64_t>(N / cpu_limits::kRowSplitMinRowsPerThread, 1, at::get_num_threads()));
+}
+
 // (this thread's index, the team's size) inside an OpenMP parallel region.
 std::pair<int64_t, int64_t> thread_in_team() {
 #ifdef _OPENMP
@@ -141,10 +160,10 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
   // With packed weights the input projection is fused into each step (its rows of the gates are still in
   // cache when the recurrent product adds to them, and inference needs no [R, 4H] buffer); in place, the
   // driver's projection (a dot-form product when rows are few) comes first.
-  const bool fuse_projection = !in_place;
+  const int64_t blocks = (H + kLanes - 1) / kLanes;
+  const bool fuse_projection = !in_place && fuse_input_projection(N, H, Hout, I, blocks);
   if (a.projected == fuse_projection) return false;
   const int64_t steps = static_cast<int64_t>(a.step_rows->size());
-  const int64_t blocks = (H + kLanes - 1) / kLanes;
   const auto opts = a.h_state.options();
   const at::Tensor w_hh = a.w_hh.contiguous();
   const at::Tensor w_ih = fuse_projection ? a.w_ih.contiguous() : at::Tensor();
@@ -170,18 +189,26 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
   const int64_t output_stride = a.output.stride(0);
   float* c_prev = a.c_prev_saved.defined() ? a.c_prev_saved.data_ptr<float>() : nullptr;
   float* h_prev = a.h_prev_saved.defined() ? a.h_prev_saved.data_ptr<float>() : nullptr;
-  const int threads = team_size(H, Hout + (fuse_projection ? I : 0), N, blocks);
+  const bool split_rows = !in_place && split_batch(N, H, Hout, fuse_projection ? I : 0);
+  const int threads = split_rows ? row_team_size(N) : team_size(H, Hout + (fuse_projection ? I : 0), N, blocks);
   int64_t final_buffer = 0;  // which of h_buffers holds h after the last step
 
 #pragma omp parallel num_threads(threads)
   {
     const auto [thread, team] = thread_in_team();
-    const int64_t block_begin = blocks * thread / team, block_end = blocks * (thread + 1) / team;
+    // Each thread packs a share of the blocks. Split by units, it packs the blocks it owns (first touch by
+    // the reader) and needs no barrier before the first step; split by rows, every thread reads every block.
+    const int64_t pack_begin = blocks * thread / team, pack_end = blocks * (thread + 1) / team;
+    if (!in_place) pack_blocks(w, H, Hout, packed_ptr, pack_begin, pack_end);
+    if (fuse_projection) pack_blocks(w_ih.data_ptr<float>(), H, I, packed_ih_ptr, pack_begin, pack_end);
+    if (packed_bias_ptr) pack_bias_blocks(bias.data_ptr<float>(), H, packed_bias_ptr, pack_begin, pack_end);
+    if (split_rows) {
+#pragma omp barrier
+    }
+    const int64_t block_begin = split_rows ? 0 : pack_begin, block_end = split_rows ? blocks : pack_end;
     const int64_t unit_begin = block_begin * kLanes, unit_end = std::min(H, block_end * kLanes);
-    // Packed by the thread that reads them (first touch), so no barrier is needed before the first step.
-    if (!in_place) pack_blocks(w, H, Hout, packed_ptr, block_begin, block_end);
-    if (fuse_projection) pack_blocks(w_ih.data_ptr<float>(), H, I, packed_ih_ptr, block_begin, block_end);
-    if (packed_bias_ptr) pack_bias_blocks(bias.data_ptr<float>(), H, packed_bias_ptr, block_begin, block_end);
+    const int64_t own_rows_begin = split_rows ? N * thread / team : 0;  // batch rows this thread runs
+    const int64_t own_rows_end = split_rows ? N * (thread + 1) / team : N;
     int64_t parity = 0;
     for (int64_t step = 0; step < steps; ++step) {
       const int64_t t = a.reverse ? steps - 1 - step : step;
@@ -189,37 +216,43 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
       if (rows == 0) continue;  // the same on every thread, so the barriers stay matched
       float* h_cur = h_buf + parity * N * Hout;
       float* h_next = h_buf + (1 - parity) * N * Hout;
-      StepForwardArgs s;
-      s.dtype = at::kFloat;
-      s.rows = rows;
-      s.hidden = H;
-      s.out_hidden = Hout;
-      s.gates = gates + row0 * gates_row0_stride;
-      s.c_state = c_state;
-      s.h_state = h_cur;
-      s.h_next = h_next;
-      s.output = output + row0 * output_stride;
-      s.output_stride = output_stride;
-      s.c_prev_saved = c_prev ? c_prev + row0 * H : nullptr;
-      s.h_prev_saved = h_prev ? h_prev + row0 * Hout : nullptr;
-      if (in_place) {
-        thread_step_in_place(s, w, unit_begin, unit_end);
-      } else {
-        StepProjection projection;
-        if (fuse_projection) {
-          projection.input = input + row0 * I;
-          projection.input_size = I;
-          projection.packed_w_ih = packed_ih_ptr;
-          projection.packed_bias = packed_bias_ptr;
+      const int64_t r0 = std::min(rows, own_rows_begin), r1 = std::min(rows, own_rows_end);  // active own rows
+      if (r1 > r0) {
+        StepForwardArgs s;
+        s.dtype = at::kFloat;
+        s.rows = r1 - r0;
+        s.hidden = H;
+        s.out_hidden = Hout;
+        s.gates = gates + row0 * gates_row0_stride + r0 * 4 * H;
+        s.c_state = c_state + r0 * H;
+        s.h_state = h_cur + r0 * Hout;
+        s.h_next = h_next + r0 * Hout;
+        s.output = output + (row0 + r0) * output_stride;
+        s.output_stride = output_stride;
+        s.c_prev_saved = c_prev ? c_prev + (row0 + r0) * H : nullptr;
+        s.h_prev_saved = h_prev ? h_prev + (row0 + r0) * Hout : nullptr;
+        if (in_place) {
+          thread_step_in_place(s, w, unit_begin, unit_end);
+        } else {
+          StepProjection projection;
+          if (fuse_projection) {
+            projection.input = input + (row0 + r0) * I;
+            projection.input_size = I;
+            projection.packed_w_ih = packed_ih_ptr;
+            projection.packed_bias = packed_bias_ptr;
+          }
+          thread_step(s, projection, packed_ptr, block_begin, block_end);
         }
-        thread_step(s, projection, packed_ptr, block_begin, block_end);
       }
       // Rows not active this step keep their state: carry them into the buffer that becomes current.
-      for (int64_t b = rows; b < N; ++b) {
+      for (int64_t b = std::max(rows, own_rows_begin); b < own_rows_end; ++b) {
         std::copy(h_cur + b * Hout + unit_begin, h_cur + b * Hout + unit_end, h_next + b * Hout + unit_begin);
       }
       parity = 1 - parity;
+      // Split by rows, a thread's sequences depend on nothing the others write: no barrier at all.
+      if (!split_rows) {
 #pragma omp barrier
+      }
     }
     if (thread == 0) final_buffer = parity;
   }
