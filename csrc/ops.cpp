@@ -49,7 +49,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["max_in_place_batch"] = limits::kMaxInPlaceBatch;
     d["min_recurrence_rows"] = limits::kMinRecurrenceRows;
     d["fused_projection_min_batch"] = limits::kFusedProjectionMinBatch;
-    d["fused_projection_large_batch"] = limits::kFusedProjectionLargeBatch;
     d["fused_projection_max_slice_bytes"] = limits::kFusedProjectionMaxSliceBytes;
     d["row_split_min_batch"] = limits::kRowSplitMinBatch;
     d["row_split_max_weight_bytes"] = limits::kRowSplitMaxWeightBytes;

@@ -15,7 +15,6 @@ LIMITS = fused_lstm._C.cpu_kernel_limits()
 IN_PLACE_BATCH = LIMITS["max_in_place_batch"]
 IN_PLACE_ROWS = LIMITS["max_in_place_rows"]
 FUSED_BATCH = LIMITS["fused_projection_min_batch"]
-LARGE_FUSED_BATCH = LIMITS["fused_projection_large_batch"]
 
 
 def _cases():
@@ -29,8 +28,8 @@ def _cases():
         (5, FUSED_BATCH - 1, 48, 96, 0, True, "packed, two threads per step, projection first"),
         (4, FUSED_BATCH + 1, 19, 40, 0, False, "fused projection, batch split over threads, no bias, tails"),
         (3, FUSED_BATCH, 192, 192, 0, True, "fused projection, units split over threads"),
-        (2, LARGE_FUSED_BATCH, 70, 150, 0, True, "fused projection at a large batch, batch split"),
-        (2, LARGE_FUSED_BATCH + 3, 300, 300, 0, True, "fused projection at a large batch, units split"),
+        (2, 2 * FUSED_BATCH, 70, 150, 0, True, "fused projection at a larger batch, batch split"),
+        (2, 2 * FUSED_BATCH + 3, 300, 300, 0, True, "large batch and weights: projection first, units split"),
         (IN_PLACE_ROWS - 1, 1, 24, 17, 0, True, "projection in place just below the switch"),
         (-(-IN_PLACE_ROWS // large), large, 19, 72, 0, True, "per-step loop: packed projection at the switch"),
         (3, 2, 16, 48, 0, True, "fewer rows than a packed recurrence needs: in place anyway"),
@@ -77,10 +76,11 @@ def test_limits_are_consistent():
     assert 1 <= IN_PLACE_BATCH < IN_PLACE_ROWS
     assert 1 <= LIMITS["min_packed_rows"] <= IN_PLACE_ROWS
     assert LIMITS["min_recurrence_rows"] >= 1
-    assert IN_PLACE_BATCH < FUSED_BATCH <= LARGE_FUSED_BATCH
+    assert IN_PLACE_BATCH < FUSED_BATCH
     # The cases above straddle the byte budgets as their names say (float32 packed weights, bytes).
     weight_bytes = lambda i, h: (i + h) * 4 * h * 4  # noqa: E731
     assert FUSED_BATCH >= LIMITS["row_split_min_batch"]
     assert weight_bytes(19, 40) <= LIMITS["row_split_max_weight_bytes"] < weight_bytes(192, 192)
     assert weight_bytes(192, 192) / 2 <= LIMITS["fused_projection_max_slice_bytes"]
     assert weight_bytes(70, 150) <= LIMITS["row_split_max_weight_bytes"] < weight_bytes(300, 300)
+    assert weight_bytes(300, 300) / 2 > LIMITS["fused_projection_max_slice_bytes"]

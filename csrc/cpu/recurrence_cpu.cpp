@@ -115,7 +115,6 @@ int team_size(int64_t H, int64_t Hout, int64_t N, int64_t slices) {
 // Whether a packed forward recurrence computes the input projection itself (see cpu_limits.h).
 bool fuse_input_projection(int64_t N, int64_t H, int64_t Hout, int64_t I, int64_t blocks) {
   if (N < cpu_limits::kFusedProjectionMinBatch) return false;
-  if (N >= cpu_limits::kFusedProjectionLargeBatch) return true;
   const int64_t threads = team_size(H, Hout + I, N, blocks);
   const int64_t slice_bytes = (I + Hout) * 4 * H * static_cast<int64_t>(sizeof(float)) / threads;
   return slice_bytes <= cpu_limits::kFusedProjectionMaxSliceBytes;
