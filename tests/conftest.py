@@ -52,6 +52,19 @@ def assert_close(actual, expected, dtype=torch.float64, what=""):
     torch.testing.assert_close(actual, expected, **tol, msg=lambda m: f"{what}: {m}")
 
 
+def assert_error_within_torch(mine, theirs, exact, what=""):
+    """Accuracy against a float64 run, relative to torch.nn.LSTM's own at the same precision: the RMS error
+    at most 2x torch's, the largest at most 4x, each plus a floor of 1e-7 x the magnitude. One element's
+    error is a noisy statistic: over 150 random models (2 layers, bidirectional, 30 steps) the ratio of
+    our to torch's largest error reached 3 while the RMS ratio stayed within 1.3 (median 1.1)."""
+    mine, theirs, exact = mine.detach().double(), theirs.detach().double(), exact.detach().double()
+    floor = 1e-7 * max(1.0, exact.abs().max().item()) if exact.numel() else 0.0
+    rms = lambda t: (t - exact).pow(2).mean().sqrt().item() if t.numel() else 0.0  # noqa: E731
+    largest = lambda t: (t - exact).abs().max().item() if t.numel() else 0.0  # noqa: E731
+    assert rms(mine) <= 2 * rms(theirs) + floor, (what, "rms", rms(mine), rms(theirs))
+    assert largest(mine) <= 4 * largest(theirs) + floor, (what, "max", largest(mine), largest(theirs))
+
+
 def assert_cuda_graph_replays(module, static_x):
     """Capture module(static_x) in a CUDA graph (after a side-stream warm-up, as torch's docs do), then
     check that replays on fresh inputs written into static_x equal eager calls."""

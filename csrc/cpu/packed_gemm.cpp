@@ -22,9 +22,22 @@ FUSED_LSTM_SIMD_CLONES void matmul_panel(const float* a, int64_t a_row_stride, i
              bias ? bias + first_col : nullptr, row_end - row_begin);
 }
 
-void fill_panel_from_rows(const float* const (&rows)[kPanel], int64_t k_stride, int64_t K, float* panel) {
+FUSED_LSTM_SIMD_CLONES void fill_panel_from_rows(const float* const (&rows)[kPanel], int64_t k_stride, int64_t K,
+                                                 float* panel) {
   constexpr int64_t kChunk = 16;  // 16 k x 64 columns: 4 KB of panel
-  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+  int64_t k0 = 0;
+  if (k_stride == 1) {
+    // Whole 16 x 16 blocks through registers: 16 row loads, a transpose, 16 panel-row stores.
+    for (; k0 + kChunk <= K; k0 += kChunk) {
+      for (int64_t c0 = 0; c0 < kPanel; c0 += kLanes) {
+        vec16 block[kLanes];
+        for (int64_t i = 0; i < kLanes; ++i) block[i] = rows[c0 + i] ? load16(rows[c0 + i] + k0) : vec16{};
+        transpose16x16(block);
+        for (int64_t j = 0; j < kLanes; ++j) store16(panel + (k0 + j) * kPanel + c0, block[j]);
+      }
+    }
+  }
+  for (; k0 < K; k0 += kChunk) {
     const int64_t k1 = std::min(K, k0 + kChunk);
     for (int64_t c = 0; c < kPanel; ++c) {
       const float* row = rows[c];

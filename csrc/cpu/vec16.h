@@ -49,4 +49,35 @@ FUSED_LSTM_ALWAYS_INLINE vec4 reduce_add4(vec16 v0, vec16 v1, vec16 v2, vec16 v3
   return __builtin_shufflevector(t01, t23, 0, 2, 4, 6) + __builtin_shufflevector(t01, t23, 1, 3, 5, 7);
 }
 
+// In-place transpose of a 16 x 16 block held as 16 row vectors: four rounds, each swapping the off-diagonal
+// B x B blocks inside every 2B x 2B block (B = 8, 4, 2, 1), one two-source shuffle per vector per round.
+template <int B>
+FUSED_LSTM_ALWAYS_INLINE void swap_off_diagonal_blocks(vec16 (&v)[16]) {
+  for (int i = 0; i < 16; ++i) {
+    if ((i / B) % 2) continue;
+    const vec16 a = v[i], b = v[i + B];
+    if constexpr (B == 8) {
+      v[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+      v[i + B] = __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    } else if constexpr (B == 4) {
+      v[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+      v[i + B] = __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    } else if constexpr (B == 2) {
+      v[i] = __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+      v[i + B] = __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    } else {
+      static_assert(B == 1);
+      v[i] = __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+      v[i + B] = __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+    }
+  }
+}
+
+FUSED_LSTM_ALWAYS_INLINE void transpose16x16(vec16 (&v)[16]) {
+  swap_off_diagonal_blocks<8>(v);
+  swap_off_diagonal_blocks<4>(v);
+  swap_off_diagonal_blocks<2>(v);
+  swap_off_diagonal_blocks<1>(v);
+}
+
 }  // namespace fused_lstm
