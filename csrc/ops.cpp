@@ -50,6 +50,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["min_recurrence_rows"] = limits::kMinRecurrenceRows;
     d["fused_projection_min_batch"] = limits::kFusedProjectionMinBatch;
     d["fused_projection_max_slice_bytes"] = limits::kFusedProjectionMaxSliceBytes;
+    d["projection_chunk_rows"] = limits::kProjectionChunkRows;
     d["row_split_min_batch"] = limits::kRowSplitMinBatch;
     d["row_split_max_weight_bytes"] = limits::kRowSplitMaxWeightBytes;
     return d;

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_lstm
 from conftest import assert_close, assert_error_within_torch, lstm_pair
@@ -16,6 +17,7 @@ LIMITS = fused_lstm._C.cpu_kernel_limits()
 IN_PLACE_BATCH = LIMITS["max_in_place_batch"]
 IN_PLACE_ROWS = LIMITS["max_in_place_rows"]
 FUSED_BATCH = LIMITS["fused_projection_min_batch"]
+CHUNK_ROWS = LIMITS["projection_chunk_rows"]
 
 
 def _cases():
@@ -24,13 +26,13 @@ def _cases():
     return [
         (9, 1, 37, 50, 0, True, "batch 1: W_hh and W_ih in place, K tails"),
         (5, small, 64, 128, 0, True, "largest in-place batch, two threads per step"),
-        (7, large, 33, 40, 0, True, "smallest packed batch, projection in place"),
+        (2 * -(-CHUNK_ROWS // large) + 7, large, 33, 40, 0, True, "smallest packed batch, three projection chunks"),
         (6, 2 * large + 1, 19, 72, 0, False, "packed, no bias, row tile tails"),
-        (5, FUSED_BATCH - 1, 48, 96, 0, True, "packed, two threads per step, projection first"),
+        (5, FUSED_BATCH - 1, 48, 96, 0, True, "packed, two threads per step, one projection chunk"),
         (4, FUSED_BATCH + 1, 19, 40, 0, False, "fused projection, batch split over threads, no bias, tails"),
         (3, FUSED_BATCH, 192, 192, 0, True, "fused projection, units split over threads"),
         (2, 2 * FUSED_BATCH, 70, 150, 0, True, "fused projection at a larger batch, batch split"),
-        (2, 2 * FUSED_BATCH + 3, 300, 300, 0, True, "large batch and weights: projection first, units split"),
+        (9, 2 * FUSED_BATCH + 3, 300, 300, 0, True, "large batch and weights: projection in chunks, units split"),
         (IN_PLACE_ROWS - 1, 1, 24, 17, 0, True, "projection in place just below the switch"),
         (-(-IN_PLACE_ROWS // large), large, 19, 72, 0, True, "per-step loop: packed projection at the switch"),
         (3, 2, 16, 48, 0, True, "fewer rows than a packed recurrence needs: in place anyway"),
@@ -66,6 +68,31 @@ def test_float32_kernels_match_torch_and_float64(steps, batch, input_size, hidde
     g = torch.randn_like(out)
     grads_ref = torch.autograd.grad((out_ref * g).sum() + h_ref.sum() + c_ref.sum(), [x, *ref32.parameters()])
     grads = torch.autograd.grad((out * g).sum() + h.sum() + c.sum(), [x, *ours.parameters()])
+    for name, mine, theirs in zip(["input", *dict(ours.named_parameters())], grads, grads_ref):
+        assert_close(mine, theirs, torch.float32, f"grad {name}")
+
+
+@pytest.mark.parametrize("batch", [IN_PLACE_BATCH + 2, FUSED_BATCH - 3])
+def test_packed_sequences_over_several_projection_chunks(batch):
+    """Variable lengths, both directions, more steps than one projection chunk holds: each chunk's rows are
+    a different range per direction, and rows drop out inside chunks."""
+    steps = 3 * -(-CHUNK_ROWS // batch)
+    ref, ours = lstm_pair(27, 40, bidirectional=True, dtype=torch.float32, init_scale=None)
+    x = torch.randn(steps, batch, 27, requires_grad=True)
+    lengths = torch.randint(1, steps + 1, (batch,))
+    lengths[0] = steps
+    packed = lambda: pack_padded_sequence(x, lengths, enforce_sorted=False)  # noqa: E731
+    out_ref, (h_ref, c_ref) = ref(packed())
+    out, (h, c) = ours(packed())
+    assert fused_lstm.last_path() == "cpu:fused-recurrence"
+    for name, mine, theirs in (("output", out.data, out_ref.data), ("h_n", h, h_ref), ("c_n", c, c_ref)):
+        assert_close(mine, theirs, torch.float32, name)
+    with torch.no_grad():
+        out_inference, (h_inference, c_inference) = ours(packed())
+    assert torch.equal(out_inference.data, out.data) and torch.equal(h_inference, h) and torch.equal(c_inference, c)
+    g = torch.randn_like(out.data)
+    grads_ref = torch.autograd.grad((out_ref.data * g).sum() + h_ref.sum(), [x, *ref.parameters()])
+    grads = torch.autograd.grad((out.data * g).sum() + h.sum(), [x, *ours.parameters()])
     for name, mine, theirs in zip(["input", *dict(ours.named_parameters())], grads, grads_ref):
         assert_close(mine, theirs, torch.float32, f"grad {name}")
 

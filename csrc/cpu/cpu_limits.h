@@ -27,6 +27,10 @@ constexpr int64_t kMaxInPlaceBatch = 4;
 constexpr int64_t kFusedProjectionMinBatch = 32;
 constexpr int64_t kFusedProjectionMaxSliceBytes = int64_t{1} << 20;
 
+// Otherwise each thread projects chunks of steps of about this many rows at a time (one pass of its W_ih
+// panels per chunk; the chunk's gates, [rows, 4H], stay in cache until its steps use them).
+constexpr int64_t kProjectionChunkRows = 256;
+
 // A packed forward recurrence gives each thread whole sequences (rows of the batch) instead of a slice of
 // the hidden units when the batch has at least kRowSplitMinBatch rows and all of its packed weights (W_hh,
 // and W_ih when the projection is fused) fit in kRowSplitMaxWeightBytes, so that every core keeps its own

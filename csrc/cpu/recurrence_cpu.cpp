@@ -101,6 +101,20 @@ FUSED_LSTM_SIMD_CLONES void thread_step_in_place(const StepForwardArgs& step, co
   for (int64_t b = 0; b < step.rows; ++b) forward_span<float>(step, b, unit_begin, unit_end);
 }
 
+// The input projection of `rows` rows for unit blocks [block_begin, block_end): gates (row stride 4H) =
+// input rows @ the blocks' W_ih panels + bias. One panel pass per block for all the rows.
+FUSED_LSTM_SIMD_CLONES void project_blocks(const float* input, int64_t I, const float* packed_w_ih,
+                                           const float* packed_bias, float* gates, int64_t H, int64_t rows,
+                                           int64_t block_begin, int64_t block_end) {
+  for (int64_t ub = block_begin; ub < block_end; ++ub) {
+    const int64_t units = std::min(kLanes, H - ub * kLanes);
+    const int64_t valid[4] = {units, units, units, units};
+    const PanelOperand x[1] = {{input, I, 1, packed_w_ih + ub * I * kPanel, I}};
+    panel_rows(x, gates + ub * kLanes, 4 * H, H, valid, /*accumulate=*/false,
+               packed_bias ? packed_bias + ub * kPanel : nullptr, rows);
+  }
+}
+
 // Threads for a recurrence: one per kFlopsPerThread of recurrent work per step, at most one per slice. Below that
 // the per-step barrier costs more than the thread saves, and a barrier is where a busy machine hurts most
 // (a descheduled thread stalls the rest).
@@ -156,23 +170,28 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
   const int64_t R = a.input.size(0), I = a.input.size(1);
   const bool in_place = N <= cpu_limits::kMaxInPlaceBatch;
   if (!in_place && R < cpu_limits::kMinRecurrenceRows && !a.required) return false;
-  // With packed weights the input projection is fused into each step (its rows of the gates are still in
-  // cache when the recurrent product adds to them, and inference needs no [R, 4H] buffer); in place, the
-  // driver's projection (a dot-form product when rows are few) comes first.
+  // With packed weights the recurrence computes the input projection itself, each thread for its own
+  // gate columns (so no barrier separates projection and recurrence): per step in the same register tiles
+  // as the recurrent product when the thread's weights stay in L2, else for chunks of steps, so that W_ih
+  // is streamed once per chunk and the chunk's gates stay in cache instead of a whole [R, 4H] buffer making
+  // a round trip through memory. In place, the driver's projection (a dot-form product) comes first.
   const int64_t blocks = (H + kLanes - 1) / kLanes;
-  const bool fuse_projection = !in_place && fuse_input_projection(N, H, Hout, I, blocks);
-  if (a.projected == fuse_projection) return false;
+  const bool owns_projection = !in_place;
+  if (a.projected == owns_projection) return false;
+  const bool split_rows = !in_place && split_batch(N, H, Hout, I);
+  const bool per_step_projection = owns_projection && (split_rows || fuse_input_projection(N, H, Hout, I, blocks));
+  const int64_t chunk_steps =
+      per_step_projection ? 1 : std::max<int64_t>(1, (cpu_limits::kProjectionChunkRows + N - 1) / std::max<int64_t>(N, 1));
   const int64_t steps = static_cast<int64_t>(a.step_rows->size());
   const auto opts = a.h_state.options();
   const at::Tensor w_hh = a.w_hh.contiguous();
-  const at::Tensor w_ih = fuse_projection ? a.w_ih.contiguous() : at::Tensor();
-  const at::Tensor bias = fuse_projection && a.bias.defined() ? a.bias.contiguous() : at::Tensor();
+  const at::Tensor w_ih = owns_projection ? a.w_ih.contiguous() : at::Tensor();
+  const at::Tensor bias = owns_projection && a.bias.defined() ? a.bias.contiguous() : at::Tensor();
   at::Tensor packed_w_hh = at::empty({in_place ? 0 : blocks * Hout * kPanel}, opts);
-  at::Tensor packed_w_ih = at::empty({fuse_projection ? blocks * I * kPanel : 0}, opts);
+  at::Tensor packed_w_ih = at::empty({owns_projection ? blocks * I * kPanel : 0}, opts);
   at::Tensor packed_bias = at::empty({bias.defined() ? blocks * kPanel : 0}, opts);
-  // Inference keeps no workspace: one step's gates at a time.
-  at::Tensor gates_buffer = a.gates.defined() ? a.gates : at::empty({N, 4 * H}, opts);
-  const int64_t gates_row0_stride = a.gates.defined() ? 4 * H : 0;  // gates row of step row0
+  // Inference keeps no workspace: the gates of one step or one chunk of steps at a time.
+  at::Tensor gates_buffer = a.gates.defined() ? a.gates : at::empty({chunk_steps * N, 4 * H}, opts);
   at::Tensor h_buffers = at::empty({2, N, Hout}, opts);  // h_{t-1} / h_t, swapped every step
   h_buffers[0].copy_(a.h_state);
 
@@ -188,8 +207,7 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
   const int64_t output_stride = a.output.stride(0);
   float* c_prev = a.c_prev_saved.defined() ? a.c_prev_saved.data_ptr<float>() : nullptr;
   float* h_prev = a.h_prev_saved.defined() ? a.h_prev_saved.data_ptr<float>() : nullptr;
-  const bool split_rows = !in_place && split_batch(N, H, Hout, fuse_projection ? I : 0);
-  const int threads = split_rows ? row_team_size(N) : team_size(H, Hout + (fuse_projection ? I : 0), N, blocks);
+  const int threads = split_rows ? row_team_size(N) : team_size(H, Hout + (owns_projection ? I : 0), N, blocks);
   int64_t final_buffer = 0;  // which of h_buffers holds h after the last step
 
 #pragma omp parallel num_threads(threads)
@@ -199,7 +217,7 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
     // the reader) and needs no barrier before the first step; split by rows, every thread reads every block.
     const int64_t pack_begin = blocks * thread / team, pack_end = blocks * (thread + 1) / team;
     if (!in_place) pack_blocks(w, H, Hout, packed_ptr, pack_begin, pack_end);
-    if (fuse_projection) pack_blocks(w_ih.data_ptr<float>(), H, I, packed_ih_ptr, pack_begin, pack_end);
+    if (owns_projection) pack_blocks(w_ih.data_ptr<float>(), H, I, packed_ih_ptr, pack_begin, pack_end);
     if (packed_bias_ptr) pack_bias_blocks(bias.data_ptr<float>(), H, packed_bias_ptr, pack_begin, pack_end);
     if (split_rows) {
 #pragma omp barrier
@@ -209,10 +227,23 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
     const int64_t own_rows_begin = split_rows ? N * thread / team : 0;  // batch rows this thread runs
     const int64_t own_rows_end = split_rows ? N * (thread + 1) / team : N;
     int64_t parity = 0;
+    int64_t gates_origin = 0;  // the input row whose gates are gates[0]
     for (int64_t step = 0; step < steps; ++step) {
       const int64_t t = a.reverse ? steps - 1 - step : step;
       const int64_t rows = (*a.step_rows)[t], row0 = (*a.step_offset)[t];
+      if (owns_projection && !per_step_projection && step % chunk_steps == 0) {
+        // The chunk's steps cover one contiguous range of input rows (rows are stored step by step).
+        const int64_t last = std::min(steps, step + chunk_steps) - 1;
+        const int64_t t_low = a.reverse ? steps - 1 - last : step, t_high = a.reverse ? t : last;
+        const int64_t chunk_begin = (*a.step_offset)[t_low];
+        const int64_t chunk_end = (*a.step_offset)[t_high] + (*a.step_rows)[t_high];
+        if (!a.gates.defined()) gates_origin = chunk_begin;
+        project_blocks(input + chunk_begin * I, I, packed_ih_ptr, packed_bias_ptr,
+                       gates + (chunk_begin - gates_origin) * 4 * H, H, chunk_end - chunk_begin, block_begin,
+                       block_end);
+      }
       if (rows == 0) continue;  // the same on every thread, so the barriers stay matched
+      if (per_step_projection && !a.gates.defined()) gates_origin = row0;
       float* h_cur = h_buf + parity * N * Hout;
       float* h_next = h_buf + (1 - parity) * N * Hout;
       const int64_t r0 = std::min(rows, own_rows_begin), r1 = std::min(rows, own_rows_end);  // active own rows
@@ -222,7 +253,7 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
         s.rows = r1 - r0;
         s.hidden = H;
         s.out_hidden = Hout;
-        s.gates = gates + row0 * gates_row0_stride + r0 * 4 * H;
+        s.gates = gates + (row0 - gates_origin + r0) * 4 * H;
         s.c_state = c_state + r0 * H;
         s.h_state = h_cur + r0 * Hout;
         s.h_next = h_next + r0 * Hout;
@@ -234,7 +265,7 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
           thread_step_in_place(s, w, unit_begin, unit_end);
         } else {
           StepProjection projection;
-          if (fuse_projection) {
+          if (per_step_projection) {
             projection.input = input + (row0 + r0) * I;
             projection.input_size = I;
             projection.packed_w_ih = packed_ih_ptr;
