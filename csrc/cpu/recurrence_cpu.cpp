@@ -1,10 +1,15 @@
-// Forward recurrence of one direction with each thread owning a fixed slice of hidden units for the whole
-// sequence (the CPU counterpart of a persistent GPU kernel). A library GEMM per step re-reads all of
-// W_hh on every core and forks and joins the thread pool twice per step (GEMM, then pointwise); here each
-// thread packs its slice of W_hh (all four gates of its units) once, keeps it in its own core's cache,
-// computes its gates with a register-tiled kernel and runs the pointwise step on them right away, and the
-// threads meet at one barrier per step. h is double-buffered, since every thread reads all of h_{t-1}
-// while others write h_t; c is only ever touched by the thread that owns the unit.
+// Forward and backward recurrences of one direction on the CPU, the whole sequence in one OpenMP team (the
+// CPU counterpart of a persistent GPU kernel). A library GEMM per step re-reads all of W_hh on every core
+// and forks and joins the thread pool twice per step (GEMM, then pointwise); here the team packs the
+// weights once, computes each step's gates with a register-tiled kernel and runs the pointwise step on
+// them right away. Work is split between threads one of two ways:
+//   - by hidden units: each thread owns 16-unit blocks (all four gates of its units) for the whole
+//     sequence, its share of the weights stays in its core's cache, and the threads meet at one barrier
+//     per step (every thread reads all of h_{t-1} while others write h_t, so h is double-buffered);
+//   - by batch rows, when all the weights fit in every core's L2: each thread runs whole sequences and
+//     never waits for another.
+// Small batches read W_hh in place (dot_gemm.h) instead of packing it. Which form runs where:
+// cpu_limits.h, ForwardPlan below.
 #include "recurrence_cpu.h"
 
 #include <ATen/ATen.h>
@@ -158,6 +163,37 @@ FUSED_LSTM_SIMD_CLONES void pointwise_backward_units(const StepBackwardArgs& ste
   for (int64_t b = 0; b < step.rows; ++b) backward_span<float>(step, b, unit_begin, unit_end);
 }
 
+
+// How a forward recurrence runs (see cpu_limits.h for the measurements behind each switch).
+struct ForwardPlan {
+  // Batch up to kMaxInPlaceBatch: W_hh read in place, after the driver's input projection. Otherwise the
+  // weights are packed and the recurrence computes the input projection itself, each thread for its own
+  // gate columns (so no barrier separates projection and recurrence).
+  bool in_place = false;
+  bool owns_projection = false;
+  bool split_rows = false;           // threads split the batch, not the hidden units
+  bool per_step_projection = false;  // x.W_ih in the same register tiles as h.W_hh, step by step ...
+  int64_t chunk_steps = 1;           // ... else for chunks of steps (W_ih streamed once per chunk; the
+                                     // chunk's gates stay in cache instead of a [R, 4H] round trip)
+  int threads = 1;
+};
+
+ForwardPlan plan_forward(int64_t N, int64_t H, int64_t Hout, int64_t I) {
+  ForwardPlan plan;
+  const int64_t blocks = (H + kLanes - 1) / kLanes;
+  plan.in_place = N <= cpu_limits::kMaxInPlaceBatch;
+  plan.owns_projection = !plan.in_place;
+  plan.split_rows = !plan.in_place && split_batch(N, H, Hout, I);
+  plan.per_step_projection =
+      plan.owns_projection && (plan.split_rows || fuse_input_projection(N, H, Hout, I, blocks));
+  if (plan.owns_projection && !plan.per_step_projection) {
+    plan.chunk_steps = std::max<int64_t>(1, (cpu_limits::kProjectionChunkRows + N - 1) / N);
+  }
+  plan.threads = plan.split_rows ? row_team_size(N)
+                                 : team_size(H, Hout + (plan.owns_projection ? I : 0), N, blocks);
+  return plan;
+}
+
 }  // namespace
 
 bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
@@ -168,20 +204,13 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
   if (!supported) return false;
   const int64_t N = a.h_state.size(0), H = a.c_state.size(1), Hout = a.h_state.size(1);
   const int64_t R = a.input.size(0), I = a.input.size(1);
-  const bool in_place = N <= cpu_limits::kMaxInPlaceBatch;
-  if (!in_place && R < cpu_limits::kMinRecurrenceRows && !a.required) return false;
-  // With packed weights the recurrence computes the input projection itself, each thread for its own
-  // gate columns (so no barrier separates projection and recurrence): per step in the same register tiles
-  // as the recurrent product when the thread's weights stay in L2, else for chunks of steps, so that W_ih
-  // is streamed once per chunk and the chunk's gates stay in cache instead of a whole [R, 4H] buffer making
-  // a round trip through memory. In place, the driver's projection (a dot-form product) comes first.
+  const ForwardPlan plan = plan_forward(N, H, Hout, I);
+  if (!plan.in_place && R < cpu_limits::kMinRecurrenceRows && !a.required) return false;
+  if (a.projected == plan.owns_projection) return false;  // offered the projection: take it iff we own it
+  const bool in_place = plan.in_place, owns_projection = plan.owns_projection, split_rows = plan.split_rows;
+  const bool per_step_projection = plan.per_step_projection;
+  const int64_t chunk_steps = plan.chunk_steps;
   const int64_t blocks = (H + kLanes - 1) / kLanes;
-  const bool owns_projection = !in_place;
-  if (a.projected == owns_projection) return false;
-  const bool split_rows = !in_place && split_batch(N, H, Hout, I);
-  const bool per_step_projection = owns_projection && (split_rows || fuse_input_projection(N, H, Hout, I, blocks));
-  const int64_t chunk_steps =
-      per_step_projection ? 1 : std::max<int64_t>(1, (cpu_limits::kProjectionChunkRows + N - 1) / std::max<int64_t>(N, 1));
   const int64_t steps = static_cast<int64_t>(a.step_rows->size());
   const auto opts = a.h_state.options();
   const at::Tensor w_hh = a.w_hh.contiguous();
@@ -207,7 +236,7 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
   const int64_t output_stride = a.output.stride(0);
   float* c_prev = a.c_prev_saved.defined() ? a.c_prev_saved.data_ptr<float>() : nullptr;
   float* h_prev = a.h_prev_saved.defined() ? a.h_prev_saved.data_ptr<float>() : nullptr;
-  const int threads = split_rows ? row_team_size(N) : team_size(H, Hout + (owns_projection ? I : 0), N, blocks);
+  const int threads = plan.threads;
   int64_t final_buffer = 0;  // which of h_buffers holds h after the last step
 
 #pragma omp parallel num_threads(threads)
