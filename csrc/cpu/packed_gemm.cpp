@@ -125,6 +125,27 @@ void packed_matmul(const at::Tensor& out, const at::Tensor& a, const PackedMatri
     });
     return;
   }
+  if (b.K > kPanelChunkK) {
+    // A long reduction (grad_input = d_gates @ W_ih, K = 4H): whole panels no longer fit in L2, and a
+    // task per panel streamed all of a (52 MB at batch 64, T = 50, H = 1024) once per panel. Instead a
+    // task is a block of rows: for each k chunk, its rows' chunk of a stays in L2 while every panel's
+    // matching chunk passes over it.
+    constexpr int64_t kRowsPerTask = 32 * kRowTile;
+    const int64_t K = b.K;
+    at::parallel_for(0, (M + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t row_begin = task * kRowsPerTask, row_end = std::min(M, row_begin + kRowsPerTask);
+        for (int64_t k0 = 0; k0 < K; k0 += kPanelChunkK) {
+          const int64_t k1 = std::min(K, k0 + kPanelChunkK);
+          for (int64_t panel = 0; panel < b.count(); ++panel) {
+            matmul_panel(a_ptr, a_rs, a_cs, b, out_ptr, out_rs, accumulate || k0 > 0, k0 == 0 ? bias_ptr : nullptr,
+                         panel, row_begin, row_end, k0, k1);
+          }
+        }
+      }
+    });
+    return;
+  }
   // Tasks: (panel, group of rows). A panel ([K][64], up to a few hundred KB) is streamed from memory once
   // per task and then stays in cache for the task's rows, so split rows only as far as needed to give
   // every thread a few tasks.

@@ -12,6 +12,9 @@ namespace fused_lstm {
 
 constexpr int64_t kPanel = 4 * kLanes;       // columns per packed panel: 4 vectors
 constexpr int kRowTile = 4;                  // rows per tile: 4 rows x 4 vectors = 16 accumulators
+// Products with a longer reduction run it in chunks of this many k: a [1024][64] panel chunk is 256 KB,
+// small enough to stay in L2 next to the rows that pass over it.
+constexpr int64_t kPanelChunkK = 1024;
 
 // A left operand and the packed panel it multiplies: element (r, k) of a at a[r * row_stride + k * col_stride],
 // panel [K][64].

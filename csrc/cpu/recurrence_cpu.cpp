@@ -362,8 +362,13 @@ bool cpu_recurrence_backward(const RecurrenceBackwardArgs& a) {
       s.h_next = nullptr;
       pointwise_backward_units(s, unit_begin, unit_end);
 #pragma omp barrier
+      // A panel is [4H][64]: 1 MB at H = 1024, too much to stay in L2 next to the rows it multiplies, so
+      // each row tile would stream it from L3 again. In k chunks of 256 KB it does stay.
       for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
-        matmul_panel(d_gates + row0 * 4 * H, 4 * H, 1, w_hh, dh, H, /*accumulate=*/false, nullptr, panel, 0, rows);
+        for (int64_t k0 = 0; k0 < 4 * H; k0 += kPanelChunkK) {
+          matmul_panel(d_gates + row0 * 4 * H, 4 * H, 1, w_hh, dh, H, /*accumulate=*/k0 > 0, nullptr, panel, 0, rows,
+                       k0, std::min(4 * H, k0 + kPanelChunkK));
+        }
       }
     }
   }
