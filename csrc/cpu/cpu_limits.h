@@ -18,22 +18,22 @@ constexpr int64_t kMinPackedRows = 16;
 // Fused forward recurrences with batches up to this read W_hh in place; larger ones pack it once per call.
 constexpr int64_t kMaxInPlaceBatch = 4;
 
-// A packed forward recurrence computes each step's input projection itself, in the same register tiles
-// as the recurrent product, when a step has rows enough to reuse each thread's W_ih panels (at least
-// kFusedProjectionMinBatch) and the thread's share of packed W_ih and W_hh fits in
-// kFusedProjectionMaxSliceBytes (half this machine's L2). Otherwise one product for all steps comes first:
-// the fused projection would re-read W_ih from L3 every step (batch 32, H = 1024: 74 ms fused vs 60 ms;
-// batch 64, H = 1024, forward with autograd: 0.94-1.04x of torch fused vs 1.04-1.11x).
+// A packed forward recurrence computes the input projection itself, each thread for its own gate columns.
+// Step by step, in the same register tiles as the recurrent product, when a step has rows enough to reuse
+// each thread's W_ih panels (at least kFusedProjectionMinBatch) and the thread's share of packed W_ih and
+// W_hh fits in kFusedProjectionMaxSliceBytes (half this machine's L2); otherwise step by step would re-read
+// W_ih from L3 every step (batch 32, H = 1024: 74 ms vs 60 ms with the whole projection first) ...
 constexpr int64_t kFusedProjectionMinBatch = 32;
 constexpr int64_t kFusedProjectionMaxSliceBytes = int64_t{1} << 20;
 
-// Otherwise each thread projects chunks of steps of about this many rows at a time (one pass of its W_ih
-// panels per chunk; the chunk's gates, [rows, 4H], stay in cache until its steps use them).
+// ... and it projects chunks of steps of about this many rows at a time instead (one pass of its W_ih
+// panels per chunk; the chunk's gates, [rows, 4H], stay in cache until its steps use them, where a whole
+// [R, 4H] buffer made a round trip through memory: batch 64, H = 1024, 128 -> 116 ms).
 constexpr int64_t kProjectionChunkRows = 256;
 
 // A packed forward recurrence gives each thread whole sequences (rows of the batch) instead of a slice of
-// the hidden units when the batch has at least kRowSplitMinBatch rows and all of its packed weights (W_hh,
-// and W_ih when the projection is fused) fit in kRowSplitMaxWeightBytes, so that every core keeps its own
+// the hidden units when the batch has at least kRowSplitMinBatch rows and all of its packed weights (W_ih
+// and W_hh) fit in kRowSplitMaxWeightBytes, so that every core keeps its own
 // copy in L2: the threads then never wait for each other, where the unit split meets at a barrier every
 // step (batch 64, H = 128: 2.05 ms vs 2.17 ms). At least kRowSplitMinRowsPerThread rows per thread.
 constexpr int64_t kRowSplitMinBatch = 32;

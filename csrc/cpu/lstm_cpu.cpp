@@ -122,7 +122,6 @@ class CpuBackend final : public LayerBackend {
   }
 
  private:
-
   const PackedMatrix* find(const OperandKey& key) const {
     for (const auto& [k, matrix] : packed_) {
       if (k == key) return &matrix;

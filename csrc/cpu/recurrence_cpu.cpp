@@ -131,7 +131,8 @@ int team_size(int64_t H, int64_t Hout, int64_t N, int64_t slices) {
       1, std::min({static_cast<int64_t>(at::get_num_threads()), slices, flops_per_step / kFlopsPerThread})));
 }
 
-// Whether a packed forward recurrence computes the input projection itself (see cpu_limits.h).
+// Whether a packed forward recurrence computes each step's input projection in the same register tiles as
+// the recurrent product (else in chunks of steps; see cpu_limits.h).
 bool fuse_input_projection(int64_t N, int64_t H, int64_t Hout, int64_t I, int64_t blocks) {
   if (N < cpu_limits::kFusedProjectionMinBatch) return false;
   const int64_t threads = team_size(H, Hout + I, N, blocks);
@@ -162,7 +163,6 @@ FUSED_LSTM_SIMD_CLONES void pointwise_backward_units(const StepBackwardArgs& ste
                                                      int64_t unit_end) {
   for (int64_t b = 0; b < step.rows; ++b) backward_span<float>(step, b, unit_begin, unit_end);
 }
-
 
 // How a forward recurrence runs (see cpu_limits.h for the measurements behind each switch).
 struct ForwardPlan {
