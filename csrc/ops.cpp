@@ -47,6 +47,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["max_in_place_rows"] = limits::kMaxInPlaceRows;
     d["min_packed_rows"] = limits::kMinPackedRows;
     d["max_in_place_batch"] = limits::kMaxInPlaceBatch;
+    d["in_place_min_weight_bytes"] = limits::kInPlaceMinWeightBytes;
     d["min_recurrence_rows"] = limits::kMinRecurrenceRows;
     d["fused_projection_min_batch"] = limits::kFusedProjectionMinBatch;
     d["fused_projection_max_slice_bytes"] = limits::kFusedProjectionMaxSliceBytes;

@@ -16,6 +16,8 @@ from conftest import assert_close, assert_error_within_torch, lstm_pair
 LIMITS = fused_lstm._C.cpu_kernel_limits()
 IN_PLACE_BATCH = LIMITS["max_in_place_batch"]
 IN_PLACE_ROWS = LIMITS["max_in_place_rows"]
+# The smallest hidden size (not a multiple of 16) whose W_hh is read in place at small batches.
+IN_PLACE_H = next(h for h in range(16, 4096) if 16 * h * h >= LIMITS["in_place_min_weight_bytes"] and h % 16)
 FUSED_BATCH = LIMITS["fused_projection_min_batch"]
 CHUNK_ROWS = LIMITS["projection_chunk_rows"]
 
@@ -24,8 +26,9 @@ def _cases():
     """(steps, batch, input_size, hidden, proj_size, bias, what it covers)."""
     small, large = IN_PLACE_BATCH, IN_PLACE_BATCH + 1
     return [
-        (9, 1, 37, 50, 0, True, "batch 1: W_hh and W_ih in place, K tails"),
-        (5, small, 64, 128, 0, True, "largest in-place batch, two threads per step"),
+        (9, 1, 37, IN_PLACE_H, 0, True, "batch 1: W_hh and W_ih in place, K tails"),
+        (5, small, 64, IN_PLACE_H, 0, True, "largest in-place batch, two threads per step"),
+        (20, small, 19, 64, 0, True, "small batch with a small W_hh: packed"),
         (2 * -(-CHUNK_ROWS // large) + 7, large, 33, 40, 0, True, "smallest packed batch, three projection chunks"),
         (6, 2 * large + 1, 19, 72, 0, False, "packed, no bias, row tile tails"),
         (5, FUSED_BATCH - 1, 48, 96, 0, True, "packed, two threads per step, one projection chunk"),
@@ -33,9 +36,10 @@ def _cases():
         (3, FUSED_BATCH, 192, 192, 0, True, "fused projection, units split over threads"),
         (2, 2 * FUSED_BATCH, 70, 150, 0, True, "fused projection at a larger batch, batch split"),
         (9, 2 * FUSED_BATCH + 3, 300, 300, 0, True, "large batch and weights: projection in chunks, units split"),
-        (IN_PLACE_ROWS - 1, 1, 24, 17, 0, True, "projection in place just below the switch"),
+        (IN_PLACE_ROWS - 1, 1, 24, 17, 0, True, "127 rows: per-step loop's projection in place, below the switch"),
         (-(-IN_PLACE_ROWS // large), large, 19, 72, 0, True, "per-step loop: packed projection at the switch"),
-        (3, 2, 16, 48, 0, True, "fewer rows than a packed recurrence needs: in place anyway"),
+        (3, 2, 16, IN_PLACE_H, 0, True, "fewer rows than a packed recurrence needs: in place anyway"),
+        (3, 2, 16, 48, 0, True, "fewer rows than a packed recurrence needs, small W_hh: per-step loop"),
         (6, 3, 21, 36, 11, True, "proj_size: per-step products in place"),
         (3, IN_PLACE_ROWS + 3, 21, 36, 11, True, "proj_size with a large batch: packed per-step products"),
     ]
@@ -54,7 +58,10 @@ def test_float32_kernels_match_torch_and_float64(steps, batch, input_size, hidde
     exact_out, (exact_h, exact_c) = ref64(x64)
     out_ref, (h_ref, c_ref) = ref32(x)
     out, (h, c) = ours(x)
-    expected_path = "cpu:per-step" if recurrence == "standard" or proj else "cpu:fused-recurrence"
+    packed_too_few_rows = batch * steps < LIMITS["min_recurrence_rows"] and 16 * hidden * hidden < LIMITS[
+        "in_place_min_weight_bytes"]
+    per_step = recurrence == "standard" or proj or packed_too_few_rows
+    expected_path = "cpu:per-step" if per_step else "cpu:fused-recurrence"
     assert fused_lstm.last_path() == expected_path
     for name, mine, theirs, exact in (("output", out, out_ref, exact_out), ("h_n", h, h_ref, exact_h),
                                       ("c_n", c, c_ref, exact_c)):

@@ -166,7 +166,7 @@ FUSED_LSTM_SIMD_CLONES void pointwise_backward_units(const StepBackwardArgs& ste
 
 // How a forward recurrence runs (see cpu_limits.h for the measurements behind each switch).
 struct ForwardPlan {
-  // Batch up to kMaxInPlaceBatch: W_hh read in place, after the driver's input projection. Otherwise the
+  // Small batches with a large W_hh: W_hh read in place, after the driver's input projection. Otherwise the
   // weights are packed and the recurrence computes the input projection itself, each thread for its own
   // gate columns (so no barrier separates projection and recurrence).
   bool in_place = false;
@@ -181,7 +181,8 @@ struct ForwardPlan {
 ForwardPlan plan_forward(int64_t N, int64_t H, int64_t Hout, int64_t I) {
   ForwardPlan plan;
   const int64_t blocks = (H + kLanes - 1) / kLanes;
-  plan.in_place = N <= cpu_limits::kMaxInPlaceBatch;
+  const int64_t w_hh_bytes = 4 * H * Hout * static_cast<int64_t>(sizeof(float));
+  plan.in_place = N <= cpu_limits::kMaxInPlaceBatch && w_hh_bytes >= cpu_limits::kInPlaceMinWeightBytes;
   plan.owns_projection = !plan.in_place;
   plan.split_rows = !plan.in_place && split_batch(N, H, Hout, I);
   plan.per_step_projection =
