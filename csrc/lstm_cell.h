@@ -57,16 +57,28 @@ FUSED_LSTM_HOST_DEVICE float exp_host(float x) {
 }
 
 FUSED_LSTM_HOST_DEVICE float tanh_host(float x) {
-  // Near zero 1 - 2 / (e^2x + 1) cancels badly, so use the odd polynomial there.
-  const float z = x * x;
-  float p = -5.70498872745e-3f;
-  p = p * z + 2.06390887954e-2f;
-  p = p * z - 5.37397155531e-2f;
-  p = p * z + 1.33314422036e-1f;
-  p = p * z - 3.33332819422e-1f;
-  const float small = p * z * x + x;
-  const float large = 1.0f - 2.0f / (exp_host(2.0f * x) + 1.0f);
-  return z < 0.390625f ? small : large;  // |x| < 0.625
+  // One path for every x: tanh|x| = -u / (2 + u) with u = expm1(-2|x|) in (-1, 0]. expm1 keeps full
+  // relative precision near 0, where 1 - 2 / (e^2x + 1) cancels, so no separate small-x polynomial and
+  // select (the vectorised step evaluated both). <= 2.5 ulp over [-12, 12] (emulated against float64).
+  float y = -2.0f * std::fabs(x);
+  y = y < -20.0f ? -20.0f : y;  // beyond, tanh is 1 in float and 2^n stays normal; NaN passes through
+  const float n = (y * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(y / ln 2), in [-29, 0]
+  const float r = (y - n * 0.693359375f) + n * 2.12194440e-4f;            // |r| <= ln 2 / 2
+  // expm1(r) = r + r^2 (1/2 + r/6 + ... + r^5/5040): the first term left out is < 2e-8 relative.
+  float p = 1.98412698e-4f;
+  p = p * r + 1.38888889e-3f;
+  p = p * r + 8.33333333e-3f;
+  p = p * r + 4.16666667e-2f;
+  p = p * r + 1.66666667e-1f;
+  p = p * r + 0.5f;
+  const float expm1_r = p * r * r + r;
+  union {
+    int32_t i;
+    float f;
+  } scale;
+  scale.i = (static_cast<int32_t>(n) + 127) << 23;
+  const float u = scale.f * expm1_r + (scale.f - 1.0f);  // expm1(y) = 2^n expm1(r) + (2^n - 1), exact 2^n - 1
+  return std::copysign(-u / (2.0f + u), x);
 }
 
 }  // namespace detail
