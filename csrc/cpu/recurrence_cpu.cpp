@@ -131,20 +131,21 @@ int team_size(int64_t H, int64_t Hout, int64_t N, int64_t slices) {
       1, std::min({static_cast<int64_t>(at::get_num_threads()), slices, flops_per_step / kFlopsPerThread})));
 }
 
+// Bytes of packed float32 weights of K inputs for the 4H gate rows (W_ih: K = I, W_hh: K = Hout).
+int64_t weight_bytes(int64_t H, int64_t K) { return 4 * H * K * static_cast<int64_t>(sizeof(float)); }
+
 // Whether a packed forward recurrence computes each step's input projection in the same register tiles as
 // the recurrent product (else in chunks of steps; see cpu_limits.h).
 bool fuse_input_projection(int64_t N, int64_t H, int64_t Hout, int64_t I, int64_t blocks) {
   if (N < cpu_limits::kFusedProjectionMinBatch) return false;
   const int64_t threads = team_size(H, Hout + I, N, blocks);
-  const int64_t slice_bytes = (I + Hout) * 4 * H * static_cast<int64_t>(sizeof(float)) / threads;
-  return slice_bytes <= cpu_limits::kFusedProjectionMaxSliceBytes;
+  return weight_bytes(H, I + Hout) / threads <= cpu_limits::kFusedProjectionMaxSliceBytes;
 }
 
 // Whether a packed forward recurrence splits the batch between threads instead of the hidden units (see
 // cpu_limits.h), and how many threads it then uses.
 bool split_batch(int64_t N, int64_t H, int64_t Hout, int64_t I) {
-  const int64_t weight_bytes = (I + Hout) * 4 * H * static_cast<int64_t>(sizeof(float));
-  return N >= cpu_limits::kRowSplitMinBatch && weight_bytes <= cpu_limits::kRowSplitMaxWeightBytes;
+  return N >= cpu_limits::kRowSplitMinBatch && weight_bytes(H, I + Hout) <= cpu_limits::kRowSplitMaxWeightBytes;
 }
 int row_team_size(int64_t N) {
   return static_cast<int>(std::clamp<int64_t>(N / cpu_limits::kRowSplitMinRowsPerThread, 1, at::get_num_threads()));
@@ -170,7 +171,6 @@ struct ForwardPlan {
   // weights are packed and the recurrence computes the input projection itself, each thread for its own
   // gate columns (so no barrier separates projection and recurrence).
   bool in_place = false;
-  bool owns_projection = false;
   bool split_rows = false;           // threads split the batch, not the hidden units
   bool per_step_projection = false;  // x.W_ih in the same register tiles as h.W_hh, step by step ...
   int64_t chunk_steps = 1;           // ... else for chunks of steps (W_ih streamed once per chunk; the
@@ -181,17 +181,17 @@ struct ForwardPlan {
 ForwardPlan plan_forward(int64_t N, int64_t H, int64_t Hout, int64_t I) {
   ForwardPlan plan;
   const int64_t blocks = (H + kLanes - 1) / kLanes;
-  const int64_t w_hh_bytes = 4 * H * Hout * static_cast<int64_t>(sizeof(float));
-  plan.in_place = N <= cpu_limits::kMaxInPlaceBatch && w_hh_bytes >= cpu_limits::kInPlaceMinWeightBytes;
-  plan.owns_projection = !plan.in_place;
-  plan.split_rows = !plan.in_place && split_batch(N, H, Hout, I);
-  plan.per_step_projection =
-      plan.owns_projection && (plan.split_rows || fuse_input_projection(N, H, Hout, I, blocks));
-  if (plan.owns_projection && !plan.per_step_projection) {
+  plan.in_place = N <= cpu_limits::kMaxInPlaceBatch && weight_bytes(H, Hout) >= cpu_limits::kInPlaceMinWeightBytes;
+  if (plan.in_place) {
+    plan.threads = team_size(H, Hout, N, blocks);
+    return plan;
+  }
+  plan.split_rows = split_batch(N, H, Hout, I);
+  plan.per_step_projection = plan.split_rows || fuse_input_projection(N, H, Hout, I, blocks);
+  if (!plan.per_step_projection) {
     plan.chunk_steps = std::max<int64_t>(1, (cpu_limits::kProjectionChunkRows + N - 1) / N);
   }
-  plan.threads = plan.split_rows ? row_team_size(N)
-                                 : team_size(H, Hout + (plan.owns_projection ? I : 0), N, blocks);
+  plan.threads = plan.split_rows ? row_team_size(N) : team_size(H, Hout + I, N, blocks);
   return plan;
 }
 
@@ -207,8 +207,8 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
   const int64_t R = a.input.size(0), I = a.input.size(1);
   const ForwardPlan plan = plan_forward(N, H, Hout, I);
   if (!plan.in_place && R < cpu_limits::kMinRecurrenceRows && !a.required) return false;
-  if (a.projected == plan.owns_projection) return false;  // offered the projection: take it iff we own it
-  const bool in_place = plan.in_place, owns_projection = plan.owns_projection, split_rows = plan.split_rows;
+  const bool in_place = plan.in_place, owns_projection = !plan.in_place, split_rows = plan.split_rows;
+  if (a.projected == owns_projection) return false;  // offered the projection: take it iff we own it
   const bool per_step_projection = plan.per_step_projection;
   const int64_t chunk_steps = plan.chunk_steps;
   const int64_t blocks = (H + kLanes - 1) / kLanes;
