@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <utility>
+
 namespace fused_lstm {
 namespace {
 
@@ -183,6 +185,7 @@ thread_local std::string last_path;  // per thread: concurrent callers do not se
 }  // namespace
 
 std::string last_forward_path() { return last_path; }
+void record_forward_path(std::string path) { last_path = std::move(path); }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
     const Tensor& input_arg, const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0,
@@ -273,7 +276,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
     }
   });
 
-  last_path = backend.path_name(whole_recurrence);
+  record_forward_path(backend.path_name(whole_recurrence));
   if (!need_workspace) gates = at::empty({0}, opts);
   if (s.dense) output = output.view({s.steps, N, D * Hout});
   return {output, h_n, c_n, gates, c_prev, h_prev};

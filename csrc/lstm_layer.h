@@ -109,15 +109,23 @@ struct RecurrenceBackwardArgs {
   Tensor d_gates;      // [R, 4H] out: gradients of the pre-activations
 };
 
+// Whose switches decide how a backend's float32 products may round (on CUDA: TF32 or strict FP32): the
+// layer op follows torch.nn.LSTM (the cuDNN RNN switches), the cell op torch.nn.LSTMCell, which is two
+// linear layers and so follows torch.matmul's.
+enum class ProductPrecision { Rnn, Matmul };
+
 // What a device provides to the driver. Every call is enqueued on the device's current stream. One
 // instance serves one op call.
 class LayerBackend {
  public:
-  explicit LayerBackend(RecurrencePath recurrence = RecurrencePath::Auto) : recurrence_(recurrence) {}
+  explicit LayerBackend(RecurrencePath recurrence = RecurrencePath::Auto,
+                        ProductPrecision precision = ProductPrecision::Rnn)
+      : recurrence_(recurrence), precision_(precision) {}
   virtual ~LayerBackend() = default;
   // The forward path this call asked for (the driver honours Standard and Persistent; a backend may use it
   // to schedule, e.g. to keep cooperative launches of two directions apart).
   RecurrencePath recurrence() const { return recurrence_; }
+  ProductPrecision precision() const { return precision_; }
   // out = a @ b + bias (bias [cols] broadcast over rows, or none when undefined); with accumulate,
   // out += a @ b (bias must be undefined). `a` and `b` may be transposed views.
   virtual void matmul(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate,
@@ -138,11 +146,14 @@ class LayerBackend {
 
  private:
   RecurrencePath recurrence_;
+  ProductPrecision precision_;
 };
 
 // The path the last lstm_layer_forward call on this thread took (path_name of its backend), or "" before
 // the first call.
 std::string last_forward_path();
+// Sets what last_forward_path returns on this thread (each forward op calls it once).
+void record_forward_path(std::string path);
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
     const Tensor& input, const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0,

@@ -23,6 +23,16 @@ TORCH_LIBRARY(fused_lstm, m) {
       "lstm_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, "
       "Tensor? batch_sizes, Tensor h0, Tensor c0, Tensor[] weights, bool has_biases, bool has_projections, "
       "bool bidirectional, Tensor gates, Tensor c_prev, Tensor h_prev) -> (Tensor, Tensor, Tensor, Tensor[])");
+  // One LSTMCell step (shapes in cell_step.h). Returns (h', c', gates); gates, the post-activation gates,
+  // are what lstm_cell_backward needs.
+  m.def(
+      "lstm_cell(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Returns (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh); the bias gradients
+  // are empty [0] tensors when has_biases is false. grad_h / grad_c may be None (no gradient reaches them).
+  m.def(
+      "lstm_cell_backward(Tensor? grad_h, Tensor? grad_c, Tensor input, Tensor hx, Tensor cx, Tensor w_ih, "
+      "Tensor w_hh, Tensor gates, bool has_biases) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace fused_lstm
@@ -46,6 +56,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     pybind11::dict d;
     d["max_in_place_rows"] = limits::kMaxInPlaceRows;
     d["min_packed_rows"] = limits::kMinPackedRows;
+    d["min_packed_depth"] = limits::kMinPackedDepth;
     d["max_in_place_batch"] = limits::kMaxInPlaceBatch;
     d["in_place_min_weight_bytes"] = limits::kInPlaceMinWeightBytes;
     d["min_recurrence_rows"] = limits::kMinRecurrenceRows;

@@ -189,7 +189,8 @@ class LSTMCell(nn.RNNCellBase):
     r"""A drop-in replacement for :class:`torch.nn.LSTMCell`: same constructor
     (``input_size, hidden_size, bias=True, device=None, dtype=None``, plus the keyword-only ``recurrence``
     of :class:`LSTM`), parameters, inputs ((N, H_in) or (H_in)), optional ``(h_0, c_0)`` and outputs
-    ``(h_1, c_1)``. One step of the fused LSTM op."""
+    ``(h_1, c_1)``. One call of the ``fused_lstm::lstm_cell`` op (with ``recurrence="standard"`` or
+    ``"persistent"``, a one-step call of the layer op on that path)."""
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
                  recurrence: Recurrence = "auto") -> None:
@@ -214,17 +215,19 @@ class LSTMCell(nn.RNNCellBase):
         # Parameters straight from _parameters: Module.__getattr__ costs ~0.4 us each, a visible share of
         # a small cell's step.
         params = self._parameters
-        weights = [params["weight_ih"], params["weight_hh"]]
-        if self.bias:
-            weights += [params["bias_ih"], params["bias_hh"]]
-        self._check_forward(input, hx, weights[0])
-        need_workspace = torch.is_grad_enabled() and (
-            input.requires_grad or hx[0].requires_grad or hx[1].requires_grad or any(w.requires_grad for w in weights))
-        _, h, c, *_ = ops.lstm_layer(
-            input.unsqueeze(0), None, hx[0].unsqueeze(0), hx[1].unsqueeze(0), weights,
-            self.bias, False, False, need_workspace, getattr(self, "recurrence", "auto"),
-        )
-        h, c = h[0], c[0]
+        w_ih, w_hh, b_ih, b_hh = params["weight_ih"], params["weight_hh"], params["bias_ih"], params["bias_hh"]
+        self._check_forward(input, hx, w_ih)
+        recurrence = getattr(self, "recurrence", "auto")  # modules pickled before the attribute existed
+        if recurrence == "auto":
+            h, c, _ = ops.lstm_cell(input, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh)
+        else:  # a path asked for by name: a one-step layer call, which honours it
+            weights = [w_ih, w_hh, b_ih, b_hh] if self.bias else [w_ih, w_hh]
+            need_workspace = torch.is_grad_enabled() and (
+                input.requires_grad or hx[0].requires_grad or hx[1].requires_grad or
+                any(w.requires_grad for w in weights))
+            _, h, c, *_ = ops.lstm_layer(input.unsqueeze(0), None, hx[0].unsqueeze(0), hx[1].unsqueeze(0), weights,
+                                         self.bias, False, False, need_workspace, recurrence)
+            h, c = h[0], c[0]
         if not is_batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c

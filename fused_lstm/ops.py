@@ -14,7 +14,7 @@ from torch import Tensor
 from . import _C  # noqa: F401  (registers torch.ops.fused_lstm.*)
 from . import reference
 
-__all__ = ["lstm_layer", "lstm_layer_backward"]
+__all__ = ["lstm_layer", "lstm_layer_backward", "lstm_cell", "lstm_cell_backward"]
 
 
 def lstm_layer(
@@ -67,6 +67,39 @@ def lstm_layer_backward(
         grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, list(weights),
         has_biases, has_projections, bidirectional, gates, c_prev, h_prev,
     )
+
+
+def lstm_cell(
+    input: Tensor,
+    hx: Tensor,
+    cx: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor] = None,
+    b_hh: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """One LSTMCell step, differentiable: input ``[N, I]``, hx and cx ``[N, H]``, w_ih ``[4H, I]``,
+    w_hh ``[4H, H]``, b_ih and b_hh ``[4H]`` (both or neither). Returns ``(h', c', gates)``; gates
+    ``[N, 4H]``, the post-activation gates, is what the backward needs (not differentiable)."""
+    return torch.ops.fused_lstm.lstm_cell.default(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+
+
+def lstm_cell_backward(
+    grad_h: Optional[Tensor],
+    grad_c: Optional[Tensor],
+    input: Tensor,
+    hx: Tensor,
+    cx: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    gates: Tensor,
+    has_biases: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`lstm_cell`: ``(grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih,
+    grad_b_hh)``, the bias gradients empty ``[0]`` tensors when ``has_biases`` is false. ``grad_h`` /
+    ``grad_c`` may be None when no gradient reaches that output."""
+    return torch.ops.fused_lstm.lstm_cell_backward.default(grad_h, grad_c, input, hx, cx, w_ih, w_hh, gates,
+                                                           has_biases)
 
 
 def _layer_sizes(input: Tensor, batch_sizes: Optional[Tensor], weights: Sequence[Tensor], bidirectional: bool):
@@ -163,5 +196,64 @@ def _reference_backward(ctx, grad_output, grad_h_n, grad_c_n, input, batch_sizes
 
 torch.library.register_autograd("fused_lstm::lstm_layer", _backward, setup_context=_setup_context)
 
+
+@torch.library.register_fake("fused_lstm::lstm_cell")
+def _lstm_cell_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    torch._check(input.dim() == 2, lambda: "fused_lstm: expected cell input [N, I]")
+    torch._check(w_ih.shape[1] == input.shape[1], lambda: "fused_lstm: input size does not match w_ih")
+    rows, hidden = input.shape[0], w_ih.shape[0] // 4
+    return input.new_empty(rows, hidden), input.new_empty(rows, hidden), input.new_empty(rows, 4 * hidden)
+
+
+@torch.library.register_fake("fused_lstm::lstm_cell_backward")
+def _lstm_cell_backward_fake(grad_h, grad_c, input, hx, cx, w_ih, w_hh, gates, has_biases):
+    contiguous = torch.contiguous_format
+    bias_size = w_ih.shape[0] if has_biases else 0
+    return (
+        torch.empty_like(input, memory_format=contiguous),
+        torch.empty_like(hx, memory_format=contiguous),
+        torch.empty_like(cx, memory_format=contiguous),
+        torch.empty_like(w_ih, memory_format=contiguous),
+        torch.empty_like(w_hh, memory_format=contiguous),
+        input.new_empty(bias_size),
+        input.new_empty(bias_size),
+    )
+
+
+def _cell_setup_context(ctx, inputs, output) -> None:
+    input, hx, cx, w_ih, w_hh, b_ih, b_hh = inputs
+    gates = output[2]
+    ctx.mark_non_differentiable(gates)
+    ctx.set_materialize_grads(False)
+    ctx.has_biases = b_ih is not None
+    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, gates, b_ih, b_hh)
+
+
+def _cell_backward(ctx, grad_h, grad_c, _grad_gates):
+    input, hx, cx, w_ih, w_hh, gates, b_ih, b_hh = ctx.saved_tensors
+    if grad_h is None and grad_c is None:
+        return None, None, None, None, None, None, None
+    if torch.is_grad_enabled():
+        # create_graph=True: differentiate the pure PyTorch cell instead (see _backward).
+        primals = [input, hx, cx, w_ih, w_hh, b_ih, b_hh]
+        targets = [i for i, p in enumerate(primals) if p is not None and p.requires_grad]
+        with torch.enable_grad():
+            outputs = reference.lstm_cell(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+        used = [(o, g) for o, g in zip(outputs, (grad_h, grad_c)) if g is not None]
+        found = torch.autograd.grad([o for o, _ in used], [primals[i] for i in targets], [g for _, g in used],
+                                    create_graph=True, allow_unused=True)
+        grads: list = [None] * len(primals)
+        for i, g in zip(targets, found):
+            grads[i] = torch.zeros_like(primals[i]) if g is None else g
+        return tuple(grads)
+    grads = lstm_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, gates, ctx.has_biases)
+    if not ctx.has_biases:
+        return (*grads[:5], None, None)
+    return grads
+
+
+torch.library.register_autograd("fused_lstm::lstm_cell", _cell_backward, setup_context=_cell_setup_context)
+
 # Under torch.autocast("cuda") the layer runs in fp16, like torch.nn.LSTM (which autocast lists as fp16).
 torch.library.register_autocast("fused_lstm::lstm_layer", "cuda", torch.float16)
+torch.library.register_autocast("fused_lstm::lstm_cell", "cuda", torch.float16)

@@ -89,3 +89,20 @@ def lstm_layer(
     if dense:
         output = output.reshape(steps, input.shape[1], -1)
     return output, torch.stack(h_n), torch.stack(c_n)
+
+
+def lstm_cell(
+    input: Tensor,
+    hx: Tensor,
+    cx: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor],
+    b_hh: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """One LSTMCell step, the contract of the ``fused_lstm::lstm_cell`` op without the gates output.
+    input [N, I], hx / cx [N, H], w_ih [4H, I], w_hh [4H, H], b_ih / b_hh [4H] or None; returns (h', c')."""
+    gates_pre = input @ w_ih.t() + hx @ w_hh.t()
+    if b_ih is not None:
+        gates_pre = gates_pre + b_ih + b_hh
+    return lstm_cell_step(gates_pre, cx)

@@ -20,6 +20,7 @@ IN_PLACE_ROWS = LIMITS["max_in_place_rows"]
 IN_PLACE_H = next(h for h in range(16, 4096) if 16 * h * h >= LIMITS["in_place_min_weight_bytes"] and h % 16)
 FUSED_BATCH = LIMITS["fused_projection_min_batch"]
 CHUNK_ROWS = LIMITS["projection_chunk_rows"]
+PACKED_DEPTH = LIMITS["min_packed_depth"]
 
 
 def _cases():
@@ -40,6 +41,8 @@ def _cases():
         (-(-IN_PLACE_ROWS // large), large, 19, 72, 0, True, "per-step loop: packed projection at the switch"),
         (3, 2, 16, IN_PLACE_H, 0, True, "fewer rows than a packed recurrence needs: in place anyway"),
         (3, 2, 16, 48, 0, True, "fewer rows than a packed recurrence needs, small W_hh: per-step loop"),
+        (1, PACKED_DEPTH - 1, 21, 36, 0, True, "weight gradients over one row fewer than packing needs: ATen"),
+        (1, PACKED_DEPTH, 21, 36, 0, True, "weight gradients over just enough rows: packed"),
         (6, 3, 21, 36, 11, True, "proj_size: per-step products in place"),
         (3, IN_PLACE_ROWS + 3, 21, 36, 11, True, "proj_size with a large batch: packed per-step products"),
     ]
@@ -108,7 +111,7 @@ def test_limits_are_consistent():
     """The switches the cases above straddle exist and are ordered as the cases assume."""
     assert 1 <= IN_PLACE_BATCH < IN_PLACE_ROWS
     assert 1 <= LIMITS["min_packed_rows"] <= IN_PLACE_ROWS
-    assert LIMITS["min_recurrence_rows"] >= 1
+    assert LIMITS["min_recurrence_rows"] >= 1 and PACKED_DEPTH > 1
     assert IN_PLACE_BATCH < FUSED_BATCH
     # The cases above straddle the byte budgets as their names say (float32 packed weights, bytes).
     weight_bytes = lambda i, h: (i + h) * 4 * h * 4  # noqa: E731

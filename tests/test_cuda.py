@@ -314,3 +314,61 @@ def test_compute_sanitizer_clean(tool: str, tmp_path):
     log = done.stdout + done.stderr
     assert "sanitizer script done" in log, log[-4000:]
     assert "ERROR SUMMARY: 0 errors" in log, log[-4000:]
+
+
+# ---- LSTMCell (the lstm_cell op) ----------------------------------------------------------------------------
+
+def cell_results(cls, state_dict, inputs, device, dtype):
+    """h', c' and the gradients of every input and parameter of one cell step, as float64 on the CPU."""
+    cell = cls(*inputs["sizes"], device=device, dtype=dtype)
+    cell.load_state_dict(state_dict)
+    leaves = [inputs[k].to(device, dtype).requires_grad_() for k in ("x", "h", "c")]
+    h, c = cell(leaves[0], (leaves[1], leaves[2]))
+    loss = (h * inputs["weight_h"].to(device, dtype)).sum() + (c * inputs["weight_c"].to(device, dtype)).sum()
+    grads = torch.autograd.grad(loss, leaves + list(cell.parameters()))
+    names = ["h", "c", "grad_x", "grad_h", "grad_c", *(f"grad_{n}" for n, _ in cell.named_parameters())]
+    return dict(zip(names, (t.detach() for t in (h, c, *grads))))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch,input_size,hidden", [(1, 7, 5), (40, 33, 96)])
+def test_cell_matches_float64_reference_like_torch(batch: int, input_size: int, hidden: int, dtype: torch.dtype):
+    """Our LSTMCell against a float64 CPU run, within twice torch.nn.LSTMCell's own CUDA error (both follow
+    torch.matmul's TF32 switch, left at its default)."""
+    reference_cell = nn.LSTMCell(input_size, hidden, dtype=torch.float64)
+    inputs = dict(sizes=(input_size, hidden), x=torch.randn(batch, input_size, dtype=torch.float64),
+                  h=torch.randn(batch, hidden, dtype=torch.float64), c=torch.randn(batch, hidden, dtype=torch.float64),
+                  weight_h=torch.randn(batch, hidden, dtype=torch.float64),
+                  weight_c=torch.randn(batch, hidden, dtype=torch.float64))
+    state = reference_cell.state_dict()
+    reference = cell_results(nn.LSTMCell, state, inputs, "cpu", torch.float64)
+    theirs = cell_results(nn.LSTMCell, state, inputs, DEVICE, dtype)
+    ours = cell_results(fused_lstm.LSTMCell, state, inputs, DEVICE, dtype)
+    check_against_reference(ours, theirs, reference, dtype)
+
+
+def test_cell_opcheck_on_cuda():
+    def randn(*shape):
+        return torch.randn(*shape, device=DEVICE, dtype=torch.float64)
+
+    args = (randn(3, 5), randn(3, 4), randn(3, 4), randn(16, 5), randn(16, 4), randn(16), randn(16))
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.fused_lstm.lstm_cell.default, [a.requires_grad_() for a in args], test_utils=checks)
+    with torch.no_grad():
+        h, c, gates = torch.ops.fused_lstm.lstm_cell(*args)
+    backward_args = (torch.randn_like(h), None, *(a.detach() for a in args[:5]), gates, True)
+    torch.library.opcheck(torch.ops.fused_lstm.lstm_cell_backward.default, backward_args, test_utils=checks)
+
+
+def test_cell_autocast_matches_torch():
+    cells = [nn.LSTMCell(6, 8, device=DEVICE)]
+    cells.append(fused_lstm.LSTMCell(6, 8, device=DEVICE))
+    cells[1].load_state_dict(cells[0].state_dict())
+    x, h, c = (torch.randn(4, n, device=DEVICE) for n in (6, 8, 8))
+    results = []
+    for cell in cells:
+        with torch.autocast("cuda"):
+            results.append(cell(x, (h, c)))
+    for theirs, ours in zip(*results):
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours, theirs, atol=1e-2, rtol=1e-2)

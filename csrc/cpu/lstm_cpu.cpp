@@ -10,6 +10,7 @@
 #include <deque>
 #include <utility>
 
+#include "../cell_step.h"
 #include "../lstm_layer.h"
 #include "cpu_limits.h"
 #include "dot_gemm.h"
@@ -102,8 +103,11 @@ class CpuBackend final : public LayerBackend {
       return;
     }
     // Packing b costs about as much as multiplying a handful of rows by it: pack when the product is
-    // big enough or b comes back (the per-step products of the time loop).
-    if (cached == nullptr && a.size(0) < cpu_limits::kMinPackedRows && !seen_once(key)) {
+    // big enough or b comes back (the per-step products of the time loop). A transposed a (the weight
+    // gradients, d_gates^T) with a short reduction is a rank-k update, which ATen does at memory speed.
+    const bool small = a.size(0) < cpu_limits::kMinPackedRows ||
+                       (a.stride(0) == 1 && a.size(1) < cpu_limits::kMinPackedDepth);
+    if (cached == nullptr && small && !seen_once(key)) {
       LayerBackend::matmul(out, a, b, accumulate, bias);
       return;
     }
@@ -151,6 +155,8 @@ class CpuBackend final : public LayerBackend {
 TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {
   m.impl("lstm_layer", &LayerOps<CpuBackend>::forward);
   m.impl("lstm_layer_backward", &LayerOps<CpuBackend>::backward);
+  m.impl("lstm_cell", &CellOps<CpuBackend>::forward);
+  m.impl("lstm_cell_backward", &CellOps<CpuBackend>::backward);
 }
 
 }  // namespace fused_lstm

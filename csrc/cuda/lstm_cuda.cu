@@ -22,6 +22,7 @@
 
 #include <exception>
 
+#include "../cell_step.h"
 #include "../lstm_layer.h"
 #include "cublas_matmul.cuh"
 #include "persistent/persistent.h"
@@ -36,6 +37,10 @@ class CudaBackend final : public LayerBackend {
 
   void matmul(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate,
               const Tensor& bias) const override {
+    if (precision() == ProductPrecision::Matmul) {  // the cell: ATen's products, as torch.nn.LSTMCell's
+      LayerBackend::matmul(out, a, b, accumulate, bias);
+      return;
+    }
     if (bias.defined()) {  // out = bias + a @ b as a broadcast copy then an accumulating product
       out.copy_(bias.unsqueeze(0).expand_as(out));
       accumulate = true;
@@ -114,6 +119,8 @@ class CudaBackend final : public LayerBackend {
 TORCH_LIBRARY_IMPL(fused_lstm, CUDA, m) {
   m.impl("lstm_layer", &LayerOps<CudaBackend, c10::cuda::CUDAGuard>::forward);
   m.impl("lstm_layer_backward", &LayerOps<CudaBackend, c10::cuda::CUDAGuard>::backward);
+  m.impl("lstm_cell", &CellOps<CudaBackend, c10::cuda::CUDAGuard>::forward);
+  m.impl("lstm_cell_backward", &CellOps<CudaBackend, c10::cuda::CUDAGuard>::backward);
 }
 
 }  // namespace fused_lstm

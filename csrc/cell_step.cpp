@@ -1,0 +1,149 @@
+// The device-agnostic LSTMCell step. See cell_step.h for shapes.
+#include "cell_step.h"
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace fused_lstm {
+namespace {
+
+void check_matrix(const Tensor& t, const Tensor& input, int64_t rows, int64_t cols, const char* name) {
+  TORCH_CHECK(t.device() == input.device(), "fused_lstm: ", name, " is on ", t.device(), " but input is on ",
+              input.device());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "fused_lstm: ", name, " has dtype ", t.scalar_type(),
+              " but input has dtype ", input.scalar_type());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "fused_lstm: expected ", name,
+              " of shape [", rows, ", ", cols, "], got ", t.sizes());
+}
+
+void check_vector(const Tensor& t, const Tensor& input, int64_t size, const char* name) {
+  TORCH_CHECK(t.device() == input.device() && t.scalar_type() == input.scalar_type(), "fused_lstm: ", name,
+              " must be a ", input.scalar_type(), " tensor on ", input.device(), ", got ", t.scalar_type(),
+              " on ", t.device());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == size, "fused_lstm: expected ", name, " of shape [", size, "], got ",
+              t.sizes());
+}
+
+// Checks every argument against input [N, I] and w_ih [4H, I]; returns H.
+int64_t check_cell(const Tensor& input, const Tensor& hx, const Tensor& cx, const Tensor& w_ih, const Tensor& w_hh) {
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), "fused_lstm: input must be a floating point tensor, got ",
+              input.scalar_type());
+  TORCH_CHECK(input.dim() == 2, "fused_lstm: expected cell input [N, I], got a ", input.dim(), "-D tensor");
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % 4 == 0, "fused_lstm: w_ih must be [4H, I], got ", w_ih.sizes());
+  const int64_t N = input.size(0), I = input.size(1), H = w_ih.size(0) / 4;
+  check_matrix(w_ih, input, 4 * H, I, "w_ih");
+  check_matrix(w_hh, input, 4 * H, H, "w_hh");
+  check_matrix(hx, input, N, H, "hx");
+  check_matrix(cx, input, N, H, "cx");
+  return H;
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& input_arg, const Tensor& hx_arg,
+                                                     const Tensor& cx, const Tensor& w_ih, const Tensor& w_hh,
+                                                     const c10::optional<Tensor>& b_ih,
+                                                     const c10::optional<Tensor>& b_hh, const LayerBackend& backend) {
+  const int64_t H = check_cell(input_arg, hx_arg, cx, w_ih, w_hh);
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "fused_lstm: b_ih and b_hh must be given together");
+  Tensor bias;
+  if (b_ih.has_value()) {
+    check_vector(*b_ih, input_arg, 4 * H, "b_ih");
+    check_vector(*b_hh, input_arg, 4 * H, "b_hh");
+    bias = *b_ih + *b_hh;
+  }
+  const Tensor input = input_arg.contiguous(), hx = hx_arg.contiguous();
+  const int64_t N = input.size(0);
+  const auto opts = input.options();
+  Tensor gates = at::empty({N, 4 * H}, opts);  // pre-activations, then post-activation gates in place
+  Tensor h_next = at::empty({N, H}, opts);
+  Tensor c_next = cx.contiguous().clone();  // the pointwise step advances c in place
+  if (N > 0) {
+    backend.matmul(gates, input, w_ih.t(), /*accumulate=*/false, bias);
+    backend.matmul(gates, hx, w_hh.t(), /*accumulate=*/true);
+    StepForwardArgs a;
+    a.dtype = input.scalar_type();
+    a.rows = N;
+    a.hidden = H;
+    a.out_hidden = H;
+    a.gates = gates.data_ptr();
+    a.c_state = c_next.data_ptr();
+    a.h_state = hx.data_ptr();
+    a.h_next = h_next.data_ptr();
+    a.output = nullptr;
+    a.output_stride = H;
+    a.c_prev_saved = nullptr;
+    a.h_prev_saved = nullptr;
+    backend.step_forward(a);
+  }
+  record_forward_path(backend.path_name(/*whole_recurrence=*/false));
+  return {h_next, c_next, gates};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward(
+    const c10::optional<Tensor>& grad_h, const c10::optional<Tensor>& grad_c, const Tensor& input_arg,
+    const Tensor& hx_arg, const Tensor& cx_arg, const Tensor& w_ih, const Tensor& w_hh, const Tensor& gates_arg,
+    bool has_biases, const LayerBackend& backend) {
+  const int64_t H = check_cell(input_arg, hx_arg, cx_arg, w_ih, w_hh);
+  const Tensor input = input_arg.contiguous(), hx = hx_arg.contiguous(), cx = cx_arg.contiguous();
+  const int64_t N = input.size(0);
+  check_matrix(gates_arg, input, N, 4 * H, "gates");
+  const Tensor gates = gates_arg.contiguous();
+  const auto opts = input.options();
+  const Tensor dh = grad_h.has_value() ? grad_h->contiguous() : at::zeros({N, H}, opts);  // reaching h'
+  if (grad_h.has_value()) check_matrix(dh, input, N, H, "grad_h");
+  // dc is advanced in place into the gradient of cx.
+  Tensor grad_cx = grad_c.has_value() ? grad_c->contiguous().clone() : at::zeros({N, H}, opts);
+  if (grad_c.has_value()) check_matrix(grad_cx, input, N, H, "grad_c");
+  Tensor grad_hx = at::zeros({N, H}, opts);  // no gradient reaches h' from a later step
+  Tensor d_gates = at::empty({N, 4 * H}, opts);
+  // A one-step backward recurrence: the backend's whole-recurrence path, where it has one, computes d_gates
+  // and grad_hx = d_gates @ w_hh in one pass (on the CPU, w_hh in cache-sized chunks).
+  const std::vector<int64_t> step_rows{N}, step_offset{0};
+  RecurrenceBackwardArgs whole;
+  whole.step_rows = &step_rows;
+  whole.step_offset = &step_offset;
+  whole.reverse = false;
+  whole.gates = gates;
+  whole.c_prev = cx;
+  whole.d_output = dh;
+  whole.w_hh = w_hh;
+  whole.dh_state = grad_hx;
+  whole.dc_state = grad_cx;
+  whole.d_gates = d_gates;
+  if (N > 0 && !backend.recurrence_backward(whole)) {
+    StepBackwardArgs a;
+    a.dtype = input.scalar_type();
+    a.rows = N;
+    a.hidden = H;
+    a.gates = gates.data_ptr();
+    a.c_prev = cx.data_ptr();
+    a.dh = dh.data_ptr();
+    a.d_output = nullptr;
+    a.d_output_stride = H;
+    a.dc_state = grad_cx.data_ptr();
+    a.d_gates = d_gates.data_ptr();
+    a.h_next = nullptr;
+    backend.step_backward(a);
+    backend.matmul(grad_hx, d_gates, w_hh, /*accumulate=*/false);  // [N, H]
+  }
+  Tensor grad_input = at::empty({N, input.size(1)}, opts);
+  Tensor grad_w_ih, grad_w_hh;
+  if (N > 0) {
+    backend.matmul(grad_input, d_gates, w_ih, /*accumulate=*/false);  // [N, I]
+    grad_w_ih = at::empty_like(w_ih, at::MemoryFormat::Contiguous);
+    grad_w_hh = at::empty_like(w_hh, at::MemoryFormat::Contiguous);
+    backend.matmul(grad_w_ih, d_gates.t(), input, /*accumulate=*/false);  // [4H, I]
+    backend.matmul(grad_w_hh, d_gates.t(), hx, /*accumulate=*/false);     // [4H, H]
+  } else {  // an empty batch: the weights get zero gradients, as from any product over no rows
+    grad_w_ih = at::zeros_like(w_ih, at::MemoryFormat::Contiguous);
+    grad_w_hh = at::zeros_like(w_hh, at::MemoryFormat::Contiguous);
+  }
+  // Two tensors, not one returned twice: autograd may keep each as its parameter's .grad.
+  Tensor grad_b_ih = has_biases ? d_gates.sum(0) : at::empty({0}, opts);
+  Tensor grad_b_hh = has_biases ? grad_b_ih.clone() : at::empty({0}, opts);
+  return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
+}
+
+}  // namespace fused_lstm
