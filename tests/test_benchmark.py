@@ -303,7 +303,7 @@ def test_quick_preset_is_small() -> None:
     assert all(c.shape.T <= 50 and c.shape.H <= 256 and c.shape.I <= 256 for c in quick.cases)
     assert sum(mode_flops(c.shape, "train") for c in quick.cases) < 5e9
     topologies = {c.shape.topology() for c in quick.cases}
-    assert {"L1 uni", "L1 uni packed"} <= topologies and any("bi" in t for t in topologies)
+    assert {"L1 uni", "L1 uni packed", "cell"} <= topologies and any("bi" in t for t in topologies)
 
 
 def test_gpu_and_full_presets_contain_the_issue_shapes() -> None:
@@ -513,3 +513,53 @@ def test_interrupted_run_writes_what_it_measured(tmp_path: Path, monkeypatch: py
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
     assert doc["settings"]["interrupted"] is True
     assert len(doc["results"]) == 1 and doc["results"][0]["status"] == "ok"
+
+
+# --- LSTMCell loops ---------------------------------------------------------------------------
+
+CELL = Shape(5, 3, 4, 8, cell=True)
+
+
+@pytest.mark.parametrize("candidate", GOOD_CANDIDATES)
+@pytest.mark.parametrize("grads", [False, True], ids=["infer", "train"])
+def test_cell_shapes_gate_the_candidates_cell(candidate: str, grads: bool) -> None:
+    reference, cand = build_pair(CELL, torch.float32, CPU, resolve_candidate(candidate))
+    expected_cell = "fused_lstm.modules.LSTMCell" if candidate == "fused" else "torch.nn.modules.rnn.LSTMCell"
+    assert f"{type(cand.cell).__module__}.{type(cand.cell).__qualname__}" == expected_cell
+    assert type(reference.cell) is torch.nn.LSTMCell
+    gate = _gate(candidate, CELL, grads)
+    assert gate.ok, gate.summary()
+    assert ("grad_cell.weight_hh" in {c.name for c in gate.checks}) == grads
+
+
+def test_cell_loop_is_the_lstm_it_unrolls() -> None:
+    """CellLoop over torch.nn.LSTMCell against torch.nn.LSTM with the same weights: the same numbers."""
+    reference, loop = build_pair(CELL, torch.float64, CPU, torch.nn.LSTM)
+    lstm = torch.nn.LSTM(CELL.I, CELL.H, dtype=torch.float64)
+    lstm.load_state_dict({f"{k}_l0": v for k, v in loop.cell.state_dict().items()})
+    inp = draw_inputs(CELL, torch.float64, CPU, 1)[0]
+    (out, (h, c)), (out_ref, (h_ref, c_ref)) = loop(inp.x, inp.hx), lstm(inp.x, inp.hx)
+    for got, want in ((out, out_ref), (h, h_ref), (c, c_ref)):
+        torch.testing.assert_close(got, want)
+
+
+def test_cell_shape_runs_and_is_reported(tmp_path: Path) -> None:
+    results = _run(DEFAULT_CANDIDATE, [CELL], ["infer", "train"])
+    assert [r.status for r in results] == ["ok", "ok"] and all(r.cell and r.shape == CELL for r in results)
+    assert all(r.speedup and r.speedup > 0 for r in results)
+    if DEFAULT_CANDIDATE == "fused":
+        assert results[0].fused_path == "cpu:per-step"
+
+
+@pytest.mark.parametrize("kwargs", [dict(layers=2), dict(bidirectional=True), dict(packed=True), dict(proj_size=2)])
+def test_cell_shapes_are_single_layer_dense(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="a cell shape is one layer"):
+        Shape(5, 3, 4, 8, cell=True, **kwargs)
+
+
+def test_cell_factory_needs_an_lstmcell() -> None:
+    from fused_lstm.benchmark.candidates import cell_factory
+
+    assert cell_factory(torch.nn.LSTM) is torch.nn.LSTMCell
+    with pytest.raises(ImportError, match="no LSTMCell"):
+        cell_factory(OffsetLSTM)

@@ -68,11 +68,13 @@ def baseline_algo(shape: Shape, dtype: torch.dtype, mode: str, device: torch.dev
                   props: Optional[CudaProps] = None) -> str:
     """Label of the kernel family the torch baseline runs for ``mode``.
 
-    ``cpu`` on CPU (oneDNN / native ATen), ``native`` when cuDNN is disabled, else the
-    cuDNN algorithm; ``train`` shows ``forward/backward`` when the two differ.
+    ``cpu`` on CPU (oneDNN / native ATen), ``linear+cell`` for an LSTMCell loop, ``native`` when
+    cuDNN is disabled, else the cuDNN algorithm; ``train`` shows ``forward/backward`` when the two differ.
     """
     if device.type != "cuda":
         return "cpu"
+    if shape.cell:  # torch.nn.LSTMCell: two cuBLAS products and a fused pointwise kernel per step
+        return "linear+cell"
     if not torch.backends.cudnn.is_available() or not torch.backends.cudnn.enabled:
         return "native"
     props = props or CudaProps.of(device)

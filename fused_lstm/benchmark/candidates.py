@@ -45,6 +45,17 @@ def resolve_candidate(spec: Union[str, CandidateFactory, None] = None) -> Candid
     return factory
 
 
+def cell_factory(factory: CandidateFactory) -> CandidateFactory:
+    """The ``LSTMCell`` that goes with an LSTM factory: the ``LSTMCell`` attribute of the module the factory
+    is defined in (``fused_lstm.LSTMCell`` for ``fused_lstm.LSTM``, ``torch.nn.LSTMCell`` for
+    ``torch.nn.LSTM``). Raises ``ImportError`` when there is none."""
+    module = sys.modules.get(getattr(factory, "__module__", "") or "")
+    cell = getattr(module, "LSTMCell", None)
+    if not callable(cell):
+        raise ImportError(f"candidate {candidate_name(factory)} has no LSTMCell next to it to run cell shapes")
+    return cell
+
+
 def candidate_name(factory: CandidateFactory) -> str:
     """Dotted name of the factory, e.g. ``fused_lstm.modules.LSTM``."""
     module = getattr(factory, "__module__", None) or "?"

@@ -49,6 +49,7 @@ class Result:
     bidirectional: bool
     packed: bool
     proj_size: int
+    cell: bool
     dtype: str
     mode: str
     status: str
@@ -78,7 +79,7 @@ class Result:
     def shape(self) -> Shape:
         """The measured shape."""
         return Shape(self.T, self.N, self.I, self.H, self.layers, self.bidirectional,
-                     self.packed, self.proj_size)
+                     self.packed, self.proj_size, self.cell)
 
     def as_dict(self) -> Dict[str, object]:
         """Plain dict (field order kept) for JSON/CSV."""
@@ -129,7 +130,7 @@ def run_benchmark(jobs: Sequence[Job], factory: CandidateFactory, config: Benchm
 
 def _base(job: Job, mode: str, device: torch.device) -> Result:
     s = job.shape
-    return Result(job.group, s.T, s.N, s.I, s.H, s.layers, s.bidirectional, s.packed, s.proj_size,
+    return Result(job.group, s.T, s.N, s.I, s.H, s.layers, s.bidirectional, s.packed, s.proj_size, s.cell,
                   job.dtype, mode, "error", gflop=mode_flops(s, mode) / 1e9,
                   torch_algo=baseline_algo(s, DTYPES[job.dtype], mode, device))
 

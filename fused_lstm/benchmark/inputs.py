@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-from .candidates import CandidateFactory
+from .candidates import CandidateFactory, cell_factory, last_path
 from .shapes import Shape
 
 LstmInput = Union[torch.Tensor, PackedSequence]
@@ -28,18 +28,46 @@ class InputSet:
     grad_outputs: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+class CellLoop(torch.nn.Module):
+    """A single-layer LSTM written as a Python loop over ``LSTMCell`` steps, called and answering like a
+    ``torch.nn.LSTM`` (input ``[T, N, I]``, ``hx`` ``([1, N, H], [1, N, H])``; output ``[T, N, H]``,
+    ``(h_n, c_n)``), so that the gate, the workloads and the timing treat it like any candidate."""
+
+    def __init__(self, cell: torch.nn.Module) -> None:
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x: torch.Tensor, hx: Tuple[torch.Tensor, torch.Tensor]):
+        h, c = hx[0][0], hx[1][0]
+        outputs = []
+        for step in x.unbind(0):
+            h, c = self.cell(step, (h, c))
+            outputs.append(h)
+        return torch.stack(outputs), (h.unsqueeze(0), c.unsqueeze(0))
+
+    def last_path(self) -> Optional[str]:
+        """The path the cell's own package reports (see :func:`.candidates.last_path`)."""
+        return last_path(self.cell)
+
+
 def build_pair(shape: Shape, dtype: torch.dtype, device: torch.device,
                factory: CandidateFactory, seed: int = 0) -> Tuple[torch.nn.Module, torch.nn.Module]:
-    """``(torch.nn.LSTM, candidate)`` on ``device``/``dtype`` with the same weights.
+    """``(torch.nn.LSTM, candidate)`` on ``device``/``dtype`` with the same weights; for a cell shape,
+    ``(CellLoop(torch.nn.LSTMCell), CellLoop(the candidate's LSTMCell))``.
 
     The baseline is initialised from ``seed``; the candidate receives its
     ``state_dict`` (strict, so differing parameter names fail loudly).
     """
+    def make(lstm: CandidateFactory) -> torch.nn.Module:
+        if shape.cell:
+            return CellLoop(cell_factory(lstm)(shape.I, shape.H))
+        return lstm(**shape.lstm_kwargs())
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        reference = torch.nn.LSTM(**shape.lstm_kwargs())  # type: ignore[arg-type]
+        reference = make(torch.nn.LSTM)
     reference = reference.to(device=device, dtype=dtype)
-    candidate = factory(**shape.lstm_kwargs()).to(device=device, dtype=dtype)
+    candidate = make(factory).to(device=device, dtype=dtype)
     candidate.load_state_dict(reference.state_dict())
     return reference, candidate
 

@@ -1,6 +1,7 @@
 """What to benchmark: LSTM shapes, precisions, modes and the named presets.
 
-A :class:`Shape` is one ``torch.nn.LSTM`` configuration plus its input size;
+A :class:`Shape` is one ``torch.nn.LSTM`` configuration plus its input size, or, with ``cell``, the
+same single-layer recurrence written as a Python loop over ``LSTMCell`` steps (how decoders use a cell);
 a :class:`Case` is a shape with an optional restriction to some modes or
 precisions (e.g. DeepBench inference shapes are only timed in ``infer``);
 a :class:`Preset` is a named list of cases with default modes and precisions.
@@ -39,7 +40,9 @@ _FALSE = {"0", "false", "no", "n", "off", "uni", "unidirectional", "padded", ""}
 class Shape:
     """One LSTM problem: sequence length, batch, input size, hidden size, topology.
 
-    Sequences are time-major (``batch_first=False``) like ``torch.nn.LSTM``'s default.
+    Sequences are time-major (``batch_first=False``) like ``torch.nn.LSTM``'s default. ``cell``: run the
+    ``T`` steps as ``T`` calls of ``torch.nn.LSTMCell`` (against the candidate's ``LSTMCell``) from a
+    Python loop; one layer, one direction, dense, no projection.
     """
 
     T: int
@@ -50,6 +53,7 @@ class Shape:
     bidirectional: bool = False
     packed: bool = False
     proj_size: int = 0
+    cell: bool = False
 
     def __post_init__(self) -> None:
         for name in ("T", "N", "I", "H", "layers"):
@@ -57,6 +61,8 @@ class Shape:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.proj_size < self.H:
             raise ValueError(f"proj_size must be in [0, H={self.H}), got {self.proj_size}")
+        if self.cell and (self.layers != 1 or self.bidirectional or self.packed or self.proj_size):
+            raise ValueError("a cell shape is one layer, one direction, dense and without proj_size")
 
     @property
     def directions(self) -> int:
@@ -85,7 +91,9 @@ class Shape:
         return sum(self.lengths())
 
     def topology(self) -> str:
-        """Short topology tag, e.g. ``L2 bi packed``."""
+        """Short topology tag, e.g. ``L2 bi packed``, or ``cell``."""
+        if self.cell:
+            return "cell"
         parts = [f"L{self.layers}", "bi" if self.bidirectional else "uni"]
         if self.packed:
             parts.append("packed")
@@ -187,9 +195,11 @@ def select_cases(cases: Iterable[Case], pattern: Optional[str], limit: Optional[
     return selected[:limit] if limit is not None else selected
 
 
-def _grid(group: str, T: int, batches: Iterable[int], hiddens: Iterable[int], **kw: object) -> List[Case]:
+def _grid(group: str, T: int, batches: Iterable[int], hiddens: Iterable[int], cell: bool = False,
+          **kw: object) -> List[Case]:
     """Cases for every (N, H) pair at sequence length ``T`` with ``I = H``."""
-    return [Case(Shape(T, n, h, h), group, **kw) for h in hiddens for n in batches]  # type: ignore[arg-type]
+    return [Case(Shape(T, n, h, h, cell=cell), group, **kw)  # type: ignore[arg-type]
+            for h in hiddens for n in batches]
 
 
 CLASSIC = Shape(100, 64, 512, 512)
@@ -204,8 +214,10 @@ def _quick() -> Preset:
         Case(Shape(50, 8, 256, 256), "small"),
         Case(Shape(30, 8, 64, 128, layers=2, bidirectional=True), "multilayer"),
         Case(Shape(40, 8, 64, 128, packed=True), "packed"),
+        Case(Shape(20, 8, 128, 128, cell=True), "cell"),
     )
-    return Preset("quick", "five small shapes, infer+train; the README/CI smoke run (seconds on CPU)",
+    return Preset("quick", "six small shapes (one an LSTMCell loop), infer+train; the README/CI smoke run "
+                  "(seconds on CPU)",
                   cases, ("infer", "train"), ("fp32",))
 
 
@@ -213,9 +225,10 @@ def _cpu() -> Preset:
     cases = tuple(_grid("sweep", 50, (1, 8, 64), (128, 256, 512, 1024))) + (
         Case(Shape(50, 16, 256, 256, layers=2, bidirectional=True), "multilayer"),
         Case(Shape(50, 16, 256, 256, packed=True), "packed"),
-    )
-    return Preset("cpu", "T=50 batch 1..64 x hidden 128..1024, plus 2-layer bidir and packed; "
-                  "a few minutes on 2 cores", cases, ("infer", "train"), ("fp32",))
+    ) + tuple(_grid("cell", 50, (1, 8, 64), (128, 512), cell=True))
+    return Preset("cpu", "T=50 batch 1..64 x hidden 128..1024, plus 2-layer bidir, packed, and LSTMCell "
+                  "loops (batch 1..64 x hidden 128, 512); a few minutes on 2 cores", cases, ("infer", "train"),
+                  ("fp32",))
 
 
 def _gpu() -> Preset:
@@ -226,9 +239,10 @@ def _gpu() -> Preset:
             Case(Shape(100, 64, 512, 512, layers=2, bidirectional=True), "multilayer"),
             Case(Shape(100, 64, 512, 512, packed=True), "packed"),
         )
+        + tuple(_grid("cell", 100, (1, 64), (512,), cell=True))
     )
     return Preset("gpu", "classic T=100 N=64 I=H=512, batch sweep N{1,8,64} x H{256,512,1024}, "
-                  "2-layer bidir, packed; all modes, fp32/bf16/fp16 (~4 min on an H100)",
+                  "2-layer bidir, packed, LSTMCell loops; all modes, fp32/bf16/fp16 (~4 min on an H100)",
                   cases, MODES, _ALL_DTYPES)
 
 
