@@ -11,14 +11,12 @@ namespace fused_lstm::cpu_limits {
 // (dot_gemm.h) instead of packing it: packing reads and writes all of W once per call.
 constexpr int64_t kMaxInPlaceRows = 128;
 
-// Other products with fewer rows than this, whose right operand does not come back, go through ATen:
-// packing costs about as much as multiplying a handful of rows.
+// Other products with fewer rows than this, or with a transposed left operand over fewer k than
+// kMinPackedDepth (the weight gradients of a step or a short sequence, d_gates^T @ x), read the right operand in place when its rows are contiguous
+// (packed_gemm.h, rowmajor_matmul) and go through ATen otherwise: packing costs about as much as
+// multiplying a handful of rows, and with a short reduction each packed element serves a handful of k.
+// (LSTMCell backward, batch 1, H = 512, through the packed kernel: 2.2 ms; batch 8, H = 256: 0.70 ms.)
 constexpr int64_t kMinPackedRows = 16;
-
-// Likewise products of a transposed left operand over fewer k than this (the weight gradients of a step
-// or a sequence with fewer rows, d_gates^T @ x): each packed element would serve a handful of k, and the
-// packed kernel's per-block gather of the transposed operand costs more than the product (LSTMCell
-// backward, batch 1, H = 512: 2.2 -> 1.0-1.3 ms; batch 8, H = 256: 0.70 -> 0.32 ms).
 constexpr int64_t kMinPackedDepth = 16;
 
 // Fused forward recurrences with batches up to kMaxInPlaceBatch read W_hh in place when it is at least

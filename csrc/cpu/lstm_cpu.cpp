@@ -102,13 +102,18 @@ class CpuBackend final : public LayerBackend {
       dot_matmul(out, a, b.t(), accumulate, bias);
       return;
     }
-    // Packing b costs about as much as multiplying a handful of rows by it: pack when the product is
-    // big enough or b comes back (the per-step products of the time loop). A transposed a (the weight
-    // gradients, d_gates^T) with a short reduction is a rank-k update, which ATen does at memory speed.
+    // Packing b costs about as much as multiplying a handful of rows by it, and a short reduction (the
+    // weight gradients of a short sequence, d_gates^T @ x) uses each packed element a handful of times:
+    // such products read b in place when its rows are contiguous (the backward's products with W_hh and
+    // W_ih, the weight gradients), else go through ATen.
     const bool small = a.size(0) < cpu_limits::kMinPackedRows ||
                        (a.stride(0) == 1 && a.size(1) < cpu_limits::kMinPackedDepth);
-    if (cached == nullptr && small && !seen_once(key)) {
-      LayerBackend::matmul(out, a, b, accumulate, bias);
+    if (cached == nullptr && small) {
+      if (b.stride(1) == 1) {
+        rowmajor_matmul(out, a, b, accumulate, bias);
+      } else {
+        LayerBackend::matmul(out, a, b, accumulate, bias);
+      }
       return;
     }
     packed_matmul(out, a, cached ? *cached : pack(key, b), accumulate, bias);
@@ -136,18 +141,9 @@ class CpuBackend final : public LayerBackend {
     packed_.emplace_back(key, pack_matrix(b));
     return packed_.back().second;
   }
-  // True from the second time an operand is asked about.
-  bool seen_once(const OperandKey& key) const {
-    for (const OperandKey& k : seen_) {
-      if (k == key) return true;
-    }
-    seen_.push_back(key);
-    return false;
-  }
   // Operands do not change during a call (weights, the input, saved workspaces), so a packed copy is
   // valid until the backend, which lives for one op call, goes away.
   mutable std::deque<std::pair<OperandKey, PackedMatrix>> packed_;
-  mutable std::vector<OperandKey> seen_;
 };
 
 }  // namespace
