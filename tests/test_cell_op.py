@@ -198,3 +198,14 @@ def test_module_uses_the_cell_op_and_named_paths_the_layer_op():
     assert h.grad_fn is None
     h, c = cell(torch.randn(2, 3, requires_grad=True))
     assert "lstm_cell" in type(h.grad_fn).__name__
+
+
+@pytest.mark.parametrize("batch", [1, 40])
+def test_bitwise_deterministic(batch):
+    args = cell_args(batch=batch, input_size=37, hidden=70, dtype=torch.float32)
+    runs = []
+    for _ in range(2):
+        h, c, _ = ops.lstm_cell(*args)
+        runs.append([h, c, *torch.autograd.grad(h.sum() + 2 * c.sum(), list(args))])
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)

@@ -73,12 +73,42 @@ def test_compile_packed_sequence_fullgraph():
 
 
 def test_compile_lstm_cell():
+    """A decoder-style loop of cell steps compiles whole, and its gradients match eager."""
     torch._dynamo.reset()
     cell = fused_lstm.LSTMCell(4, 5)
-    x, hx = torch.randn(3, 4), (torch.randn(3, 5), torch.randn(3, 5))
-    compiled = torch.compile(cell, fullgraph=True, backend="aot_eager")
-    for a, b in zip(compiled(x, hx), cell(x, hx)):
-        torch.testing.assert_close(a, b)
+
+    def decode(x, hx):
+        outputs = []
+        for step in x.unbind(0):
+            hx = cell(step, hx)
+            outputs.append(hx[0])
+        return torch.stack(outputs), hx[1]
+
+    x = torch.randn(3, 2, 4, requires_grad=True)
+    hx = (torch.randn(2, 5), torch.randn(2, 5))
+    compiled = torch.compile(decode, fullgraph=True, backend="aot_eager")
+    results = [fn(x, hx) for fn in (compiled, decode)]
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+    grads = [torch.autograd.grad(out.sum() + c.sum(), [x, *cell.parameters()]) for out, c in results]
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_lstm_cell_double_backward_matches_torch():
+    """A gradient penalty through LSTMCell (create_graph=True), against torch.nn.LSTMCell's."""
+    from conftest import cell_pair
+
+    ref, ours = cell_pair(3, 4)
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    hx = (torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64))
+    penalties = []
+    for module in (ref, ours):
+        h, c = module(x, hx)
+        (gx,) = torch.autograd.grad(h.pow(2).sum() + c.sum(), x, create_graph=True)
+        penalties.append(torch.autograd.grad(gx.pow(2).sum(), [x, *module.parameters()]))
+    for a, b in zip(*penalties):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-9)
 
 
 def test_backward_in_eval_mode():
