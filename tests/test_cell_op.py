@@ -14,6 +14,7 @@ from torch import nn
 import fused_lstm
 from conftest import assert_close, assert_error_within_torch, cell_pair
 from fused_lstm import ops, reference
+from gpu_harness import relayout
 
 LIMITS = fused_lstm._C.cpu_kernel_limits()
 MIN_RECURRENCE_ROWS = LIMITS["min_recurrence_rows"]  # float32 backward: a fused one-step recurrence from here
@@ -141,12 +142,27 @@ def test_reduced_precision_on_cpu_matches_torch(dtype):
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
 
 
-def test_noncontiguous_arguments():
-    x, hx, cx, w_ih, w_hh, b_ih, b_hh = cell_args(batch=4, requires_grad=False)
-    strided = (torch.cat([x, x], dim=1)[:, ::2], hx.t().contiguous().t(), cx, torch.cat([w_ih, w_ih], 1)[:, ::2],
-               w_hh.t().contiguous().t(), b_ih, b_hh)
-    for got, want in zip(ops.lstm_cell(*strided)[:2], reference.lstm_cell(x, hx, cx, w_ih, w_hh, b_ih, b_hh)):
-        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-11)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_noncontiguous_arguments(dtype):
+    """Strided slices and transposed layouts of every matrix, forward and every gradient."""
+    args = cell_args(batch=5, dtype=dtype, requires_grad=False)
+    x, hx, cx, w_ih, w_hh, b_ih, b_hh = args
+    strided = [relayout(x, "strided_slice"), relayout(hx, "transposed_view"), relayout(cx, "strided_slice"),
+               relayout(w_ih, "strided_slice"), relayout(w_hh, "transposed_view"), relayout(b_ih, "strided_slice"),
+               b_hh]
+    assert not any(t.is_contiguous() for t in strided[:-1])
+    leaves = [t.requires_grad_() for t in strided]
+    expected = [t.detach().clone().requires_grad_() for t in args]
+    h, c, _ = ops.lstm_cell(*leaves)
+    h_ref, c_ref = reference.lstm_cell(*expected)
+    tolerance = dict(atol=1e-12, rtol=1e-11) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
+    for got, want in zip((h, c), (h_ref, c_ref)):
+        torch.testing.assert_close(got, want, **tolerance)
+    weight = torch.randn_like(h)
+    grads = torch.autograd.grad((h * weight).sum() + c.sum(), leaves)
+    grads_ref = torch.autograd.grad((h_ref * weight).sum() + c_ref.sum(), expected)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, **tolerance)
 
 
 @pytest.mark.parametrize("mutate,match", [
