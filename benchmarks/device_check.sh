@@ -70,7 +70,8 @@ grep -E "registers|spill|smem" "$OUT_DIR/build.log" | sed 's/^ *//' > "$OUT_DIR/
 
 # -- CUDA tests (plus the op checks on this torch version) ----------------------------------------------
 TEST_FILES=$(ls tests/test_cuda.py tests/test_persistent.py 2>/dev/null)
-stage tests "$TEST_LIMIT" tests.log "$PYTHON" -m pytest -q -rfEs --junitxml="$OUT_DIR/tests.xml" $TEST_FILES tests/test_ops.py
+stage tests "$TEST_LIMIT" tests.log "$PYTHON" -m pytest -q -rfEs --junitxml="$OUT_DIR/tests.xml" $TEST_FILES tests/test_ops.py \
+  tests/test_cell_op.py
 
 # -- benchmark: gpu preset against torch.nn.LSTM -------------------------------------------------------
 stage bench "$BENCH_LIMIT" bench.log "$PYTHON" -m fused_lstm.benchmark --preset gpu --device cuda --out "$OUT_DIR"
