@@ -5,24 +5,15 @@
 
 #include <vector>
 
+#include "arg_checks.h"
+
 namespace fused_lstm {
 namespace {
 
+// t is a [rows, cols] matrix on input's device with its dtype.
 void check_matrix(const Tensor& t, const Tensor& input, int64_t rows, int64_t cols, const char* name) {
-  TORCH_CHECK(t.device() == input.device(), "fused_lstm: ", name, " is on ", t.device(), " but input is on ",
-              input.device());
-  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "fused_lstm: ", name, " has dtype ", t.scalar_type(),
-              " but input has dtype ", input.scalar_type());
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "fused_lstm: expected ", name,
-              " of shape [", rows, ", ", cols, "], got ", t.sizes());
-}
-
-void check_vector(const Tensor& t, const Tensor& input, int64_t size, const char* name) {
-  TORCH_CHECK(t.device() == input.device() && t.scalar_type() == input.scalar_type(), "fused_lstm: ", name,
-              " must be a ", input.scalar_type(), " tensor on ", input.device(), ", got ", t.scalar_type(),
-              " on ", t.device());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == size, "fused_lstm: expected ", name, " of shape [", size, "], got ",
-              t.sizes());
+  check_same(t, input, name);
+  check_shape(t, {rows, cols}, name);
 }
 
 // Checks every argument against input [N, I] and w_ih [4H, I]; returns H.
@@ -49,8 +40,10 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& input_arg, co
   TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "fused_lstm: b_ih and b_hh must be given together");
   Tensor bias;
   if (b_ih.has_value()) {
-    check_vector(*b_ih, input_arg, 4 * H, "b_ih");
-    check_vector(*b_hh, input_arg, 4 * H, "b_hh");
+    check_same(*b_ih, input_arg, "b_ih");
+    check_shape(*b_ih, {4 * H}, "b_ih");
+    check_same(*b_hh, input_arg, "b_hh");
+    check_shape(*b_hh, {4 * H}, "b_hh");
     bias = *b_ih + *b_hh;
   }
   const Tensor input = input_arg.contiguous(), hx = hx_arg.contiguous();
@@ -58,7 +51,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& input_arg, co
   const auto opts = input.options();
   Tensor gates = at::empty({N, 4 * H}, opts);  // pre-activations, then post-activation gates in place
   Tensor h_next = at::empty({N, H}, opts);
-  Tensor c_next = cx.contiguous().clone();  // the pointwise step advances c in place
+  Tensor c_next = cx.clone(at::MemoryFormat::Contiguous);  // the pointwise step advances c in place
   if (N > 0) {
     backend.matmul(gates, input, w_ih.t(), /*accumulate=*/false, bias);
     backend.matmul(gates, hx, w_hh.t(), /*accumulate=*/true);
@@ -91,12 +84,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_bac
   check_matrix(gates_arg, input, N, 4 * H, "gates");
   const Tensor gates = gates_arg.contiguous();
   const auto opts = input.options();
-  const Tensor dh = grad_h.has_value() ? grad_h->contiguous() : at::zeros({N, H}, opts);  // reaching h'
-  if (grad_h.has_value()) check_matrix(dh, input, N, H, "grad_h");
-  // dc is advanced in place into the gradient of cx.
-  Tensor grad_cx = grad_c.has_value() ? grad_c->contiguous().clone() : at::zeros({N, H}, opts);
-  if (grad_c.has_value()) check_matrix(grad_cx, input, N, H, "grad_c");
-  Tensor grad_hx = at::zeros({N, H}, opts);  // no gradient reaches h' from a later step
+  if (grad_h.has_value()) check_matrix(*grad_h, input, N, H, "grad_h");
+  if (grad_c.has_value()) check_matrix(*grad_c, input, N, H, "grad_c");
+  // [N, H] each: the gradient reaching h', the gradient of c' advanced in place into that of cx, and the
+  // gradient of hx (zero in: no gradient reaches h' from a later step); then [N, 4H] for the gates.
+  const Tensor dh = grad_h.has_value() ? grad_h->contiguous() : at::zeros({N, H}, opts);
+  Tensor grad_cx = grad_c.has_value() ? grad_c->clone(at::MemoryFormat::Contiguous) : at::zeros({N, H}, opts);
+  Tensor grad_hx = at::zeros({N, H}, opts);
   Tensor d_gates = at::empty({N, 4 * H}, opts);
   // A one-step backward recurrence: the backend's whole-recurrence path, where it has one, computes d_gates
   // and grad_hx = d_gates @ w_hh in one pass (on the CPU, w_hh in cache-sized chunks).

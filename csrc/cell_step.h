@@ -3,8 +3,8 @@
 // A layer call with T = 1 would compute the same numbers, but a cell is called once per time step from a
 // Python loop, so every fixed cost counts: the layer's autograd wrapper takes a list of weights (pytree
 // packing both ways) and its driver sets up workspaces, directions and step tables. The cell op takes
-// flat arguments and does two products and one pointwise pass forward, one pointwise pass and five
-// products backward.
+// flat arguments and does two products and one pointwise pass forward; backward, one pointwise pass,
+// four products and the bias sum.
 //
 // Shapes (N = batch, I = input size, H = hidden size):
 //   input [N, I], hx [N, H], cx [N, H], w_ih [4H, I], w_hh [4H, H], b_ih [4H] / b_hh [4H] (optional)

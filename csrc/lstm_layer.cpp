@@ -5,6 +5,8 @@
 
 #include <utility>
 
+#include "arg_checks.h"
+
 namespace fused_lstm {
 namespace {
 
@@ -47,17 +49,6 @@ DirectionWeights direction_weights(at::TensorList weights, int64_t d, bool has_b
   }
   if (has_projections) out.w_hr = w[k - 1];
   return out;
-}
-
-void check_same(const Tensor& t, const Tensor& ref, const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), "fused_lstm: ", name, " is on ", t.device(), " but input is on ",
-              ref.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fused_lstm: ", name, " has dtype ", t.scalar_type(),
-              " but input has dtype ", ref.scalar_type());
-}
-
-void check_shape(const Tensor& t, at::IntArrayRef expected, const char* name) {
-  TORCH_CHECK(t.sizes() == expected, "fused_lstm: expected ", name, " of shape ", expected, ", got ", t.sizes());
 }
 
 LayerShape check_layer(const Tensor& input, const c10::optional<Tensor>& batch_sizes, const Tensor& h0,

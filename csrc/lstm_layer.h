@@ -149,8 +149,8 @@ class LayerBackend {
   ProductPrecision precision_;
 };
 
-// The path the last lstm_layer_forward call on this thread took (path_name of its backend), or "" before
-// the first call.
+// The path the last forward op call (layer or cell) on this thread took (path_name of its backend), or ""
+// before the first call.
 std::string last_forward_path();
 // Sets what last_forward_path returns on this thread (each forward op calls it once).
 void record_forward_path(std::string path);

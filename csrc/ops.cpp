@@ -50,7 +50,7 @@ TORCH_LIBRARY(fused_lstm, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_lstm C++/CUDA kernels; the ops are registered under torch.ops.fused_lstm";
   m.def("last_path", &fused_lstm::last_forward_path,
-        "The path the last forward layer call on this thread took, e.g. 'cuda:standard'");
+        "The path the last forward op call (layer or cell) on this thread took, e.g. 'cuda:standard'");
   m.def("cpu_kernel_limits", [] {
     namespace limits = fused_lstm::cpu_limits;
     pybind11::dict d;

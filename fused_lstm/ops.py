@@ -180,13 +180,25 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_c_prev, _
 
 def _reference_backward(ctx, grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weights):
     has_biases, has_projections, bidirectional = ctx.flags
-    primals = [input, h0, c0, *weights]
+
+    def layer(input, h0, c0, *weights):
+        return reference.lstm_layer(input, batch_sizes, h0, c0, weights, has_biases, has_projections, bidirectional)
+
+    return _differentiable_gradients(layer, [input, h0, c0, *weights], (grad_output, grad_h_n, grad_c_n))
+
+
+def _differentiable_gradients(fn, primals, grad_outputs):
+    """The gradients of fn(*primals) for grad_outputs (None where no gradient reaches an output), themselves
+    differentiable (create_graph=True): the double-backward path. The primals are the caller's saved
+    tensors, so the graph hangs off the caller's. Each argument slot is differentiated through its own
+    view: a tensor passed in two slots (h0 is c0, tied weights) then gets each slot's share, which autograd
+    sums, instead of the whole gradient twice."""
     with torch.enable_grad():
-        outputs = reference.lstm_layer(input, batch_sizes, h0, c0, weights, has_biases, has_projections,
-                                       bidirectional)
-    # The saved tensors are the caller's own, so the reference graph hangs off the caller's graph.
-    targets = [i for i, p in enumerate(primals) if p.requires_grad]
-    found = torch.autograd.grad(outputs, [primals[i] for i in targets], (grad_output, grad_h_n, grad_c_n),
+        slots = [p.view_as(p) if p is not None and p.requires_grad else p for p in primals]
+        outputs = fn(*slots)
+    used = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None]
+    targets = [i for i, p in enumerate(slots) if p is not None and p.requires_grad]
+    found = torch.autograd.grad([o for o, _ in used], [slots[i] for i in targets], [g for _, g in used],
                                 create_graph=True, allow_unused=True)
     grads: list = [None] * len(primals)
     for i, g in zip(targets, found):
@@ -200,8 +212,15 @@ torch.library.register_autograd("fused_lstm::lstm_layer", _backward, setup_conte
 @torch.library.register_fake("fused_lstm::lstm_cell")
 def _lstm_cell_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
     torch._check(input.dim() == 2, lambda: "fused_lstm: expected cell input [N, I]")
-    torch._check(w_ih.shape[1] == input.shape[1], lambda: "fused_lstm: input size does not match w_ih")
+    torch._check(w_ih.dim() == 2 and w_ih.shape[0] % 4 == 0, lambda: "fused_lstm: w_ih must be [4H, I]")
     rows, hidden = input.shape[0], w_ih.shape[0] // 4
+    for name, t, shape in (("w_ih", w_ih, (4 * hidden, input.shape[1])), ("w_hh", w_hh, (4 * hidden, hidden)),
+                           ("hx", hx, (rows, hidden)), ("cx", cx, (rows, hidden))):
+        torch._check(tuple(t.shape) == shape, lambda: f"fused_lstm: expected {name} of shape {list(shape)}")
+    torch._check((b_ih is None) == (b_hh is None), lambda: "fused_lstm: b_ih and b_hh must be given together")
+    for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
+        torch._check(b is None or tuple(b.shape) == (4 * hidden,),
+                     lambda: f"fused_lstm: expected {name} of shape [{4 * hidden}]")
     return input.new_empty(rows, hidden), input.new_empty(rows, hidden), input.new_empty(rows, 4 * hidden)
 
 
@@ -233,19 +252,9 @@ def _cell_backward(ctx, grad_h, grad_c, _grad_gates):
     input, hx, cx, w_ih, w_hh, gates, b_ih, b_hh = ctx.saved_tensors
     if grad_h is None and grad_c is None:
         return None, None, None, None, None, None, None
-    if torch.is_grad_enabled():
-        # create_graph=True: differentiate the pure PyTorch cell instead (see _backward).
-        primals = [input, hx, cx, w_ih, w_hh, b_ih, b_hh]
-        targets = [i for i, p in enumerate(primals) if p is not None and p.requires_grad]
-        with torch.enable_grad():
-            outputs = reference.lstm_cell(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
-        used = [(o, g) for o, g in zip(outputs, (grad_h, grad_c)) if g is not None]
-        found = torch.autograd.grad([o for o, _ in used], [primals[i] for i in targets], [g for _, g in used],
-                                    create_graph=True, allow_unused=True)
-        grads: list = [None] * len(primals)
-        for i, g in zip(targets, found):
-            grads[i] = torch.zeros_like(primals[i]) if g is None else g
-        return tuple(grads)
+    if torch.is_grad_enabled():  # create_graph=True: differentiate the pure PyTorch cell instead
+        return tuple(_differentiable_gradients(reference.lstm_cell, [input, hx, cx, w_ih, w_hh, b_ih, b_hh],
+                                               (grad_h, grad_c)))
     grads = lstm_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, gates, ctx.has_biases)
     if not ctx.has_biases:
         return (*grads[:5], None, None)

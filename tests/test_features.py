@@ -303,3 +303,32 @@ def test_recurrence_argument_validation_repr_and_state_dict():
     assert repr(fused_lstm.LSTM(3, 4)) == repr(nn.LSTM(3, 4))
     nn.LSTM(3, 4).load_state_dict(lstm.state_dict(), strict=True)
     assert copy.deepcopy(lstm).recurrence == "standard"
+
+
+def test_double_backward_with_one_tensor_in_two_slots():
+    """One tensor as both hx and cx of a cell (and as both h0 and c0 of the layer op): with
+    create_graph=True each slot's share of the gradient, summed by autograd, as torch gives it — not the
+    whole gradient once per slot."""
+    from conftest import cell_pair
+    from fused_lstm import ops, reference
+
+    ref, ours = cell_pair(3, 4)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    state = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    results = []
+    for module in (ref, ours):
+        (g,) = torch.autograd.grad(module(x, (state, state))[0].pow(2).sum(), state, create_graph=True)
+        results.append((g, *torch.autograd.grad(g.pow(2).sum(), state)))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
+
+    weights = [w.detach() for w in lstm_pair(3, 4)[1]._flat_weights]
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    state = torch.randn(1, 2, 4, dtype=torch.float64, requires_grad=True)
+    results = []
+    for layer in (lambda: reference.lstm_layer(x, None, state, state, weights, True, False, False)[0],
+                  lambda: ops.lstm_layer(x, None, state, state, weights, True, False, False, True)[0]):
+        (g,) = torch.autograd.grad(layer().pow(2).sum(), state, create_graph=True)
+        results.append((g, *torch.autograd.grad(g.pow(2).sum(), state)))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)

@@ -102,10 +102,7 @@ class CpuBackend final : public LayerBackend {
       dot_matmul(out, a, b.t(), accumulate, bias);
       return;
     }
-    // Packing b costs about as much as multiplying a handful of rows by it, and a short reduction (the
-    // weight gradients of a short sequence, d_gates^T @ x) uses each packed element a handful of times:
-    // such products read b in place when its rows are contiguous (the backward's products with W_hh and
-    // W_ih, the weight gradients), else go through ATen.
+    // Too small to repay packing (cpu_limits.h): b in place when its rows are contiguous, else ATen.
     const bool small = a.size(0) < cpu_limits::kMinPackedRows ||
                        (a.stride(0) == 1 && a.size(1) < cpu_limits::kMinPackedDepth);
     if (cached == nullptr && small) {

@@ -22,23 +22,17 @@ FUSED_LSTM_SIMD_CLONES void matmul_panel(const float* a, int64_t a_row_stride, i
              bias ? bias + first_col : nullptr, row_end - row_begin);
 }
 
-// One task of rowmajor_matmul: rows [row_begin, row_end) of out's columns of one panel, with b in place.
+// One task of rowmajor_matmul: rows [row_begin, row_end) of out's 64 columns from first_col, against a
+// panel of those columns (panel row k at panel + k * panel_stride) and its 64 biases (or null).
 FUSED_LSTM_SIMD_CLONES void rowmajor_panel(const float* a, int64_t a_row_stride, int64_t a_col_stride,
-                                           const float* b, int64_t b_row_stride, int64_t K, int64_t cols, float* out,
-                                           int64_t out_row_stride, bool accumulate, const float* bias, int64_t panel,
-                                           int64_t row_begin, int64_t row_end) {
-  const int64_t first_col = panel * kPanel;
+                                           const float* panel, int64_t panel_stride, int64_t K, int64_t cols,
+                                           int64_t first_col, float* out, int64_t out_row_stride, bool accumulate,
+                                           const float* bias, int64_t row_begin, int64_t row_end) {
   int64_t valid[4];
   for (int g = 0; g < 4; ++g) valid[g] = std::clamp<int64_t>(cols - first_col - g * kLanes, 0, kLanes);
-  const PanelOperand operand[1] = {
-      {a + row_begin * a_row_stride, a_row_stride, a_col_stride, b + first_col, K, b_row_stride}};
-  float* o = out + row_begin * out_row_stride + first_col;
-  const float* panel_bias = bias ? bias + first_col : nullptr;
-  if (valid[3] == kLanes) {
-    panel_rows(operand, o, out_row_stride, kLanes, valid, accumulate, panel_bias, row_end - row_begin);
-  } else {  // the last, partial panel: loads stop at b's last column
-    panel_rows<1, true>(operand, o, out_row_stride, kLanes, valid, accumulate, panel_bias, row_end - row_begin);
-  }
+  const PanelOperand operand[1] = {{a + row_begin * a_row_stride, a_row_stride, a_col_stride, panel, K, panel_stride}};
+  panel_rows(operand, out + row_begin * out_row_stride + first_col, out_row_stride, kLanes, valid, accumulate, bias,
+             row_end - row_begin);
 }
 
 FUSED_LSTM_SIMD_CLONES void fill_panel_from_rows(const float* const (&rows)[kPanel], int64_t k_stride, int64_t K,
@@ -98,28 +92,46 @@ PackedMatrix pack_matrix(const at::Tensor& b) {
 void rowmajor_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
                      const at::Tensor& bias) {
   const int64_t M = a.size(0), K = a.size(1), cols = b.size(1);
-  TORCH_INTERNAL_ASSERT(b.stride(1) == 1 || cols <= 1, "fused_lstm: rowmajor_matmul needs unit column stride");
+  TORCH_INTERNAL_ASSERT(b.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
+                        out.scalar_type() == at::kFloat && b.size(0) == K && out.size(0) == M &&
+                        out.size(1) == cols && (b.stride(1) == 1 || cols <= 1) && (out.stride(1) == 1 || cols <= 1),
+                        "fused_lstm: rowmajor_matmul needs float32 operands of matching shapes, b and out with "
+                        "unit column stride");
   if (M == 0 || cols == 0) return;
   if (K == 0) {
     if (!accumulate) bias.defined() ? void(out.copy_(bias.expand_as(out))) : void(out.zero_());
     return;
   }
-  const at::Tensor bias_contiguous = bias.defined() ? bias.contiguous() : at::Tensor();
-  const float* bias_ptr = bias.defined() ? bias_contiguous.data_ptr<float>() : nullptr;
   const float* a_ptr = a.data_ptr<float>();
   const float* b_ptr = b.data_ptr<float>();
   float* out_ptr = out.data_ptr<float>();
   const int64_t a_rs = a.stride(0), a_cs = a.stride(1), b_rs = b.stride(0), out_rs = out.stride(0);
+  // The kernel loads whole 64-column panel rows: the last partial panel (and its biases) is copied once,
+  // zero-padded, since b's own rows end before it.
+  const int64_t panels = (cols + kPanel - 1) / kPanel, tail_col = (panels - 1) * kPanel;
+  const bool partial = cols % kPanel != 0;
+  std::vector<float> tail_panel(partial ? K * kPanel : 0, 0.0f), padded_bias;
+  for (int64_t k = 0; partial && k < K; ++k) {
+    std::copy(b_ptr + k * b_rs + tail_col, b_ptr + k * b_rs + cols, tail_panel.data() + k * kPanel);
+  }
+  const at::Tensor bias_contiguous = bias.defined() ? bias.contiguous() : at::Tensor();
+  if (bias.defined()) {
+    padded_bias.assign(panels * kPanel, 0.0f);
+    std::copy(bias_contiguous.data_ptr<float>(), bias_contiguous.data_ptr<float>() + cols, padded_bias.data());
+  }
   // Tasks: (panel, block of rows); a task's 64 columns of b stay in cache for its rows. Small products run
   // on the calling thread: waking the pool costs more than they do.
   constexpr int64_t kRowsPerTask = 16 * kRowTile, kMinTaskFlops = 256 << 10;
-  const int64_t panels = (cols + kPanel - 1) / kPanel, row_blocks = (M + kRowsPerTask - 1) / kRowsPerTask;
+  const int64_t row_blocks = (M + kRowsPerTask - 1) / kRowsPerTask;
   const int64_t task_flops = 2 * std::min(M, kRowsPerTask) * K * kPanel;
   const int64_t grain = std::max<int64_t>(1, kMinTaskFlops / task_flops);
   at::parallel_for(0, panels * row_blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t panel = task % panels, row_begin = task / panels * kRowsPerTask;
-      rowmajor_panel(a_ptr, a_rs, a_cs, b_ptr, b_rs, K, cols, out_ptr, out_rs, accumulate, bias_ptr, panel, row_begin,
+      const bool tail = partial && panel == panels - 1;
+      rowmajor_panel(a_ptr, a_rs, a_cs, tail ? tail_panel.data() : b_ptr + panel * kPanel, tail ? kPanel : b_rs, K,
+                     cols, panel * kPanel, out_ptr, out_rs, accumulate,
+                     bias.defined() ? padded_bias.data() + panel * kPanel : nullptr, row_begin,
                      std::min(M, row_begin + kRowsPerTask));
     }
   });

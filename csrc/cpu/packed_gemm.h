@@ -17,35 +17,26 @@ constexpr int kRowTile = 4;                  // rows per tile: 4 rows x 4 vector
 constexpr int64_t kPanelChunkK = 1024;
 
 // A left operand and the panel it multiplies: element (r, k) of a at a[r * row_stride + k * col_stride],
-// panel row k (64 columns) at panel + k * panel_stride: a packed [K][64] panel (panel_stride 64), or 64
-// columns of a row-major matrix read in place (panel_stride = its row stride).
+// panel row k (64 columns, zero past the matrix's last column) at panel + k * panel_stride: a packed
+// [K][64] panel, or 64 columns of a row-major matrix read in place (panel_stride = its row stride).
 struct PanelOperand {
   const float* a;
   int64_t row_stride, col_stride;
   const float* panel;
   int64_t K;
   int64_t panel_stride = kPanel;
-  PanelOperand from_row(int64_t r) const { return {a + r * row_stride, row_stride, col_stride, panel, K, panel_stride}; }
-};
-
-// Group g of a panel row (or of a bias): a whole vector, or with PartialLoads only its first valid lanes
-// (a row-major matrix read in place has no zero padding past its last column).
-template <bool PartialLoads>
-FUSED_LSTM_ALWAYS_INLINE vec16 load_group(const float* p, int64_t valid) {
-  if constexpr (PartialLoads) {
-    if (valid < kLanes) return valid > 0 ? load16_partial(p, valid) : vec16{};
+  PanelOperand from_row(int64_t r) const {
+    return {a + r * row_stride, row_stride, col_stride, panel, K, panel_stride};
   }
-  return load16(p);
-}
+};
 
 // One panel's product for Rows rows, summed over Operands operand/panel pairs (an LSTM step's input and
 // recurrent products land in the same accumulators):
 //   out[r, group g lane l] (+)= bias[g*16 + l] + sum_ops sum_k a[r, k] * panel[k][g*16 + l]
 //   out:   vector group g of row r starts at out + r * out_row_stride + g * group_stride; only the first
-//          valid[g] lanes of each group are real columns (a packed panel is zero past them; with
-//          PartialLoads, panel and bias are only read there).
+//          valid[g] lanes of each group are real columns (the panel is zero past them).
 //   bias:  [64] for this panel, or null
-template <int Rows, int Operands, bool PartialLoads = false>
+template <int Rows, int Operands>
 FUSED_LSTM_ALWAYS_INLINE void panel_tile(const PanelOperand (&ops)[Operands], float* out, int64_t out_row_stride,
                                          int64_t group_stride, const int64_t (&valid)[4], bool accumulate,
                                          const float* bias) {
@@ -60,15 +51,13 @@ FUSED_LSTM_ALWAYS_INLINE void panel_tile(const PanelOperand (&ops)[Operands], fl
   vec16 acc[Rows][4] = {};
   if (bias) {
     for (int r = 0; r < Rows; ++r) {
-      for (int g = 0; g < 4; ++g) acc[r][g] = load_group<PartialLoads>(bias + g * kLanes, valid[g]);
+      for (int g = 0; g < 4; ++g) acc[r][g] = load16(bias + g * kLanes);
     }
   }
   for (const PanelOperand& op : ops) {
     for (int64_t k = 0; k < op.K; ++k) {
       const float* w = op.panel + k * op.panel_stride;
-      const vec16 w0 = load_group<PartialLoads>(w, valid[0]), w1 = load_group<PartialLoads>(w + kLanes, valid[1]),
-                  w2 = load_group<PartialLoads>(w + 2 * kLanes, valid[2]),
-                  w3 = load_group<PartialLoads>(w + 3 * kLanes, valid[3]);
+      const vec16 w0 = load16(w), w1 = load16(w + kLanes), w2 = load16(w + 2 * kLanes), w3 = load16(w + 3 * kLanes);
 #pragma GCC unroll 4
       for (int r = 0; r < Rows; ++r) {
         const float x = op.a[r * op.row_stride + k * op.col_stride];
@@ -94,37 +83,29 @@ FUSED_LSTM_ALWAYS_INLINE void panel_tile(const PanelOperand (&ops)[Operands], fl
 }
 
 // panel_tile on rows [r, r + Rows) of the operands.
-template <int Rows, int Operands, bool PartialLoads = false>
+template <int Rows, int Operands>
 FUSED_LSTM_ALWAYS_INLINE void panel_tile_at(const PanelOperand (&ops)[Operands], int64_t r, float* out,
                                             int64_t out_row_stride, int64_t group_stride, const int64_t (&valid)[4],
                                             bool accumulate, const float* bias) {
   PanelOperand shifted[Operands];
   for (int i = 0; i < Operands; ++i) shifted[i] = ops[i].from_row(r);
-  panel_tile<Rows, Operands, PartialLoads>(shifted, out + r * out_row_stride, out_row_stride, group_stride, valid,
-                                           accumulate, bias);
+  panel_tile<Rows, Operands>(shifted, out + r * out_row_stride, out_row_stride, group_stride, valid, accumulate, bias);
 }
 
 // panel_tile over `rows` rows in tiles of kRowTile (the remainder with a smaller tile). No lambdas in these
 // helpers: a lambda's body is compiled for the baseline ISA, not the calling clone's.
-template <int Operands, bool PartialLoads = false>
+template <int Operands>
 FUSED_LSTM_ALWAYS_INLINE void panel_rows(const PanelOperand (&ops)[Operands], float* out, int64_t out_row_stride,
                                          int64_t group_stride, const int64_t (&valid)[4], bool accumulate,
                                          const float* bias, int64_t rows) {
   int64_t r = 0;
   for (; r + kRowTile <= rows; r += kRowTile) {
-    panel_tile_at<kRowTile, Operands, PartialLoads>(ops, r, out, out_row_stride, group_stride, valid, accumulate,
-                                                    bias);
+    panel_tile_at<kRowTile>(ops, r, out, out_row_stride, group_stride, valid, accumulate, bias);
   }
   switch (rows - r) {
-    case 3:
-      panel_tile_at<3, Operands, PartialLoads>(ops, r, out, out_row_stride, group_stride, valid, accumulate, bias);
-      break;
-    case 2:
-      panel_tile_at<2, Operands, PartialLoads>(ops, r, out, out_row_stride, group_stride, valid, accumulate, bias);
-      break;
-    case 1:
-      panel_tile_at<1, Operands, PartialLoads>(ops, r, out, out_row_stride, group_stride, valid, accumulate, bias);
-      break;
+    case 3: panel_tile_at<3>(ops, r, out, out_row_stride, group_stride, valid, accumulate, bias); break;
+    case 2: panel_tile_at<2>(ops, r, out, out_row_stride, group_stride, valid, accumulate, bias); break;
+    case 1: panel_tile_at<1>(ops, r, out, out_row_stride, group_stride, valid, accumulate, bias); break;
     default: break;
   }
 }
@@ -153,9 +134,9 @@ void fill_panel_from_rows(const float* const (&rows)[kPanel], int64_t k_stride, 
 PackedMatrix pack_matrix(const at::Tensor& b);
 
 // out[M, Nc] (accumulate ? += : =) a[M, K] @ b[K, Nc] (+ bias [Nc] when defined and not accumulating) with
-// b read in place: b and out have unit column stride, a any strides. Each row of b serves as the panels'
-// row k, so nothing is packed or allocated: for products too small to repay packing (a few rows of a, or a
-// short reduction such as the weight gradients of a short sequence, d_gates^T @ x).
+// b read in place: b and out have unit column stride, a any strides. Rows of b serve as the panels' rows,
+// so only a last partial panel (Nc not a multiple of 64) is copied, zero-padded. For products too small to
+// repay packing: a few rows of a, or a short reduction (the weight gradients of a short sequence).
 void rowmajor_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
                      const at::Tensor& bias);
 

@@ -1,5 +1,6 @@
-// CUDA backend of the LSTM layer: the driver of ../lstm_layer.cpp over
-//   - cuBLAS products with cuDNN's precision policy (cublas_matmul.cuh),
+// CUDA backend of the LSTM layer and cell: the drivers of ../lstm_layer.cpp and ../cell_step.cpp over
+//   - cuBLAS products with cuDNN's precision policy (cublas_matmul.cuh) for the layer, ATen's (torch.matmul's
+//     policy, as torch.nn.LSTMCell's) for the cell,
 //   - the fused pointwise step kernels (pointwise_kernels.cuh),
 //   - the two directions of a bidirectional layer on two streams.
 // Everything is enqueued on the current stream of the input's device (or a side stream ordered after
