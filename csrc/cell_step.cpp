@@ -77,7 +77,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& input_arg, co
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward(
     const c10::optional<Tensor>& grad_h, const c10::optional<Tensor>& grad_c, const Tensor& input_arg,
     const Tensor& hx_arg, const Tensor& cx_arg, const Tensor& w_ih, const Tensor& w_hh, const Tensor& gates_arg,
-    bool has_biases, const LayerBackend& backend) {
+    bool has_biases, bool need_input_grad, bool need_weight_grads, const LayerBackend& backend) {
   const int64_t H = check_cell(input_arg, hx_arg, cx_arg, w_ih, w_hh);
   const Tensor input = input_arg.contiguous(), hx = hx_arg.contiguous(), cx = cx_arg.contiguous();
   const int64_t N = input.size(0);
@@ -122,21 +122,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_bac
     backend.step_backward(a);
     backend.matmul(grad_hx, d_gates, w_hh, /*accumulate=*/false);  // [N, H]
   }
-  Tensor grad_input = at::empty({N, input.size(1)}, opts);
-  Tensor grad_w_ih, grad_w_hh;
-  if (N > 0) {
-    backend.matmul(grad_input, d_gates, w_ih, /*accumulate=*/false);  // [N, I]
+  // Each output its own tensor, empty ones too: outputs of an op must not alias each other.
+  const auto nothing = [&] { return at::empty({0}, opts); };
+  Tensor grad_input = nothing();
+  if (need_input_grad) {
+    grad_input = at::empty({N, input.size(1)}, opts);
+    if (N > 0) backend.matmul(grad_input, d_gates, w_ih, /*accumulate=*/false);  // [N, I]
+  }
+  Tensor grad_w_ih = nothing(), grad_w_hh = nothing(), grad_b_ih = nothing(), grad_b_hh = nothing();
+  if (need_weight_grads && N > 0) {
     grad_w_ih = at::empty_like(w_ih, at::MemoryFormat::Contiguous);
     grad_w_hh = at::empty_like(w_hh, at::MemoryFormat::Contiguous);
     backend.matmul(grad_w_ih, d_gates.t(), input, /*accumulate=*/false);  // [4H, I]
     backend.matmul(grad_w_hh, d_gates.t(), hx, /*accumulate=*/false);     // [4H, H]
-  } else {  // an empty batch: the weights get zero gradients, as from any product over no rows
+  } else if (need_weight_grads) {  // an empty batch: zero gradients, as from any product over no rows
     grad_w_ih = at::zeros_like(w_ih, at::MemoryFormat::Contiguous);
     grad_w_hh = at::zeros_like(w_hh, at::MemoryFormat::Contiguous);
   }
-  // Two tensors, not one returned twice: autograd may keep each as its parameter's .grad.
-  Tensor grad_b_ih = has_biases ? d_gates.sum(0) : at::empty({0}, opts);
-  Tensor grad_b_hh = has_biases ? grad_b_ih.clone() : at::empty({0}, opts);
+  if (need_weight_grads && has_biases) {
+    // Two tensors, not one returned twice: autograd may keep each as its parameter's .grad.
+    grad_b_ih = d_gates.sum(0);
+    grad_b_hh = grad_b_ih.clone();
+  }
   return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
 }
 

@@ -28,11 +28,13 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& input, const 
 
 // Gradients of lstm_cell_forward. grad_h / grad_c [N, H] may be undefined (no gradient reaches that
 // output). Returns (grad_input [N, I], grad_hx [N, H], grad_cx [N, H], grad_w_ih [4H, I],
-// grad_w_hh [4H, H], grad_b_ih [4H], grad_b_hh [4H]); the bias gradients are equal, [0] without biases.
+// grad_w_hh [4H, H], grad_b_ih [4H], grad_b_hh [4H]); the bias gradients are equal, [0] without biases;
+// grad_input (the weight and bias gradients) [0] and not computed without need_input_grad
+// (need_weight_grads).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward(
     const c10::optional<Tensor>& grad_h, const c10::optional<Tensor>& grad_c, const Tensor& input,
     const Tensor& hx, const Tensor& cx, const Tensor& w_ih, const Tensor& w_hh, const Tensor& gates,
-    bool has_biases, const LayerBackend& backend);
+    bool has_biases, bool need_input_grad, bool need_weight_grads, const LayerBackend& backend);
 
 // The registered kernels of a backend, run under DeviceGuard for the input's device (as LayerOps), with
 // torch.nn.LSTMCell's precision policy for the products.
@@ -50,10 +52,10 @@ struct CellOps {
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward(
       const c10::optional<Tensor>& grad_h, const c10::optional<Tensor>& grad_c, const Tensor& input,
       const Tensor& hx, const Tensor& cx, const Tensor& w_ih, const Tensor& w_hh, const Tensor& gates,
-      bool has_biases) {
+      bool has_biases, bool need_input_grad, bool need_weight_grads) {
     const DeviceGuard guard(input.device());
-    return lstm_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, gates, has_biases,
-                              Backend(RecurrencePath::Auto, ProductPrecision::Matmul));
+    return lstm_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, gates, has_biases, need_input_grad,
+                              need_weight_grads, Backend(RecurrencePath::Auto, ProductPrecision::Matmul));
   }
 };
 

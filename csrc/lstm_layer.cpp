@@ -277,7 +277,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_layer_backward(
     const Tensor& grad_output_arg, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& input_arg,
     const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0, at::TensorList weights,
     bool has_biases, bool has_projections, bool bidirectional, const Tensor& gates, const Tensor& c_prev,
-    const Tensor& h_prev, const LayerBackend& backend) {
+    const Tensor& h_prev, bool need_input_grad, bool need_weight_grads, const LayerBackend& backend) {
   const LayerShape s = check_layer(input_arg, batch_sizes, h0, c0, weights, has_biases, has_projections,
                                    bidirectional);
   const int64_t D = s.directions, N = s.batch, H = s.hidden, Hout = s.out_hidden, R = s.rows, I = s.input_size;
@@ -304,7 +304,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_layer_backward(
   Tensor dh_projected = has_projections ? at::empty({D, N, H}, opts) : Tensor();
   std::vector<Tensor> grad_weights;
   grad_weights.reserve(weights.size());
-  for (const Tensor& w : weights) grad_weights.push_back(at::empty_like(w, at::MemoryFormat::Contiguous));
+  for (const Tensor& w : weights) {
+    grad_weights.push_back(need_weight_grads ? at::empty_like(w, at::MemoryFormat::Contiguous) : at::empty({0}, opts));
+  }
   const int64_t k = weights_per_direction(has_biases, has_projections);
 
   backend.for_each_direction(D, [&](int64_t d) {
@@ -359,6 +361,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_layer_backward(
       backend.matmul(dh_state.narrow(0, 0, rows), d_gates_d.narrow(0, row0, rows), w.w_hh, /*accumulate=*/false);
     }
     // Weight gradients as a few large GEMMs over all rows.
+    if (!need_weight_grads) return;
     const at::TensorList gw(grad_weights.data() + d * k, k);
     backend.matmul(gw[0], d_gates_d.t(), input, /*accumulate=*/false);         // [4H, I]
     backend.matmul(gw[1], d_gates_d.t(), h_prev_ws[d], /*accumulate=*/false);  // [4H, Hout]
@@ -371,12 +374,15 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_layer_backward(
     }
   });
 
-  Tensor grad_input = at::empty({R, I}, opts);
-  for (int64_t d = 0; d < D; ++d) {
-    const DirectionWeights w = direction_weights(weights, d, has_biases, has_projections);
-    backend.matmul(grad_input, d_gates[d], w.w_ih, /*accumulate=*/d > 0);  // [R, I]
+  Tensor grad_input = at::empty({0}, opts);
+  if (need_input_grad) {
+    grad_input = at::empty({R, I}, opts);
+    for (int64_t d = 0; d < D; ++d) {
+      const DirectionWeights w = direction_weights(weights, d, has_biases, has_projections);
+      backend.matmul(grad_input, d_gates[d], w.w_ih, /*accumulate=*/d > 0);  // [R, I]
+    }
+    if (s.dense) grad_input = grad_input.view({s.steps, N, I});
   }
-  if (s.dense) grad_input = grad_input.view({s.steps, N, I});
   return {grad_input, grad_h0, grad_c0, grad_weights};
 }
 

@@ -161,12 +161,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
     const LayerBackend& backend);
 
 // Gradients of lstm_layer_forward. grad_output is shaped like output, grad_h_n/grad_c_n like h0/c0.
-// Returns (grad_input, grad_h0, grad_c0, grad_weights) with grad_weights in the order of `weights`.
+// Returns (grad_input, grad_h0, grad_c0, grad_weights) with grad_weights in the order of `weights`;
+// without need_input_grad (need_weight_grads) grad_input (each grad_weights entry) is an empty [0] tensor
+// and its products are skipped: the first layer's input is usually data, and frozen weights need none.
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_layer_backward(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& input,
     const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0, at::TensorList weights,
     bool has_biases, bool has_projections, bool bidirectional, const Tensor& gates, const Tensor& c_prev,
-    const Tensor& h_prev, const LayerBackend& backend);
+    const Tensor& h_prev, bool need_input_grad, bool need_weight_grads, const LayerBackend& backend);
 
 // The registered kernels of a backend (its TORCH_LIBRARY_IMPL maps the op schemas onto these), run
 // under DeviceGuard for the input's device.
@@ -189,10 +191,11 @@ struct LayerOps {
       const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& input,
       const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0, at::TensorList weights,
       bool has_biases, bool has_projections, bool bidirectional, const Tensor& gates, const Tensor& c_prev,
-      const Tensor& h_prev) {
+      const Tensor& h_prev, bool need_input_grad, bool need_weight_grads) {
     const DeviceGuard guard(input.device());
     return lstm_layer_backward(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weights, has_biases,
-                               has_projections, bidirectional, gates, c_prev, h_prev, Backend());
+                               has_projections, bidirectional, gates, c_prev, h_prev, need_input_grad,
+                               need_weight_grads, Backend());
   }
 };
 

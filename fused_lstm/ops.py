@@ -61,11 +61,15 @@ def lstm_layer_backward(
     gates: Tensor,
     c_prev: Tensor,
     h_prev: Tensor,
+    need_input_grad: bool = True,
+    need_weight_grads: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor, List[Tensor]]:
-    """Gradients of :func:`lstm_layer`: ``(grad_input, grad_h0, grad_c0, grad_weights)``."""
+    """Gradients of :func:`lstm_layer`: ``(grad_input, grad_h0, grad_c0, grad_weights)``. Without
+    ``need_input_grad`` (``need_weight_grads``) grad_input (every weight gradient) is an empty ``[0]``
+    tensor and is not computed."""
     return torch.ops.fused_lstm.lstm_layer_backward.default(
         grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, list(weights),
-        has_biases, has_projections, bidirectional, gates, c_prev, h_prev,
+        has_biases, has_projections, bidirectional, gates, c_prev, h_prev, need_input_grad, need_weight_grads,
     )
 
 
@@ -94,12 +98,15 @@ def lstm_cell_backward(
     w_hh: Tensor,
     gates: Tensor,
     has_biases: bool,
+    need_input_grad: bool = True,
+    need_weight_grads: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of :func:`lstm_cell`: ``(grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih,
-    grad_b_hh)``, the bias gradients empty ``[0]`` tensors when ``has_biases`` is false. ``grad_h`` /
-    ``grad_c`` may be None when no gradient reaches that output."""
+    grad_b_hh)``, the bias gradients empty ``[0]`` tensors when ``has_biases`` is false, grad_input (the
+    weight and bias gradients) empty and not computed without ``need_input_grad`` (``need_weight_grads``).
+    ``grad_h`` / ``grad_c`` may be None when no gradient reaches that output."""
     return torch.ops.fused_lstm.lstm_cell_backward.default(grad_h, grad_c, input, hx, cx, w_ih, w_hh, gates,
-                                                           has_biases)
+                                                           has_biases, need_input_grad, need_weight_grads)
 
 
 def _layer_sizes(input: Tensor, batch_sizes: Optional[Tensor], weights: Sequence[Tensor], bidirectional: bool):
@@ -133,13 +140,14 @@ def _lstm_layer_fake(input, batch_sizes, h0, c0, weights, has_biases, has_projec
 
 @torch.library.register_fake("fused_lstm::lstm_layer_backward")
 def _lstm_layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weights, has_biases,
-                              has_projections, bidirectional, gates, c_prev, h_prev):
+                              has_projections, bidirectional, gates, c_prev, h_prev, need_input_grad=True,
+                              need_weight_grads=True):
     contiguous = torch.contiguous_format
     return (
-        torch.empty_like(input, memory_format=contiguous),
+        torch.empty_like(input, memory_format=contiguous) if need_input_grad else input.new_empty(0),
         torch.empty_like(h0, memory_format=contiguous),
         torch.empty_like(c0, memory_format=contiguous),
-        [torch.empty_like(w, memory_format=contiguous) for w in weights],
+        [torch.empty_like(w, memory_format=contiguous) if need_weight_grads else w.new_empty(0) for w in weights],
     )
 
 
@@ -169,11 +177,14 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_c_prev, _
         # differentiable (double backward, gradgradcheck).
         grads = _reference_backward(ctx, grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weights)
     else:
+        # Only the gradients asked for: the first layer's input is usually data, frozen weights need none.
+        need_input_grad, need_weight_grads = ctx.needs_input_grad[0], any(ctx.needs_input_grad[4])
         grad_input, grad_h0, grad_c0, grad_weights = lstm_layer_backward(
             grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weights, has_biases, has_projections,
-            bidirectional, gates, c_prev, h_prev,
+            bidirectional, gates, c_prev, h_prev, need_input_grad, need_weight_grads,
         )
-        grads = [grad_input, grad_h0, grad_c0, *grad_weights]
+        grad_weights = grad_weights if need_weight_grads else [None] * len(weights)
+        grads = [grad_input if need_input_grad else None, grad_h0, grad_c0, *grad_weights]
     grad_input, grad_h0, grad_c0, *grad_weights = grads
     return grad_input, None, grad_h0, grad_c0, list(grad_weights), None, None, None, None, None
 
@@ -225,15 +236,20 @@ def _lstm_cell_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
 
 
 @torch.library.register_fake("fused_lstm::lstm_cell_backward")
-def _lstm_cell_backward_fake(grad_h, grad_c, input, hx, cx, w_ih, w_hh, gates, has_biases):
+def _lstm_cell_backward_fake(grad_h, grad_c, input, hx, cx, w_ih, w_hh, gates, has_biases, need_input_grad=True,
+                             need_weight_grads=True):
     contiguous = torch.contiguous_format
-    bias_size = w_ih.shape[0] if has_biases else 0
+
+    def like(t: Tensor, needed: bool) -> Tensor:
+        return torch.empty_like(t, memory_format=contiguous) if needed else t.new_empty(0)
+
+    bias_size = w_ih.shape[0] if has_biases and need_weight_grads else 0
     return (
-        torch.empty_like(input, memory_format=contiguous),
-        torch.empty_like(hx, memory_format=contiguous),
-        torch.empty_like(cx, memory_format=contiguous),
-        torch.empty_like(w_ih, memory_format=contiguous),
-        torch.empty_like(w_hh, memory_format=contiguous),
+        like(input, need_input_grad),
+        like(hx, True),
+        like(cx, True),
+        like(w_ih, need_weight_grads),
+        like(w_hh, need_weight_grads),
         input.new_empty(bias_size),
         input.new_empty(bias_size),
     )
@@ -255,10 +271,14 @@ def _cell_backward(ctx, grad_h, grad_c, _grad_gates):
     if torch.is_grad_enabled():  # create_graph=True: differentiate the pure PyTorch cell instead
         return tuple(_differentiable_gradients(reference.lstm_cell, [input, hx, cx, w_ih, w_hh, b_ih, b_hh],
                                                (grad_h, grad_c)))
-    grads = lstm_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, gates, ctx.has_biases)
-    if not ctx.has_biases:
-        return (*grads[:5], None, None)
-    return grads
+    need_input_grad, need_weight_grads = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
+    grad_input, grad_hx, grad_cx, *grad_weights = lstm_cell_backward(
+        grad_h, grad_c, input, hx, cx, w_ih, w_hh, gates, ctx.has_biases, need_input_grad, need_weight_grads)
+    if not need_weight_grads:
+        grad_weights = [None] * 4
+    elif not ctx.has_biases:
+        grad_weights[2:] = [None, None]
+    return grad_input if need_input_grad else None, grad_hx, grad_cx, *grad_weights
 
 
 torch.library.register_autograd("fused_lstm::lstm_cell", _cell_backward, setup_context=_cell_setup_context)

@@ -225,3 +225,34 @@ def test_bitwise_deterministic(batch):
         runs.append([h, c, *torch.autograd.grad(h.sum() + 2 * c.sum(), list(args))])
     for first, second in zip(*runs):
         assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("need_input_grad,need_weight_grads", [(False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_backward_skips_what_is_not_needed(need_input_grad, need_weight_grads, bias):
+    args = cell_args(bias=bias, requires_grad=False)
+    h, c, gates = ops.lstm_cell(*args)
+    backward_args = (torch.randn_like(h), torch.randn_like(c), *args[:5], gates, bias)
+    full = ops.lstm_cell_backward(*backward_args)
+    part = ops.lstm_cell_backward(*backward_args, need_input_grad, need_weight_grads)
+    torch.library.opcheck(torch.ops.fused_lstm.lstm_cell_backward.default,
+                          (*backward_args, need_input_grad, need_weight_grads))
+    assert torch.equal(part[1], full[1]) and torch.equal(part[2], full[2])
+    assert torch.equal(part[0], full[0]) if need_input_grad else part[0].numel() == 0
+    for got, want in zip(part[3:], full[3:]):
+        assert torch.equal(got, want) if need_weight_grads else got.numel() == 0
+
+
+@pytest.mark.parametrize("frozen", ["weights", "input", "weights_and_input"])
+def test_module_gradients_with_frozen_parts(frozen):
+    ref, ours = cell_pair(3, 4)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad="input" not in frozen)
+    hx = (torch.randn(2, 4, dtype=torch.float64, requires_grad=True), torch.randn(2, 4, dtype=torch.float64))
+    results = []
+    for module in (ref, ours):
+        module.requires_grad_("weights" not in frozen)
+        h, c = module(x, hx)
+        leaves = [t for t in (x, hx[0]) if t.requires_grad] + [p for p in module.parameters() if p.requires_grad]
+        results.append(torch.autograd.grad(h.pow(2).sum() + c.sum(), leaves))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-11)

@@ -164,3 +164,55 @@ def test_opcheck_with_recurrence_argument(recurrence):
 def test_unknown_recurrence_is_an_error():
     with pytest.raises(RuntimeError, match="recurrence must be 'auto', 'standard' or 'persistent'"):
         ops.lstm_layer(*layer_args(), recurrence="sometimes")
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+@pytest.mark.parametrize("need_input_grad,need_weight_grads", [(False, True), (True, False), (False, False)])
+def test_backward_skips_what_is_not_needed(variant, need_input_grad, need_weight_grads):
+    """Without need_input_grad / need_weight_grads those gradients come back empty (not computed) and the
+    others are the full call's, bit for bit."""
+    args = layer_args(**variant, requires_grad=False)
+    x, batch_sizes, h0, c0, weights, bias, proj, bidir, _ = args
+    output, h_n, c_n, gates, c_prev, h_prev = ops.lstm_layer(*args)
+    backward_args = (torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), x, batch_sizes, h0, c0,
+                     weights, bias, proj, bidir, gates, c_prev, h_prev)
+    full = ops.lstm_layer_backward(*backward_args)
+    part = ops.lstm_layer_backward(*backward_args, need_input_grad, need_weight_grads)
+    torch.library.opcheck(torch.ops.fused_lstm.lstm_layer_backward.default,
+                          (*backward_args, need_input_grad, need_weight_grads))
+    assert torch.equal(part[1], full[1]) and torch.equal(part[2], full[2])
+    assert torch.equal(part[0], full[0]) if need_input_grad else part[0].numel() == 0
+    for got, want in zip(part[3], full[3]):
+        assert torch.equal(got, want) if need_weight_grads else got.numel() == 0
+
+
+@pytest.mark.parametrize("frozen", ["weights", "input", "weights_and_input", "one_weight"])
+def test_module_gradients_with_frozen_parts(frozen, monkeypatch):
+    """Frozen weights and data inputs (the autograd wrapper then skips those products) against torch."""
+    from conftest import lstm_pair
+
+    asked = []
+
+    def recording_backward(*args):
+        asked.append(args[-2:])
+        return real_backward(*args)
+
+    real_backward = ops.lstm_layer_backward
+    monkeypatch.setattr(ops, "lstm_layer_backward", recording_backward)
+    ref, ours = lstm_pair(3, 4, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad="input" not in frozen)
+    h0 = torch.randn(4, 2, 4, dtype=torch.float64, requires_grad=True)
+    for module in (ref, ours):
+        for name, p in module.named_parameters():
+            p.requires_grad_(not ("weights" in frozen or (frozen == "one_weight" and name == "weight_hh_l1")))
+    leaves = [t for t in (x, h0) if t.requires_grad]
+    results = []
+    for module in (ref, ours):
+        out, _ = module(x, (h0, torch.zeros_like(h0)))
+        params = [p for p in module.parameters() if p.requires_grad]
+        results.append(torch.autograd.grad(out.pow(2).sum(), leaves + params))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
+    # Layer 1 first (its input, layer 0's output, always needs a gradient here), then layer 0.
+    weights_needed = frozen not in ("weights", "weights_and_input")
+    assert asked == [(True, weights_needed), ("input" not in frozen, weights_needed)]
