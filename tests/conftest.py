@@ -54,15 +54,19 @@ def assert_close(actual, expected, dtype=torch.float64, what=""):
 
 def assert_error_within_torch(mine, theirs, exact, what=""):
     """Accuracy against a float64 run, relative to torch.nn.LSTM's own at the same precision: the RMS error
-    at most 2x torch's, the largest at most 4x, each plus a floor of 1e-7 x the magnitude. One element's
-    error is a noisy statistic: over 150 random models (2 layers, bidirectional, 30 steps) the ratio of
-    our to torch's largest error reached 3 while the RMS ratio stayed within 1.3 (median 1.1)."""
+    at most 2x torch's plus 1e-7 x the magnitude, the largest at most 4x torch's plus 8 float32 ulps of the
+    magnitude. One element's error is a noisy statistic: over 150 random models (2 layers, bidirectional,
+    30 steps) the ratio of our to torch's largest error reached 3 while the RMS ratio stayed within 1.3
+    (median 1.1); and where a result has a handful of elements, one of torch's may round exactly while
+    ours is a few ulps off (activations a few ulps apart, both valid): a one-row cell's weight gradient,
+    5 ulps against torch's 0.8, failed the 4x bound alone about one run in 50."""
     mine, theirs, exact = mine.detach().double(), theirs.detach().double(), exact.detach().double()
-    floor = 1e-7 * max(1.0, exact.abs().max().item()) if exact.numel() else 0.0
+    magnitude = max(1.0, exact.abs().max().item()) if exact.numel() else 0.0
     rms = lambda t: (t - exact).pow(2).mean().sqrt().item() if t.numel() else 0.0  # noqa: E731
     largest = lambda t: (t - exact).abs().max().item() if t.numel() else 0.0  # noqa: E731
-    assert rms(mine) <= 2 * rms(theirs) + floor, (what, "rms", rms(mine), rms(theirs))
-    assert largest(mine) <= 4 * largest(theirs) + floor, (what, "max", largest(mine), largest(theirs))
+    assert rms(mine) <= 2 * rms(theirs) + 1e-7 * magnitude, (what, "rms", rms(mine), rms(theirs))
+    assert largest(mine) <= 4 * largest(theirs) + 8 * torch.finfo(torch.float32).eps * magnitude, (
+        what, "max", largest(mine), largest(theirs))
 
 
 def assert_cuda_graph_replays(module, static_x):
