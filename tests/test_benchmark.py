@@ -193,7 +193,7 @@ def test_mismatch_is_recorded_untimed_and_run_continues() -> None:
 def test_wrong_gradient_refuses_only_grad_modes() -> None:
     results = _run(WrongGradLSTM, [TINY], MODES)
     assert {r.mode: r.status for r in results} == {
-        "infer": "ok", "train": "mismatch", "fwd": "mismatch", "bwd": "mismatch"}
+        "infer": "ok", "train": "mismatch", "train_weights": "mismatch", "fwd": "mismatch", "bwd": "mismatch"}
 
 
 def test_exception_is_recorded_as_error() -> None:
@@ -376,7 +376,7 @@ def test_baseline_algo_labels() -> None:
 # --- outputs ----------------------------------------------------------------------------------
 
 def test_tiny_run_writes_all_outputs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code = _main(tmp_path, "--shape", "6,3,5,8", "--shape", "5,2,4,8,1,0,1", "--modes", "infer,train,fwd,bwd",
+    code = _main(tmp_path, "--shape", "6,3,5,8", "--shape", "5,2,4,8,1,0,1", "--modes", ",".join(MODES),
                  "--device", "cpu", "--candidate", DEFAULT_CANDIDATE)
     out = tmp_path / "out"
     assert code == 0, capsys.readouterr()
@@ -394,17 +394,17 @@ def test_tiny_run_writes_all_outputs(tmp_path: Path, capsys: pytest.CaptureFixtu
     for r in rows:
         assert r["status"] == "ok" and r["dtype"] == "fp32" and r["torch_algo"] == "cpu"
         assert r["torch_ms"] > 0 and r["fused_ms"] > 0 and r["speedup"] > 0 and r["gflop"] > 0
-    assert doc["summary"]["status_counts"] == {"ok": 8}
+    assert doc["summary"]["status_counts"] == {"ok": 2 * len(MODES)}
 
     with (out / "results.csv").open() as fh:
         csv_rows = list(csv.DictReader(fh))
-    assert len(csv_rows) == 8
+    assert len(csv_rows) == 2 * len(MODES)
     assert {"T", "N", "I", "H", "dtype", "mode", "torch_ms", "fused_ms", "speedup", "fused_tflops",
             "torch_algo", "fused_path", "status"} <= set(csv_rows[0])
 
     md = (out / "results.md").read_text()
     assert "## Environment" in md and "| shape | topology | dtype | mode |" in md
-    assert md.count("| T=6 N=3 I=5 H=8 |") == 4
+    assert md.count("| T=6 N=3 I=5 H=8 |") == len(MODES)
 
     png = (out / "speedup.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
@@ -563,3 +563,42 @@ def test_cell_factory_needs_an_lstmcell() -> None:
     assert cell_factory(torch.nn.LSTM) is torch.nn.LSTMCell
     with pytest.raises(ImportError, match="no LSTMCell"):
         cell_factory(OffsetLSTM)
+
+
+# --- train_weights: the input as data ---------------------------------------------------------
+
+@pytest.mark.parametrize("candidate", GOOD_CANDIDATES)
+@pytest.mark.parametrize("shape", GATE_SHAPES, ids=lambda s: s.label().replace(" ", "_"))
+def test_train_weights_gates_weight_gradients_only(candidate: str, shape: Shape) -> None:
+    reference, cand = build_pair(shape, torch.float32, CPU, resolve_candidate(candidate))
+    inp = draw_inputs(shape, torch.float32, CPU, 1)[0]
+    gate = check_pair(reference, cand, inp, True, tolerance_for("fp32", CPU), data_input=True)
+    assert gate.ok, gate.summary()
+    names = {c.name for c in gate.checks}
+    assert "grad_input" not in names and "grad_weight_ih_l0" in names
+
+
+def test_train_weights_runs_the_input_as_data() -> None:
+    from fused_lstm.benchmark.workloads import make_workload
+
+    seen = []
+
+    class Recording(torch.nn.LSTM):
+        def forward(self, input: Any, hx: Any = None) -> Any:  # noqa: A002
+            data = input.data if isinstance(input, torch.nn.utils.rnn.PackedSequence) else input
+            seen.append(data.requires_grad)
+            return super().forward(input, hx)
+
+    for shape in (TINY, Shape(7, 5, 4, 8, packed=True)):
+        model = Recording(**shape.lstm_kwargs())
+        inp = draw_inputs(shape, torch.float32, CPU, 1)[0]
+        workload = make_workload(model, "train_weights")
+        grads = workload.run(workload.prepare(inp))
+        assert len(grads) == len(list(model.parameters()))
+        assert inp.leaf.requires_grad  # the drawn input itself is left as it was
+    assert seen == [False, False]
+
+
+def test_train_weights_flops_drop_the_first_layers_input_gradient() -> None:
+    shape = Shape(10, 4, 6, 8, layers=2, bidirectional=True)
+    assert mode_flops(shape, "train_weights") == 3 * forward_flops(shape) - 8 * 6 * 8 * 40 * 2

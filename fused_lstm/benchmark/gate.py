@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .inputs import InputSet
+from .inputs import InputSet, as_data
 from .workloads import Outputs, backward, forward
 
 
@@ -125,6 +125,7 @@ _OUTPUT_NAMES = ("output", "h_n", "c_n")
 
 def _run(model: torch.nn.Module, inp: InputSet, grads: bool,
          names: Sequence[str]) -> Tuple[Outputs, Tuple[torch.Tensor, ...]]:
+    """Outputs, and with ``grads`` the gradients of the input (unless it is data) and of ``names``."""
     model.train(grads)
     if not grads:
         with torch.no_grad():
@@ -135,12 +136,15 @@ def _run(model: torch.nn.Module, inp: InputSet, grads: bool,
 
 
 def check_pair(reference: torch.nn.Module, candidate: torch.nn.Module, inp: InputSet,
-               grads: bool, tol: Tolerance) -> GateResult:
+               grads: bool, tol: Tolerance, data_input: bool = False) -> GateResult:
     """Compare ``candidate`` with ``reference`` on ``inp``.
 
     With ``grads=False`` both run as in ``infer`` (eval, no_grad); with ``grads=True``
-    as in training, and the input and weight gradients are compared too.
+    as in training, and the input and weight gradients are compared too (only the weight
+    gradients with ``data_input``, which runs the input as data, as ``train_weights`` does).
     """
+    if data_input:
+        inp = as_data(inp)
     names = [n for n, _ in reference.named_parameters()]
     cand_names = {n for n, _ in candidate.named_parameters()}
     if grads and set(names) != cand_names:
@@ -149,6 +153,6 @@ def check_pair(reference: torch.nn.Module, candidate: torch.nn.Module, inp: Inpu
     ref_out, ref_grads = _run(reference, inp, grads, names)
     cand_out, cand_grads = _run(candidate, inp, grads, names)
     checks = _compare_all(_OUTPUT_NAMES, cand_out, ref_out, tol)
-    grad_names = ["grad_input"] + [f"grad_{n}" for n in names]
+    grad_names = ([] if data_input else ["grad_input"]) + [f"grad_{n}" for n in names]
     checks += _compare_all(grad_names, cand_grads, ref_grads, tol)
     return GateResult(tuple(checks))

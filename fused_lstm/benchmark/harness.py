@@ -18,7 +18,7 @@ from .candidates import CandidateFactory, last_path
 from .flops import mode_flops, tflops
 from .gate import GateResult, Tolerance, check_pair, tolerance_for
 from .inputs import InputSet, build_pair, draw_inputs
-from .shapes import CPU_DTYPES, DTYPES, GRAD_MODES, MODES, Case, Shape
+from .shapes import CPU_DTYPES, DATA_INPUT_MODES, DTYPES, GRAD_MODES, MODES, Case, Shape
 from .timing import Stats, TimingConfig, measure_interleaved
 from .workloads import make_workload
 
@@ -142,12 +142,12 @@ def _run_job(job: Job, factory: CandidateFactory, config: BenchmarkConfig) -> Li
         reference, candidate = build_pair(job.shape, dtype, device, factory, config.seed)
         inputs = draw_inputs(job.shape, dtype, device, config.timing.n_inputs, config.seed + 1)
         tol = tolerance_for(job.dtype, device, config.tolerance)
-        gates: Dict[bool, GateResult] = {}
+        gates: Dict[Tuple[bool, bool], GateResult] = {}
         for mode in job.modes:
-            grads = mode in GRAD_MODES
-            if grads not in gates:
-                gates[grads] = check_pair(reference, candidate, inputs[0], grads, tol)
-            _fill(rows[mode], gates[grads], reference, candidate, inputs, config)
+            kind = (mode in GRAD_MODES, mode in DATA_INPUT_MODES)  # (gradients, of the weights only)
+            if kind not in gates:
+                gates[kind] = check_pair(reference, candidate, inputs[0], kind[0], tol, data_input=kind[1])
+            _fill(rows[mode], gates[kind], reference, candidate, inputs, config)
     except Exception as exc:  # keep going: record the failure against the remaining modes
         for row in rows.values():
             if row.status == "error" and not row.message:

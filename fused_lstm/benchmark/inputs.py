@@ -50,6 +50,13 @@ class CellLoop(torch.nn.Module):
         return last_path(self.cell)
 
 
+def as_data(inp: InputSet) -> InputSet:
+    """The same call with the input as data: detached, so that no gradient is taken for it."""
+    leaf = inp.leaf.detach()
+    x: LstmInput = inp.x._replace(data=leaf) if isinstance(inp.x, PackedSequence) else leaf
+    return InputSet(x, leaf, inp.hx, inp.grad_outputs)
+
+
 def build_pair(shape: Shape, dtype: torch.dtype, device: torch.device,
                factory: CandidateFactory, seed: int = 0) -> Tuple[torch.nn.Module, torch.nn.Module]:
     """``(torch.nn.LSTM, candidate)`` on ``device``/``dtype`` with the same weights; for a cell shape,

@@ -17,10 +17,13 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 #: Timed modes, in the order they are run and reported.
-MODES: Tuple[str, ...] = ("infer", "train", "fwd", "bwd")
+MODES: Tuple[str, ...] = ("infer", "train", "train_weights", "fwd", "bwd")
 
 #: Modes that need autograd (their correctness gate also checks gradients).
-GRAD_MODES: Tuple[str, ...] = ("train", "fwd", "bwd")
+GRAD_MODES: Tuple[str, ...] = ("train", "train_weights", "fwd", "bwd")
+
+#: Modes whose input is data: no gradient is taken for it (the first layer of most training).
+DATA_INPUT_MODES: Tuple[str, ...] = ("train_weights",)
 
 #: Precision names accepted on the command line.
 DTYPES: Dict[str, torch.dtype] = {
@@ -227,8 +230,8 @@ def _cpu() -> Preset:
         Case(Shape(50, 16, 256, 256, packed=True), "packed"),
     ) + tuple(_grid("cell", 50, (1, 8, 64), (128, 512), cell=True))
     return Preset("cpu", "T=50 batch 1..64 x hidden 128..1024, plus 2-layer bidir, packed, and LSTMCell "
-                  "loops (batch 1..64 x hidden 128, 512); a few minutes on 2 cores", cases, ("infer", "train"),
-                  ("fp32",))
+                  "loops (batch 1..64 x hidden 128, 512); a few minutes on 2 cores", cases,
+                  ("infer", "train", "train_weights"), ("fp32",))
 
 
 def _gpu() -> Preset:

@@ -3,6 +3,8 @@
 * ``infer``: ``eval()`` module, forward under ``torch.no_grad()``.
 * ``fwd``:   ``train()`` module, forward with autograd recording (graph dropped).
 * ``train``: forward + backward (input and all weight gradients).
+* ``train_weights``: forward + backward for the weight gradients only, the input being data (detached,
+  outside the timed region), as the first layer of most training runs.
 * ``bwd``:   backward only. Each repeat first runs a fresh forward *outside* the
   timed region (and synchronises), then times only the ``torch.autograd.grad``
   call, so nothing is subtracted and no graph is reused.
@@ -18,7 +20,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
-from .inputs import InputSet
+from .inputs import InputSet, as_data
+from .shapes import DATA_INPUT_MODES
 
 #: (output, h_n, c_n); ``output`` is the ``.data`` of a PackedSequence when packed.
 Outputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -34,8 +37,9 @@ def forward(model: torch.nn.Module, inp: InputSet) -> Outputs:
 
 def backward(outputs: Outputs, inp: InputSet,
              params: Sequence[torch.nn.Parameter]) -> Tuple[torch.Tensor, ...]:
-    """Gradients of ``sum(outputs * inp.grad_outputs)`` w.r.t. the input and ``params``."""
-    return torch.autograd.grad(outputs, (inp.leaf, *params), inp.grad_outputs)
+    """Gradients of ``sum(outputs * inp.grad_outputs)`` w.r.t. the input (unless it is data) and ``params``."""
+    targets = tuple(params) if not inp.leaf.requires_grad else (inp.leaf, *params)
+    return torch.autograd.grad(outputs, targets, inp.grad_outputs)
 
 
 @dataclasses.dataclass
@@ -53,7 +57,7 @@ def make_workload(model: torch.nn.Module, mode: str) -> Workload:
 
     def select(inp: InputSet) -> InputSet:
         model.train(training)
-        return inp
+        return as_data(inp) if mode in DATA_INPUT_MODES else inp
 
     def infer(inp: InputSet) -> Outputs:
         with torch.no_grad():
@@ -71,7 +75,7 @@ def make_workload(model: torch.nn.Module, mode: str) -> Workload:
     def bwd(state: Tuple[Outputs, InputSet]) -> Tuple[torch.Tensor, ...]:
         return backward(state[0], state[1], params)
 
-    runs: Dict[str, Callable[[Any], Any]] = {"infer": infer, "fwd": fwd, "train": train}
+    runs: Dict[str, Callable[[Any], Any]] = {"infer": infer, "fwd": fwd, "train": train, "train_weights": train}
     if mode == "bwd":
         return Workload(bwd_prepare, bwd)
     run: Optional[Callable[[Any], Any]] = runs.get(mode)
