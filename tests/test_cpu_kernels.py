@@ -43,6 +43,7 @@ def _cases():
         (3, 2, 16, 48, 0, True, "fewer rows than a packed recurrence needs, small W_hh: per-step loop"),
         (1, PACKED_DEPTH - 1, 21, 36, 0, True, "weight gradients over one row fewer than packing needs: ATen"),
         (1, PACKED_DEPTH, 21, 36, 0, True, "weight gradients over just enough rows: packed"),
+        (37, 29, 19, 72, 0, True, "weight gradients over more rows (1073) than one k chunk (1024)"),
         (6, 3, 21, 36, 11, True, "proj_size: per-step products in place"),
         (3, IN_PLACE_ROWS + 3, 21, 36, 11, True, "proj_size with a large batch: packed per-step products"),
     ]
