@@ -69,6 +69,19 @@ def assert_error_within_torch(mine, theirs, exact, what=""):
         what, "max", largest(mine), largest(theirs))
 
 
+def assert_backward_skips_unneeded(op, backward_args, need_input_grad, need_weight_grads, weight_grads):
+    """A backward op (lstm_layer_backward, lstm_cell_backward) called without need_input_grad /
+    need_weight_grads: those gradients come back empty (not computed), the others are the full call's bit
+    for bit, and opcheck holds. weight_grads picks the weight gradients out of the op's results."""
+    full = op(*backward_args)
+    part = op(*backward_args, need_input_grad, need_weight_grads)
+    torch.library.opcheck(op, (*backward_args, need_input_grad, need_weight_grads))
+    assert torch.equal(part[1], full[1]) and torch.equal(part[2], full[2])
+    assert torch.equal(part[0], full[0]) if need_input_grad else part[0].numel() == 0
+    for got, want in zip(weight_grads(part), weight_grads(full)):
+        assert torch.equal(got, want) if need_weight_grads else got.numel() == 0
+
+
 def assert_cuda_graph_replays(module, static_x):
     """Capture module(static_x) in a CUDA graph (after a side-stream warm-up, as torch's docs do), then
     check that replays on fresh inputs written into static_x equal eager calls."""

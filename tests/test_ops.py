@@ -169,21 +169,15 @@ def test_unknown_recurrence_is_an_error():
 @pytest.mark.parametrize("variant", VARIANTS, ids=str)
 @pytest.mark.parametrize("need_input_grad,need_weight_grads", [(False, True), (True, False), (False, False)])
 def test_backward_skips_what_is_not_needed(variant, need_input_grad, need_weight_grads):
-    """Without need_input_grad / need_weight_grads those gradients come back empty (not computed) and the
-    others are the full call's, bit for bit."""
+    from conftest import assert_backward_skips_unneeded
+
     args = layer_args(**variant, requires_grad=False)
     x, batch_sizes, h0, c0, weights, bias, proj, bidir, _ = args
     output, h_n, c_n, gates, c_prev, h_prev = ops.lstm_layer(*args)
     backward_args = (torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), x, batch_sizes, h0, c0,
                      weights, bias, proj, bidir, gates, c_prev, h_prev)
-    full = ops.lstm_layer_backward(*backward_args)
-    part = ops.lstm_layer_backward(*backward_args, need_input_grad, need_weight_grads)
-    torch.library.opcheck(torch.ops.fused_lstm.lstm_layer_backward.default,
-                          (*backward_args, need_input_grad, need_weight_grads))
-    assert torch.equal(part[1], full[1]) and torch.equal(part[2], full[2])
-    assert torch.equal(part[0], full[0]) if need_input_grad else part[0].numel() == 0
-    for got, want in zip(part[3], full[3]):
-        assert torch.equal(got, want) if need_weight_grads else got.numel() == 0
+    assert_backward_skips_unneeded(torch.ops.fused_lstm.lstm_layer_backward.default, backward_args, need_input_grad,
+                                   need_weight_grads, weight_grads=lambda results: results[3])
 
 
 @pytest.mark.parametrize("frozen", ["weights", "input", "weights_and_input", "one_weight"])
