@@ -8,31 +8,51 @@
 
 namespace fused_lstm {
 
-FUSED_LSTM_SIMD_CLONES void matmul_panel(const float* a, int64_t a_row_stride, int64_t a_col_stride,
-                                         const PackedMatrix& b, float* out, int64_t out_row_stride,
-                                         bool accumulate, const float* bias, int64_t panel, int64_t row_begin,
-                                         int64_t row_end, int64_t k_begin, int64_t k_end) {
-  const int64_t first_col = panel * kPanel;
-  if (k_end < 0) k_end = b.K;
-  int64_t valid[4];
-  for (int g = 0; g < 4; ++g) valid[g] = std::clamp<int64_t>(b.cols - first_col - g * kLanes, 0, kLanes);
-  const PanelOperand operand[1] = {{a + row_begin * a_row_stride + k_begin * a_col_stride, a_row_stride, a_col_stride,
-                                    b.panel(panel) + k_begin * kPanel, k_end - k_begin}};
-  panel_rows(operand, out + row_begin * out_row_stride + first_col, out_row_stride, kLanes, valid, accumulate,
-             bias ? bias + first_col : nullptr, row_end - row_begin);
-}
+namespace {
 
-// One task of rowmajor_matmul: rows [row_begin, row_end) of out's 64 columns from first_col, against a
-// panel of those columns (panel row k at panel + k * panel_stride) and its 64 biases (or null).
-FUSED_LSTM_SIMD_CLONES void rowmajor_panel(const float* a, int64_t a_row_stride, int64_t a_col_stride,
-                                           const float* panel, int64_t panel_stride, int64_t K, int64_t cols,
-                                           int64_t first_col, float* out, int64_t out_row_stride, bool accumulate,
-                                           const float* bias, int64_t row_begin, int64_t row_end) {
+// Rows [row_begin, row_end) of out's 64 columns from first_col against one panel of those columns (panel
+// row k at panel + k * panel_stride, K rows) and their 64 biases (or null): the one entry into the
+// register-tiled kernel for both packed panels and a row-major matrix read in place.
+FUSED_LSTM_SIMD_CLONES void panel_product(const float* a, int64_t a_row_stride, int64_t a_col_stride,
+                                          const float* panel, int64_t panel_stride, int64_t K, int64_t cols,
+                                          int64_t first_col, float* out, int64_t out_row_stride, bool accumulate,
+                                          const float* bias, int64_t row_begin, int64_t row_end) {
   int64_t valid[4];
   for (int g = 0; g < 4; ++g) valid[g] = std::clamp<int64_t>(cols - first_col - g * kLanes, 0, kLanes);
   const PanelOperand operand[1] = {{a + row_begin * a_row_stride, a_row_stride, a_col_stride, panel, K, panel_stride}};
   panel_rows(operand, out + row_begin * out_row_stride + first_col, out_row_stride, kLanes, valid, accumulate, bias,
              row_end - row_begin);
+}
+
+// The products with nothing to multiply: no rows, no columns, or no k (out = bias, or 0, or unchanged).
+// Returns whether it handled the call.
+bool empty_product(const at::Tensor& out, int64_t M, int64_t K, int64_t cols, bool accumulate,
+                   const at::Tensor& bias) {
+  if (M == 0 || cols == 0) return true;
+  if (K != 0) return false;
+  if (!accumulate) bias.defined() ? void(out.copy_(bias.expand_as(out))) : void(out.zero_());
+  return true;
+}
+
+// bias [cols] zero-padded to whole 64-column panels, so the kernel can load full vectors of it; empty when
+// bias is undefined.
+std::vector<float> padded_bias(const at::Tensor& bias, int64_t cols) {
+  if (!bias.defined()) return {};
+  const at::Tensor contiguous = bias.contiguous();
+  std::vector<float> padded((cols + kPanel - 1) / kPanel * kPanel, 0.0f);
+  std::copy(contiguous.data_ptr<float>(), contiguous.data_ptr<float>() + cols, padded.data());
+  return padded;
+}
+
+}  // namespace
+
+void matmul_panel(const float* a, int64_t a_row_stride, int64_t a_col_stride, const PackedMatrix& b, float* out,
+                  int64_t out_row_stride, bool accumulate, const float* bias, int64_t panel, int64_t row_begin,
+                  int64_t row_end, int64_t k_begin, int64_t k_end) {
+  if (k_end < 0) k_end = b.K;
+  panel_product(a + k_begin * a_col_stride, a_row_stride, a_col_stride, b.panel(panel) + k_begin * kPanel, kPanel,
+                k_end - k_begin, b.cols, panel * kPanel, out, out_row_stride, accumulate,
+                bias ? bias + panel * kPanel : nullptr, row_begin, row_end);
 }
 
 FUSED_LSTM_SIMD_CLONES void fill_panel_from_rows(const float* const (&rows)[kPanel], int64_t k_stride, int64_t K,
@@ -97,28 +117,20 @@ void rowmajor_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tenso
                         out.size(1) == cols && (b.stride(1) == 1 || cols <= 1) && (out.stride(1) == 1 || cols <= 1),
                         "fused_lstm: rowmajor_matmul needs float32 operands of matching shapes, b and out with "
                         "unit column stride");
-  if (M == 0 || cols == 0) return;
-  if (K == 0) {
-    if (!accumulate) bias.defined() ? void(out.copy_(bias.expand_as(out))) : void(out.zero_());
-    return;
-  }
+  if (empty_product(out, M, K, cols, accumulate, bias)) return;
   const float* a_ptr = a.data_ptr<float>();
   const float* b_ptr = b.data_ptr<float>();
   float* out_ptr = out.data_ptr<float>();
   const int64_t a_rs = a.stride(0), a_cs = a.stride(1), b_rs = b.stride(0), out_rs = out.stride(0);
-  // The kernel loads whole 64-column panel rows: the last partial panel (and its biases) is copied once,
-  // zero-padded, since b's own rows end before it.
+  // The kernel loads whole 64-column panel rows: the last partial panel is copied once, zero-padded, since
+  // b's own rows end before it.
   const int64_t panels = (cols + kPanel - 1) / kPanel, tail_col = (panels - 1) * kPanel;
   const bool partial = cols % kPanel != 0;
-  std::vector<float> tail_panel(partial ? K * kPanel : 0, 0.0f), padded_bias;
+  std::vector<float> tail_panel(partial ? K * kPanel : 0, 0.0f);
   for (int64_t k = 0; partial && k < K; ++k) {
     std::copy(b_ptr + k * b_rs + tail_col, b_ptr + k * b_rs + cols, tail_panel.data() + k * kPanel);
   }
-  const at::Tensor bias_contiguous = bias.defined() ? bias.contiguous() : at::Tensor();
-  if (bias.defined()) {
-    padded_bias.assign(panels * kPanel, 0.0f);
-    std::copy(bias_contiguous.data_ptr<float>(), bias_contiguous.data_ptr<float>() + cols, padded_bias.data());
-  }
+  const std::vector<float> bias_panels = padded_bias(bias, cols);
   // Tasks: (panel, block of rows); a task's 64 columns of b stay in cache for its rows. Small products run
   // on the calling thread: waking the pool costs more than they do.
   constexpr int64_t kRowsPerTask = 16 * kRowTile, kMinTaskFlops = 256 << 10;
@@ -129,10 +141,10 @@ void rowmajor_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tenso
     for (int64_t task = begin; task < end; ++task) {
       const int64_t panel = task % panels, row_begin = task / panels * kRowsPerTask;
       const bool tail = partial && panel == panels - 1;
-      rowmajor_panel(a_ptr, a_rs, a_cs, tail ? tail_panel.data() : b_ptr + panel * kPanel, tail ? kPanel : b_rs, K,
-                     cols, panel * kPanel, out_ptr, out_rs, accumulate,
-                     bias.defined() ? padded_bias.data() + panel * kPanel : nullptr, row_begin,
-                     std::min(M, row_begin + kRowsPerTask));
+      panel_product(a_ptr, a_rs, a_cs, tail ? tail_panel.data() : b_ptr + panel * kPanel, tail ? kPanel : b_rs, K,
+                    cols, panel * kPanel, out_ptr, out_rs, accumulate,
+                    bias.defined() ? bias_panels.data() + panel * kPanel : nullptr, row_begin,
+                    std::min(M, row_begin + kRowsPerTask));
     }
   });
 }
@@ -140,18 +152,9 @@ void rowmajor_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tenso
 void packed_matmul(const at::Tensor& out, const at::Tensor& a, const PackedMatrix& b, bool accumulate,
                    const at::Tensor& bias) {
   const int64_t M = a.size(0);
-  if (M == 0 || b.cols == 0) return;
-  if (b.K == 0) {
-    if (!accumulate) bias.defined() ? void(out.copy_(bias.expand_as(out))) : void(out.zero_());
-    return;
-  }
-  // Padded to whole panels, so the kernel can load full vectors of it.
-  at::Tensor padded_bias;
-  if (bias.defined()) {
-    padded_bias = at::zeros({b.count() * kPanel}, out.options());
-    padded_bias.narrow(0, 0, b.cols).copy_(bias);
-  }
-  const float* bias_ptr = bias.defined() ? padded_bias.data_ptr<float>() : nullptr;
+  if (empty_product(out, M, b.K, b.cols, accumulate, bias)) return;
+  const std::vector<float> bias_panels = padded_bias(bias, b.cols);
+  const float* bias_ptr = bias.defined() ? bias_panels.data() : nullptr;
   const float* a_ptr = a.data_ptr<float>();
   float* out_ptr = out.data_ptr<float>();
   const int64_t a_rs = a.stride(0), a_cs = a.stride(1), out_rs = out.stride(0);
