@@ -153,6 +153,13 @@ void LayerBackend::matmul(const Tensor& out, const Tensor& a, const Tensor& b, b
   }
 }
 
+void LayerBackend::weight_gradients(const Tensor& grad_w_ih, const Tensor& grad_w_hh, const Tensor& grad_bias,
+                                    const Tensor& d_gates, const Tensor& input, const Tensor& h_prev) const {
+  matmul(grad_w_ih, d_gates.t(), input, /*accumulate=*/false);
+  matmul(grad_w_hh, d_gates.t(), h_prev, /*accumulate=*/false);
+  if (grad_bias.defined()) at::sum_out(const_cast<Tensor&>(grad_bias), d_gates, /*dim=*/{0});
+}
+
 void LayerBackend::for_each_direction(int64_t directions, const std::function<void(int64_t)>& fn) const {
   for (int64_t d = 0; d < directions; ++d) fn(d);
 }
@@ -363,12 +370,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_layer_backward(
     // Weight gradients as a few large GEMMs over all rows.
     if (!need_weight_grads) return;
     const at::TensorList gw(grad_weights.data() + d * k, k);
-    backend.matmul(gw[0], d_gates_d.t(), input, /*accumulate=*/false);         // [4H, I]
-    backend.matmul(gw[1], d_gates_d.t(), h_prev_ws[d], /*accumulate=*/false);  // [4H, Hout]
-    if (has_biases) {
-      at::sum_out(const_cast<Tensor&>(gw[2]), d_gates_d, /*dim=*/{0});
-      gw[3].copy_(gw[2]);
-    }
+    backend.weight_gradients(gw[0], gw[1], has_biases ? gw[2] : Tensor(), d_gates_d, input, h_prev_ws[d]);
+    if (has_biases) gw[3].copy_(gw[2]);
     if (has_projections) {
       backend.matmul(gw[k - 1], dh_total[d].t(), h_next[d], /*accumulate=*/false);  // [Hout, H]
     }

@@ -130,6 +130,12 @@ class LayerBackend {
   // out += a @ b (bias must be undefined). `a` and `b` may be transposed views.
   virtual void matmul(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate,
                       const Tensor& bias = Tensor()) const;
+  // The weight and bias gradients of one direction, from all its rows at once:
+  //   grad_w_ih = d_gates^T @ input, grad_w_hh = d_gates^T @ h_prev, grad_bias = d_gates summed over rows
+  //   d_gates [R, 4H], input [R, I], h_prev [R, Hout]; out: grad_w_ih [4H, I], grad_w_hh [4H, Hout] and
+  //   grad_bias [4H] (undefined without biases). The default is two matmuls and a sum.
+  virtual void weight_gradients(const Tensor& grad_w_ih, const Tensor& grad_w_hh, const Tensor& grad_bias,
+                                const Tensor& d_gates, const Tensor& input, const Tensor& h_prev) const;
   virtual void step_forward(const StepForwardArgs& args) const = 0;
   virtual void step_backward(const StepBackwardArgs& args) const = 0;
   // Runs fn(d) for each direction; a device may run the directions concurrently and must have

@@ -64,6 +64,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["max_in_place_batch"] = limits::kMaxInPlaceBatch;
     d["in_place_min_weight_bytes"] = limits::kInPlaceMinWeightBytes;
     d["min_recurrence_rows"] = limits::kMinRecurrenceRows;
+    d["shared_gather_max_packed_bytes"] = limits::kSharedGatherMaxPackedBytes;
     d["fused_projection_min_batch"] = limits::kFusedProjectionMinBatch;
     d["fused_projection_max_slice_bytes"] = limits::kFusedProjectionMaxSliceBytes;
     d["projection_chunk_rows"] = limits::kProjectionChunkRows;

@@ -44,6 +44,7 @@ def _cases():
         (1, PACKED_DEPTH - 1, 21, 36, 0, True, "weight gradients over one row fewer than packing needs: ATen"),
         (1, PACKED_DEPTH, 21, 36, 0, True, "weight gradients over just enough rows: packed"),
         (37, 29, 19, 72, 0, True, "weight gradients over more rows (1073) than one k chunk (1024)"),
+        (30, 70, 2000, 36, 0, True, "weight gradients with a wide input: one pass per product, past the budget"),
         (6, 3, 21, 36, 11, True, "proj_size: per-step products in place"),
         (3, IN_PLACE_ROWS + 3, 21, 36, 11, True, "proj_size with a large batch: packed per-step products"),
     ]
@@ -121,3 +122,33 @@ def test_limits_are_consistent():
     assert weight_bytes(192, 192) / 2 <= LIMITS["fused_projection_max_slice_bytes"]
     assert weight_bytes(70, 150) <= LIMITS["row_split_max_weight_bytes"] < weight_bytes(300, 300)
     assert weight_bytes(300, 300) / 2 > LIMITS["fused_projection_max_slice_bytes"]
+    # The weight gradients' packed right operands ([rows, I] and [rows, H] in 64-column panels, float32):
+    # the other cases share one pass, the wide-input case does not.
+    packed_bytes = lambda rows, cols: rows * -(-cols // 64) * 64 * 4  # noqa: E731
+    assert packed_bytes(37 * 29, 19) + packed_bytes(37 * 29, 72) <= LIMITS["shared_gather_max_packed_bytes"]
+    assert packed_bytes(30 * 70, 2000) > LIMITS["shared_gather_max_packed_bytes"]
+
+
+@pytest.mark.parametrize("steps,batch,hidden", [(50, 64, 40), (400, 33, 20)])
+def test_weight_and_bias_gradients_over_long_sequences_within_torch_error(steps, batch, hidden):
+    """The weight gradients sum over every row of the sequence (here 3200 and 13200) in one pass that also
+    sums d_gates for the bias gradient, in a cascade: the bias gradients' float32 error against a float64
+    run is within torch.nn.LSTM's own (measured 0.1-0.3x of it). The weight gradients add 1024 rows at a
+    time in registers: their RMS error measured 1.4-1.7x torch's over 30 draws, so they are held to the
+    RMS bound only; the largest-element ratio of so many elements is too noisy a statistic (up to 3.1x)."""
+    ref64, _ = lstm_pair(24, hidden, init_scale=None)
+    ref32, ours = lstm_pair(24, hidden, dtype=torch.float32)
+    ref32.load_state_dict(ref64.state_dict())
+    ours.load_state_dict(ref64.state_dict())
+    x64 = torch.randn(steps, batch, 24, dtype=torch.float64)
+    g64 = torch.randn(steps, batch, hidden, dtype=torch.float64)
+    exact = torch.autograd.grad((ref64(x64)[0] * g64).sum(), list(ref64.parameters()))
+    theirs = torch.autograd.grad((ref32(x64.float())[0] * g64.float()).sum(), list(ref32.parameters()))
+    mine = torch.autograd.grad((ours(x64.float())[0] * g64.float()).sum(), list(ours.parameters()))
+    assert fused_lstm.last_path() == "cpu:fused-recurrence"
+    rms_error = lambda t, e: (t.double() - e).pow(2).mean().sqrt().item()  # noqa: E731
+    for name, m, t, e in zip(dict(ours.named_parameters()), mine, theirs, exact):
+        if name.startswith("bias"):
+            assert_error_within_torch(m, t, e, f"grad {name}")
+        else:
+            assert rms_error(m, e) <= 2 * rms_error(t, e), (name, rms_error(m, e), rms_error(t, e))

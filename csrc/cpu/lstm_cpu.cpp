@@ -115,6 +115,20 @@ class CpuBackend final : public LayerBackend {
     }
     packed_matmul(out, a, cached ? *cached : pack(key, b), accumulate, bias);
   }
+  // float32 with enough rows: one pass of packed products that gathers each block of d_gates^T once for both
+  // weight gradients and sums it for the bias gradient on the way (packed_gemm.h, transposed_matmuls).
+  void weight_gradients(const Tensor& grad_w_ih, const Tensor& grad_w_hh, const Tensor& grad_bias,
+                        const Tensor& d_gates, const Tensor& input, const Tensor& h_prev) const override {
+    const Tensor a = d_gates.t();
+    if (d_gates.scalar_type() != at::kFloat || a.size(0) < cpu_limits::kMinPackedRows ||
+        a.size(1) < cpu_limits::kMinPackedDepth || a.stride(1) == 1) {
+      LayerBackend::weight_gradients(grad_w_ih, grad_w_hh, grad_bias, d_gates, input, h_prev);
+      return;
+    }
+    const PackedMatrix& packed_input = packed(input);
+    const PackedMatrix& packed_h_prev = packed(h_prev);
+    transposed_matmuls({grad_w_ih, grad_w_hh}, a, {&packed_input, &packed_h_prev}, grad_bias);
+  }
   void step_forward(const StepForwardArgs& a) const override {
     run_spans(a, forward_span_float, forward_span_double, forward_span_half, forward_span_bfloat16);
   }
@@ -128,6 +142,12 @@ class CpuBackend final : public LayerBackend {
   }
 
  private:
+  // b packed, from this call's cache or packed now.
+  const PackedMatrix& packed(const Tensor& b) const {
+    const OperandKey key{b.data_ptr(), b.size(0), b.size(1), b.stride(0), b.stride(1)};
+    const PackedMatrix* cached = find(key);
+    return cached ? *cached : pack(key, b);
+  }
   const PackedMatrix* find(const OperandKey& key) const {
     for (const auto& [k, matrix] : packed_) {
       if (k == key) return &matrix;

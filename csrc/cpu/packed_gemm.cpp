@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu_limits.h"
+
 namespace fused_lstm {
 
 namespace {
@@ -42,6 +44,83 @@ std::vector<float> padded_bias(const at::Tensor& bias, int64_t cols) {
   std::vector<float> padded((cols + kPanel - 1) / kPanel * kPanel, 0.0f);
   std::copy(contiguous.data_ptr<float>(), contiguous.data_ptr<float>() + cols, padded.data());
   return padded;
+}
+
+// One right operand of transposed_products and where its product goes: out [M, b.cols] at out_row_stride,
+// bias [padded to whole panels] or null.
+struct TransposedTarget {
+  const PackedMatrix* b;
+  float* out;
+  int64_t out_row_stride;
+  const float* bias;
+};
+
+constexpr int64_t kGatherRows = 16 * kRowTile;  // rows of a per transposed_products task
+
+// block[(k - k0) * block_stride + r] = a[r * a_rs + k * a_cs] for r < rows (<= kGatherRows), k in [k0, k1),
+// and sums[r] += the same elements when sums is not null. The sums run in three levels (16 k, the chunk,
+// the caller's total), as at::sum's cascade does: one running float sum over a sequence's thousands of
+// rows had ~10x its error.
+FUSED_LSTM_SIMD_CLONES void gather_block(const float* a, int64_t a_rs, int64_t a_cs, int64_t rows, int64_t k0,
+                                         int64_t k1, float* block, int64_t block_stride, float* sums) {
+  constexpr int64_t kSumRun = 16;
+  float chunk_sums[kGatherRows] = {};
+  for (int64_t run = k0; run < k1; run += kSumRun) {
+    float run_sums[kGatherRows] = {};
+    for (int64_t k = run; k < std::min(k1, run + kSumRun); ++k) {
+      const float* column = a + k * a_cs;
+      float* dst = block + (k - k0) * block_stride;
+      if (a_rs == 1) {  // d_gates^T: each k copies a contiguous piece of a d_gates row
+        std::copy(column, column + rows, dst);
+      } else {
+        for (int64_t r = 0; r < rows; ++r) dst[r] = column[r * a_rs];
+      }
+      if (sums) {
+        for (int64_t r = 0; r < rows; ++r) run_sums[r] += dst[r];
+      }
+    }
+    for (int64_t r = 0; sums && r < rows; ++r) chunk_sums[r] += run_sums[r];
+  }
+  for (int64_t r = 0; sums && r < rows; ++r) sums[r] += chunk_sums[r];
+}
+
+// out_i (accumulate ? += : =) a[M, K] @ b_i (+ bias_i) for every target, with a transposed (a_cs != 1: the
+// weight gradients' d_gates^T, K = all rows of the sequence), and row_sums[m] = sum_k a[m, k] when not null.
+// The kernel reads a row by row along k, so each task gathers a block of its rows for a chunk of k into a
+// buffer, stored k-major ([k][rows]: each k copies contiguous elements of a's column; the kernel broadcasts
+// from it with row stride 1), then runs it against every target's panels' matching chunks, which stay in
+// cache for the block's row tiles. 64 rows x 1024 k: a 256 KB block next to a 256 KB panel chunk in L2;
+// each panel chunk streams in once per 64 rows (32 rows: 3-6% slower at batch 64, T=50; 128: the same).
+// The gather walks a's column-major storage 256 B per 4 KB page and costs about as much as a fifth of the
+// products it feeds (batch 64, T = 50, H = 256), hence one gather for all targets (within the budget of
+// transposed_matmuls) and the row sums on the way.
+void transposed_products(const float* a, int64_t a_rs, int64_t a_cs, int64_t M, c10::ArrayRef<TransposedTarget> targets,
+                         bool accumulate, float* row_sums) {
+  constexpr int64_t kChunk = 1024;
+  const int64_t K = targets[0].b->K;
+  at::parallel_for(0, (M + kGatherRows - 1) / kGatherRows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> block(kChunk * kGatherRows);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row_begin = task * kGatherRows, rows = std::min(kGatherRows, M - row_begin);
+      float sums[kGatherRows] = {};
+      for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+        const int64_t k1 = std::min(K, k0 + kChunk);
+        gather_block(a + row_begin * a_rs, a_rs, a_cs, rows, k0, k1, block.data(), kGatherRows,
+                     row_sums ? sums : nullptr);
+        // The block holds k in [k0, k1): shift its origin so that matmul_panel's k offset lands on it.
+        const float* origin = block.data() - k0 * kGatherRows;
+        const bool first = k0 == 0;
+        for (const TransposedTarget& target : targets) {
+          for (int64_t panel = 0; panel < target.b->count(); ++panel) {
+            matmul_panel(origin, 1, kGatherRows, *target.b, target.out + row_begin * target.out_row_stride,
+                         target.out_row_stride, accumulate || !first, first ? target.bias : nullptr, panel, 0, rows,
+                         k0, k1);
+          }
+        }
+      }
+      if (row_sums) std::copy(sums, sums + rows, row_sums + row_begin);
+    }
+  });
 }
 
 }  // namespace
@@ -159,35 +238,8 @@ void packed_matmul(const at::Tensor& out, const at::Tensor& a, const PackedMatri
   float* out_ptr = out.data_ptr<float>();
   const int64_t a_rs = a.stride(0), a_cs = a.stride(1), out_rs = out.stride(0);
   if (a_cs != 1) {
-    // A transposed `a` (the weight gradients' d_gates^T, with K = all rows of the sequence): the kernel
-    // reads a row by row along k, so each task gathers a block of its rows for a chunk of k into a buffer,
-    // stored k-major ([k][rows]: each k copies contiguous elements of a's column; the kernel broadcasts from
-    // it with row stride 1), then runs it against every panel's matching chunk, which stays in cache for
-    // the block's row tiles. 64 rows x 1024 k: a 256 KB block next to a 256 KB panel chunk in L2; each
-    // panel chunk streams in once per 64 rows (32 rows: 3-6% slower at batch 64, T=50; 128: the same).
-    constexpr int64_t kRowsPerTask = 16 * kRowTile, kChunk = 1024;
-    const int64_t K = b.K;
-    at::parallel_for(0, (M + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> block(kChunk * kRowsPerTask);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t row_begin = task * kRowsPerTask, rows = std::min(kRowsPerTask, M - row_begin);
-        for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
-          const int64_t k1 = std::min(K, k0 + kChunk);
-          for (int64_t k = k0; k < k1; ++k) {
-            const float* column = a_ptr + row_begin * a_rs + k * a_cs;
-            float* dst = block.data() + (k - k0) * kRowsPerTask;
-            for (int64_t r = 0; r < rows; ++r) dst[r] = column[r * a_rs];
-          }
-          // The block holds k in [k0, k1): shift its origin so that matmul_panel's k offset lands on it.
-          const float* origin = block.data() - k0 * kRowsPerTask;
-          const bool first = k0 == 0;
-          for (int64_t panel = 0; panel < b.count(); ++panel) {
-            matmul_panel(origin, 1, kRowsPerTask, b, out_ptr + row_begin * out_rs, out_rs, accumulate || !first,
-                         first ? bias_ptr : nullptr, panel, 0, rows, k0, k1);
-          }
-        }
-      }
-    });
+    const TransposedTarget target{&b, out_ptr, out_rs, bias_ptr};
+    transposed_products(a_ptr, a_rs, a_cs, M, {&target, 1}, accumulate, nullptr);
     return;
   }
   if (b.K > kPanelChunkK) {
@@ -227,6 +279,48 @@ void packed_matmul(const at::Tensor& out, const at::Tensor& a, const PackedMatri
       matmul_panel(a_ptr, a_rs, a_cs, b, out_ptr, out_rs, accumulate, bias_ptr, panel, row_begin, row_end);
     }
   });
+}
+
+void transposed_matmuls(c10::ArrayRef<at::Tensor> outs, const at::Tensor& a, c10::ArrayRef<const PackedMatrix*> bs,
+                        const at::Tensor& row_sums) {
+  const int64_t M = a.size(0), K = a.size(1);
+  TORCH_INTERNAL_ASSERT(a.scalar_type() == at::kFloat && a.stride(1) != 1 && outs.size() == bs.size() && !bs.empty() &&
+                            (!row_sums.defined() || (row_sums.is_contiguous() && row_sums.numel() == M &&
+                                                     row_sums.scalar_type() == at::kFloat)),
+                        "fused_lstm: transposed_matmuls needs a transposed float32 a and one output per operand");
+  std::vector<TransposedTarget> targets;
+  for (size_t i = 0; i < bs.size(); ++i) {
+    const at::Tensor& out = outs[i];
+    TORCH_INTERNAL_ASSERT(bs[i]->K == K && out.scalar_type() == at::kFloat && out.size(0) == M &&
+                              out.size(1) == bs[i]->cols && (out.stride(1) == 1 || out.size(1) <= 1),
+                          "fused_lstm: transposed_matmuls got an output that does not match its operand");
+    if (K == 0) out.zero_();
+    if (M > 0 && bs[i]->cols > 0) targets.push_back({bs[i], out.data_ptr<float>(), out.stride(0), nullptr});
+  }
+  if (K == 0 || M == 0) {
+    if (row_sums.defined()) const_cast<at::Tensor&>(row_sums).zero_();
+    return;
+  }
+  if (targets.empty()) {  // only the row sums
+    if (row_sums.defined()) at::sum_out(const_cast<at::Tensor&>(row_sums), a, /*dim=*/{1});
+    return;
+  }
+  // Consecutive targets share a pass while their packed operands fit the budget (cpu_limits.h); the first
+  // pass also sums the rows.
+  float* sums = row_sums.defined() ? row_sums.data_ptr<float>() : nullptr;
+  for (size_t first = 0; first < targets.size();) {
+    size_t last = first + 1;
+    int64_t bytes = targets[first].b->panels.nbytes();
+    while (last < targets.size() &&
+           bytes + targets[last].b->panels.nbytes() <= cpu_limits::kSharedGatherMaxPackedBytes) {
+      bytes += targets[last++].b->panels.nbytes();
+    }
+    transposed_products(a.data_ptr<float>(), a.stride(0), a.stride(1), M,
+                        c10::ArrayRef<TransposedTarget>(targets).slice(first, last - first), /*accumulate=*/false,
+                        sums);
+    sums = nullptr;
+    first = last;
+  }
 }
 
 }  // namespace fused_lstm

@@ -145,4 +145,14 @@ void rowmajor_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tenso
 void packed_matmul(const at::Tensor& out, const at::Tensor& a, const PackedMatrix& b, bool accumulate,
                    const at::Tensor& bias);
 
+// The products of one transposed left operand with several right operands, each block of it gathered once
+// for all of them: outs[i] = a @ bs[i] and, when row_sums is defined, row_sums = a summed along k. These are
+// a layer's weight and bias gradients: d_gates^T @ input, d_gates^T @ h_prev and d_gates summed over rows.
+//   a:        [M, K] float32 with a.stride(1) != 1 (a transposed view)
+//   bs[i]:    [K, Nc_i] packed
+//   outs[i]:  [M, Nc_i] float32 with unit column stride
+//   row_sums: [M] float32 contiguous, or undefined
+void transposed_matmuls(c10::ArrayRef<at::Tensor> outs, const at::Tensor& a, c10::ArrayRef<const PackedMatrix*> bs,
+                        const at::Tensor& row_sums);
+
 }  // namespace fused_lstm
