@@ -13,8 +13,12 @@ from typing import Any, Dict, List, Optional
 import torch
 
 #: Environment variables that change numerics or threading.
+# Settings that change timings: TF32 and threading, and on the CPU the heap (glibc's mmap/trim thresholds,
+# a preloaded allocator, torch's huge-page switch), which decides how many page faults each side pays.
 _ENV_VARS = ("NVIDIA_TF32_OVERRIDE", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "CUBLAS_WORKSPACE_CONFIG",
-             "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "CUDA_LAUNCH_BLOCKING")
+             "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "CUDA_LAUNCH_BLOCKING",
+             "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "LD_PRELOAD",
+             "THP_MEM_ALLOC_ENABLE")
 
 _REPO = Path(__file__).resolve().parents[2]
 
