@@ -43,7 +43,7 @@ def _cases():
         (3, 2, 16, 48, 0, True, "fewer rows than a packed recurrence needs, small W_hh: per-step loop"),
         (1, PACKED_DEPTH - 1, 21, 36, 0, True, "weight gradients over one row fewer than packing needs: ATen"),
         (1, PACKED_DEPTH, 21, 36, 0, True, "weight gradients over just enough rows: packed"),
-        (37, 29, 19, 72, 0, True, "weight gradients over more rows (1073) than one k chunk (1024)"),
+        (37, 29, 19, 72, 0, True, "weight gradients over 1073 rows: three k chunks of 512"),
         (30, 70, 2000, 36, 0, True, "weight gradients with a wide input: one pass per product, past the budget"),
         (6, 3, 21, 36, 11, True, "proj_size: per-step products in place"),
         (3, IN_PLACE_ROWS + 3, 21, 36, 11, True, "proj_size with a large batch: packed per-step products"),
@@ -132,10 +132,10 @@ def test_limits_are_consistent():
 @pytest.mark.parametrize("steps,batch,hidden", [(50, 64, 40), (400, 33, 20)])
 def test_weight_and_bias_gradients_over_long_sequences_within_torch_error(steps, batch, hidden):
     """The weight gradients sum over every row of the sequence (here 3200 and 13200) in one pass that also
-    sums d_gates for the bias gradient, in a cascade: the bias gradients' float32 error against a float64
-    run is within torch.nn.LSTM's own (measured 0.1-0.3x of it). The weight gradients add 1024 rows at a
-    time in registers: their RMS error measured 1.4-1.7x torch's over 30 draws, so they are held to the
-    RMS bound only; the largest-element ratio of so many elements is too noisy a statistic (up to 3.1x)."""
+    sums d_gates for the bias gradient, in a cascade: float32 errors against a float64 run within
+    torch.nn.LSTM's own. Over 30 draws: weight gradients' RMS error at most 1.25x torch's (1.7x when the
+    kernel summed 1024 rows at a time in registers instead of 512), largest-element error 1.85x; the bias
+    gradients' 0.15-0.26x."""
     ref64, _ = lstm_pair(24, hidden, init_scale=None)
     ref32, ours = lstm_pair(24, hidden, dtype=torch.float32)
     ref32.load_state_dict(ref64.state_dict())
@@ -146,9 +146,5 @@ def test_weight_and_bias_gradients_over_long_sequences_within_torch_error(steps,
     theirs = torch.autograd.grad((ref32(x64.float())[0] * g64.float()).sum(), list(ref32.parameters()))
     mine = torch.autograd.grad((ours(x64.float())[0] * g64.float()).sum(), list(ours.parameters()))
     assert fused_lstm.last_path() == "cpu:fused-recurrence"
-    rms_error = lambda t, e: (t.double() - e).pow(2).mean().sqrt().item()  # noqa: E731
     for name, m, t, e in zip(dict(ours.named_parameters()), mine, theirs, exact):
-        if name.startswith("bias"):
-            assert_error_within_torch(m, t, e, f"grad {name}")
-        else:
-            assert rms_error(m, e) <= 2 * rms_error(t, e), (name, rms_error(m, e), rms_error(t, e))
+        assert_error_within_torch(m, t, e, f"grad {name}")
