@@ -90,10 +90,8 @@ FUSED_LSTM_SIMD_CLONES void gather_block(const float* a, int64_t a_rs, int64_t a
 // buffer, stored k-major ([k][rows]: each k copies contiguous elements of a's column; the kernel broadcasts
 // from it with row stride 1), then runs it against every target's panels' matching chunks, which stay in
 // cache for the block's row tiles. 128 rows x 512 k: a 256 KB block next to a 128 KB panel chunk in L2;
-// each panel chunk streams in once per 128 rows. The kernel sums a chunk's k in registers, one after the
-// other, so the chunk length sets the rounding error: 512 k has 0.7x the RMS error of 1024 (1.1-1.2x
-// torch.nn.LSTM's weight-gradient error instead of 1.6x) at the same speed (64 rows x 1024 k before; 32
-// rows: 3-6% slower; 128 x 256: half the error of 1024 but 4-5% slower).
+// each panel chunk streams in once per 128 rows (64 x 1024 measures the same; 32 rows: 3-6% slower;
+// 128 x 256: 4-5% slower).
 // The gather walks a's column-major storage 256 B per 4 KB page and costs about as much as a fifth of the
 // products it feeds (batch 64, T = 50, H = 256), hence one gather for all targets (within the budget of
 // transposed_matmuls) and the row sums on the way.
