@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/cpu_features.h"
 #include "cpu/cpu_limits.h"
 #include "lstm_layer.h"
 
@@ -83,6 +84,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["cuda_version"] = FUSED_LSTM_CUDA_VERSION;
     info["torch_version"] = FUSED_LSTM_TORCH_VERSION;
     info["compiler"] = __VERSION__;
+    // Which CPU float32 kernels this process runs (csrc/cpu/cpu_features.h).
+    info["cpu_kernels"] = fused_lstm::cpu_vector_kernels() ? "avx512" : "aten";
     return info;
   });
+  m.def("_set_cpu_vector_kernels", &fused_lstm::set_cpu_vector_kernels, pybind11::arg("enabled"),
+        "Forces the AVX-512 CPU kernels on or off (csrc/cpu/cpu_features.h); returns the previous setting. "
+        "For tests: the setting is detected from the CPU at import.");
 }

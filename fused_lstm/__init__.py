@@ -22,7 +22,9 @@ __version__ = "0.1.0"
 
 def build_info() -> Dict[str, Any]:
     """What the extension was built with: CUDA kernels compiled in or not, CUDA archs and version, the torch
-    it was compiled against, the C++ compiler; plus whether CUDA kernels are usable in this process."""
+    it was compiled against, the C++ compiler; plus whether CUDA kernels are usable in this process and
+    which CPU float32 kernels it runs (``cpu_kernels``: ``"avx512"``, fused_lstm's own, on CPUs with
+    AVX-512; ``"aten"``, ATen's GEMMs and the per-step loop, elsewhere)."""
     info = dict(_build_info())
     info["version"] = __version__
     info["cuda_available"] = bool(info["cuda"]) and torch.cuda.is_available()

@@ -1,7 +1,7 @@
-// CPU backend of the LSTM layer and its op registration. Float32 products go through the packed AVX-512/
-// AVX2 kernel (packed_gemm.h) and whole recurrences through the fused thread-per-slice loops
-// (recurrence_cpu.h); other dtypes use ATen's GEMMs and the per-step pointwise spans (step_spans.h),
-// split across threads with at::parallel_for.
+// CPU backend of the LSTM layer and its op registration. On AVX-512 CPUs float32 products go through the
+// packed register-tiled kernel (packed_gemm.h) and whole recurrences through the fused thread-per-slice
+// loops (recurrence_cpu.h); other dtypes, and float32 on other CPUs (cpu_features.h), use ATen's GEMMs and
+// the per-step pointwise spans (step_spans.h), split across threads with at::parallel_for.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,6 +12,7 @@
 
 #include "../cell_step.h"
 #include "../lstm_layer.h"
+#include "cpu_features.h"
 #include "cpu_limits.h"
 #include "dot_gemm.h"
 #include "packed_gemm.h"
@@ -87,10 +88,10 @@ class CpuBackend final : public LayerBackend {
  public:
   using LayerBackend::LayerBackend;
 
-  // float32 through the packed AVX-512/AVX2 kernel (see packed_gemm.h), other dtypes through ATen.
+  // float32 on AVX-512 CPUs through the packed kernel (see packed_gemm.h), everything else through ATen.
   void matmul(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate,
               const Tensor& bias) const override {
-    if (out.scalar_type() != at::kFloat || out.stride(1) != 1 || a.size(0) == 0) {
+    if (out.scalar_type() != at::kFloat || out.stride(1) != 1 || a.size(0) == 0 || !cpu_vector_kernels()) {
       LayerBackend::matmul(out, a, b, accumulate, bias);
       return;
     }
@@ -121,7 +122,7 @@ class CpuBackend final : public LayerBackend {
                         const Tensor& d_gates, const Tensor& input, const Tensor& h_prev) const override {
     const Tensor a = d_gates.t();
     if (d_gates.scalar_type() != at::kFloat || a.size(0) < cpu_limits::kMinPackedRows ||
-        a.size(1) < cpu_limits::kMinPackedDepth || a.stride(1) == 1) {
+        a.size(1) < cpu_limits::kMinPackedDepth || a.stride(1) == 1 || !cpu_vector_kernels()) {
       LayerBackend::weight_gradients(grad_w_ih, grad_w_hh, grad_bias, d_gates, input, h_prev);
       return;
     }
@@ -135,8 +136,16 @@ class CpuBackend final : public LayerBackend {
   void step_backward(const StepBackwardArgs& a) const override {
     run_spans(a, backward_span_float, backward_span_double, backward_span_half, backward_span_bfloat16);
   }
-  bool recurrence_forward(const RecurrenceForwardArgs& a) const override { return cpu_recurrence_forward(a); }
-  bool recurrence_backward(const RecurrenceBackwardArgs& a) const override { return cpu_recurrence_backward(a); }
+  // The fused recurrences need the AVX-512 kernels (cpu_features.h); without them the driver's per-step loop
+  // runs.
+  bool recurrence_forward(const RecurrenceForwardArgs& a) const override {
+    TORCH_CHECK(cpu_vector_kernels() || !a.required, "fused_lstm: recurrence='persistent' on the CPU needs a CPU "
+                "with AVX-512 (x86-64-v4); use recurrence='auto' or 'standard' on this one");
+    return cpu_vector_kernels() && cpu_recurrence_forward(a);
+  }
+  bool recurrence_backward(const RecurrenceBackwardArgs& a) const override {
+    return cpu_vector_kernels() && cpu_recurrence_backward(a);
+  }
   std::string path_name(bool whole_recurrence) const override {
     return whole_recurrence ? "cpu:fused-recurrence" : "cpu:per-step";
   }

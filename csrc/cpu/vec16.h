@@ -1,5 +1,7 @@
-// 16-float vectors in GCC vector extensions for the CPU kernels: one zmm in the AVX-512 clones, two ymm in
-// the AVX2 ones. The helpers are always inlined into the ISA clones, so no vector crosses an ABI boundary.
+// 16-float vectors in GCC vector extensions for the CPU kernels: one zmm in the AVX-512 clones. The other
+// clones have no register this wide and keep every such vector in memory (16-38x slower), so the backend runs
+// these kernels only on AVX-512 CPUs (cpu_features.h). The helpers are always inlined into the ISA clones,
+// so no vector crosses an ABI boundary.
 #pragma once
 
 #include <cstdint>
