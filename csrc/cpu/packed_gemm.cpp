@@ -299,7 +299,7 @@ void transposed_matmuls(c10::ArrayRef<at::Tensor> outs, const at::Tensor& a, c10
     if (M > 0 && bs[i]->cols > 0) targets.push_back({bs[i], out.data_ptr<float>(), out.stride(0), nullptr});
   }
   if (K == 0 || M == 0) {
-    if (row_sums.defined()) const_cast<at::Tensor&>(row_sums).zero_();
+    if (row_sums.defined()) row_sums.zero_();
     return;
   }
   if (targets.empty()) {  // only the row sums
