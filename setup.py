@@ -113,7 +113,12 @@ def extensions():
     os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     defines = [f'-DFUSED_LSTM_TORCH_VERSION="{torch.__version__}"']
-    cxx_flags = ["-O3", "-fopenmp"]
+    # -fno-trapping-math: nothing here reads floating-point exception flags, and without it GCC may not
+    # evaluate a clamp's comparison for every lane (an ordered compare can raise "invalid"), so the pointwise
+    # loops vectorise only where AVX-512 masks can predicate them: their AVX2 build ran scalar, 13x slower
+    # (benchmarks/NOTES.md item 42). Results are unchanged; the flag only licenses speculation.
+    # -Wno-psabi: the kernels' vector types pass between always-inlined functions only (csrc/cpu/simd.h).
+    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-Wno-psabi"]
     if with_cuda:
         arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
         defines += [
