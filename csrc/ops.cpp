@@ -85,10 +85,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["torch_version"] = FUSED_LSTM_TORCH_VERSION;
     info["compiler"] = __VERSION__;
     // Which CPU float32 kernels this process runs (csrc/cpu/cpu_features.h).
-    info["cpu_kernels"] = fused_lstm::cpu_vector_kernels() ? "avx512" : "aten";
+    info["cpu_kernels"] = fused_lstm::cpu_kernels_name(fused_lstm::cpu_kernels());
+    info["cpu_kernels_supported"] = fused_lstm::cpu_kernels_name(fused_lstm::supported_cpu_kernels());
     return info;
   });
-  m.def("_set_cpu_vector_kernels", &fused_lstm::set_cpu_vector_kernels, pybind11::arg("enabled"),
-        "Forces the AVX-512 CPU kernels on or off (csrc/cpu/cpu_features.h); returns the previous setting. "
-        "For tests: the setting is detected from the CPU at import.");
+  m.def(
+      "_set_cpu_kernels",
+      [](const std::string& name) {
+        const auto previous = fused_lstm::set_cpu_kernels(fused_lstm::cpu_kernels_from_name(name.c_str()));
+        return std::string(fused_lstm::cpu_kernels_name(previous));
+      },
+      pybind11::arg("name"),
+      "Selects the CPU float32 kernels: 'avx512', 'avx2' or 'aten' (csrc/cpu/cpu_features.h), any this CPU "
+      "supports; returns the previous selection. For tests and measurements: the best supported set is "
+      "selected at import.");
+  m.def(
+      "_supported_cpu_kernels",
+      [] {
+        std::vector<std::string> names;
+        for (const auto kernels :
+             {fused_lstm::CpuKernels::aten, fused_lstm::CpuKernels::avx2, fused_lstm::CpuKernels::avx512}) {
+          if (static_cast<int>(kernels) <= static_cast<int>(fused_lstm::supported_cpu_kernels())) {
+            names.emplace_back(fused_lstm::cpu_kernels_name(kernels));
+          }
+        }
+        return names;
+      },
+      "The CPU float32 kernel sets this CPU can run, for _set_cpu_kernels.");
 }

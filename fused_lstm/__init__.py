@@ -7,14 +7,21 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Dict
 
 import torch
 
 from . import ops
+from ._C import _set_cpu_kernels
 from ._C import build_info as _build_info
 from ._C import last_path as _last_path
 from .modules import LSTM, LSTMCell, convert
+
+# FUSED_LSTM_CPU_KERNELS=avx2 (or aten, avx512) selects the CPU float32 kernels instead of the best this CPU
+# supports: to compare them, or to rule them out. A set the CPU cannot run is an error, not a crash.
+if os.environ.get("FUSED_LSTM_CPU_KERNELS"):
+    _set_cpu_kernels(os.environ["FUSED_LSTM_CPU_KERNELS"])
 
 __all__ = ["LSTM", "LSTMCell", "convert", "build_info", "last_path", "ops"]
 __version__ = "0.1.0"
@@ -23,8 +30,10 @@ __version__ = "0.1.0"
 def build_info() -> Dict[str, Any]:
     """What the extension was built with: CUDA kernels compiled in or not, CUDA archs and version, the torch
     it was compiled against, the C++ compiler; plus whether CUDA kernels are usable in this process and
-    which CPU float32 kernels it runs (``cpu_kernels``: ``"avx512"``, fused_lstm's own, on CPUs with
-    AVX-512; ``"aten"``, ATen's GEMMs and the per-step loop, elsewhere)."""
+    which CPU float32 kernels it runs (``cpu_kernels``: ``"avx512"`` or ``"avx2"``, fused_lstm's own
+    register-tiled kernels built for that instruction set; ``"aten"``, ATen's GEMMs and the per-step loop, on
+    CPUs with neither) and the best this CPU supports (``cpu_kernels_supported``). The environment variable
+    ``FUSED_LSTM_CPU_KERNELS`` selects a supported set other than the best at import."""
     info = dict(_build_info())
     info["version"] = __version__
     info["cuda_available"] = bool(info["cuda"]) and torch.cuda.is_available()

@@ -11,16 +11,6 @@ import fused_lstm
 TOLERANCE = {torch.float64: dict(atol=1e-10, rtol=1e-9), torch.float32: dict(atol=2e-5, rtol=1e-4)}
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _cpu_vector_kernels_on():
-    """The tests check fused_lstm's own CPU kernels on every machine: the backend runs them only on AVX-512
-    CPUs (csrc/cpu/cpu_features.h), elsewhere they are slow but still correct, so the suite switches them
-    on whatever the CPU; test_cpu_fallback.py switches them off to test the ATen path."""
-    previous = fused_lstm._C._set_cpu_vector_kernels(True)
-    yield
-    fused_lstm._C._set_cpu_vector_kernels(previous)
-
-
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     """A different seed for every test (and every run), printed on failure, so inputs are never stale."""

@@ -1,10 +1,14 @@
-"""The CPU path for CPUs without AVX-512 (csrc/cpu/cpu_features.h): ATen's GEMMs and the per-step loop in
-place of fused_lstm's register-tiled float32 kernels, whose 16-float vectors have no register outside
-AVX-512. This machine has AVX-512, so the tests switch the kernels off and check the same things the
-kernel tests check: agreement with torch.nn.LSTM in outputs and every gradient, the path taken, and a
-clear error where only the kernels can serve (a forced persistent recurrence)."""
+"""The CPU path for CPUs with neither AVX2 nor AVX-512 (csrc/cpu/cpu_features.h): ATen's GEMMs and the
+per-step loop in place of fused_lstm's register-tiled float32 kernels. The tests select it on this machine
+and check the same things the kernel tests check: agreement with torch.nn.LSTM in outputs and every
+gradient, the path taken, and a clear error where only the kernels can serve (a forced persistent
+recurrence); and how kernel sets are selected and refused."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,17 +18,50 @@ import fused_lstm
 from conftest import assert_close, cell_pair, lstm_pair
 
 
+SUPPORTED = fused_lstm._C._supported_cpu_kernels()
+VECTOR_KERNELS = [k for k in SUPPORTED if k != "aten"]
+
+
 @pytest.fixture
 def aten_kernels():
-    previous = fused_lstm._C._set_cpu_vector_kernels(False)
+    previous = fused_lstm._C._set_cpu_kernels("aten")
     yield
-    fused_lstm._C._set_cpu_vector_kernels(previous)
+    fused_lstm._C._set_cpu_kernels(previous)
 
 
 def test_build_info_reports_the_cpu_kernels(aten_kernels):
+    info = fused_lstm.build_info()
+    assert info["cpu_kernels"] == "aten"
+    assert info["cpu_kernels_supported"] == SUPPORTED[-1]
+    assert SUPPORTED[0] == "aten" and SUPPORTED == ["aten", "avx2", "avx512"][:len(SUPPORTED)]
+    for kernels in SUPPORTED:
+        assert fused_lstm._C._set_cpu_kernels(kernels) in SUPPORTED
+        assert fused_lstm.build_info()["cpu_kernels"] == kernels
+
+
+def test_unknown_or_unsupported_kernels_are_refused(aten_kernels):
+    with pytest.raises(ValueError, match="unknown CPU kernels 'sse'; expected 'aten', 'avx2' or 'avx512'"):
+        fused_lstm._C._set_cpu_kernels("sse")
+    for kernels in ("avx2", "avx512"):
+        if kernels not in SUPPORTED:
+            with pytest.raises(RuntimeError, match=f"this CPU cannot run the '{kernels}' kernels"):
+                fused_lstm._C._set_cpu_kernels(kernels)
     assert fused_lstm.build_info()["cpu_kernels"] == "aten"
-    fused_lstm._C._set_cpu_vector_kernels(True)
-    assert fused_lstm.build_info()["cpu_kernels"] == "avx512"
+
+
+@pytest.mark.parametrize("kernels", ["aten", "avx2", "avx512", "sse"])
+def test_the_environment_variable_selects_the_kernels_at_import(kernels):
+    """FUSED_LSTM_CPU_KERNELS, read when fused_lstm is imported (a fresh interpreter here)."""
+    env = dict(os.environ, FUSED_LSTM_CPU_KERNELS=kernels)
+    code = "import fused_lstm; print(fused_lstm.build_info()['cpu_kernels'])"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if kernels in SUPPORTED:
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == kernels
+    else:
+        assert result.returncode != 0
+        expected = "unknown CPU kernels" if kernels == "sse" else f"this CPU cannot run the '{kernels}' kernels"
+        assert expected in result.stderr
 
 
 @pytest.mark.parametrize("num_layers,bidirectional,proj_size,packed", [
@@ -68,18 +105,20 @@ def test_lstm_cell_matches_torch_without_the_vector_kernels(aten_kernels):
 def test_a_forced_persistent_recurrence_says_what_it_needs(aten_kernels):
     _, ours = lstm_pair(24, 40, dtype=torch.float32)
     ours.recurrence = "persistent"
-    with pytest.raises(RuntimeError, match="needs a CPU with AVX-512"):
+    with pytest.raises(RuntimeError, match=r"needs a CPU with AVX2 and FMA \(x86-64-v3\) or AVX-512"):
         ours(torch.randn(5, 64, 24))
 
 
-def test_both_kernel_settings_agree(aten_kernels):
-    """The same model through ATen's GEMMs and through the vector kernels (on this AVX-512 machine):
-    float32 results within rounding of each other."""
+@pytest.mark.parametrize("kernels", VECTOR_KERNELS or [pytest.param("none", marks=pytest.mark.skip(
+    reason="this CPU runs no fused_lstm kernels"))])
+def test_every_kernel_set_agrees_with_aten(aten_kernels, kernels):
+    """The same model through ATen's GEMMs and through each kernel build: float32 results within rounding of
+    each other."""
     _, ours = lstm_pair(24, 40, num_layers=2, dtype=torch.float32)
     x = torch.randn(20, 64, 24)
     with torch.no_grad():
         out_aten, _ = ours(x)
-        fused_lstm._C._set_cpu_vector_kernels(True)
+        fused_lstm._C._set_cpu_kernels(kernels)
         out_kernels, _ = ours(x)
     assert fused_lstm.last_path() == "cpu:fused-recurrence"
     assert_close(out_aten, out_kernels, torch.float32, "output")

@@ -2,7 +2,8 @@
 packed, for the input projection, the fused recurrence and the per-step loop, with row counts and sizes
 that leave vector tails (not multiples of 16) and several threads. Each case is checked against
 torch.nn.LSTM and against a float64 run (our float32 error within torch's own, as assert_error_within_torch
-measures it)."""
+measures it). Every test runs once per kernel build this CPU supports (AVX-512 and AVX2 on x86-64-v4 CPUs,
+csrc/cpu/simd.h): the two differ in vector width and tile shape, so each needs its own run."""
 
 from __future__ import annotations
 
@@ -21,6 +22,17 @@ IN_PLACE_H = next(h for h in range(16, 4096) if 16 * h * h >= LIMITS["in_place_m
 FUSED_BATCH = LIMITS["fused_projection_min_batch"]
 CHUNK_ROWS = LIMITS["projection_chunk_rows"]
 PACKED_DEPTH = LIMITS["min_packed_depth"]
+KERNELS = [k for k in ("avx512", "avx2") if k in fused_lstm._C._supported_cpu_kernels()]
+
+
+@pytest.fixture(autouse=True, params=KERNELS or [pytest.param("none", marks=pytest.mark.skip(
+    reason="this CPU runs no fused_lstm kernels (neither AVX2 nor AVX-512): test_cpu_fallback.py covers it"))])
+def kernels(request):
+    """Selects each kernel build in turn; restores the default after the test."""
+    previous = fused_lstm._C._set_cpu_kernels(request.param)
+    assert fused_lstm.build_info()["cpu_kernels"] == request.param
+    yield request.param
+    fused_lstm._C._set_cpu_kernels(previous)
 
 
 def _cases():

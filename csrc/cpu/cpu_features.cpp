@@ -1,30 +1,58 @@
 #include "cpu_features.h"
 
+#include <c10/util/Exception.h>
+
 #include <atomic>
+#include <cstring>
 
 namespace fused_lstm {
 namespace {
 
-bool detect_avx512() {
+CpuKernels detect() {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  // The kernels' ISA clones exist only in GCC x86 builds (step_spans.h, FUSED_LSTM_SIMD_CLONES).
+  // The kernels are compiled for these two ISA levels (simd.h, run_kernel), so the whole level is required:
+  // GCC may use any of its instructions (BMI2, MOVBE, ... besides the vector ones).
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-#else
-  return false;
+  if (__builtin_cpu_supports("x86-64-v4")) return CpuKernels::avx512;
+  if (__builtin_cpu_supports("x86-64-v3")) return CpuKernels::avx2;
 #endif
+  return CpuKernels::aten;
 }
 
-std::atomic<bool>& enabled_flag() {
-  static std::atomic<bool> enabled{detect_avx512()};
-  return enabled;
+std::atomic<CpuKernels>& selected() {
+  static std::atomic<CpuKernels> kernels{supported_cpu_kernels()};
+  return kernels;
 }
 
 }  // namespace
 
-bool cpu_vector_kernels() { return enabled_flag().load(std::memory_order_relaxed); }
+CpuKernels supported_cpu_kernels() {
+  static const CpuKernels supported = detect();
+  return supported;
+}
 
-bool set_cpu_vector_kernels(bool enabled) { return enabled_flag().exchange(enabled); }
+CpuKernels cpu_kernels() { return selected().load(std::memory_order_relaxed); }
+
+CpuKernels set_cpu_kernels(CpuKernels kernels) {
+  TORCH_CHECK(static_cast<int>(kernels) <= static_cast<int>(supported_cpu_kernels()), "fused_lstm: this CPU cannot run the '",
+              cpu_kernels_name(kernels), "' kernels (it supports up to '", cpu_kernels_name(supported_cpu_kernels()),
+              "')");
+  return selected().exchange(kernels);
+}
+
+const char* cpu_kernels_name(CpuKernels kernels) {
+  switch (kernels) {
+    case CpuKernels::avx512: return "avx512";
+    case CpuKernels::avx2: return "avx2";
+    default: return "aten";
+  }
+}
+
+CpuKernels cpu_kernels_from_name(const char* name) {
+  for (const CpuKernels kernels : {CpuKernels::aten, CpuKernels::avx2, CpuKernels::avx512}) {
+    if (std::strcmp(name, cpu_kernels_name(kernels)) == 0) return kernels;
+  }
+  C10_THROW_ERROR(ValueError, c10::str("fused_lstm: unknown CPU kernels '", name, "'; expected 'aten', 'avx2' or 'avx512'"));
+}
 
 }  // namespace fused_lstm

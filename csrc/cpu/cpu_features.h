@@ -1,18 +1,28 @@
-// Whether this CPU runs the register-tiled float32 kernels (packed_gemm.h, dot_gemm.h, recurrence_cpu.h).
-// They are written in 16-float GCC vectors, one zmm register each in the AVX-512 (x86-64-v4) build of a
-// kernel. Without AVX-512 GCC has no register for such a vector and keeps every one in memory: the AVX2
-// clone of the recurrence ran 37x slower than the AVX-512 one at batch 64, H = 256 (12x at batch 1). So
-// on other CPUs (AVX2 or older x86, ARM, or a compiler without the ISA clones) the CPU backend uses ATen's
-// GEMMs and the per-step loop instead: correct everywhere, as fast as ATen's BLAS there.
+// Which float32 kernels the CPU backend runs on this CPU. fused_lstm's register-tiled kernels (packed_gemm.h,
+// dot_gemm.h, recurrence_cpu.h) are built for two instruction sets (simd.h): AVX-512 (x86-64-v4: F, BW, DQ,
+// VL) and AVX2 with FMA (x86-64-v3). Elsewhere (older x86, ARM, a compiler without GCC's target attributes)
+// float32 takes ATen's GEMMs and the per-step loop, as the other dtypes always do.
 #pragma once
 
 namespace fused_lstm {
 
-// Detected once per process (x86-64-v4: AVX-512 F, BW, DQ and VL), unless set_cpu_vector_kernels says so.
-bool cpu_vector_kernels();
+enum class CpuKernels { aten = 0, avx2 = 1, avx512 = 2 };  // ordered: each runs where the next does
 
-// Overrides the detection, so that tests can run both paths on one machine; returns the previous value.
-// Forcing the kernels on without AVX-512 is correct but slow (see above).
-bool set_cpu_vector_kernels(bool enabled);
+// The kernels in use: the best this CPU supports, detected once per process, unless set_cpu_kernels says else.
+CpuKernels cpu_kernels();
+
+// The best kernels this CPU supports.
+CpuKernels supported_cpu_kernels();
+
+// Selects the kernels (for tests and measurements: one machine runs every supported set); returns the previous
+// selection. Throws (c10::Error) for a set this CPU cannot run: its instructions would fault.
+CpuKernels set_cpu_kernels(CpuKernels kernels);
+
+// Whether float32 runs fused_lstm's own kernels, whichever instruction set.
+inline bool cpu_vector_kernels() { return cpu_kernels() != CpuKernels::aten; }
+
+// "aten", "avx2", "avx512", and back (throws c10::Error naming the choices for any other name).
+const char* cpu_kernels_name(CpuKernels kernels);
+CpuKernels cpu_kernels_from_name(const char* name);
 
 }  // namespace fused_lstm

@@ -7,11 +7,14 @@
 namespace fused_lstm {
 namespace {
 
-FUSED_LSTM_SIMD_CLONES void dot_block_entry(const float* a, int64_t a_row_stride, const float* w,
-                                            int64_t w_row_stride, int64_t K, float* out, int64_t out_row_stride,
-                                            bool accumulate, const float* bias, int64_t rows, int64_t cols) {
-  dot_block(a, a_row_stride, w, w_row_stride, K, out, out_row_stride, accumulate, bias, rows, cols);
-}
+struct DotBlock {
+  template <typename Isa>
+  FUSED_LSTM_ALWAYS_INLINE static void run(const float* a, int64_t a_row_stride, const float* w, int64_t w_row_stride,
+                                           int64_t K, float* out, int64_t out_row_stride, bool accumulate,
+                                           const float* bias, int64_t rows, int64_t cols) {
+    dot_block<Isa>(a, a_row_stride, w, w_row_stride, K, out, out_row_stride, accumulate, bias, rows, cols);
+  }
+};
 
 }  // namespace
 
@@ -36,9 +39,9 @@ void dot_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w,
     for (int64_t task = begin; task < end; ++task) {
       const int64_t rb = task / col_blocks, cb = task % col_blocks;
       const int64_t r0 = rb * kBlock, c0 = cb * kBlock;
-      dot_block_entry(a_ptr + r0 * a_rs, a_rs, w_ptr + c0 * w_rs, w_rs, K, out_ptr + r0 * out_rs + c0, out_rs,
-                      accumulate, bias_ptr ? bias_ptr + c0 : nullptr, std::min(kBlock, M - r0),
-                      std::min(kBlock, Nc - c0));
+      run_kernel<DotBlock>(a_ptr + r0 * a_rs, a_rs, w_ptr + c0 * w_rs, w_rs, K, out_ptr + r0 * out_rs + c0, out_rs,
+                           accumulate, bias_ptr ? bias_ptr + c0 : nullptr, std::min(kBlock, M - r0),
+                           std::min(kBlock, Nc - c0));
     }
   });
 }

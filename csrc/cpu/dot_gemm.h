@@ -7,39 +7,39 @@
 
 #include <ATen/core/Tensor.h>
 
-#include "vec16.h"
+#include "simd.h"
 
 namespace fused_lstm {
 
-constexpr int kDotRows = 4;  // rows of a per tile
-constexpr int kDotCols = 4;  // rows of W (output columns) per tile: 4 x 4 accumulators
+constexpr int kDotCols = 4;  // rows of W (output columns) per tile, by Isa::kDotRows rows of a
 
 // Rows x Cols outputs: out[r * out_row_stride + c] (+)= bias[c] + sum_k a[r * a_row_stride + k] * w[c * w_row_stride + k]
 // for r < Rows, c < Cols; bias may be null, and is ignored when accumulating. a and w have unit stride along k.
-template <int Rows, int Cols>
+template <typename Isa, int Rows, int Cols>
 FUSED_LSTM_ALWAYS_INLINE void dot_tile(const float* a, int64_t a_row_stride, const float* w, int64_t w_row_stride,
                                        int64_t K, float* out, int64_t out_row_stride, bool accumulate,
                                        const float* bias) {
-  vec16 acc[Rows][Cols] = {};
+  constexpr int L = Isa::kLanes;
+  vec<L> acc[Rows][Cols] = {};
   int64_t k = 0;
-  for (; k + kLanes <= K; k += kLanes) {
-    vec16 wv[Cols];
-    for (int c = 0; c < Cols; ++c) wv[c] = load16(w + c * w_row_stride + k);
+  for (; k + L <= K; k += L) {
+    vec<L> wv[Cols];
+    for (int c = 0; c < Cols; ++c) wv[c] = load<L>(w + c * w_row_stride + k);
     for (int r = 0; r < Rows; ++r) {
-      const vec16 av = load16(a + r * a_row_stride + k);
+      const vec<L> av = load<L>(a + r * a_row_stride + k);
       for (int c = 0; c < Cols; ++c) acc[r][c] += av * wv[c];
     }
   }
   if (k < K) {
     for (int r = 0; r < Rows; ++r) {
-      const vec16 av = load16_partial(a + r * a_row_stride + k, K - k);
-      for (int c = 0; c < Cols; ++c) acc[r][c] += av * load16_partial(w + c * w_row_stride + k, K - k);
+      const vec<L> av = load_partial<L>(a + r * a_row_stride + k, K - k);
+      for (int c = 0; c < Cols; ++c) acc[r][c] += av * load_partial<L>(w + c * w_row_stride + k, K - k);
     }
   }
   for (int r = 0; r < Rows; ++r) {
     float* o = out + r * out_row_stride;
     if constexpr (Cols == 4) {
-      vec4 sums = reduce_add4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+      vec4 sums = reduce_add4<L>(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
       if (accumulate || bias) {
         vec4 previous;
         std::memcpy(&previous, accumulate ? o : bias, sizeof(previous));
@@ -48,46 +48,57 @@ FUSED_LSTM_ALWAYS_INLINE void dot_tile(const float* a, int64_t a_row_stride, con
       std::memcpy(o, &sums, sizeof(sums));
     } else {
       for (int c = 0; c < Cols; ++c) {
-        const float sum = reduce_add4(acc[r][c], vec16{}, vec16{}, vec16{})[0];
+        const float sum = reduce_add4<L>(acc[r][c], vec<L>{}, vec<L>{}, vec<L>{})[0];
         o[c] = sum + (accumulate ? o[c] : bias ? bias[c] : 0.0f);
       }
     }
   }
 }
 
-// dot_tile<.., Cols> over `rows` rows in tiles of kDotRows (the remainder with a smaller tile).
-template <int Cols>
-FUSED_LSTM_ALWAYS_INLINE void dot_rows(const float* a, int64_t a_row_stride, const float* w, int64_t w_row_stride,
-                                       int64_t K, float* out, int64_t out_row_stride, bool accumulate,
-                                       const float* bias, int64_t rows) {
-  int64_t r = 0;
-  for (; r + kDotRows <= rows; r += kDotRows) {
-    dot_tile<kDotRows, Cols>(a + r * a_row_stride, a_row_stride, w, w_row_stride, K, out + r * out_row_stride,
-                             out_row_stride, accumulate, bias);
-  }
-  const float* a_rest = a + r * a_row_stride;
-  float* out_rest = out + r * out_row_stride;
-  switch (rows - r) {
-    case 3: dot_tile<3, Cols>(a_rest, a_row_stride, w, w_row_stride, K, out_rest, out_row_stride, accumulate, bias); break;
-    case 2: dot_tile<2, Cols>(a_rest, a_row_stride, w, w_row_stride, K, out_rest, out_row_stride, accumulate, bias); break;
-    case 1: dot_tile<1, Cols>(a_rest, a_row_stride, w, w_row_stride, K, out_rest, out_row_stride, accumulate, bias); break;
-    default: break;
+// The last `rest` (< Isa::kDotRows) rows with a tile of exactly that many rows.
+template <typename Isa, int Rows, int Cols>
+FUSED_LSTM_ALWAYS_INLINE void dot_tile_rest(const float* a, int64_t a_row_stride, const float* w, int64_t w_row_stride,
+                                            int64_t K, float* out, int64_t out_row_stride, bool accumulate,
+                                            const float* bias, int64_t rest) {
+  if constexpr (Rows > 0) {
+    if (rest == Rows) {
+      dot_tile<Isa, Rows, Cols>(a, a_row_stride, w, w_row_stride, K, out, out_row_stride, accumulate, bias);
+    } else {
+      dot_tile_rest<Isa, Rows - 1, Cols>(a, a_row_stride, w, w_row_stride, K, out, out_row_stride, accumulate, bias,
+                                         rest);
+    }
   }
 }
 
-// A rows x cols block in tiles of kDotRows x kDotCols (smaller at the edges). Each W tile (kDotCols rows of
+// dot_tile<.., Cols> over `rows` rows in tiles of Isa::kDotRows (the remainder with a smaller tile).
+template <typename Isa, int Cols>
+FUSED_LSTM_ALWAYS_INLINE void dot_rows(const float* a, int64_t a_row_stride, const float* w, int64_t w_row_stride,
+                                       int64_t K, float* out, int64_t out_row_stride, bool accumulate,
+                                       const float* bias, int64_t rows) {
+  constexpr int kRows = Isa::kDotRows;
+  int64_t r = 0;
+  for (; r + kRows <= rows; r += kRows) {
+    dot_tile<Isa, kRows, Cols>(a + r * a_row_stride, a_row_stride, w, w_row_stride, K, out + r * out_row_stride,
+                               out_row_stride, accumulate, bias);
+  }
+  dot_tile_rest<Isa, kRows - 1, Cols>(a + r * a_row_stride, a_row_stride, w, w_row_stride, K, out + r * out_row_stride,
+                                      out_row_stride, accumulate, bias, rows - r);
+}
+
+// A rows x cols block in tiles of Isa::kDotRows x kDotCols (smaller at the edges). Each W tile (kDotCols rows of
 // W) stays in L1 while every row tile of a passes over it. (No lambdas here: a lambda's body would be
-// compiled for the baseline ISA, not the caller's clone.)
+// compiled for the baseline ISA, not the calling kernel's.)
+template <typename Isa>
 FUSED_LSTM_ALWAYS_INLINE void dot_block(const float* a, int64_t a_row_stride, const float* w, int64_t w_row_stride,
                                         int64_t K, float* out, int64_t out_row_stride, bool accumulate,
                                         const float* bias, int64_t rows, int64_t cols) {
   int64_t c = 0;
   for (; c + kDotCols <= cols; c += kDotCols) {
-    dot_rows<kDotCols>(a, a_row_stride, w + c * w_row_stride, w_row_stride, K, out + c, out_row_stride, accumulate,
+    dot_rows<Isa, kDotCols>(a, a_row_stride, w + c * w_row_stride, w_row_stride, K, out + c, out_row_stride, accumulate,
                        bias ? bias + c : nullptr, rows);
   }
   for (; c < cols; ++c) {
-    dot_rows<1>(a, a_row_stride, w + c * w_row_stride, w_row_stride, K, out + c, out_row_stride, accumulate,
+    dot_rows<Isa, 1>(a, a_row_stride, w + c * w_row_stride, w_row_stride, K, out + c, out_row_stride, accumulate,
                 bias ? bias + c : nullptr, rows);
   }
 }

@@ -1,7 +1,7 @@
-// CPU backend of the LSTM layer and its op registration. On AVX-512 CPUs float32 products go through the
-// packed register-tiled kernel (packed_gemm.h) and whole recurrences through the fused thread-per-slice
-// loops (recurrence_cpu.h); other dtypes, and float32 on other CPUs (cpu_features.h), use ATen's GEMMs and
-// the per-step pointwise spans (step_spans.h), split across threads with at::parallel_for.
+// CPU backend of the LSTM layer and its op registration. On AVX2 and AVX-512 CPUs float32 products go
+// through the packed register-tiled kernel (packed_gemm.h) and whole recurrences through the fused
+// thread-per-slice loops (recurrence_cpu.h); other dtypes, and float32 on other CPUs (cpu_features.h), use
+// ATen's GEMMs and the per-step pointwise spans (step_spans.h), split across threads with at::parallel_for.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -88,7 +88,7 @@ class CpuBackend final : public LayerBackend {
  public:
   using LayerBackend::LayerBackend;
 
-  // float32 on AVX-512 CPUs through the packed kernel (see packed_gemm.h), everything else through ATen.
+  // float32 on AVX2/AVX-512 CPUs through the packed kernel (see packed_gemm.h), everything else through ATen.
   void matmul(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate,
               const Tensor& bias) const override {
     if (out.scalar_type() != at::kFloat || out.stride(1) != 1 || a.size(0) == 0 || !cpu_vector_kernels()) {
@@ -136,11 +136,11 @@ class CpuBackend final : public LayerBackend {
   void step_backward(const StepBackwardArgs& a) const override {
     run_spans(a, backward_span_float, backward_span_double, backward_span_half, backward_span_bfloat16);
   }
-  // The fused recurrences need the AVX-512 kernels (cpu_features.h); without them the driver's per-step loop
+  // The fused recurrences need the vector kernels (cpu_features.h); without them the driver's per-step loop
   // runs.
   bool recurrence_forward(const RecurrenceForwardArgs& a) const override {
     TORCH_CHECK(cpu_vector_kernels() || !a.required, "fused_lstm: recurrence='persistent' on the CPU needs a CPU "
-                "with AVX-512 (x86-64-v4); use recurrence='auto' or 'standard' on this one");
+                "with AVX2 and FMA (x86-64-v3) or AVX-512; use recurrence='auto' or 'standard' on this one");
     return cpu_vector_kernels() && cpu_recurrence_forward(a);
   }
   bool recurrence_backward(const RecurrenceBackwardArgs& a) const override {

@@ -15,16 +15,29 @@ namespace {
 // Rows [row_begin, row_end) of out's 64 columns from first_col against one panel of those columns (panel
 // row k at panel + k * panel_stride, K rows) and their 64 biases (or null): the one entry into the
 // register-tiled kernel for both packed panels and a row-major matrix read in place.
-FUSED_LSTM_SIMD_CLONES void panel_product(const float* a, int64_t a_row_stride, int64_t a_col_stride,
-                                          const float* panel, int64_t panel_stride, int64_t K, int64_t cols,
-                                          int64_t first_col, float* out, int64_t out_row_stride, bool accumulate,
-                                          const float* bias, int64_t row_begin, int64_t row_end) {
-  int64_t valid[4];
-  for (int g = 0; g < 4; ++g) valid[g] = std::clamp<int64_t>(cols - first_col - g * kLanes, 0, kLanes);
-  const PanelOperand operand[1] = {{a + row_begin * a_row_stride, a_row_stride, a_col_stride, panel, K, panel_stride}};
-  panel_rows(operand, out + row_begin * out_row_stride + first_col, out_row_stride, kLanes, valid, accumulate, bias,
-             row_end - row_begin);
+struct PanelProduct {
+  template <typename Isa>
+  FUSED_LSTM_ALWAYS_INLINE static void run(const float* a, int64_t a_row_stride, int64_t a_col_stride,
+                                           const float* panel, int64_t panel_stride, int64_t K, int64_t cols,
+                                           int64_t first_col, float* out, int64_t out_row_stride, bool accumulate,
+                                           const float* bias, int64_t row_begin, int64_t row_end) {
+    int64_t valid[4];
+    for (int g = 0; g < 4; ++g) valid[g] = std::clamp<int64_t>(cols - first_col - g * kGroup, 0, kGroup);
+    const PanelOperand operand[1] = {{a + row_begin * a_row_stride, a_row_stride, a_col_stride, panel, K, panel_stride}};
+    panel_rows<Isa>(operand, out + row_begin * out_row_stride + first_col, out_row_stride, kGroup, valid, accumulate,
+                    bias, row_end - row_begin);
+  }
+};
+
+void panel_product(const float* a, int64_t a_row_stride, int64_t a_col_stride, const float* panel,
+                   int64_t panel_stride, int64_t K, int64_t cols, int64_t first_col, float* out, int64_t out_row_stride,
+                   bool accumulate, const float* bias, int64_t row_begin, int64_t row_end) {
+  run_kernel<PanelProduct>(a, a_row_stride, a_col_stride, panel, panel_stride, K, cols, first_col, out, out_row_stride,
+                           accumulate, bias, row_begin, row_end);
 }
+
+// Rows per tile of the kernels in use, for sizing tasks in whole tiles.
+int64_t row_tile() { return cpu_kernels() == CpuKernels::avx2 ? Avx2::kRowTile : Avx512::kRowTile; }
 
 // The products with nothing to multiply: no rows, no columns, or no k (out = bias, or 0, or unchanged).
 // Returns whether it handled the call.
@@ -55,7 +68,7 @@ struct TransposedTarget {
   const float* bias;
 };
 
-constexpr int64_t kGatherRows = 32 * kRowTile;  // rows of a per transposed_products task
+constexpr int64_t kGatherRows = 128;  // rows of a per transposed_products task
 
 // block[(k - k0) * block_stride + r] = a[r * a_rs + k * a_cs] for r < rows (<= kGatherRows), k in [k0, k1),
 // and sums[r] += the same elements when sums is not null. The sums run in three levels (16 k, the chunk,
@@ -135,28 +148,39 @@ void matmul_panel(const float* a, int64_t a_row_stride, int64_t a_col_stride, co
                 bias ? bias + panel * kPanel : nullptr, row_begin, row_end);
 }
 
-FUSED_LSTM_SIMD_CLONES void fill_panel_from_rows(const float* const (&rows)[kPanel], int64_t k_stride, int64_t K,
-                                                 float* panel) {
-  constexpr int64_t kChunk = 16;  // 16 k x 64 columns: 4 KB of panel
-  int64_t k0 = 0;
-  if (k_stride == 1) {
-    // Whole 16 x 16 blocks through registers: 16 row loads, a transpose, 16 panel-row stores.
-    for (; k0 + kChunk <= K; k0 += kChunk) {
-      for (int64_t c0 = 0; c0 < kPanel; c0 += kLanes) {
-        vec16 block[kLanes];
-        for (int64_t i = 0; i < kLanes; ++i) block[i] = rows[c0 + i] ? load16(rows[c0 + i] + k0) : vec16{};
-        transpose16x16(block);
-        for (int64_t j = 0; j < kLanes; ++j) store16(panel + (k0 + j) * kPanel + c0, block[j]);
+namespace {
+
+struct FillPanel {
+  template <typename Isa>
+  FUSED_LSTM_ALWAYS_INLINE static void run(const float* const* rows, int64_t k_stride, int64_t K, float* panel) {
+    constexpr int L = Isa::kLanes;
+    constexpr int64_t kChunk = 16;  // 16 k x 64 columns: 4 KB of panel
+    int64_t k0 = 0;
+    if (k_stride == 1) {
+      // Whole L x L blocks through registers: L row loads, a transpose, L panel-row stores.
+      for (; k0 + L <= K; k0 += L) {
+        for (int64_t c0 = 0; c0 < kPanel; c0 += L) {
+          vec<L> block[L];
+          for (int64_t i = 0; i < L; ++i) block[i] = rows[c0 + i] ? load<L>(rows[c0 + i] + k0) : vec<L>{};
+          transpose<L>(block);
+          for (int64_t j = 0; j < L; ++j) store<L>(panel + (k0 + j) * kPanel + c0, block[j]);
+        }
+      }
+    }
+    for (; k0 < K; k0 += kChunk) {
+      const int64_t k1 = std::min(K, k0 + kChunk);
+      for (int64_t c = 0; c < kPanel; ++c) {
+        const float* row = rows[c];
+        for (int64_t k = k0; k < k1; ++k) panel[k * kPanel + c] = row ? row[k * k_stride] : 0.0f;
       }
     }
   }
-  for (; k0 < K; k0 += kChunk) {
-    const int64_t k1 = std::min(K, k0 + kChunk);
-    for (int64_t c = 0; c < kPanel; ++c) {
-      const float* row = rows[c];
-      for (int64_t k = k0; k < k1; ++k) panel[k * kPanel + c] = row ? row[k * k_stride] : 0.0f;
-    }
-  }
+};
+
+}  // namespace
+
+void fill_panel_from_rows(const float* const (&rows)[kPanel], int64_t k_stride, int64_t K, float* panel) {
+  run_kernel<FillPanel>(static_cast<const float* const*>(rows), k_stride, K, panel);
 }
 
 PackedMatrix pack_matrix(const at::Tensor& b) {
@@ -213,7 +237,7 @@ void rowmajor_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tenso
   const std::vector<float> bias_panels = padded_bias(bias, cols);
   // Tasks: (panel, block of rows); a task's 64 columns of b stay in cache for its rows. Small products run
   // on the calling thread: waking the pool costs more than they do.
-  constexpr int64_t kRowsPerTask = 16 * kRowTile, kMinTaskFlops = 256 << 10;
+  constexpr int64_t kRowsPerTask = 64, kMinTaskFlops = 256 << 10;
   const int64_t row_blocks = (M + kRowsPerTask - 1) / kRowsPerTask;
   const int64_t task_flops = 2 * std::min(M, kRowsPerTask) * K * kPanel;
   const int64_t grain = std::max<int64_t>(1, kMinTaskFlops / task_flops);
@@ -248,7 +272,7 @@ void packed_matmul(const at::Tensor& out, const at::Tensor& a, const PackedMatri
     // task per panel streamed all of a (52 MB at batch 64, T = 50, H = 1024) once per panel. Instead a
     // task is a block of rows: for each k chunk, its rows' chunk of a stays in L2 while every panel's
     // matching chunk passes over it.
-    constexpr int64_t kRowsPerTask = 32 * kRowTile;
+    constexpr int64_t kRowsPerTask = 128;
     const int64_t K = b.K;
     at::parallel_for(0, (M + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
@@ -267,12 +291,12 @@ void packed_matmul(const at::Tensor& out, const at::Tensor& a, const PackedMatri
   // Tasks: (panel, group of rows). A panel ([K][64], up to a few hundred KB) is streamed from memory once
   // per task and then stays in cache for the task's rows, so split rows only as far as needed to give
   // every thread a few tasks.
-  const int64_t tiles = (M + kRowTile - 1) / kRowTile;
+  const int64_t tile = row_tile(), tiles = (M + tile - 1) / tile;
   const int64_t wanted_groups = (4 * at::get_num_threads() + b.count() - 1) / b.count();
   const int64_t row_groups = std::clamp<int64_t>(wanted_groups, 1, tiles);
-  const int64_t rows_per_task = (tiles + row_groups - 1) / row_groups * kRowTile;
+  const int64_t rows_per_task = (tiles + row_groups - 1) / row_groups * tile;
   const int64_t tasks = b.count() * ((M + rows_per_task - 1) / rows_per_task);
-  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, b.K * rows_per_task / kRowTile));
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, b.K * rows_per_task / tile));
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t panel = task % b.count(), group = task / b.count();

@@ -1,5 +1,5 @@
 // Float32 matrix products for the CPU backend on weights packed into 64-column panels, with a register-
-// tiled kernel written in GCC vector extensions (one zmm per 16 floats in the AVX-512 clone). MKL, which
+// tiled kernel written in GCC vector extensions and built for AVX-512 and for AVX2 (simd.h). MKL, which
 // ATen uses on x86, runs AVX2 code on AMD processors; this kernel runs AVX-512 where the CPU has it, and
 // a packed panel is reused by every row tile and every time step.
 #pragma once
@@ -8,12 +8,11 @@
 
 #include <algorithm>
 
-#include "vec16.h"
+#include "simd.h"
 
 namespace fused_lstm {
 
-constexpr int64_t kPanel = 4 * kLanes;       // columns per packed panel: 4 vectors
-constexpr int kRowTile = 4;                  // rows per tile: 4 rows x 4 vectors = 16 accumulators
+constexpr int64_t kPanel = 4 * kGroup;  // columns per packed panel: 4 groups of 16
 // Products with a longer reduction run it in chunks of this many k: a [1024][64] panel chunk is 256 KB,
 // small enough to stay in L2 next to the rows that pass over it.
 constexpr int64_t kPanelChunkK = 1024;
@@ -36,14 +35,16 @@ struct PanelOperand {
 
 // One panel's product for Rows rows, summed over Operands operand/panel pairs (an LSTM step's input and
 // recurrent products land in the same accumulators):
-//   out[r, group g lane l] (+)= bias[g*16 + l] + sum_ops sum_k a[r, k] * panel[k][g*16 + l]
-//   out:   vector group g of row r starts at out + r * out_row_stride + g * group_stride; only the first
-//          valid[g] lanes of each group are real columns (the panel is zero past them).
+//   out[r, group g column l] (+)= bias[g*16 + l] + sum_ops sum_k a[r, k] * panel[k][g*16 + l]
+//   out:   column group g (16 columns) of row r starts at out + r * out_row_stride + g * group_stride; only
+//          the first valid[g] columns of each group are real (the panel is zero past them).
 //   bias:  [64] for this panel, or null
-template <int Rows, int Operands>
+// The panel's columns run in passes of Isa::kPassVecs vectors (one pass with AVX-512, four with AVX2).
+template <typename Isa, int Rows, int Operands>
 FUSED_LSTM_ALWAYS_INLINE void panel_tile(const PanelOperand (&ops)[Operands], float* out, int64_t out_row_stride,
                                          int64_t group_stride, const int64_t (&valid)[4], bool accumulate,
                                          const float* bias) {
+  constexpr int L = Isa::kLanes, V = Isa::kPassVecs;
   if (accumulate) {
     // The accumulated rows (an LSTM step's input projection) were written long before and come from
     // memory: ask for them now so that they arrive while the k loop runs (was ~15% of a step, stalled on
@@ -52,82 +53,97 @@ FUSED_LSTM_ALWAYS_INLINE void panel_tile(const PanelOperand (&ops)[Operands], fl
       for (int g = 0; g < 4; ++g) __builtin_prefetch(out + r * out_row_stride + g * group_stride, 1);
     }
   }
-  // The accumulators sum k one term after the other, and over a long reduction the rounding error grows
-  // with its length: so they are moved into `total` after every kSumChunkK k of an operand (outputs and
-  // gradients then have 1.0x torch.nn.LSTM's float32 error instead of 1.2-1.9x with whole-K sums).
-  // `total` lives in memory (L1): the 16 accumulators, 4 panel vectors and a broadcast already take 21 of
-  // the 32 vector registers, and a register-resident second set made the compiler spill in the k loop
-  // (forward 3-5% slower).
-  vec16 acc[Rows][4] = {};
-  alignas(64) float total[Rows][4][kLanes];
-  for (int r = 0; r < Rows; ++r) {
-    for (int g = 0; g < 4; ++g) store16(total[r][g], bias ? load16(bias + g * kLanes) : vec16{});
-  }
-  for (const PanelOperand& op : ops) {
-    for (int64_t k0 = 0; k0 < op.K; k0 += kSumChunkK) {
-      const int64_t k1 = std::min(op.K, k0 + kSumChunkK);
-      for (int64_t k = k0; k < k1; ++k) {
-        const float* w = op.panel + k * op.panel_stride;
-        const vec16 w0 = load16(w), w1 = load16(w + kLanes), w2 = load16(w + 2 * kLanes), w3 = load16(w + 3 * kLanes);
+  for (int64_t first_col = 0; first_col < kPanel; first_col += V * L) {
+    // The accumulators sum k one term after the other, and over a long reduction the rounding error grows
+    // with its length: so they are moved into `total` after every kSumChunkK k of an operand (outputs and
+    // gradients then have 1.0x torch.nn.LSTM's float32 error instead of 1.2-1.9x with whole-K sums).
+    // `total` lives in memory (L1): with AVX-512 the 16 accumulators, 4 panel vectors and a broadcast
+    // already take 21 of the 32 vector registers, and a register-resident second set made the compiler
+    // spill in the k loop (forward 3-5% slower).
+    vec<L> acc[Rows][V] = {};
+    alignas(64) float total[Rows][V][L];
+    for (int r = 0; r < Rows; ++r) {
+      for (int v = 0; v < V; ++v) store<L>(total[r][v], bias ? load<L>(bias + first_col + v * L) : vec<L>{});
+    }
+    for (const PanelOperand& op : ops) {
+      for (int64_t k0 = 0; k0 < op.K; k0 += kSumChunkK) {
+        const int64_t k1 = std::min(op.K, k0 + kSumChunkK);
+        for (int64_t k = k0; k < k1; ++k) {
+          const float* w = op.panel + k * op.panel_stride + first_col;
+          vec<L> wv[V];
 #pragma GCC unroll 4
-        for (int r = 0; r < Rows; ++r) {
-          const float x = op.a[r * op.row_stride + k * op.col_stride];
-          acc[r][0] += x * w0;
-          acc[r][1] += x * w1;
-          acc[r][2] += x * w2;
-          acc[r][3] += x * w3;
+          for (int v = 0; v < V; ++v) wv[v] = load<L>(w + v * L);
+#pragma GCC unroll 8
+          for (int r = 0; r < Rows; ++r) {
+            const float x = op.a[r * op.row_stride + k * op.col_stride];
+#pragma GCC unroll 4
+            for (int v = 0; v < V; ++v) acc[r][v] += x * wv[v];
+          }
         }
-      }
-      // The empty asm with a memory clobber, given total's address, keeps total in memory.
-      asm volatile("" : : "r"(total) : "memory");
-      for (int r = 0; r < Rows; ++r) {
-        for (int g = 0; g < 4; ++g) {
-          store16(total[r][g], load16(total[r][g]) + acc[r][g]);
-          acc[r][g] = vec16{};
+        // The empty asm with a memory clobber, given total's address, keeps total in memory.
+        asm volatile("" : : "r"(total) : "memory");
+        for (int r = 0; r < Rows; ++r) {
+          for (int v = 0; v < V; ++v) {
+            store<L>(total[r][v], load<L>(total[r][v]) + acc[r][v]);
+            acc[r][v] = vec<L>{};
+          }
         }
       }
     }
-  }
-  for (int r = 0; r < Rows; ++r) {
-    for (int g = 0; g < 4; ++g) {
-      float* o = out + r * out_row_stride + g * group_stride;
-      if (valid[g] == kLanes) {
-        store16(o, accumulate ? load16(o) + load16(total[r][g]) : load16(total[r][g]));
-      } else if (valid[g] > 0) {
-        // Through one vector, so that only valid[g] floats are written.
-        const vec16 v = accumulate ? load16_partial(o, valid[g]) + load16(total[r][g]) : load16(total[r][g]);
-        std::memcpy(o, &v, valid[g] * sizeof(float));
+    for (int r = 0; r < Rows; ++r) {
+      for (int v = 0; v < V; ++v) {
+        const int64_t col = first_col + v * L, group = col / kGroup, in_group = col % kGroup;
+        const int64_t n = std::clamp<int64_t>(valid[group] - in_group, 0, L);
+        float* o = out + r * out_row_stride + group * group_stride + in_group;
+        if (n == L) {
+          store<L>(o, accumulate ? load<L>(o) + load<L>(total[r][v]) : load<L>(total[r][v]));
+        } else if (n > 0) {
+          // Through one vector, so that only n floats are written.
+          const vec<L> sum = accumulate ? load_partial<L>(o, n) + load<L>(total[r][v]) : load<L>(total[r][v]);
+          std::memcpy(o, &sum, n * sizeof(float));
+        }
       }
     }
   }
 }
 
 // panel_tile on rows [r, r + Rows) of the operands.
-template <int Rows, int Operands>
+template <typename Isa, int Rows, int Operands>
 FUSED_LSTM_ALWAYS_INLINE void panel_tile_at(const PanelOperand (&ops)[Operands], int64_t r, float* out,
                                             int64_t out_row_stride, int64_t group_stride, const int64_t (&valid)[4],
                                             bool accumulate, const float* bias) {
   PanelOperand shifted[Operands];
   for (int i = 0; i < Operands; ++i) shifted[i] = ops[i].from_row(r);
-  panel_tile<Rows, Operands>(shifted, out + r * out_row_stride, out_row_stride, group_stride, valid, accumulate, bias);
+  panel_tile<Isa, Rows, Operands>(shifted, out + r * out_row_stride, out_row_stride, group_stride, valid, accumulate,
+                                  bias);
 }
 
-// panel_tile over `rows` rows in tiles of kRowTile (the remainder with a smaller tile). No lambdas in these
-// helpers: a lambda's body is compiled for the baseline ISA, not the calling clone's.
-template <int Operands>
+// The last `rest` (< Isa::kRowTile) rows, from row r, with a tile of exactly that many rows.
+template <typename Isa, int Rows, int Operands>
+FUSED_LSTM_ALWAYS_INLINE void panel_tile_rest(const PanelOperand (&ops)[Operands], int64_t r, int64_t rest, float* out,
+                                              int64_t out_row_stride, int64_t group_stride, const int64_t (&valid)[4],
+                                              bool accumulate, const float* bias) {
+  if constexpr (Rows > 0) {
+    if (rest == Rows) {
+      panel_tile_at<Isa, Rows>(ops, r, out, out_row_stride, group_stride, valid, accumulate, bias);
+    } else {
+      panel_tile_rest<Isa, Rows - 1>(ops, r, rest, out, out_row_stride, group_stride, valid, accumulate, bias);
+    }
+  }
+}
+
+// panel_tile over `rows` rows in tiles of Isa::kRowTile (the remainder with a smaller tile). No lambdas in
+// these helpers: a lambda's body is compiled for the baseline ISA, not the calling kernel's.
+template <typename Isa, int Operands>
 FUSED_LSTM_ALWAYS_INLINE void panel_rows(const PanelOperand (&ops)[Operands], float* out, int64_t out_row_stride,
                                          int64_t group_stride, const int64_t (&valid)[4], bool accumulate,
                                          const float* bias, int64_t rows) {
   int64_t r = 0;
-  for (; r + kRowTile <= rows; r += kRowTile) {
-    panel_tile_at<kRowTile>(ops, r, out, out_row_stride, group_stride, valid, accumulate, bias);
+  for (; r + Isa::kRowTile <= rows; r += Isa::kRowTile) {
+    panel_tile_at<Isa, Isa::kRowTile>(ops, r, out, out_row_stride, group_stride, valid, accumulate, bias);
   }
-  switch (rows - r) {
-    case 3: panel_tile_at<3>(ops, r, out, out_row_stride, group_stride, valid, accumulate, bias); break;
-    case 2: panel_tile_at<2>(ops, r, out, out_row_stride, group_stride, valid, accumulate, bias); break;
-    case 1: panel_tile_at<1>(ops, r, out, out_row_stride, group_stride, valid, accumulate, bias); break;
-    default: break;
-  }
+  panel_tile_rest<Isa, Isa::kRowTile - 1>(ops, r, rows - r, out, out_row_stride, group_stride, valid, accumulate,
+                                          bias);
 }
 
 // A [K, Nc] right-hand matrix packed into ceil(Nc / 64) panels of [K][64] (zero past Nc).

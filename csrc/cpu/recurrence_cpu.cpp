@@ -36,9 +36,9 @@ void pack_blocks(const float* w, int64_t H, int64_t K, float* packed, int64_t bl
   for (int64_t ub = block_begin; ub < block_end; ++ub) {
     const float* rows[kPanel];
     for (int64_t q = 0; q < 4; ++q) {
-      for (int64_t l = 0; l < kLanes; ++l) {
-        const int64_t unit = ub * kLanes + l;
-        rows[q * kLanes + l] = unit < H ? w + (q * H + unit) * K : nullptr;
+      for (int64_t l = 0; l < kGroup; ++l) {
+        const int64_t unit = ub * kGroup + l;
+        rows[q * kGroup + l] = unit < H ? w + (q * H + unit) * K : nullptr;
       }
     }
     fill_panel_from_rows(rows, 1, K, packed + ub * K * kPanel);
@@ -49,9 +49,9 @@ void pack_blocks(const float* w, int64_t H, int64_t K, float* packed, int64_t bl
 void pack_bias_blocks(const float* bias, int64_t H, float* packed, int64_t block_begin, int64_t block_end) {
   for (int64_t ub = block_begin; ub < block_end; ++ub) {
     for (int64_t q = 0; q < 4; ++q) {
-      for (int64_t l = 0; l < kLanes; ++l) {
-        const int64_t unit = ub * kLanes + l;
-        packed[ub * kPanel + q * kLanes + l] = unit < H ? bias[q * H + unit] : 0.0f;
+      for (int64_t l = 0; l < kGroup; ++l) {
+        const int64_t unit = ub * kGroup + l;
+        packed[ub * kPanel + q * kGroup + l] = unit < H ? bias[q * H + unit] : 0.0f;
       }
     }
   }
@@ -69,56 +69,66 @@ struct StepProjection {
 // input projection fused, the step's input rows against the block's W_ih panel and h against its W_hh
 // panel sum in the same registers), then the pointwise step on its units
 // [unit_begin, unit_end) (rows' pre-activations are complete once its own blocks are).
-FUSED_LSTM_SIMD_CLONES void thread_step(const StepForwardArgs& step, const StepProjection& projection,
-                                        const float* packed_w_hh, int64_t block_begin, int64_t block_end) {
-  const int64_t H = step.hidden, Hout = step.out_hidden, I = projection.input_size;
-  const float* h = static_cast<const float*>(step.h_state);  // [rows, Hout]
-  float* gates = static_cast<float*>(step.gates);            // [rows, 4H]
-  for (int64_t ub = block_begin; ub < block_end; ++ub) {
-    const int64_t units = std::min(kLanes, H - ub * kLanes);
-    const int64_t valid[4] = {units, units, units, units};
-    // The panel's 4 vector groups are the 4 gates of 16 units: they land H columns apart.
-    const PanelOperand recurrent{h, Hout, 1, packed_w_hh + ub * Hout * kPanel, Hout};
-    if (projection.input) {
-      const PanelOperand both[2] = {{projection.input, I, 1, projection.packed_w_ih + ub * I * kPanel, I}, recurrent};
-      panel_rows(both, gates + ub * kLanes, 4 * H, H, valid, /*accumulate=*/false,
-                 projection.packed_bias ? projection.packed_bias + ub * kPanel : nullptr, step.rows);
-    } else {
-      const PanelOperand only[1] = {recurrent};
-      panel_rows(only, gates + ub * kLanes, 4 * H, H, valid, /*accumulate=*/true, /*bias=*/nullptr, step.rows);
+struct ThreadStep {
+  template <typename Isa>
+  FUSED_LSTM_ALWAYS_INLINE static void run(const StepForwardArgs& step, const StepProjection& projection,
+                                           const float* packed_w_hh, int64_t block_begin, int64_t block_end) {
+    const int64_t H = step.hidden, Hout = step.out_hidden, I = projection.input_size;
+    const float* h = static_cast<const float*>(step.h_state);  // [rows, Hout]
+    float* gates = static_cast<float*>(step.gates);            // [rows, 4H]
+    for (int64_t ub = block_begin; ub < block_end; ++ub) {
+      const int64_t units = std::min(kGroup, H - ub * kGroup);
+      const int64_t valid[4] = {units, units, units, units};
+      // The panel's 4 column groups are the 4 gates of 16 units: they land H columns apart.
+      const PanelOperand recurrent{h, Hout, 1, packed_w_hh + ub * Hout * kPanel, Hout};
+      if (projection.input) {
+        const PanelOperand both[2] = {{projection.input, I, 1, projection.packed_w_ih + ub * I * kPanel, I}, recurrent};
+        panel_rows<Isa>(both, gates + ub * kGroup, 4 * H, H, valid, /*accumulate=*/false,
+                        projection.packed_bias ? projection.packed_bias + ub * kPanel : nullptr, step.rows);
+      } else {
+        const PanelOperand only[1] = {recurrent};
+        panel_rows<Isa>(only, gates + ub * kGroup, 4 * H, H, valid, /*accumulate=*/true, /*bias=*/nullptr,
+                        step.rows);
+      }
     }
+    const int64_t unit_begin = block_begin * kGroup, unit_end = std::min(H, block_end * kGroup);
+    for (int64_t b = 0; b < step.rows; ++b) forward_span<float>(step, b, unit_begin, unit_end);
   }
-  const int64_t unit_begin = block_begin * kLanes, unit_end = std::min(H, block_end * kLanes);
-  for (int64_t b = 0; b < step.rows; ++b) forward_span<float>(step, b, unit_begin, unit_end);
-}
+};
 
 // The same with W_hh read in place (dot_gemm.h): per gate, the thread's units are one contiguous block of
 // W_hh's rows. For small batches, where packing W_hh would cost more than it saves.
-FUSED_LSTM_SIMD_CLONES void thread_step_in_place(const StepForwardArgs& step, const float* w_hh, int64_t unit_begin,
-                                                 int64_t unit_end) {
-  const int64_t H = step.hidden, Hout = step.out_hidden;
-  const float* h = static_cast<const float*>(step.h_state);  // [rows, Hout]
-  float* gates = static_cast<float*>(step.gates);            // [rows, 4H]
-  for (int64_t q = 0; q < 4; ++q) {
-    dot_block(h, Hout, w_hh + (q * H + unit_begin) * Hout, Hout, Hout, gates + q * H + unit_begin, 4 * H,
-              /*accumulate=*/true, /*bias=*/nullptr, step.rows, unit_end - unit_begin);
+struct ThreadStepInPlace {
+  template <typename Isa>
+  FUSED_LSTM_ALWAYS_INLINE static void run(const StepForwardArgs& step, const float* w_hh, int64_t unit_begin,
+                                           int64_t unit_end) {
+    const int64_t H = step.hidden, Hout = step.out_hidden;
+    const float* h = static_cast<const float*>(step.h_state);  // [rows, Hout]
+    float* gates = static_cast<float*>(step.gates);            // [rows, 4H]
+    for (int64_t q = 0; q < 4; ++q) {
+      dot_block<Isa>(h, Hout, w_hh + (q * H + unit_begin) * Hout, Hout, Hout, gates + q * H + unit_begin, 4 * H,
+                     /*accumulate=*/true, /*bias=*/nullptr, step.rows, unit_end - unit_begin);
+    }
+    for (int64_t b = 0; b < step.rows; ++b) forward_span<float>(step, b, unit_begin, unit_end);
   }
-  for (int64_t b = 0; b < step.rows; ++b) forward_span<float>(step, b, unit_begin, unit_end);
-}
+};
 
 // The input projection of `rows` rows for unit blocks [block_begin, block_end): gates (row stride 4H) =
 // input rows @ the blocks' W_ih panels + bias. One panel pass per block for all the rows.
-FUSED_LSTM_SIMD_CLONES void project_blocks(const float* input, int64_t I, const float* packed_w_ih,
+struct ProjectBlocks {
+  template <typename Isa>
+  FUSED_LSTM_ALWAYS_INLINE static void run(const float* input, int64_t I, const float* packed_w_ih,
                                            const float* packed_bias, float* gates, int64_t H, int64_t rows,
                                            int64_t block_begin, int64_t block_end) {
-  for (int64_t ub = block_begin; ub < block_end; ++ub) {
-    const int64_t units = std::min(kLanes, H - ub * kLanes);
-    const int64_t valid[4] = {units, units, units, units};
-    const PanelOperand x[1] = {{input, I, 1, packed_w_ih + ub * I * kPanel, I}};
-    panel_rows(x, gates + ub * kLanes, 4 * H, H, valid, /*accumulate=*/false,
-               packed_bias ? packed_bias + ub * kPanel : nullptr, rows);
+    for (int64_t ub = block_begin; ub < block_end; ++ub) {
+      const int64_t units = std::min(kGroup, H - ub * kGroup);
+      const int64_t valid[4] = {units, units, units, units};
+      const PanelOperand x[1] = {{input, I, 1, packed_w_ih + ub * I * kPanel, I}};
+      panel_rows<Isa>(x, gates + ub * kGroup, 4 * H, H, valid, /*accumulate=*/false,
+                      packed_bias ? packed_bias + ub * kPanel : nullptr, rows);
+    }
   }
-}
+};
 
 // Threads for a recurrence: one per kFlopsPerThread of recurrent work per step, at most one per slice. Below that
 // the per-step barrier costs more than the thread saves, and a barrier is where a busy machine hurts most
@@ -180,7 +190,7 @@ struct ForwardPlan {
 
 ForwardPlan plan_forward(int64_t N, int64_t H, int64_t Hout, int64_t I) {
   ForwardPlan plan;
-  const int64_t blocks = (H + kLanes - 1) / kLanes;
+  const int64_t blocks = (H + kGroup - 1) / kGroup;
   plan.in_place = N <= cpu_limits::kMaxInPlaceBatch && weight_bytes(H, Hout) >= cpu_limits::kInPlaceMinWeightBytes;
   if (plan.in_place) {
     plan.threads = team_size(H, Hout, N, blocks);
@@ -211,7 +221,7 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
   if (a.projected == owns_projection) return false;  // offered the projection: take it iff we own it
   const bool per_step_projection = plan.per_step_projection;
   const int64_t chunk_steps = plan.chunk_steps;
-  const int64_t blocks = (H + kLanes - 1) / kLanes;
+  const int64_t blocks = (H + kGroup - 1) / kGroup;
   const int64_t steps = static_cast<int64_t>(a.step_rows->size());
   const auto opts = a.h_state.options();
   const at::Tensor w_hh = a.w_hh.contiguous();
@@ -253,7 +263,7 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
 #pragma omp barrier
     }
     const int64_t block_begin = split_rows ? 0 : pack_begin, block_end = split_rows ? blocks : pack_end;
-    const int64_t unit_begin = block_begin * kLanes, unit_end = std::min(H, block_end * kLanes);
+    const int64_t unit_begin = block_begin * kGroup, unit_end = std::min(H, block_end * kGroup);
     const int64_t own_rows_begin = split_rows ? N * thread / team : 0;  // batch rows this thread runs
     const int64_t own_rows_end = split_rows ? N * (thread + 1) / team : N;
     int64_t parity = 0;
@@ -268,9 +278,9 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
         const int64_t chunk_begin = (*a.step_offset)[t_low];
         const int64_t chunk_end = (*a.step_offset)[t_high] + (*a.step_rows)[t_high];
         if (!a.gates.defined()) gates_origin = chunk_begin;
-        project_blocks(input + chunk_begin * I, I, packed_ih_ptr, packed_bias_ptr,
-                       gates + (chunk_begin - gates_origin) * 4 * H, H, chunk_end - chunk_begin, block_begin,
-                       block_end);
+        run_kernel<ProjectBlocks>(input + chunk_begin * I, I, packed_ih_ptr, packed_bias_ptr,
+                                  gates + (chunk_begin - gates_origin) * 4 * H, H, chunk_end - chunk_begin,
+                                  block_begin, block_end);
       }
       if (rows == 0) continue;  // the same on every thread, so the barriers stay matched
       if (per_step_projection && !a.gates.defined()) gates_origin = row0;
@@ -292,7 +302,7 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
         s.c_prev_saved = c_prev ? c_prev + (row0 + r0) * H : nullptr;
         s.h_prev_saved = h_prev ? h_prev + (row0 + r0) * Hout : nullptr;
         if (in_place) {
-          thread_step_in_place(s, w, unit_begin, unit_end);
+          run_kernel<ThreadStepInPlace>(s, w, unit_begin, unit_end);
         } else {
           StepProjection projection;
           if (per_step_projection) {
@@ -301,7 +311,7 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
             projection.packed_w_ih = packed_ih_ptr;
             projection.packed_bias = packed_bias_ptr;
           }
-          thread_step(s, projection, packed_ptr, block_begin, block_end);
+          run_kernel<ThreadStep>(s, projection, packed_ptr, block_begin, block_end);
         }
       }
       // Rows not active this step keep their state: carry them into the buffer that becomes current.

@@ -1,49 +1,85 @@
-// 16-float vectors in GCC vector extensions for the CPU kernels: one zmm in the AVX-512 clones. The other
-// clones have no register this wide and keep every such vector in memory (16-38x slower), so the backend runs
-// these kernels only on AVX-512 CPUs (cpu_features.h). The helpers are always inlined into the ISA clones,
-// so no vector crosses an ABI boundary.
+// Float vectors in GCC vector extensions for the CPU kernels, the instruction sets the kernels are built for,
+// and the dispatch that runs a kernel's build for the CPU at hand.
+//
+// A kernel is a struct with a static member template `run<Isa>` (always inlined); run_kernel<Kernel>(args...)
+// calls it through a function compiled for the selected instruction set (cpu_features.h), so one source
+// holds every ISA's kernel and each build gets its own vector width and tile shape. (GCC's target_clones
+// cannot do this: all clones share one source and so one vector type, and a 16-float vector has no register
+// below AVX-512 — that build of the kernels ran 16-38x slower than the AVX-512 one.)
 #pragma once
 
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
+#include "cpu_features.h"
 #include "step_spans.h"
 
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace fused_lstm {
 
-constexpr int64_t kLanes = 16;  // floats per vector
+// Floats per column group: a packed panel is 4 groups of 16 columns (the four gates of 16 hidden units in
+// the recurrences), whatever the vector width.
+constexpr int64_t kGroup = 16;
 
-typedef float vec16 __attribute__((vector_size(kLanes * sizeof(float))));
-typedef float vec4 __attribute__((vector_size(4 * sizeof(float))));
+template <int Lanes>
+struct VectorOf {
+  typedef float type __attribute__((vector_size(Lanes * sizeof(float))));
+};
+// Lanes floats: one zmm (16), ymm (8) or xmm (4) register.
+template <int Lanes>
+using vec = typename VectorOf<Lanes>::type;
+using vec4 = vec<4>;
 
-FUSED_LSTM_ALWAYS_INLINE vec16 load16(const float* p) {
-  vec16 v;
+// What the register-tiled kernels (packed_gemm.h, dot_gemm.h) need to know of an instruction set.
+//   kLanes:     floats per vector register
+//   kRowTile:   rows per packed-panel tile, kPassVecs: vectors of columns per pass over a panel; a tile holds
+//               kRowTile x kPassVecs accumulators next to kPassVecs panel vectors and one broadcast
+//   kDotRows:   rows per in-place dot-product tile (x 4 columns of W)
+// AVX-512 has 32 vector registers: a 4 x 4 tile covers a whole 64-column panel in one pass (21 registers).
+// AVX2 has 16: 6 rows x 2 vectors (16 columns) per pass, four passes per panel (15 registers), the shape
+// of the classic AVX2 SGEMM kernel, with 8 loads per 12 FMAs.
+struct Avx512 {
+  static constexpr int kLanes = 16, kRowTile = 4, kPassVecs = 4, kDotRows = 4;
+};
+struct Avx2 {
+  static constexpr int kLanes = 8, kRowTile = 6, kPassVecs = 2, kDotRows = 2;
+};
+
+template <int L>
+FUSED_LSTM_ALWAYS_INLINE vec<L> load(const float* p) {
+  vec<L> v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-// The first n (< 16) floats of p, zero past them: the tail of a row whose length is not a multiple of 16.
-FUSED_LSTM_ALWAYS_INLINE vec16 load16_partial(const float* p, int64_t n) {
-  vec16 v = {};
+// The first n (< L) floats of p, zero past them: the tail of a row whose length is not a multiple of L.
+template <int L>
+FUSED_LSTM_ALWAYS_INLINE vec<L> load_partial(const float* p, int64_t n) {
+  vec<L> v = {};
   std::memcpy(&v, p, n * sizeof(float));
   return v;
 }
 
-FUSED_LSTM_ALWAYS_INLINE void store16(float* p, vec16 v) { std::memcpy(p, &v, sizeof(v)); }
+template <int L>
+FUSED_LSTM_ALWAYS_INLINE void store(float* p, vec<L> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
 
 // A vector's lanes summed down to four: {sum of lanes l = i mod 4}.
-FUSED_LSTM_ALWAYS_INLINE vec4 fold_to4(vec16 v) {
-  typedef float vec8 __attribute__((vector_size(8 * sizeof(float))));
-  const vec8 half = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  return __builtin_shufflevector(half, half, 0, 1, 2, 3) + __builtin_shufflevector(half, half, 4, 5, 6, 7);
+FUSED_LSTM_ALWAYS_INLINE vec4 fold_to4(vec<8> v) {
+  return __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+}
+FUSED_LSTM_ALWAYS_INLINE vec4 fold_to4(vec<16> v) {
+  return fold_to4(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
 }
 
 // The sums of four vectors' lanes, as one 4-vector: {sum(v0), sum(v1), sum(v2), sum(v3)}. Folding each to
 // four lanes first and transposing the last steps shares the final shuffles among the four.
-FUSED_LSTM_ALWAYS_INLINE vec4 reduce_add4(vec16 v0, vec16 v1, vec16 v2, vec16 v3) {
+template <int L>
+FUSED_LSTM_ALWAYS_INLINE vec4 reduce_add4(vec<L> v0, vec<L> v1, vec<L> v2, vec<L> v3) {
   const vec4 q0 = fold_to4(v0), q1 = fold_to4(v1), q2 = fold_to4(v2), q3 = fold_to4(v3);
   // t01 = {q0[0]+q0[2], q0[1]+q0[3], q1[0]+q1[2], q1[1]+q1[3]}, likewise t23; then pairwise again.
   const vec4 t01 = __builtin_shufflevector(q0, q1, 0, 1, 4, 5) + __builtin_shufflevector(q0, q1, 2, 3, 6, 7);
@@ -51,35 +87,79 @@ FUSED_LSTM_ALWAYS_INLINE vec4 reduce_add4(vec16 v0, vec16 v1, vec16 v2, vec16 v3
   return __builtin_shufflevector(t01, t23, 0, 2, 4, 6) + __builtin_shufflevector(t01, t23, 1, 3, 5, 7);
 }
 
-// In-place transpose of a 16 x 16 block held as 16 row vectors: four rounds, each swapping the off-diagonal
-// B x B blocks inside every 2B x 2B block (B = 8, 4, 2, 1), one two-source shuffle per vector per round.
-template <int B>
-FUSED_LSTM_ALWAYS_INLINE void swap_off_diagonal_blocks(vec16 (&v)[16]) {
-  for (int i = 0; i < 16; ++i) {
-    if ((i / B) % 2) continue;
-    const vec16 a = v[i], b = v[i + B];
-    if constexpr (B == 8) {
-      v[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
-      v[i + B] = __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    } else if constexpr (B == 4) {
-      v[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
-      v[i + B] = __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-    } else if constexpr (B == 2) {
-      v[i] = __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
-      v[i + B] = __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-    } else {
-      static_assert(B == 1);
-      v[i] = __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
-      v[i + B] = __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
-    }
+namespace detail {
+
+// Lane i of the first result of swapping the off-diagonal B x B blocks of a pair (a, b) of rows i and i + B
+// of a 2B x 2B block: a's lane where bit B of i is clear, else b's lane i - B (shufflevector index L + i - B).
+template <int L, int B>
+constexpr int low_index(int i) {
+  return (i / B) % 2 ? L + i - B : i;
+}
+// ... and of the second result: a's lane i + B where bit B of i is clear, else b's lane i.
+template <int L, int B>
+constexpr int high_index(int i) {
+  return (i / B) % 2 ? L + i : i + B;
+}
+
+template <int L, int B, size_t... I>
+FUSED_LSTM_ALWAYS_INLINE void swap_off_diagonal_pair(vec<L>& a, vec<L>& b, std::index_sequence<I...>) {
+  const vec<L> low = __builtin_shufflevector(a, b, low_index<L, B>(I)...);
+  b = __builtin_shufflevector(a, b, high_index<L, B>(I)...);
+  a = low;
+}
+
+// One round of the transpose: swaps the off-diagonal B x B blocks inside every 2B x 2B block, one two-source
+// shuffle per vector.
+template <int L, int B>
+FUSED_LSTM_ALWAYS_INLINE void swap_off_diagonal_blocks(vec<L> (&v)[L]) {
+  for (int i = 0; i < L; ++i) {
+    if ((i / B) % 2 == 0) swap_off_diagonal_pair<L, B>(v[i], v[i + B], std::make_index_sequence<L>{});
   }
 }
 
-FUSED_LSTM_ALWAYS_INLINE void transpose16x16(vec16 (&v)[16]) {
-  swap_off_diagonal_blocks<8>(v);
-  swap_off_diagonal_blocks<4>(v);
-  swap_off_diagonal_blocks<2>(v);
-  swap_off_diagonal_blocks<1>(v);
+template <int L, int B>
+FUSED_LSTM_ALWAYS_INLINE void transpose_rounds(vec<L> (&v)[L]) {
+  swap_off_diagonal_blocks<L, B>(v);
+  if constexpr (B > 1) transpose_rounds<L, B / 2>(v);
+}
+
+}  // namespace detail
+
+// In-place transpose of an L x L block held as L row vectors: log2(L) rounds (B = L/2, ..., 2, 1).
+template <int L>
+FUSED_LSTM_ALWAYS_INLINE void transpose(vec<L> (&v)[L]) {
+  detail::transpose_rounds<L, L / 2>(v);
+}
+
+// Runs Kernel::run<Isa>(args...) for the instruction set the CPU backend selected (cpu_features.h), compiled
+// for that instruction set. Only for CpuKernels::avx2 and avx512.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+template <typename Kernel, typename... Args>
+__attribute__((target("arch=x86-64-v4"))) void run_avx512(Args&&... args) {
+  Kernel::template run<Avx512>(std::forward<Args>(args)...);
+}
+template <typename Kernel, typename... Args>
+__attribute__((target("arch=x86-64-v3"))) void run_avx2(Args&&... args) {
+  Kernel::template run<Avx2>(std::forward<Args>(args)...);
+}
+#else  // never selected (cpu_features.cpp), but compiled
+template <typename Kernel, typename... Args>
+void run_avx512(Args&&... args) {
+  Kernel::template run<Avx512>(std::forward<Args>(args)...);
+}
+template <typename Kernel, typename... Args>
+void run_avx2(Args&&... args) {
+  Kernel::template run<Avx2>(std::forward<Args>(args)...);
+}
+#endif
+
+template <typename Kernel, typename... Args>
+void run_kernel(Args&&... args) {
+  if (cpu_kernels() == CpuKernels::avx512) {
+    run_avx512<Kernel>(std::forward<Args>(args)...);
+  } else {
+    run_avx2<Kernel>(std::forward<Args>(args)...);
+  }
 }
 
 }  // namespace fused_lstm

@@ -13,8 +13,8 @@
 namespace fused_lstm {
 
 // The x86 builds get AVX2 and AVX-512 clones of the hot loops, picked at load time, so one binary is both
-// portable and vectorised (the loops below are written so that `omp simd` can vectorise them). The vec16
-// kernels get the same clones but run only where the AVX-512 one is picked (cpu_features.h).
+// portable and vectorised (the loops below are written so that `omp simd` can vectorise them). The register-
+// tiled kernels instead get one build per instruction set from templates (simd.h, run_kernel).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FUSED_LSTM_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
