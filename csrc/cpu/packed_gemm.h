@@ -39,12 +39,13 @@ struct PanelOperand {
 //   out:   column group g (16 columns) of row r starts at out + r * out_row_stride + g * group_stride; only
 //          the first valid[g] columns of each group are real (the panel is zero past them).
 //   bias:  [64] for this panel, or null
-// The panel's columns run in passes of Isa::kPassVecs vectors (one pass with AVX-512, four with AVX2).
+// The panel's columns run in passes of Isa::pass_vecs(Rows) vectors (one pass with AVX-512, up to four with
+// AVX2).
 template <typename Isa, int Rows, int Operands>
 FUSED_LSTM_ALWAYS_INLINE void panel_tile(const PanelOperand (&ops)[Operands], float* out, int64_t out_row_stride,
                                          int64_t group_stride, const int64_t (&valid)[4], bool accumulate,
                                          const float* bias) {
-  constexpr int L = Isa::kLanes, V = Isa::kPassVecs;
+  constexpr int L = Isa::kLanes, V = Isa::pass_vecs(Rows);
   if (accumulate) {
     // The accumulated rows (an LSTM step's input projection) were written long before and come from
     // memory: ask for them now so that they arrive while the k loop runs (was ~15% of a step, stalled on
@@ -71,12 +72,12 @@ FUSED_LSTM_ALWAYS_INLINE void panel_tile(const PanelOperand (&ops)[Operands], fl
         for (int64_t k = k0; k < k1; ++k) {
           const float* w = op.panel + k * op.panel_stride + first_col;
           vec<L> wv[V];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
           for (int v = 0; v < V; ++v) wv[v] = load<L>(w + v * L);
 #pragma GCC unroll 8
           for (int r = 0; r < Rows; ++r) {
             const float x = op.a[r * op.row_stride + k * op.col_stride];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
             for (int v = 0; v < V; ++v) acc[r][v] += x * wv[v];
           }
         }

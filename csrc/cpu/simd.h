@@ -33,18 +33,23 @@ using vec = typename VectorOf<Lanes>::type;
 using vec4 = vec<4>;
 
 // What the register-tiled kernels (packed_gemm.h, dot_gemm.h) need to know of an instruction set.
-//   kLanes:     floats per vector register
-//   kRowTile:   rows per packed-panel tile, kPassVecs: vectors of columns per pass over a panel; a tile holds
-//               kRowTile x kPassVecs accumulators next to kPassVecs panel vectors and one broadcast
-//   kDotRows:   rows per in-place dot-product tile (x 4 columns of W)
-// AVX-512 has 32 vector registers: a 4 x 4 tile covers a whole 64-column panel in one pass (21 registers).
-// AVX2 has 16: 6 rows x 2 vectors (16 columns) per pass, four passes per panel (15 registers), the shape
-// of the classic AVX2 SGEMM kernel, with 8 loads per 12 FMAs.
+//   kLanes:        floats per vector register
+//   kRowTile:      rows per packed-panel tile
+//   pass_vecs(r):  vectors of columns per pass over a 64-column panel for a tile of r rows: the tile holds
+//                  r x pass_vecs accumulators next to the panel vectors and a broadcast
+//   kDotRows:      rows per in-place dot-product tile (x 4 columns of W)
+// AVX-512 has 32 vector registers: a 4 x 4 tile covers a whole panel in one pass (21 registers). AVX2 has
+// 16: 6 rows x 2 vectors (16 columns) per pass, four passes per panel (15 registers), the shape of the
+// classic AVX2 SGEMM kernel, with 8 loads per 12 FMAs. Tiles of fewer rows (batch 1, row remainders) take
+// wider passes, so that they still have 8 independent accumulators: one row with 2 would wait on the FMA
+// latency (4 cycles) every 2 FMAs.
 struct Avx512 {
-  static constexpr int kLanes = 16, kRowTile = 4, kPassVecs = 4, kDotRows = 4;
+  static constexpr int kLanes = 16, kRowTile = 4, kDotRows = 4;
+  static constexpr int pass_vecs(int /*rows*/) { return 4; }
 };
 struct Avx2 {
-  static constexpr int kLanes = 8, kRowTile = 6, kPassVecs = 2, kDotRows = 2;
+  static constexpr int kLanes = 8, kRowTile = 6, kDotRows = 2;
+  static constexpr int pass_vecs(int rows) { return rows == 1 ? 8 : rows == 2 ? 4 : 2; }
 };
 
 template <int L>

@@ -14,11 +14,14 @@ import torch
 
 #: Environment variables that change numerics or threading.
 # Settings that change timings: TF32 and threading, and on the CPU the heap (glibc's mmap/trim thresholds,
-# a preloaded allocator, torch's huge-page switch), which decides how many page faults each side pays.
+# a preloaded allocator, torch's huge-page switch), which decides how many page faults each side pays; and
+# the instruction sets each side may use (fused_lstm's kernel set, ATen's, oneDNN's and MKL's caps), which
+# emulate an older CPU on a newer one.
 _ENV_VARS = ("NVIDIA_TF32_OVERRIDE", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "CUBLAS_WORKSPACE_CONFIG",
              "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "CUDA_LAUNCH_BLOCKING",
              "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "LD_PRELOAD",
-             "THP_MEM_ALLOC_ENABLE")
+             "THP_MEM_ALLOC_ENABLE", "FUSED_LSTM_CPU_KERNELS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+             "MKL_ENABLE_INSTRUCTIONS")
 
 _REPO = Path(__file__).resolve().parents[2]
 
@@ -106,6 +109,7 @@ def collect_environment(device: torch.device, candidate: str) -> Dict[str, Any]:
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "git_commit": git_commit(),
