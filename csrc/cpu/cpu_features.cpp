@@ -34,9 +34,9 @@ CpuKernels supported_cpu_kernels() {
 CpuKernels cpu_kernels() { return selected().load(std::memory_order_relaxed); }
 
 CpuKernels set_cpu_kernels(CpuKernels kernels) {
-  TORCH_CHECK(static_cast<int>(kernels) <= static_cast<int>(supported_cpu_kernels()), "fused_lstm: this CPU cannot run the '",
-              cpu_kernels_name(kernels), "' kernels (it supports up to '", cpu_kernels_name(supported_cpu_kernels()),
-              "')");
+  const CpuKernels supported = supported_cpu_kernels();
+  TORCH_CHECK(static_cast<int>(kernels) <= static_cast<int>(supported), "fused_lstm: this CPU cannot run the '",
+              cpu_kernels_name(kernels), "' kernels (it supports up to '", cpu_kernels_name(supported), "')");
   return selected().exchange(kernels);
 }
 
@@ -52,7 +52,8 @@ CpuKernels cpu_kernels_from_name(const char* name) {
   for (const CpuKernels kernels : {CpuKernels::aten, CpuKernels::avx2, CpuKernels::avx512}) {
     if (std::strcmp(name, cpu_kernels_name(kernels)) == 0) return kernels;
   }
-  C10_THROW_ERROR(ValueError, c10::str("fused_lstm: unknown CPU kernels '", name, "'; expected 'aten', 'avx2' or 'avx512'"));
+  C10_THROW_ERROR(ValueError,
+                  c10::str("fused_lstm: unknown CPU kernels '", name, "'; expected 'aten', 'avx2' or 'avx512'"));
 }
 
 }  // namespace fused_lstm

@@ -55,6 +55,27 @@ FUSED_LSTM_SPAN_ENTRIES(at::Half, half)
 FUSED_LSTM_SPAN_ENTRIES(at::BFloat16, bfloat16)
 #undef FUSED_LSTM_SPAN_ENTRIES
 
+// float32 with the kernels built per instruction set (cpu_features.h): the pointwise form that set runs best
+// (simd.h, kPointwiseLanes).
+struct ForwardSpanVectors {
+  template <typename Isa>
+  FUSED_LSTM_ALWAYS_INLINE static void run(const StepForwardArgs& a, int64_t b, int64_t j0, int64_t j1) {
+    forward_span<float, Isa::kPointwiseLanes>(a, b, j0, j1);
+  }
+};
+struct BackwardSpanVectors {
+  template <typename Isa>
+  FUSED_LSTM_ALWAYS_INLINE static void run(const StepBackwardArgs& a, int64_t b, int64_t j0, int64_t j1) {
+    backward_span<float, Isa::kPointwiseLanes>(a, b, j0, j1);
+  }
+};
+void forward_span_float_vectors(const StepForwardArgs& a, int64_t b, int64_t j0, int64_t j1) {
+  run_kernel<ForwardSpanVectors>(a, b, j0, j1);
+}
+void backward_span_float_vectors(const StepBackwardArgs& a, int64_t b, int64_t j0, int64_t j1) {
+  run_kernel<BackwardSpanVectors>(a, b, j0, j1);
+}
+
 template <typename Args>
 using SpanFn = void (*)(const Args&, int64_t, int64_t, int64_t);
 
@@ -131,10 +152,12 @@ class CpuBackend final : public LayerBackend {
     transposed_matmuls({grad_w_ih, grad_w_hh}, a, {&packed_input, &packed_h_prev}, grad_bias);
   }
   void step_forward(const StepForwardArgs& a) const override {
-    run_spans(a, forward_span_float, forward_span_double, forward_span_half, forward_span_bfloat16);
+    run_spans(a, cpu_vector_kernels() ? forward_span_float_vectors : forward_span_float, forward_span_double,
+              forward_span_half, forward_span_bfloat16);
   }
   void step_backward(const StepBackwardArgs& a) const override {
-    run_spans(a, backward_span_float, backward_span_double, backward_span_half, backward_span_bfloat16);
+    run_spans(a, cpu_vector_kernels() ? backward_span_float_vectors : backward_span_float, backward_span_double,
+              backward_span_half, backward_span_bfloat16);
   }
   // The fused recurrences need the vector kernels (cpu_features.h); without them the driver's per-step loop
   // runs.

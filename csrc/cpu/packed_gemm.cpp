@@ -23,7 +23,8 @@ struct PanelProduct {
                                            const float* bias, int64_t row_begin, int64_t row_end) {
     int64_t valid[4];
     for (int g = 0; g < 4; ++g) valid[g] = std::clamp<int64_t>(cols - first_col - g * kGroup, 0, kGroup);
-    const PanelOperand operand[1] = {{a + row_begin * a_row_stride, a_row_stride, a_col_stride, panel, K, panel_stride}};
+    const PanelOperand operand[1] = {
+        {a + row_begin * a_row_stride, a_row_stride, a_col_stride, panel, K, panel_stride}};
     panel_rows<Isa>(operand, out + row_begin * out_row_stride + first_col, out_row_stride, kGroup, valid, accumulate,
                     bias, row_end - row_begin);
   }

@@ -25,6 +25,7 @@
 #include "cpu_limits.h"
 #include "dot_gemm.h"
 #include "packed_gemm.h"
+#include "step_spans.h"
 
 namespace fused_lstm {
 namespace {
@@ -92,7 +93,7 @@ struct ThreadStep {
       }
     }
     const int64_t unit_begin = block_begin * kGroup, unit_end = std::min(H, block_end * kGroup);
-    for (int64_t b = 0; b < step.rows; ++b) forward_span<float>(step, b, unit_begin, unit_end);
+    for (int64_t b = 0; b < step.rows; ++b) forward_span<float, Isa::kPointwiseLanes>(step, b, unit_begin, unit_end);
   }
 };
 
@@ -109,7 +110,7 @@ struct ThreadStepInPlace {
       dot_block<Isa>(h, Hout, w_hh + (q * H + unit_begin) * Hout, Hout, Hout, gates + q * H + unit_begin, 4 * H,
                      /*accumulate=*/true, /*bias=*/nullptr, step.rows, unit_end - unit_begin);
     }
-    for (int64_t b = 0; b < step.rows; ++b) forward_span<float>(step, b, unit_begin, unit_end);
+    for (int64_t b = 0; b < step.rows; ++b) forward_span<float, Isa::kPointwiseLanes>(step, b, unit_begin, unit_end);
   }
 };
 
@@ -170,10 +171,13 @@ std::pair<int64_t, int64_t> thread_in_team() {
 #endif
 }
 
-FUSED_LSTM_SIMD_CLONES void pointwise_backward_units(const StepBackwardArgs& step, int64_t unit_begin,
-                                                     int64_t unit_end) {
-  for (int64_t b = 0; b < step.rows; ++b) backward_span<float>(step, b, unit_begin, unit_end);
-}
+// The pointwise backward of units [unit_begin, unit_end) for every row of the step.
+struct PointwiseBackwardUnits {
+  template <typename Isa>
+  FUSED_LSTM_ALWAYS_INLINE static void run(const StepBackwardArgs& step, int64_t unit_begin, int64_t unit_end) {
+    for (int64_t b = 0; b < step.rows; ++b) backward_span<float, Isa::kPointwiseLanes>(step, b, unit_begin, unit_end);
+  }
+};
 
 // How a forward recurrence runs (see cpu_limits.h for the measurements behind each switch).
 struct ForwardPlan {
@@ -371,7 +375,7 @@ bool cpu_recurrence_backward(const RecurrenceBackwardArgs& a) {
       s.dc_state = dc;
       s.d_gates = d_gates + row0 * 4 * H;
       s.h_next = nullptr;
-      pointwise_backward_units(s, unit_begin, unit_end);
+      run_kernel<PointwiseBackwardUnits>(s, unit_begin, unit_end);
 #pragma omp barrier
       // A panel is [4H][64]: 1 MB at H = 1024, too much to stay in L2 next to the rows it multiplies, so
       // each row tile would stream it from L3 again. In k chunks of 256 KB it does stay.

@@ -1,6 +1,8 @@
 // The fused pointwise step of the CPU backend over a span of hidden units of one batch row, shared by the
 // per-step backend (lstm_cpu.cpp) and the fused recurrence (recurrence_cpu.cpp). Arguments as in
-// StepForwardArgs / StepBackwardArgs (csrc/lstm_layer.h); the math is csrc/lstm_cell.h.
+// StepForwardArgs / StepBackwardArgs (csrc/lstm_layer.h); the math is csrc/lstm_cell.h. The scalar loops are
+// written so that `omp simd` vectorises them in each ISA clone of their callers (FUSED_LSTM_SIMD_CLONES,
+// simd.h); float32 also has explicit vector loops for the kernels built per instruction set.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -9,21 +11,28 @@
 
 #include "../lstm_cell.h"
 #include "../lstm_layer.h"
+#include "simd_math.h"
 
 namespace fused_lstm {
 
-// The x86 builds get AVX2 and AVX-512 clones of the hot loops, picked at load time, so one binary is both
-// portable and vectorised (the loops below are written so that `omp simd` can vectorise them). The register-
-// tiled kernels instead get one build per instruction set from templates (simd.h, run_kernel).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FUSED_LSTM_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FUSED_LSTM_SIMD_CLONES
-#endif
-#define FUSED_LSTM_ALWAYS_INLINE inline __attribute__((always_inline))
+// The loads and stores of a row's last, partial vector (n < L floats) and of whole ones.
+template <int L>
+FUSED_LSTM_ALWAYS_INLINE vec<L> load_n(const float* p, int64_t n) {
+  return n == L ? load<L>(p) : load_partial<L>(p, n);
+}
+template <int L>
+FUSED_LSTM_ALWAYS_INLINE void store_n(float* p, vec<L> v, int64_t n) {
+  if (n == L) {
+    store<L>(p, v);
+  } else {
+    std::memcpy(p, &v, n * sizeof(float));
+  }
+}
 
-// Forward of hidden units [j0, j1) of batch row b. Arguments as in StepForwardArgs.
-template <typename scalar_t>
+// Forward of hidden units [j0, j1) of batch row b. Arguments as in StepForwardArgs. Lanes = 0: scalar code
+// that `omp simd` vectorises, any storage type; Lanes > 0: float32 in explicit vectors of that many floats
+// (simd_math.h), for the kernels built per instruction set (simd.h).
+template <typename scalar_t, int Lanes = 0>
 FUSED_LSTM_ALWAYS_INLINE void forward_span(const StepForwardArgs& a, int64_t b, int64_t j0, int64_t j1) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = a.hidden, Hout = a.out_hidden;
@@ -38,22 +47,41 @@ FUSED_LSTM_ALWAYS_INLINE void forward_span(const StepForwardArgs& a, int64_t b, 
     std::copy(h + j0, h + std::min(j1, Hout), saved + j0);
   }
   if (a.c_prev_saved) std::copy(c + j0, c + j1, static_cast<scalar_t*>(a.c_prev_saved) + b * H + j0);
+  if constexpr (Lanes == 0) {
 #pragma omp simd
-  for (int64_t j = j0; j < j1; ++j) {
-    acc_t c_next, h;
-    const Gates<acc_t> gate = cell_forward<acc_t>(g[j], g[H + j], g[2 * H + j], g[3 * H + j], c[j], &c_next, &h);
-    g[j] = gate.i;
-    g[H + j] = gate.f;
-    g[2 * H + j] = gate.g;
-    g[3 * H + j] = gate.o;
-    c[j] = c_next;
-    h_next[j] = h;
+    for (int64_t j = j0; j < j1; ++j) {
+      acc_t c_next, h;
+      const Gates<acc_t> gate = cell_forward<acc_t>(g[j], g[H + j], g[2 * H + j], g[3 * H + j], c[j], &c_next, &h);
+      g[j] = gate.i;
+      g[H + j] = gate.f;
+      g[2 * H + j] = gate.g;
+      g[3 * H + j] = gate.o;
+      c[j] = c_next;
+      h_next[j] = h;
+    }
+  } else {
+    static_assert(std::is_same_v<scalar_t, float>);
+    constexpr int L = Lanes;
+    for (int64_t j = j0; j < j1; j += L) {
+      const int64_t n = std::min<int64_t>(L, j1 - j);
+      vec<L> c_next, h;
+      const Gates<vec<L>> gate = cell_forward<vec<L>, VectorActivations<L>>(
+          load_n<L>(g + j, n), load_n<L>(g + H + j, n), load_n<L>(g + 2 * H + j, n), load_n<L>(g + 3 * H + j, n),
+          load_n<L>(c + j, n), &c_next, &h);
+      store_n<L>(g + j, gate.i, n);
+      store_n<L>(g + H + j, gate.f, n);
+      store_n<L>(g + 2 * H + j, gate.g, n);
+      store_n<L>(g + 3 * H + j, gate.o, n);
+      store_n<L>(c + j, c_next, n);
+      store_n<L>(h_next + j, h, n);
+    }
   }
   if (output) std::copy(h_next + j0, h_next + j1, output + j0);
 }
 
-// Backward of hidden units [j0, j1) of batch row b. Arguments as in StepBackwardArgs.
-template <typename scalar_t>
+// Backward of hidden units [j0, j1) of batch row b. Arguments as in StepBackwardArgs; Lanes as in
+// forward_span.
+template <typename scalar_t, int Lanes = 0>
 FUSED_LSTM_ALWAYS_INLINE void backward_span(const StepBackwardArgs& a, int64_t b, int64_t j0, int64_t j1) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = a.hidden;
@@ -64,18 +92,38 @@ FUSED_LSTM_ALWAYS_INLINE void backward_span(const StepBackwardArgs& a, int64_t b
   scalar_t* dc = static_cast<scalar_t*>(a.dc_state) + b * H;
   scalar_t* dg = static_cast<scalar_t*>(a.d_gates) + b * 4 * H;
   scalar_t* h_next = a.h_next ? static_cast<scalar_t*>(a.h_next) + b * H : nullptr;
+  if constexpr (Lanes == 0) {
 #pragma omp simd
-  for (int64_t j = j0; j < j1; ++j) {
-    const Gates<acc_t> gate{g[j], g[H + j], g[2 * H + j], g[3 * H + j]};
-    const acc_t dh_j = d_output ? acc_t(dh[j]) + acc_t(d_output[j]) : acc_t(dh[j]);
-    acc_t dc_prev, h;
-    const GateGrads<acc_t> grad = cell_backward<acc_t>(gate, c_prev[j], dh_j, dc[j], &dc_prev, &h);
-    dg[j] = grad.i;
-    dg[H + j] = grad.f;
-    dg[2 * H + j] = grad.g;
-    dg[3 * H + j] = grad.o;
-    dc[j] = dc_prev;
-    if (h_next) h_next[j] = h;
+    for (int64_t j = j0; j < j1; ++j) {
+      const Gates<acc_t> gate{g[j], g[H + j], g[2 * H + j], g[3 * H + j]};
+      const acc_t dh_j = d_output ? acc_t(dh[j]) + acc_t(d_output[j]) : acc_t(dh[j]);
+      acc_t dc_prev, h;
+      const GateGrads<acc_t> grad = cell_backward<acc_t>(gate, c_prev[j], dh_j, dc[j], &dc_prev, &h);
+      dg[j] = grad.i;
+      dg[H + j] = grad.f;
+      dg[2 * H + j] = grad.g;
+      dg[3 * H + j] = grad.o;
+      dc[j] = dc_prev;
+      if (h_next) h_next[j] = h;
+    }
+  } else {
+    static_assert(std::is_same_v<scalar_t, float>);
+    constexpr int L = Lanes;
+    for (int64_t j = j0; j < j1; j += L) {
+      const int64_t n = std::min<int64_t>(L, j1 - j);
+      const Gates<vec<L>> gate{load_n<L>(g + j, n), load_n<L>(g + H + j, n), load_n<L>(g + 2 * H + j, n),
+                               load_n<L>(g + 3 * H + j, n)};
+      const vec<L> dh_j = d_output ? load_n<L>(dh + j, n) + load_n<L>(d_output + j, n) : load_n<L>(dh + j, n);
+      vec<L> dc_prev, h;
+      const GateGrads<vec<L>> grad = cell_backward<vec<L>, VectorActivations<L>>(
+          gate, load_n<L>(c_prev + j, n), dh_j, load_n<L>(dc + j, n), &dc_prev, &h);
+      store_n<L>(dg + j, grad.i, n);
+      store_n<L>(dg + H + j, grad.f, n);
+      store_n<L>(dg + 2 * H + j, grad.g, n);
+      store_n<L>(dg + 3 * H + j, grad.o, n);
+      store_n<L>(dc + j, dc_prev, n);
+      if (h_next) store_n<L>(h_next + j, h, n);
+    }
   }
 }
 
