@@ -46,7 +46,7 @@ def _cases():
         (6, 2 * large + 1, 19, 72, 0, False, "packed, no bias, row tile tails"),
         (5, FUSED_BATCH - 1, 48, 96, 0, True, "packed, two threads per step, one projection chunk"),
         (4, FUSED_BATCH + 1, 19, 40, 0, False, "fused projection, batch split over threads, no bias, tails"),
-        (3, FUSED_BATCH, 192, 192, 0, True, "fused projection, units split over threads"),
+        (3, FUSED_BATCH, 192, 192, 0, True, "fused projection, batch split, 1.2 MB of weights"),
         (2, 2 * FUSED_BATCH, 70, 150, 0, True, "fused projection at a larger batch, batch split"),
         (9, 2 * FUSED_BATCH + 3, 300, 300, 0, True, "large batch and weights: projection in chunks, units split"),
         (IN_PLACE_ROWS - 1, 1, 24, 17, 0, True, "127 rows: per-step loop's projection in place, below the switch"),
@@ -65,6 +65,29 @@ def _cases():
 @pytest.mark.parametrize("steps,batch,input_size,hidden,proj,bias,what", _cases(), ids=[c[-1] for c in _cases()])
 @pytest.mark.parametrize("recurrence", ["auto", "standard"])
 def test_float32_kernels_match_torch_and_float64(steps, batch, input_size, hidden, proj, bias, what, recurrence):
+    check_against_torch_and_float64(steps, batch, input_size, hidden, proj, bias, recurrence)
+
+
+def test_fused_projection_with_the_units_split():
+    """The fused input projection with the hidden units split over threads: its weights must be past the row
+    split's budget yet each thread's share within the fused projection's, which takes more threads than
+    this 2-core machine runs by default (3 MB of weights, 0.75 MB per thread of 4)."""
+    assert weight_bytes(512, 256) > LIMITS["row_split_max_weight_bytes"]
+    assert weight_bytes(512, 256) / 4 <= LIMITS["fused_projection_max_slice_bytes"] < weight_bytes(512, 256) / 2
+    previous = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        check_against_torch_and_float64(3, 4 * LIMITS["row_split_min_batch"], 512, 256, 0, True, "auto")
+    finally:
+        torch.set_num_threads(previous)
+
+
+def weight_bytes(input_size, hidden):
+    """Bytes of a layer direction's packed float32 W_ih and W_hh."""
+    return (input_size + hidden) * 4 * hidden * 4
+
+
+def check_against_torch_and_float64(steps, batch, input_size, hidden, proj, bias, recurrence):
     ref64, _ = lstm_pair(input_size, hidden, proj_size=proj, bias=bias, bidirectional=True, init_scale=None)
     ref32, ours = lstm_pair(input_size, hidden, proj_size=proj, bias=bias, bidirectional=True, dtype=torch.float32)
     ref32.load_state_dict(ref64.state_dict())
@@ -128,10 +151,8 @@ def test_limits_are_consistent():
     assert LIMITS["min_recurrence_rows"] >= 1 and PACKED_DEPTH > 1
     assert IN_PLACE_BATCH < FUSED_BATCH
     # The cases above straddle the byte budgets as their names say (float32 packed weights, bytes).
-    weight_bytes = lambda i, h: (i + h) * 4 * h * 4  # noqa: E731
     assert FUSED_BATCH >= LIMITS["row_split_min_batch"]
-    assert weight_bytes(19, 40) <= LIMITS["row_split_max_weight_bytes"] < weight_bytes(192, 192)
-    assert weight_bytes(192, 192) / 2 <= LIMITS["fused_projection_max_slice_bytes"]
+    assert weight_bytes(19, 40) <= weight_bytes(192, 192) <= LIMITS["row_split_max_weight_bytes"]
     assert weight_bytes(70, 150) <= LIMITS["row_split_max_weight_bytes"] < weight_bytes(300, 300)
     assert weight_bytes(300, 300) / 2 > LIMITS["fused_projection_max_slice_bytes"]
     # The weight gradients' packed right operands ([rows, I] and [rows, H] in 64-column panels, float32):

@@ -42,13 +42,16 @@ constexpr int64_t kFusedProjectionMaxSliceBytes = int64_t{1} << 20;
 constexpr int64_t kProjectionChunkRows = 256;
 
 // A packed forward recurrence gives each thread whole sequences (rows of the batch) instead of a slice of
-// the hidden units when the batch has at least kRowSplitMinBatch rows and all of its packed weights (W_ih
-// and W_hh) fit in kRowSplitMaxWeightBytes, so that every core keeps its own
-// copy in L2: the threads then never wait for each other, where the unit split meets at a barrier every
-// step (batch 64, H = 128: 2.05 ms vs 2.17 ms). At least kRowSplitMinRowsPerThread rows per thread.
+// the hidden units when the batch has at least kRowSplitMinBatch rows, all of its packed weights (W_ih and
+// W_hh) fit in kRowSplitMaxWeightBytes and the split uses as many threads as the unit split would: the
+// threads then never wait for each other, where the unit split meets at a barrier every step (batch 64,
+// H = 128: 2.05 ms vs 2.17 ms). Each thread then streams all the weights every step, from L2 or L3: at
+// 2 MB (H = 256, I = 256) the row split still gains (batch 64 inference 7.59-7.64 ms vs 7.64-8.17, training
+// 26.1-26.4 vs 26.8-27.0, batch 32 4.0-4.1 vs 4.1-4.3; three alternating runs), at 8 MB (H = 512) nothing
+// (29.0-29.2 ms either way). At least kRowSplitMinRowsPerThread rows per thread.
 constexpr int64_t kRowSplitMinBatch = 32;
 constexpr int64_t kRowSplitMinRowsPerThread = 16;
-constexpr int64_t kRowSplitMaxWeightBytes = int64_t{1} << 20;
+constexpr int64_t kRowSplitMaxWeightBytes = int64_t{2} << 20;
 
 // A packed fused recurrence (forward with a larger batch, or backward) needs at least this many rows in
 // the whole sequence; with fewer, the per-step loop is cheaper than packing.

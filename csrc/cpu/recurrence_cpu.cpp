@@ -153,13 +153,15 @@ bool fuse_input_projection(int64_t N, int64_t H, int64_t Hout, int64_t I, int64_
   return weight_bytes(H, I + Hout) / threads <= cpu_limits::kFusedProjectionMaxSliceBytes;
 }
 
-// Whether a packed forward recurrence splits the batch between threads instead of the hidden units (see
-// cpu_limits.h), and how many threads it then uses.
-bool split_batch(int64_t N, int64_t H, int64_t Hout, int64_t I) {
-  return N >= cpu_limits::kRowSplitMinBatch && weight_bytes(H, I + Hout) <= cpu_limits::kRowSplitMaxWeightBytes;
-}
 int row_team_size(int64_t N) {
   return static_cast<int>(std::clamp<int64_t>(N / cpu_limits::kRowSplitMinRowsPerThread, 1, at::get_num_threads()));
+}
+
+// Whether a packed forward recurrence splits the batch between threads instead of the hidden units (see
+// cpu_limits.h); the row split's team is then row_team_size(N).
+bool split_batch(int64_t N, int64_t H, int64_t Hout, int64_t I, int64_t blocks) {
+  return N >= cpu_limits::kRowSplitMinBatch && weight_bytes(H, I + Hout) <= cpu_limits::kRowSplitMaxWeightBytes &&
+         row_team_size(N) >= team_size(H, Hout + I, N, blocks);
 }
 
 // (this thread's index, the team's size) inside an OpenMP parallel region.
@@ -200,7 +202,7 @@ ForwardPlan plan_forward(int64_t N, int64_t H, int64_t Hout, int64_t I) {
     plan.threads = team_size(H, Hout, N, blocks);
     return plan;
   }
-  plan.split_rows = split_batch(N, H, Hout, I);
+  plan.split_rows = split_batch(N, H, Hout, I, blocks);
   plan.per_step_projection = plan.split_rows || fuse_input_projection(N, H, Hout, I, blocks);
   if (!plan.per_step_projection) {
     plan.chunk_steps = std::max<int64_t>(1, (cpu_limits::kProjectionChunkRows + N - 1) / N);
