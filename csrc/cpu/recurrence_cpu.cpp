@@ -83,7 +83,8 @@ struct ThreadStep {
       // The panel's 4 column groups are the 4 gates of 16 units: they land H columns apart.
       const PanelOperand recurrent{h, Hout, 1, packed_w_hh + ub * Hout * kPanel, Hout};
       if (projection.input) {
-        const PanelOperand both[2] = {{projection.input, I, 1, projection.packed_w_ih + ub * I * kPanel, I}, recurrent};
+        const PanelOperand input{projection.input, I, 1, projection.packed_w_ih + ub * I * kPanel, I};
+        const PanelOperand both[2] = {input, recurrent};
         panel_rows<Isa>(both, gates + ub * kGroup, 4 * H, H, valid, /*accumulate=*/false,
                         projection.packed_bias ? projection.packed_bias + ub * kPanel : nullptr, step.rows);
       } else {
@@ -93,7 +94,9 @@ struct ThreadStep {
       }
     }
     const int64_t unit_begin = block_begin * kGroup, unit_end = std::min(H, block_end * kGroup);
-    for (int64_t b = 0; b < step.rows; ++b) forward_span<float, Isa::kPointwiseLanes>(step, b, unit_begin, unit_end);
+    for (int64_t b = 0; b < step.rows; ++b) {
+      forward_span<float, Isa::kPointwiseLanes>(step, b, unit_begin, unit_end);
+    }
   }
 };
 
@@ -110,7 +113,9 @@ struct ThreadStepInPlace {
       dot_block<Isa>(h, Hout, w_hh + (q * H + unit_begin) * Hout, Hout, Hout, gates + q * H + unit_begin, 4 * H,
                      /*accumulate=*/true, /*bias=*/nullptr, step.rows, unit_end - unit_begin);
     }
-    for (int64_t b = 0; b < step.rows; ++b) forward_span<float, Isa::kPointwiseLanes>(step, b, unit_begin, unit_end);
+    for (int64_t b = 0; b < step.rows; ++b) {
+      forward_span<float, Isa::kPointwiseLanes>(step, b, unit_begin, unit_end);
+    }
   }
 };
 
@@ -177,7 +182,9 @@ std::pair<int64_t, int64_t> thread_in_team() {
 struct PointwiseBackwardUnits {
   template <typename Isa>
   FUSED_LSTM_ALWAYS_INLINE static void run(const StepBackwardArgs& step, int64_t unit_begin, int64_t unit_end) {
-    for (int64_t b = 0; b < step.rows; ++b) backward_span<float, Isa::kPointwiseLanes>(step, b, unit_begin, unit_end);
+    for (int64_t b = 0; b < step.rows; ++b) {
+      backward_span<float, Isa::kPointwiseLanes>(step, b, unit_begin, unit_end);
+    }
   }
 };
 
