@@ -11,6 +11,20 @@ import fused_lstm
 TOLERANCE = {torch.float64: dict(atol=1e-10, rtol=1e-9), torch.float32: dict(atol=2e-5, rtol=1e-4)}
 
 
+VECTOR_KERNELS = [k for k in ("avx512", "avx2") if k in fused_lstm._C._supported_cpu_kernels()]
+
+
+@pytest.fixture(params=VECTOR_KERNELS or [pytest.param("none", marks=pytest.mark.skip(
+    reason="this CPU runs no fused_lstm kernels (neither AVX2 nor AVX-512): test_cpu_fallback.py covers it"))])
+def cpu_kernels(request):
+    """Each of fused_lstm's CPU kernel builds this CPU supports in turn (csrc/cpu/simd.h: they differ in vector
+    width and tile shape); restores the default after the test."""
+    previous = fused_lstm._C._set_cpu_kernels(request.param)
+    assert fused_lstm.build_info()["cpu_kernels"] == request.param
+    yield request.param
+    fused_lstm._C._set_cpu_kernels(previous)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     """A different seed for every test (and every run), printed on failure, so inputs are never stale."""

@@ -103,10 +103,10 @@ def test_gradcheck_and_gradgradcheck(variant):
 @pytest.mark.parametrize("batch", sorted({1, PACKED_DEPTH - 1, PACKED_DEPTH, MIN_RECURRENCE_ROWS - 1,
                                            MIN_RECURRENCE_ROWS, 40}))
 @pytest.mark.parametrize("hidden", [5, 70])
-def test_float32_accuracy_within_torch(batch, hidden):
+def test_float32_accuracy_within_torch(batch, hidden, cpu_kernels):
     """Forward and every gradient in float32 against a float64 run, relative to torch.nn.LSTMCell's own
-    float32 error; batches on both sides of the fused one-step backward recurrence and of packed weight
-    gradients. Errors are pooled over 8 random cells: a single small cell has too few elements for an
+    float32 error, with each CPU kernel build; batches on both sides of the fused one-step backward
+    recurrence and of packed weight gradients. Errors are pooled over 8 random cells: a single small cell has too few elements for an
     error statistic (at batch 1, H = 5, one draw in 150 put our RMS error over twice torch's)."""
     pooled = {"exact": [], "torch": [], "ours": []}
     for _ in range(8):

@@ -15,11 +15,10 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_lstm
-from conftest import assert_close, cell_pair, lstm_pair
+from conftest import VECTOR_KERNELS, assert_close, cell_pair, lstm_pair
 
 
 SUPPORTED = fused_lstm._C._supported_cpu_kernels()
-VECTOR_KERNELS = [k for k in SUPPORTED if k != "aten"]
 
 
 @pytest.fixture

@@ -22,17 +22,8 @@ IN_PLACE_H = next(h for h in range(16, 4096) if 16 * h * h >= LIMITS["in_place_m
 FUSED_BATCH = LIMITS["fused_projection_min_batch"]
 CHUNK_ROWS = LIMITS["projection_chunk_rows"]
 PACKED_DEPTH = LIMITS["min_packed_depth"]
-KERNELS = [k for k in ("avx512", "avx2") if k in fused_lstm._C._supported_cpu_kernels()]
-
-
-@pytest.fixture(autouse=True, params=KERNELS or [pytest.param("none", marks=pytest.mark.skip(
-    reason="this CPU runs no fused_lstm kernels (neither AVX2 nor AVX-512): test_cpu_fallback.py covers it"))])
-def kernels(request):
-    """Selects each kernel build in turn; restores the default after the test."""
-    previous = fused_lstm._C._set_cpu_kernels(request.param)
-    assert fused_lstm.build_info()["cpu_kernels"] == request.param
-    yield request.param
-    fused_lstm._C._set_cpu_kernels(previous)
+# Every test here runs once per kernel build this CPU supports (conftest.py, cpu_kernels).
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
 
 def _cases():
