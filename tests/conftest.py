@@ -18,7 +18,9 @@ VECTOR_KERNELS = [k for k in ("avx512", "avx2") if k in fused_lstm._C._supported
     reason="this CPU runs no fused_lstm kernels (neither AVX2 nor AVX-512): test_cpu_fallback.py covers it"))])
 def cpu_kernels(request):
     """Each of fused_lstm's CPU kernel builds this CPU supports in turn (csrc/cpu/simd.h: they differ in vector
-    width and tile shape); restores the default after the test."""
+    width and tile shape); restores the default after the test. Also for tests of what only the kernels run
+    (the fused recurrence, recurrence='persistent' on the CPU): on a CPU with neither AVX2 nor AVX-512 they
+    are skipped, and test_cpu_fallback.py checks that CPU's path and errors instead."""
     previous = fused_lstm._C._set_cpu_kernels(request.param)
     assert fused_lstm.build_info()["cpu_kernels"] == request.param
     yield request.param

@@ -206,7 +206,7 @@ def test_fake_tensor_shapes():
     assert [tuple(g.shape) for g in grads] == [(6, 3), (6, 5), (6, 5), (20, 3), (20, 5), (20,), (20,)]
 
 
-def test_module_uses_the_cell_op_and_named_paths_the_layer_op():
+def test_module_uses_the_cell_op_and_named_paths_the_layer_op(cpu_kernels):
     cell = fused_lstm.LSTMCell(3, 4)
     with torch.no_grad():
         h, _ = cell(torch.randn(2, 3))

@@ -251,7 +251,7 @@ def test_convert_a_bare_lstm_returns_the_new_module():
     assert type(fused_lstm.convert(ours, back=True)) is nn.LSTM
 
 
-def test_last_path_names_the_kernel_path():
+def test_last_path_names_the_kernel_path(cpu_kernels):
     lstm = fused_lstm.LSTM(8, 16)
     with torch.no_grad():
         lstm(torch.randn(5, 4, 8))
@@ -264,7 +264,7 @@ def test_last_path_names_the_kernel_path():
 
 @pytest.mark.parametrize("recurrence,path", [("auto", "cpu:fused-recurrence"), ("standard", "cpu:per-step"),
                                              ("persistent", "cpu:fused-recurrence")])
-def test_recurrence_argument_picks_the_path(recurrence, path):
+def test_recurrence_argument_picks_the_path(recurrence, path, cpu_kernels):
     """recurrence= forces the per-step loop or the whole-sequence path; results agree across paths."""
     ref, _ = lstm_pair(6, 40, num_layers=2, bidirectional=True, dtype=torch.float32, init_scale=None)
     ours = fused_lstm.LSTM(6, 40, num_layers=2, bidirectional=True, recurrence=recurrence)
@@ -280,7 +280,7 @@ def test_recurrence_argument_picks_the_path(recurrence, path):
     torch.testing.assert_close(g, g_ref, atol=2e-5, rtol=1e-4)
 
 
-def test_recurrence_persistent_runs_even_tiny_layers_and_cells():
+def test_recurrence_persistent_runs_even_tiny_layers_and_cells(cpu_kernels):
     with torch.no_grad():
         fused_lstm.LSTM(3, 4, recurrence="persistent")(torch.randn(1, 1, 3))  # below the auto threshold
         assert fused_lstm.last_path() == "cpu:fused-recurrence"
@@ -289,7 +289,7 @@ def test_recurrence_persistent_runs_even_tiny_layers_and_cells():
 
 
 @pytest.mark.parametrize("kwargs,dtype", [(dict(), torch.float64), (dict(proj_size=2), torch.float32)])
-def test_recurrence_persistent_says_why_it_cannot_run(kwargs, dtype):
+def test_recurrence_persistent_says_why_it_cannot_run(kwargs, dtype, cpu_kernels):
     lstm = fused_lstm.LSTM(3, 4, recurrence="persistent", dtype=dtype, **kwargs)
     with pytest.raises(RuntimeError, match="recurrence='persistent' on the CPU needs float32 and no proj_size"):
         lstm(torch.randn(5, 2, 3, dtype=dtype))

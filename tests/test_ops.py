@@ -156,7 +156,7 @@ def test_build_info():
 
 
 @pytest.mark.parametrize("recurrence", ["standard", "persistent"])
-def test_opcheck_with_recurrence_argument(recurrence):
+def test_opcheck_with_recurrence_argument(recurrence, cpu_kernels):
     args = layer_args(bidirectional=True, packed=True, dtype=torch.float32)
     torch.library.opcheck(torch.ops.fused_lstm.lstm_layer.default, (*args, recurrence))
 
