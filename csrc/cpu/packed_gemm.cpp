@@ -18,22 +18,21 @@ namespace {
 struct PanelProduct {
   template <typename Isa>
   FUSED_LSTM_ALWAYS_INLINE static void run(const float* a, int64_t a_row_stride, int64_t a_col_stride,
-                                           const float* panel, int64_t panel_stride, int64_t K, int64_t cols,
+                                           const float* panel, const PanelLayout& layout, int64_t K, int64_t cols,
                                            int64_t first_col, float* out, int64_t out_row_stride, bool accumulate,
                                            const float* bias, int64_t row_begin, int64_t row_end) {
     int64_t valid[4];
     for (int g = 0; g < 4; ++g) valid[g] = std::clamp<int64_t>(cols - first_col - g * kGroup, 0, kGroup);
-    const PanelOperand operand[1] = {
-        {a + row_begin * a_row_stride, a_row_stride, a_col_stride, panel, K, panel_stride}};
+    const PanelOperand operand[1] = {{a + row_begin * a_row_stride, a_row_stride, a_col_stride, panel, K, layout}};
     panel_rows<Isa>(operand, out + row_begin * out_row_stride + first_col, out_row_stride, kGroup, valid, accumulate,
                     bias, row_end - row_begin);
   }
 };
 
 void panel_product(const float* a, int64_t a_row_stride, int64_t a_col_stride, const float* panel,
-                   int64_t panel_stride, int64_t K, int64_t cols, int64_t first_col, float* out, int64_t out_row_stride,
-                   bool accumulate, const float* bias, int64_t row_begin, int64_t row_end) {
-  run_kernel<PanelProduct>(a, a_row_stride, a_col_stride, panel, panel_stride, K, cols, first_col, out, out_row_stride,
+                   const PanelLayout& layout, int64_t K, int64_t cols, int64_t first_col, float* out,
+                   int64_t out_row_stride, bool accumulate, const float* bias, int64_t row_begin, int64_t row_end) {
+  run_kernel<PanelProduct>(a, a_row_stride, a_col_stride, panel, layout, K, cols, first_col, out, out_row_stride,
                            accumulate, bias, row_begin, row_end);
 }
 
@@ -144,8 +143,10 @@ void matmul_panel(const float* a, int64_t a_row_stride, int64_t a_col_stride, co
                   int64_t out_row_stride, bool accumulate, const float* bias, int64_t panel, int64_t row_begin,
                   int64_t row_end, int64_t k_begin, int64_t k_end) {
   if (k_end < 0) k_end = b.K;
-  panel_product(a + k_begin * a_col_stride, a_row_stride, a_col_stride, b.panel(panel) + k_begin * kPanel, kPanel,
-                k_end - k_begin, b.cols, panel * kPanel, out, out_row_stride, accumulate,
+  // The k range starts k_begin rows into the panel: in either layout, k_begin x k_stride floats in (the groups
+  // keep their stride).
+  panel_product(a + k_begin * a_col_stride, a_row_stride, a_col_stride, b.panel(panel) + b.layout.at(k_begin, 0),
+                b.layout, k_end - k_begin, b.cols, panel * kPanel, out, out_row_stride, accumulate,
                 bias ? bias + panel * kPanel : nullptr, row_begin, row_end);
 }
 
@@ -153,7 +154,8 @@ namespace {
 
 struct FillPanel {
   template <typename Isa>
-  FUSED_LSTM_ALWAYS_INLINE static void run(const float* const* rows, int64_t k_stride, int64_t K, float* panel) {
+  FUSED_LSTM_ALWAYS_INLINE static void run(const float* const* rows, int64_t k_stride, int64_t K,
+                                           const PanelLayout& layout, float* panel) {
     constexpr int L = Isa::kLanes;
     constexpr int64_t kChunk = 16;  // 16 k x 64 columns: 4 KB of panel
     int64_t k0 = 0;
@@ -164,7 +166,7 @@ struct FillPanel {
           vec<L> block[L];
           for (int64_t i = 0; i < L; ++i) block[i] = rows[c0 + i] ? load<L>(rows[c0 + i] + k0) : vec<L>{};
           transpose<L>(block);
-          for (int64_t j = 0; j < L; ++j) store<L>(panel + (k0 + j) * kPanel + c0, block[j]);
+          for (int64_t j = 0; j < L; ++j) store<L>(panel + layout.at(k0 + j, c0), block[j]);
         }
       }
     }
@@ -172,7 +174,7 @@ struct FillPanel {
       const int64_t k1 = std::min(K, k0 + kChunk);
       for (int64_t c = 0; c < kPanel; ++c) {
         const float* row = rows[c];
-        for (int64_t k = k0; k < k1; ++k) panel[k * kPanel + c] = row ? row[k * k_stride] : 0.0f;
+        for (int64_t k = k0; k < k1; ++k) panel[layout.at(k, c)] = row ? row[k * k_stride] : 0.0f;
       }
     }
   }
@@ -180,18 +182,25 @@ struct FillPanel {
 
 }  // namespace
 
-void fill_panel_from_rows(const float* const (&rows)[kPanel], int64_t k_stride, int64_t K, float* panel) {
-  run_kernel<FillPanel>(static_cast<const float* const*>(rows), k_stride, K, panel);
+PanelLayout packed_layout(int64_t K) {
+  return cpu_kernels() == CpuKernels::avx2 ? packed_layout<Avx2>(K) : packed_layout<Avx512>(K);
+}
+
+void fill_panel_from_rows(const float* const (&rows)[kPanel], int64_t k_stride, int64_t K, const PanelLayout& layout,
+                          float* panel) {
+  run_kernel<FillPanel>(static_cast<const float* const*>(rows), k_stride, K, layout, panel);
 }
 
 PackedMatrix pack_matrix(const at::Tensor& b) {
   PackedMatrix packed;
   packed.K = b.size(0);
   packed.cols = b.size(1);
+  packed.layout = packed_layout(packed.K);
   packed.panels = at::empty({packed.count() * packed.K * kPanel}, b.options().dtype(at::kFloat));
   const float* src = b.data_ptr<float>();
   const int64_t s0 = b.stride(0), s1 = b.stride(1), K = packed.K, cols = packed.cols;
   float* dst = packed.panels.data_ptr<float>();
+  const PanelLayout layout = packed.layout;
   // Read the source along its unit stride: a strided gather from a matrix that does not fit in cache costs
   // more than the products the panel is then used for (at T = 1, the whole call).
   const bool columns_contiguous = s1 == 1 || s0 != 1;
@@ -202,12 +211,20 @@ PackedMatrix pack_matrix(const at::Tensor& b) {
       if (width < kPanel) std::fill(panel, panel + K * kPanel, 0.0f);
       if (columns_contiguous) {
         for (int64_t k = 0; k < K; ++k) {
-          for (int64_t c = 0; c < width; ++c) panel[k * kPanel + c] = src[k * s0 + (p * kPanel + c) * s1];
+          const float* row = src + k * s0 + p * kPanel * s1;
+          if (layout.group_stride == kGroup) {  // row-major: 64 contiguous floats, one loop that vectorises
+            for (int64_t c = 0; c < width; ++c) panel[k * layout.k_stride + c] = row[c * s1];
+          } else {
+            for (int64_t c0 = 0; c0 < width; c0 += kGroup) {
+              float* group = panel + layout.at(k, c0);
+              for (int64_t c = 0; c < std::min(kGroup, width - c0); ++c) group[c] = row[(c0 + c) * s1];
+            }
+          }
         }
       } else {  // b is a transposed view: each panel column is a contiguous source row
         const float* rows[kPanel];
         for (int64_t c = 0; c < kPanel; ++c) rows[c] = c < width ? src + (p * kPanel + c) * s1 : nullptr;
-        fill_panel_from_rows(rows, s0, K, panel);
+        fill_panel_from_rows(rows, s0, K, layout, panel);
       }
     }
   });
@@ -246,8 +263,10 @@ void rowmajor_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tenso
     for (int64_t task = begin; task < end; ++task) {
       const int64_t panel = task % panels, row_begin = task / panels * kRowsPerTask;
       const bool tail = partial && panel == panels - 1;
-      panel_product(a_ptr, a_rs, a_cs, tail ? tail_panel.data() : b_ptr + panel * kPanel, tail ? kPanel : b_rs, K,
-                    cols, panel * kPanel, out_ptr, out_rs, accumulate,
+      // b's own rows serve as panel rows (row-major, row stride b_rs); the tail panel is a packed row-major copy.
+      const PanelLayout layout = tail ? PanelLayout{} : PanelLayout{b_rs, kGroup};
+      panel_product(a_ptr, a_rs, a_cs, tail ? tail_panel.data() : b_ptr + panel * kPanel, layout, K, cols,
+                    panel * kPanel, out_ptr, out_rs, accumulate,
                     bias.defined() ? bias_panels.data() + panel * kPanel : nullptr, row_begin,
                     std::min(M, row_begin + kRowsPerTask));
     }

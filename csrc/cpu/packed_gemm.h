@@ -19,18 +19,32 @@ constexpr int64_t kPanelChunkK = 1024;
 // panel_tile moves its accumulators into a second set of sums every this many k of an operand (see there).
 constexpr int64_t kSumChunkK = 256;
 
+// Where a panel's elements are: row k, column c (< 64) at panel[k * k_stride + (c / 16) * group_stride +
+// c % 16]. Packed panels are either row-major ([K][64]: k_stride 64, group_stride 16) or group-major
+// ([4][K][16]: k_stride 16, group_stride 16 K), whichever the kernels that pack them read faster
+// (Isa::kGroupMajorPanels); 64 columns of a row-major matrix read in place have k_stride = its row stride.
+struct PanelLayout {
+  int64_t k_stride = kPanel, group_stride = kGroup;
+  int64_t at(int64_t k, int64_t c) const { return k * k_stride + c / kGroup * group_stride + c % kGroup; }
+};
+
+// The layout Isa's packing writes for panels of K rows.
+template <typename Isa>
+PanelLayout packed_layout(int64_t K) {
+  return Isa::kGroupMajorPanels ? PanelLayout{kGroup, kGroup * K} : PanelLayout{};
+}
+// ... and the kernels in use (cpu_features.h).
+PanelLayout packed_layout(int64_t K);
+
 // A left operand and the panel it multiplies: element (r, k) of a at a[r * row_stride + k * col_stride],
-// panel row k (64 columns, zero past the matrix's last column) at panel + k * panel_stride: a packed
-// [K][64] panel, or 64 columns of a row-major matrix read in place (panel_stride = its row stride).
+// panel row k (64 columns, zero past the matrix's last column) as `layout` says.
 struct PanelOperand {
   const float* a;
   int64_t row_stride, col_stride;
   const float* panel;
   int64_t K;
-  int64_t panel_stride = kPanel;
-  PanelOperand from_row(int64_t r) const {
-    return {a + r * row_stride, row_stride, col_stride, panel, K, panel_stride};
-  }
+  PanelLayout layout = {};
+  PanelOperand from_row(int64_t r) const { return {a + r * row_stride, row_stride, col_stride, panel, K, layout}; }
 };
 
 // One panel's product for Rows rows, summed over Operands operand/panel pairs (an LSTM step's input and
@@ -70,10 +84,15 @@ FUSED_LSTM_ALWAYS_INLINE void panel_tile(const PanelOperand (&ops)[Operands], fl
       for (int64_t k0 = 0; k0 < op.K; k0 += kSumChunkK) {
         const int64_t k1 = std::min(op.K, k0 + kSumChunkK);
         for (int64_t k = k0; k < k1; ++k) {
-          const float* w = op.panel + k * op.panel_stride + first_col;
+          // Row-major panels (all that the AVX-512 build reads, see panel_rows) keep the columns' offsets
+          // compile-time constants, as they were before group-major panels.
+          const float* w = op.panel + k * op.layout.k_stride;
           vec<L> wv[V];
 #pragma GCC unroll 8
-          for (int v = 0; v < V; ++v) wv[v] = load<L>(w + v * L);
+          for (int v = 0; v < V; ++v) {
+            const int64_t col = first_col + v * L;
+            wv[v] = load<L>(Isa::kGroupMajorPanels ? w + op.layout.at(0, col) : w + col);
+          }
 #pragma GCC unroll 8
           for (int r = 0; r < Rows; ++r) {
             const float x = op.a[r * op.row_stride + k * op.col_stride];
@@ -139,6 +158,12 @@ template <typename Isa, int Operands>
 FUSED_LSTM_ALWAYS_INLINE void panel_rows(const PanelOperand (&ops)[Operands], float* out, int64_t out_row_stride,
                                          int64_t group_stride, const int64_t (&valid)[4], bool accumulate,
                                          const float* bias, int64_t rows) {
+  if constexpr (!Isa::kGroupMajorPanels) {
+    for (const PanelOperand& op : ops) {
+      TORCH_INTERNAL_ASSERT(op.layout.group_stride == kGroup, "fused_lstm: a group-major panel reached the kernels "
+                            "of another instruction set (CPU kernels switched during a call?)");
+    }
+  }
   int64_t r = 0;
   for (; r + Isa::kRowTile <= rows; r += Isa::kRowTile) {
     panel_tile_at<Isa, Isa::kRowTile>(ops, r, out, out_row_stride, group_stride, valid, accumulate, bias);
@@ -147,10 +172,12 @@ FUSED_LSTM_ALWAYS_INLINE void panel_rows(const PanelOperand (&ops)[Operands], fl
                                           bias);
 }
 
-// A [K, Nc] right-hand matrix packed into ceil(Nc / 64) panels of [K][64] (zero past Nc).
+// A [K, Nc] right-hand matrix packed into ceil(Nc / 64) panels of K x 64 (zero past Nc), laid out as
+// `layout` says.
 struct PackedMatrix {
   at::Tensor panels;  // [panels * K * 64] float32
   int64_t K = 0, cols = 0;
+  PanelLayout layout;
   int64_t count() const { return (cols + kPanel - 1) / kPanel; }
   const float* panel(int64_t p) const { return panels.data_ptr<float>() + p * K * kPanel; }
 };
@@ -162,10 +189,12 @@ void matmul_panel(const float* a, int64_t a_row_stride, int64_t a_col_stride, co
                   int64_t out_row_stride, bool accumulate, const float* bias, int64_t panel, int64_t row_begin,
                   int64_t row_end, int64_t k_begin = 0, int64_t k_end = -1);
 
-// Fills one panel [K][64] from 64 source rows (rows[c] holds panel column c along k, at stride k_stride;
-// null for a zero column). Walks k in chunks so that the scattered writes land in an L1-sized chunk of the
-// panel: writing one column at a time touched a new cache line per element (~2 ms for a 4 MB W_hh).
-void fill_panel_from_rows(const float* const (&rows)[kPanel], int64_t k_stride, int64_t K, float* panel);
+// Fills one panel of K x 64 laid out as `layout` says from 64 source rows (rows[c] holds panel column c along
+// k, at stride k_stride; null for a zero column). Walks k in chunks so that the scattered writes land in an
+// L1-sized chunk of the panel: writing one column at a time touched a new cache line per element (~2 ms for
+// a 4 MB W_hh).
+void fill_panel_from_rows(const float* const (&rows)[kPanel], int64_t k_stride, int64_t K, const PanelLayout& layout,
+                          float* panel);
 
 // Packs b ([K, Nc] float32, any strides) in parallel.
 PackedMatrix pack_matrix(const at::Tensor& b);

@@ -30,10 +30,12 @@
 namespace fused_lstm {
 namespace {
 
-// Packs unit blocks [block_begin, block_end) of w [4H, K] (W_hh or W_ih) into packed [blocks][K][4][16]:
-// packed[((ub * K + k) * 4 + q) * 16 + l] = w[q * H + ub * 16 + l][k], zero for units past H. A block's
-// panel holds the four gates of 16 units, so a thread owning whole blocks owns whole gate rows.
-void pack_blocks(const float* w, int64_t H, int64_t K, float* packed, int64_t block_begin, int64_t block_end) {
+// Packs unit blocks [block_begin, block_end) of w [4H, K] (W_hh or W_ih) into one panel per block, laid out as
+// `layout` says: panel ub at packed + ub * K * 64 holds w[q * H + ub * 16 + l][k] at layout.at(k, q * 16 + l),
+// zero for units past H. A block's panel holds the four gates of 16 units, so a thread owning whole blocks
+// owns whole gate rows.
+void pack_blocks(const float* w, int64_t H, int64_t K, const PanelLayout& layout, float* packed, int64_t block_begin,
+                 int64_t block_end) {
   for (int64_t ub = block_begin; ub < block_end; ++ub) {
     const float* rows[kPanel];
     for (int64_t q = 0; q < 4; ++q) {
@@ -42,7 +44,7 @@ void pack_blocks(const float* w, int64_t H, int64_t K, float* packed, int64_t bl
         rows[q * kGroup + l] = unit < H ? w + (q * H + unit) * K : nullptr;
       }
     }
-    fill_panel_from_rows(rows, 1, K, packed + ub * K * kPanel);
+    fill_panel_from_rows(rows, 1, K, layout, packed + ub * K * kPanel);
   }
 }
 
@@ -63,6 +65,7 @@ struct StepProjection {
   const float* input = nullptr;        // [rows, I]: this step's rows of the layer input
   int64_t input_size = 0;              // I
   const float* packed_w_ih = nullptr;  // pack_blocks of W_ih
+  PanelLayout w_ih_layout;
   const float* packed_bias = nullptr;  // pack_bias_blocks of b_ih + b_hh, or null
 };
 
@@ -73,7 +76,8 @@ struct StepProjection {
 struct ThreadStep {
   template <typename Isa>
   FUSED_LSTM_ALWAYS_INLINE static void run(const StepForwardArgs& step, const StepProjection& projection,
-                                           const float* packed_w_hh, int64_t block_begin, int64_t block_end) {
+                                           const float* packed_w_hh, const PanelLayout& w_hh_layout,
+                                           int64_t block_begin, int64_t block_end) {
     const int64_t H = step.hidden, Hout = step.out_hidden, I = projection.input_size;
     const float* h = static_cast<const float*>(step.h_state);  // [rows, Hout]
     float* gates = static_cast<float*>(step.gates);            // [rows, 4H]
@@ -81,9 +85,10 @@ struct ThreadStep {
       const int64_t units = std::min(kGroup, H - ub * kGroup);
       const int64_t valid[4] = {units, units, units, units};
       // The panel's 4 column groups are the 4 gates of 16 units: they land H columns apart.
-      const PanelOperand recurrent{h, Hout, 1, packed_w_hh + ub * Hout * kPanel, Hout};
+      const PanelOperand recurrent{h, Hout, 1, packed_w_hh + ub * Hout * kPanel, Hout, w_hh_layout};
       if (projection.input) {
-        const PanelOperand input{projection.input, I, 1, projection.packed_w_ih + ub * I * kPanel, I};
+        const PanelOperand input{projection.input, I, 1, projection.packed_w_ih + ub * I * kPanel, I,
+                                 projection.w_ih_layout};
         const PanelOperand both[2] = {input, recurrent};
         panel_rows<Isa>(both, gates + ub * kGroup, 4 * H, H, valid, /*accumulate=*/false,
                         projection.packed_bias ? projection.packed_bias + ub * kPanel : nullptr, step.rows);
@@ -124,12 +129,12 @@ struct ThreadStepInPlace {
 struct ProjectBlocks {
   template <typename Isa>
   FUSED_LSTM_ALWAYS_INLINE static void run(const float* input, int64_t I, const float* packed_w_ih,
-                                           const float* packed_bias, float* gates, int64_t H, int64_t rows,
-                                           int64_t block_begin, int64_t block_end) {
+                                           const PanelLayout& w_ih_layout, const float* packed_bias, float* gates,
+                                           int64_t H, int64_t rows, int64_t block_begin, int64_t block_end) {
     for (int64_t ub = block_begin; ub < block_end; ++ub) {
       const int64_t units = std::min(kGroup, H - ub * kGroup);
       const int64_t valid[4] = {units, units, units, units};
-      const PanelOperand x[1] = {{input, I, 1, packed_w_ih + ub * I * kPanel, I}};
+      const PanelOperand x[1] = {{input, I, 1, packed_w_ih + ub * I * kPanel, I, w_ih_layout}};
       panel_rows<Isa>(x, gates + ub * kGroup, 4 * H, H, valid, /*accumulate=*/false,
                       packed_bias ? packed_bias + ub * kPanel : nullptr, rows);
     }
@@ -240,6 +245,8 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
   const at::Tensor w_hh = a.w_hh.contiguous();
   const at::Tensor w_ih = owns_projection ? a.w_ih.contiguous() : at::Tensor();
   const at::Tensor bias = owns_projection && a.bias.defined() ? a.bias.contiguous() : at::Tensor();
+  // Both packed as the kernels in use read them best (PanelLayout, packed_gemm.h).
+  const PanelLayout w_hh_layout = packed_layout(Hout), w_ih_layout = packed_layout(I);
   at::Tensor packed_w_hh = at::empty({in_place ? 0 : blocks * Hout * kPanel}, opts);
   at::Tensor packed_w_ih = at::empty({owns_projection ? blocks * I * kPanel : 0}, opts);
   at::Tensor packed_bias = at::empty({bias.defined() ? blocks * kPanel : 0}, opts);
@@ -269,8 +276,8 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
     // Each thread packs a share of the blocks. Split by units, it packs the blocks it owns (first touch by
     // the reader) and needs no barrier before the first step; split by rows, every thread reads every block.
     const int64_t pack_begin = blocks * thread / team, pack_end = blocks * (thread + 1) / team;
-    if (!in_place) pack_blocks(w, H, Hout, packed_ptr, pack_begin, pack_end);
-    if (owns_projection) pack_blocks(w_ih.data_ptr<float>(), H, I, packed_ih_ptr, pack_begin, pack_end);
+    if (!in_place) pack_blocks(w, H, Hout, w_hh_layout, packed_ptr, pack_begin, pack_end);
+    if (owns_projection) pack_blocks(w_ih.data_ptr<float>(), H, I, w_ih_layout, packed_ih_ptr, pack_begin, pack_end);
     if (packed_bias_ptr) pack_bias_blocks(bias.data_ptr<float>(), H, packed_bias_ptr, pack_begin, pack_end);
     if (split_rows) {
 #pragma omp barrier
@@ -291,7 +298,7 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
         const int64_t chunk_begin = (*a.step_offset)[t_low];
         const int64_t chunk_end = (*a.step_offset)[t_high] + (*a.step_rows)[t_high];
         if (!a.gates.defined()) gates_origin = chunk_begin;
-        run_kernel<ProjectBlocks>(input + chunk_begin * I, I, packed_ih_ptr, packed_bias_ptr,
+        run_kernel<ProjectBlocks>(input + chunk_begin * I, I, packed_ih_ptr, w_ih_layout, packed_bias_ptr,
                                   gates + (chunk_begin - gates_origin) * 4 * H, H, chunk_end - chunk_begin,
                                   block_begin, block_end);
       }
@@ -322,9 +329,10 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
             projection.input = input + (row0 + r0) * I;
             projection.input_size = I;
             projection.packed_w_ih = packed_ih_ptr;
+            projection.w_ih_layout = w_ih_layout;
             projection.packed_bias = packed_bias_ptr;
           }
-          run_kernel<ThreadStep>(s, projection, packed_ptr, block_begin, block_end);
+          run_kernel<ThreadStep>(s, projection, packed_ptr, w_hh_layout, block_begin, block_end);
         }
       }
       // Rows not active this step keep their state: carry them into the buffer that becomes current.
