@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "cpu_limits.h"
@@ -217,7 +218,12 @@ PackedMatrix pack_matrix(const at::Tensor& b) {
           } else {
             for (int64_t c0 = 0; c0 < width; c0 += kGroup) {
               float* group = panel + layout.at(k, c0);
-              for (int64_t c = 0; c < std::min(kGroup, width - c0); ++c) group[c] = row[(c0 + c) * s1];
+              const int64_t n = std::min(kGroup, width - c0);
+              if (s1 == 1 && n == kGroup) {
+                std::memcpy(group, row + c0, kGroup * sizeof(float));  // a constant size: vector moves, no call
+              } else {
+                for (int64_t c = 0; c < n; ++c) group[c] = row[(c0 + c) * s1];
+              }
             }
           }
         }
