@@ -99,17 +99,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Selects the CPU float32 kernels: 'avx512', 'avx2' or 'aten' (csrc/cpu/cpu_features.h), any this CPU "
       "supports; returns the previous selection. For tests and measurements: the best supported set is "
       "selected at import.");
-  m.def(
-      "_supported_cpu_kernels",
-      [] {
-        std::vector<std::string> names;
-        for (const auto kernels :
-             {fused_lstm::CpuKernels::aten, fused_lstm::CpuKernels::avx2, fused_lstm::CpuKernels::avx512}) {
-          if (static_cast<int>(kernels) <= static_cast<int>(fused_lstm::supported_cpu_kernels())) {
-            names.emplace_back(fused_lstm::cpu_kernels_name(kernels));
-          }
-        }
-        return names;
-      },
-      "The CPU float32 kernel sets this CPU can run, for _set_cpu_kernels.");
+  m.def("_supported_cpu_kernels", &fused_lstm::supported_cpu_kernel_names,
+        "The CPU float32 kernel sets this CPU can run, for _set_cpu_kernels.");
 }

@@ -48,12 +48,24 @@ const char* cpu_kernels_name(CpuKernels kernels) {
   }
 }
 
+constexpr CpuKernels kAllCpuKernels[] = {CpuKernels::aten, CpuKernels::avx2, CpuKernels::avx512};
+
 CpuKernels cpu_kernels_from_name(const char* name) {
-  for (const CpuKernels kernels : {CpuKernels::aten, CpuKernels::avx2, CpuKernels::avx512}) {
+  for (const CpuKernels kernels : kAllCpuKernels) {
     if (std::strcmp(name, cpu_kernels_name(kernels)) == 0) return kernels;
   }
   C10_THROW_ERROR(ValueError,
                   c10::str("fused_lstm: unknown CPU kernels '", name, "'; expected 'aten', 'avx2' or 'avx512'"));
+}
+
+std::vector<std::string> supported_cpu_kernel_names() {
+  std::vector<std::string> names;
+  for (const CpuKernels kernels : kAllCpuKernels) {
+    if (static_cast<int>(kernels) <= static_cast<int>(supported_cpu_kernels())) {
+      names.emplace_back(cpu_kernels_name(kernels));
+    }
+  }
+  return names;
 }
 
 }  // namespace fused_lstm

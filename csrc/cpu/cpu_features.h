@@ -4,6 +4,9 @@
 // float32 takes ATen's GEMMs and the per-step loop, as the other dtypes always do.
 #pragma once
 
+#include <string>
+#include <vector>
+
 namespace fused_lstm {
 
 enum class CpuKernels { aten = 0, avx2 = 1, avx512 = 2 };  // ordered: each runs where the next does
@@ -24,5 +27,8 @@ inline bool cpu_vector_kernels() { return cpu_kernels() != CpuKernels::aten; }
 // "aten", "avx2", "avx512", and back (throws c10::Error naming the choices for any other name).
 const char* cpu_kernels_name(CpuKernels kernels);
 CpuKernels cpu_kernels_from_name(const char* name);
+
+// The names of the sets this CPU can run, from "aten" up to supported_cpu_kernels().
+std::vector<std::string> supported_cpu_kernel_names();
 
 }  // namespace fused_lstm

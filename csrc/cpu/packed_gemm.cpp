@@ -38,7 +38,9 @@ void panel_product(const float* a, int64_t a_row_stride, int64_t a_col_stride, c
 }
 
 // Rows per tile of the kernels in use, for sizing tasks in whole tiles.
-int64_t row_tile() { return cpu_kernels() == CpuKernels::avx2 ? Avx2::kRowTile : Avx512::kRowTile; }
+int64_t row_tile() {
+  return with_selected_isa([](auto isa) -> int64_t { return decltype(isa)::kRowTile; });
+}
 
 // The products with nothing to multiply: no rows, no columns, or no k (out = bias, or 0, or unchanged).
 // Returns whether it handled the call.
@@ -184,7 +186,7 @@ struct FillPanel {
 }  // namespace
 
 PanelLayout packed_layout(int64_t K) {
-  return cpu_kernels() == CpuKernels::avx2 ? packed_layout<Avx2>(K) : packed_layout<Avx512>(K);
+  return with_selected_isa([K](auto isa) { return packed_layout<decltype(isa)>(K); });
 }
 
 void fill_panel_from_rows(const float* const (&rows)[kPanel], int64_t k_stride, int64_t K, const PanelLayout& layout,

@@ -176,13 +176,23 @@ void run_avx2(Args&&... args) {
 }
 #endif
 
+// The instruction set the CPU backend selected: avx512 gives Avx512, avx2 gives Avx2 (the only sets run_kernel
+// and the kernels' constants are asked for).
+inline bool selected_avx512() { return cpu_kernels() == CpuKernels::avx512; }
+
 template <typename Kernel, typename... Args>
 void run_kernel(Args&&... args) {
-  if (cpu_kernels() == CpuKernels::avx512) {
+  if (selected_avx512()) {
     run_avx512<Kernel>(std::forward<Args>(args)...);
   } else {
     run_avx2<Kernel>(std::forward<Args>(args)...);
   }
+}
+
+// f(Isa{}) for the selected instruction set: for its constants outside a kernel (task sizes, panel layouts).
+template <typename F>
+auto with_selected_isa(F&& f) {
+  return selected_avx512() ? f(Avx512{}) : f(Avx2{});
 }
 
 }  // namespace fused_lstm
