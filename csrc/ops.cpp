@@ -69,6 +69,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["fused_projection_min_batch"] = limits::kFusedProjectionMinBatch;
     d["fused_projection_max_slice_bytes"] = limits::kFusedProjectionMaxSliceBytes;
     d["projection_chunk_rows"] = limits::kProjectionChunkRows;
+    d["projection_chunk_max_weight_bytes"] = limits::kProjectionChunkMaxWeightBytes;
+    d["large_projection_chunk_bytes"] = limits::kLargeProjectionChunkBytes;
     d["row_split_min_batch"] = limits::kRowSplitMinBatch;
     d["row_split_max_weight_bytes"] = limits::kRowSplitMaxWeightBytes;
     return d;

@@ -73,6 +73,17 @@ def test_fused_projection_with_the_units_split():
         torch.set_num_threads(previous)
 
 
+def test_projection_in_long_chunks_for_large_weights():
+    """Past projection_chunk_max_weight_bytes of packed W_ih and W_hh the forward projects chunks of
+    large_projection_chunk_bytes of gates (1572 rows here: two chunks of 17 steps and 3 steps, row tiles
+    and a unit block with tails)."""
+    steps, batch, input_size, hidden = 20, 97, 50, 1000
+    assert weight_bytes(input_size, hidden) > LIMITS["projection_chunk_max_weight_bytes"]
+    chunk_steps = -(-(LIMITS["large_projection_chunk_bytes"] // (16 * hidden)) // batch)
+    assert 1 < steps / chunk_steps < 2 and steps % chunk_steps
+    check_against_torch_and_float64(steps, batch, input_size, hidden, 0, True, "auto")
+
+
 def weight_bytes(input_size, hidden):
     """Bytes of a layer direction's packed float32 W_ih and W_hh."""
     return (input_size + hidden) * 4 * hidden * 4

@@ -37,9 +37,23 @@ constexpr int64_t kFusedProjectionMinBatch = 32;
 constexpr int64_t kFusedProjectionMaxSliceBytes = int64_t{1} << 20;
 
 // ... and it projects chunks of steps of about this many rows at a time instead (one pass of its W_ih
-// panels per chunk; the chunk's gates, [rows, 4H], stay in cache until its steps use them, where a whole
-// [R, 4H] buffer made a round trip through memory: batch 64, H = 1024, 128 -> 116 ms).
+// panels per chunk; the chunk's gates, [rows, 4H], stay in cache until its steps use them; against the
+// driver projecting the whole sequence into a [R, 4H] buffer first, batch 64, H = 1024: 128 -> 116 ms) ...
 constexpr int64_t kProjectionChunkRows = 256;
+
+// ... unless W_ih and W_hh together, packed, exceed kProjectionChunkMaxWeightBytes: then the chunks hold up to
+// kLargeProjectionChunkBytes of gates (rows = that / 16 H: 1536 at H = 1024). Every pass of W_ih over a chunk
+// pushes W_hh out of the shared L3 (32 MB here; the two weights take 32 MB at H = I = 1024), so the steps
+// after it stream W_hh from memory again, and at such sizes a chunk's gates no longer stay in cache anyway.
+// Inference, H = 1024 (ms, 256-row chunks / 24 MB chunks, alternating runs): with the heap kept (benchmarks/
+// NOTES.md) batch 64 123-126 / 119-121, batch 32 65-66 / 61-62, batch 8 21.6-22.1 / 18.0-18.4; with glibc's
+// default heap batch 64 123-133 / 121-125, batch 32 67-68 / 60-63, batch 8 19.5-30 / 18-21.6. Larger chunks
+// are no faster with the heap kept, and past glibc's 32 MB ceiling for reusing freed mmap'd blocks the buffer
+// is mapped and faulted in afresh by every call (64 MB: 142-148 ms at batch 64). At H = 512 (8 MB of
+// weights) chunk size makes no difference; at H = 128-256 small batches lose with long chunks (batch 8,
+// H = 256: 1.1-1.3 ms / 1.4).
+constexpr int64_t kProjectionChunkMaxWeightBytes = int64_t{16} << 20;
+constexpr int64_t kLargeProjectionChunkBytes = int64_t{24} << 20;
 
 // A packed forward recurrence gives each thread whole sequences (rows of the batch) instead of a slice of
 // the hidden units when the batch has at least kRowSplitMinBatch rows, all of its packed weights (W_ih and

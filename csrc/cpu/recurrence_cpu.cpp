@@ -217,7 +217,10 @@ ForwardPlan plan_forward(int64_t N, int64_t H, int64_t Hout, int64_t I) {
   plan.split_rows = split_batch(N, H, Hout, I, blocks);
   plan.per_step_projection = plan.split_rows || fuse_input_projection(N, H, Hout, I, blocks);
   if (!plan.per_step_projection) {
-    plan.chunk_steps = std::max<int64_t>(1, (cpu_limits::kProjectionChunkRows + N - 1) / N);
+    const int64_t chunk_rows = weight_bytes(H, I + Hout) > cpu_limits::kProjectionChunkMaxWeightBytes
+                                   ? cpu_limits::kLargeProjectionChunkBytes / (4 * H * sizeof(float))
+                                   : cpu_limits::kProjectionChunkRows;
+    plan.chunk_steps = std::max<int64_t>(1, (chunk_rows + N - 1) / N);
   }
   plan.threads = plan.split_rows ? row_team_size(N) : team_size(H, Hout + I, N, blocks);
   return plan;
