@@ -60,6 +60,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     namespace limits = fused_lstm::cpu_limits;
     pybind11::dict d;
     d["max_in_place_rows"] = limits::kMaxInPlaceRows;
+    d["max_in_place_rows_large_weight"] = limits::kMaxInPlaceRowsLargeWeight;
+    d["large_weight_bytes"] = limits::kLargeWeightBytes;
     d["min_packed_rows"] = limits::kMinPackedRows;
     d["min_packed_depth"] = limits::kMinPackedDepth;
     d["max_in_place_batch"] = limits::kMaxInPlaceBatch;

@@ -19,6 +19,7 @@ from gpu_harness import relayout
 LIMITS = fused_lstm._C.cpu_kernel_limits()
 MIN_RECURRENCE_ROWS = LIMITS["min_recurrence_rows"]  # float32 backward: a fused one-step recurrence from here
 PACKED_DEPTH = LIMITS["min_packed_depth"]  # weight gradients (k = batch) packed from here, ATen below
+IN_PLACE_ROWS = LIMITS["max_in_place_rows"]  # float32 forward products read W in place below this
 
 
 def cell_args(batch=3, input_size=5, hidden=4, bias=True, dtype=torch.float64, requires_grad=True):
@@ -101,12 +102,12 @@ def test_gradcheck_and_gradgradcheck(variant):
 
 
 @pytest.mark.parametrize("batch", sorted({1, PACKED_DEPTH - 1, PACKED_DEPTH, MIN_RECURRENCE_ROWS - 1,
-                                           MIN_RECURRENCE_ROWS, 40}))
+                                           MIN_RECURRENCE_ROWS, 40, IN_PLACE_ROWS - 1, IN_PLACE_ROWS}))
 @pytest.mark.parametrize("hidden", [5, 70])
 def test_float32_accuracy_within_torch(batch, hidden, cpu_kernels):
     """Forward and every gradient in float32 against a float64 run, relative to torch.nn.LSTMCell's own
     float32 error, with each CPU kernel build; batches on both sides of the fused one-step backward
-    recurrence and of packed weight gradients. Errors are pooled over 8 random cells: a single small cell has too few elements for an
+    recurrence, of packed weight gradients and of forward products with packed weights. Errors are pooled over 8 random cells: a single small cell has too few elements for an
     error statistic (at batch 1, H = 5, one draw in 150 put our RMS error over twice torch's)."""
     pooled = {"exact": [], "torch": [], "ours": []}
     for _ in range(8):

@@ -22,6 +22,8 @@ IN_PLACE_H = next(h for h in range(16, 4096) if 16 * h * h >= LIMITS["in_place_m
 FUSED_BATCH = LIMITS["fused_projection_min_batch"]
 CHUNK_ROWS = LIMITS["projection_chunk_rows"]
 PACKED_DEPTH = LIMITS["min_packed_depth"]
+PACKED_ROWS = LIMITS["min_packed_rows"]
+LARGE_W_IN_PLACE_ROWS = LIMITS["max_in_place_rows_large_weight"]  # W of large_weight_bytes or more
 # Every test here runs once per kernel build this CPU supports (conftest.py, cpu_kernels).
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
@@ -40,7 +42,7 @@ def _cases():
         (3, FUSED_BATCH, 192, 192, 0, True, "fused projection, batch split, 1.2 MB of weights"),
         (2, 2 * FUSED_BATCH, 70, 150, 0, True, "fused projection at a larger batch, batch split"),
         (9, 2 * FUSED_BATCH + 3, 300, 300, 0, True, "large batch and weights: projection in chunks, units split"),
-        (IN_PLACE_ROWS - 1, 1, 24, 17, 0, True, "127 rows: per-step loop's projection in place, below the switch"),
+        (IN_PLACE_ROWS - 1, 1, 24, 17, 0, True, "per-step loop's projection in place, one row below the switch"),
         (-(-IN_PLACE_ROWS // large), large, 19, 72, 0, True, "per-step loop: packed projection at the switch"),
         (3, 2, 16, IN_PLACE_H, 0, True, "fewer rows than a packed recurrence needs: in place anyway"),
         (3, 2, 16, 48, 0, True, "fewer rows than a packed recurrence needs, small W_hh: per-step loop"),
@@ -49,7 +51,10 @@ def _cases():
         (37, 29, 19, 72, 0, True, "weight gradients over 1073 rows: three k chunks of 512"),
         (30, 70, 2000, 36, 0, True, "weight gradients with a wide input: one pass per product, past the budget"),
         (6, 3, 21, 36, 11, True, "proj_size: per-step products in place"),
+        (5, PACKED_ROWS + 1, 21, 36, 11, True, "proj_size: per-step products in place at the first step, then packed"),
         (3, IN_PLACE_ROWS + 3, 21, 36, 11, True, "proj_size with a large batch: packed per-step products"),
+        (1, LARGE_W_IN_PLACE_ROWS - 1, 512, 512, 0, True, "4 MB weights: per-step loop in place below their switch"),
+        (1, LARGE_W_IN_PLACE_ROWS, 512, 512, 0, True, "4 MB weights: per-step loop packed at their switch"),
     ]
 
 
@@ -149,7 +154,8 @@ def test_packed_sequences_over_several_projection_chunks(batch):
 def test_limits_are_consistent():
     """The switches the cases above straddle exist and are ordered as the cases assume."""
     assert 1 <= IN_PLACE_BATCH < IN_PLACE_ROWS
-    assert 1 <= LIMITS["min_packed_rows"] <= IN_PLACE_ROWS
+    assert 1 <= LIMITS["min_packed_rows"] <= IN_PLACE_ROWS < LARGE_W_IN_PLACE_ROWS
+    assert 4 * 512 * 512 * 4 >= LIMITS["large_weight_bytes"] > 4 * 36 * 36 * 4
     assert LIMITS["min_recurrence_rows"] >= 1 and PACKED_DEPTH > 1
     assert IN_PLACE_BATCH < FUSED_BATCH
     # The cases above straddle the byte budgets as their names say (float32 packed weights, bytes).

@@ -7,9 +7,20 @@
 
 namespace fused_lstm::cpu_limits {
 
-// Float32 products W-rows-contiguous (out = a @ W^T) with fewer rows of a than this read W in place
-// (dot_gemm.h) instead of packing it: packing reads and writes all of W once per call.
-constexpr int64_t kMaxInPlaceRows = 128;
+// Float32 products W-rows-contiguous (out = a @ W^T) with fewer rows of a than kMaxInPlaceRows, or than
+// kMaxInPlaceRowsLargeWeight when W has at least kLargeWeightBytes, read W in place (dot_gemm.h) instead of
+// packing it: packing reads and writes all of W once per call, which a large W repays only over more rows.
+// A W that a second product of the same call uses (the per-step loop's W_hh and W_hr) is packed from then
+// on, when the rows are at least kMinPackedRows: its packed copy serves every later step.
+// LSTMCell loops, T = 50, inference (ms, in place / packed; AVX-512, then the AVX2 kernels): batch 64,
+// H = 128 5.2 / 4.1, 8.0 / 5.4; H = 256 11.8 / 10.0, 23.7 / 17.5; H = 512 (4 MB) 38 / 38-41, 80-84 / 79-81;
+// H = 1024 (16 MB) 164-172 / 198-238; batch 100, H = 1024 310-313 / 290; batch 48, H = 128 3.3 / 2.8,
+// 6.2 / 6.8; batch 32, H = 128 3.4 / 4.6, 4.6 / 5.4; H = 512 20.5 / 24.7, 41 / 44.5 (the switch was 128 rows
+// for every W before these). The per-step loop (proj_size), packed from the second step: batch 100, H = 512,
+// proj 256 48.6 -> 38.0 ms, batch 32, H = 256, proj 128 4.4 -> 3.8, batch 16, H = 128, proj 64 1.10 -> 0.88.
+constexpr int64_t kMaxInPlaceRows = 64;
+constexpr int64_t kMaxInPlaceRowsLargeWeight = 128;
+constexpr int64_t kLargeWeightBytes = int64_t{4} << 20;
 
 // Other products with fewer rows than this, or with a transposed left operand over fewer k than
 // kMinPackedDepth (the weight gradients of a step or a short sequence, d_gates^T @ x), read the right

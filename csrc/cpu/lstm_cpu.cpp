@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <deque>
 #include <utility>
+#include <vector>
 
 #include "../cell_step.h"
 #include "../lstm_layer.h"
@@ -93,6 +94,13 @@ void run_spans(const Args& a, SpanFn<Args> float_fn, SpanFn<Args> double_fn, Spa
   for_each_row_span(a.rows, a.hidden, [&](int64_t b, int64_t j0, int64_t j1) { fn(a, b, j0, j1); });
 }
 
+// Rows of a below which a product with b = W^T reads W in place (cpu_limits.h).
+int64_t max_in_place_rows(const Tensor& b) {
+  return b.numel() * static_cast<int64_t>(sizeof(float)) >= cpu_limits::kLargeWeightBytes
+             ? cpu_limits::kMaxInPlaceRowsLargeWeight
+             : cpu_limits::kMaxInPlaceRows;
+}
+
 // Identifies a right-hand matrix operand within one op call (weights and saved tensors do not change
 // during a call, so their packed panels can be reused by every step).
 struct OperandKey {
@@ -119,10 +127,15 @@ class CpuBackend final : public LayerBackend {
     const OperandKey key{b.data_ptr(), b.size(0), b.size(1), b.stride(0), b.stride(1)};
     const PackedMatrix* cached = find(key);
     // b = W^T with W's rows contiguous (the forward products with the weights): with few rows of a, read W
-    // in place rather than pack it (see dot_gemm.h).
-    if (cached == nullptr && b.stride(0) == 1 && a.stride(1) == 1 && a.size(0) < cpu_limits::kMaxInPlaceRows) {
-      dot_matmul(out, a, b.t(), accumulate, bias);
-      return;
+    // in place rather than pack it (see dot_gemm.h), unless this call already used W once and has rows
+    // enough to repay the packing over the steps still to come (cpu_limits.h).
+    if (cached == nullptr && b.stride(0) == 1 && a.stride(1) == 1 && a.size(0) < max_in_place_rows(b)) {
+      const bool reused = a.size(0) >= cpu_limits::kMinPackedRows && used_in_place(key);
+      if (!reused) {
+        in_place_.push_back(key);
+        dot_matmul(out, a, b.t(), accumulate, bias);
+        return;
+      }
     }
     // Too small to repay packing (cpu_limits.h): b in place when its rows are contiguous, else ATen.
     const bool small = a.size(0) < cpu_limits::kMinPackedRows ||
@@ -180,6 +193,9 @@ class CpuBackend final : public LayerBackend {
     const PackedMatrix* cached = find(key);
     return cached ? *cached : pack(key, b);
   }
+  bool used_in_place(const OperandKey& key) const {
+    return std::find(in_place_.begin(), in_place_.end(), key) != in_place_.end();
+  }
   const PackedMatrix* find(const OperandKey& key) const {
     for (const auto& [k, matrix] : packed_) {
       if (k == key) return &matrix;
@@ -193,6 +209,8 @@ class CpuBackend final : public LayerBackend {
   // Operands do not change during a call (weights, the input, saved workspaces), so a packed copy is
   // valid until the backend, which lives for one op call, goes away.
   mutable std::deque<std::pair<OperandKey, PackedMatrix>> packed_;
+  // Operands this call has read in place so far.
+  mutable std::vector<OperandKey> in_place_;
 };
 
 }  // namespace
