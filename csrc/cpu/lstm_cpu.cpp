@@ -130,9 +130,9 @@ class CpuBackend final : public LayerBackend {
     // in place rather than pack it (see dot_gemm.h), unless this call already used W once and has rows
     // enough to repay the packing over the steps still to come (cpu_limits.h).
     if (cached == nullptr && b.stride(0) == 1 && a.stride(1) == 1 && a.size(0) < max_in_place_rows(b)) {
-      const bool reused = a.size(0) >= cpu_limits::kMinPackedRows && used_in_place(key);
-      if (!reused) {
-        in_place_.push_back(key);
+      const bool seen = used_in_place(key);
+      if (!seen) in_place_.push_back(key);
+      if (!seen || a.size(0) < cpu_limits::kMinPackedRows) {
         dot_matmul(out, a, b.t(), accumulate, bias);
         return;
       }
@@ -209,7 +209,7 @@ class CpuBackend final : public LayerBackend {
   // Operands do not change during a call (weights, the input, saved workspaces), so a packed copy is
   // valid until the backend, which lives for one op call, goes away.
   mutable std::deque<std::pair<OperandKey, PackedMatrix>> packed_;
-  // Operands this call has read in place so far.
+  // The distinct operands this call has read in place so far.
   mutable std::vector<OperandKey> in_place_;
 };
 
