@@ -107,8 +107,9 @@ def test_gradcheck_and_gradgradcheck(variant):
 def test_float32_accuracy_within_torch(batch, hidden, cpu_kernels):
     """Forward and every gradient in float32 against a float64 run, relative to torch.nn.LSTMCell's own
     float32 error, with each CPU kernel build; batches on both sides of the fused one-step backward
-    recurrence, of packed weight gradients and of forward products with packed weights. Errors are pooled over 8 random cells: a single small cell has too few elements for an
-    error statistic (at batch 1, H = 5, one draw in 150 put our RMS error over twice torch's)."""
+    recurrence, of packed weight gradients and of forward products with packed weights. Errors are pooled
+    over 8 random cells: a single small cell has too few elements for an error statistic (at batch 1,
+    H = 5, one draw in 150 put our RMS error over twice torch's)."""
     pooled = {"exact": [], "torch": [], "ours": []}
     for _ in range(8):
         ref64, _ = cell_pair(11, hidden)

@@ -163,6 +163,15 @@ bool fuse_input_projection(int64_t N, int64_t H, int64_t Hout, int64_t I, int64_
   return weight_bytes(H, I + Hout) / threads <= cpu_limits::kFusedProjectionMaxSliceBytes;
 }
 
+// Rows of input per chunk when the packed recurrence projects chunks of steps (cpu_limits.h): a fixed count
+// while the weights leave room in L3, else as many as kLargeProjectionChunkBytes of gates ([rows, 4H]) hold.
+int64_t projection_chunk_rows(int64_t H, int64_t Hout, int64_t I) {
+  const int64_t gate_row_bytes = 4 * H * static_cast<int64_t>(sizeof(float));
+  return weight_bytes(H, I + Hout) > cpu_limits::kProjectionChunkMaxWeightBytes
+             ? cpu_limits::kLargeProjectionChunkBytes / gate_row_bytes
+             : cpu_limits::kProjectionChunkRows;
+}
+
 int row_team_size(int64_t N) {
   return static_cast<int>(std::clamp<int64_t>(N / cpu_limits::kRowSplitMinRowsPerThread, 1, at::get_num_threads()));
 }
@@ -217,10 +226,7 @@ ForwardPlan plan_forward(int64_t N, int64_t H, int64_t Hout, int64_t I) {
   plan.split_rows = split_batch(N, H, Hout, I, blocks);
   plan.per_step_projection = plan.split_rows || fuse_input_projection(N, H, Hout, I, blocks);
   if (!plan.per_step_projection) {
-    const int64_t chunk_rows = weight_bytes(H, I + Hout) > cpu_limits::kProjectionChunkMaxWeightBytes
-                                   ? cpu_limits::kLargeProjectionChunkBytes / (4 * H * sizeof(float))
-                                   : cpu_limits::kProjectionChunkRows;
-    plan.chunk_steps = std::max<int64_t>(1, (chunk_rows + N - 1) / N);
+    plan.chunk_steps = std::max<int64_t>(1, (projection_chunk_rows(H, Hout, I) + N - 1) / N);
   }
   plan.threads = plan.split_rows ? row_team_size(N) : team_size(H, Hout + I, N, blocks);
   return plan;
