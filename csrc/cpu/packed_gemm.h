@@ -72,9 +72,9 @@ FUSED_LSTM_ALWAYS_INLINE void panel_tile(const PanelOperand (&ops)[Operands], fl
     // The accumulators sum k one term after the other, and over a long reduction the rounding error grows
     // with its length: so they are moved into `total` after every kSumChunkK k of an operand (outputs and
     // gradients then have 1.0x torch.nn.LSTM's float32 error instead of 1.2-1.9x with whole-K sums).
-    // `total` lives in memory (L1): with AVX-512 the 16 accumulators, 4 panel vectors and a broadcast
-    // already take 21 of the 32 vector registers, and a register-resident second set made the compiler
-    // spill in the k loop (forward 3-5% slower).
+    // `total` lives in memory (L1): with AVX-512 the 24 accumulators, 4 panel vectors and a broadcast
+    // already take 29 of the 32 vector registers (a register-resident second set made the compiler spill in
+    // the k loop even with 16 accumulators: forward 3-5% slower).
     vec<L> acc[Rows][V] = {};
     alignas(64) float total[Rows][V][L];
     for (int r = 0; r < Rows; ++r) {
@@ -138,22 +138,23 @@ FUSED_LSTM_ALWAYS_INLINE void panel_tile_at(const PanelOperand (&ops)[Operands],
                                   bias);
 }
 
-// The last `rest` (< Isa::kRowTile) rows, from row r, with a tile of exactly that many rows.
+// A tile of exactly `rows` (1 <= rows <= Rows) rows from row r.
 template <typename Isa, int Rows, int Operands>
-FUSED_LSTM_ALWAYS_INLINE void panel_tile_rest(const PanelOperand (&ops)[Operands], int64_t r, int64_t rest, float* out,
-                                              int64_t out_row_stride, int64_t group_stride, const int64_t (&valid)[4],
-                                              bool accumulate, const float* bias) {
+FUSED_LSTM_ALWAYS_INLINE void panel_tile_of(const PanelOperand (&ops)[Operands], int64_t r, int64_t rows, float* out,
+                                            int64_t out_row_stride, int64_t group_stride, const int64_t (&valid)[4],
+                                            bool accumulate, const float* bias) {
   if constexpr (Rows > 0) {
-    if (rest == Rows) {
+    if (rows == Rows) {
       panel_tile_at<Isa, Rows>(ops, r, out, out_row_stride, group_stride, valid, accumulate, bias);
     } else {
-      panel_tile_rest<Isa, Rows - 1>(ops, r, rest, out, out_row_stride, group_stride, valid, accumulate, bias);
+      panel_tile_of<Isa, Rows - 1>(ops, r, rows, out, out_row_stride, group_stride, valid, accumulate, bias);
     }
   }
 }
 
-// panel_tile over `rows` rows in tiles of Isa::kRowTile (the remainder with a smaller tile). No lambdas in
-// these helpers: a lambda's body is compiled for the baseline ISA, not the calling kernel's.
+// panel_tile over `rows` rows in the fewest tiles of at most Isa::kRowTile rows: full tiles and the remainder,
+// or, where Isa::kEvenRowTiles, tiles as even as they can be (simd.h). No lambdas in these helpers: a
+// lambda's body is compiled for the baseline ISA, not the calling kernel's.
 template <typename Isa, int Operands>
 FUSED_LSTM_ALWAYS_INLINE void panel_rows(const PanelOperand (&ops)[Operands], float* out, int64_t out_row_stride,
                                          int64_t group_stride, const int64_t (&valid)[4], bool accumulate,
@@ -164,12 +165,12 @@ FUSED_LSTM_ALWAYS_INLINE void panel_rows(const PanelOperand (&ops)[Operands], fl
                             "of another instruction set (CPU kernels switched during a call?)");
     }
   }
-  int64_t r = 0;
-  for (; r + Isa::kRowTile <= rows; r += Isa::kRowTile) {
-    panel_tile_at<Isa, Isa::kRowTile>(ops, r, out, out_row_stride, group_stride, valid, accumulate, bias);
+  const int64_t tiles = (rows + Isa::kRowTile - 1) / Isa::kRowTile;
+  for (int64_t t = 0, r = 0; t < tiles; ++t) {
+    const int64_t end = Isa::kEvenRowTiles ? rows * (t + 1) / tiles : std::min(rows, (t + 1) * Isa::kRowTile);
+    panel_tile_of<Isa, Isa::kRowTile>(ops, r, end - r, out, out_row_stride, group_stride, valid, accumulate, bias);
+    r = end;
   }
-  panel_tile_rest<Isa, Isa::kRowTile - 1>(ops, r, rows - r, out, out_row_stride, group_stride, valid, accumulate,
-                                          bias);
 }
 
 // A [K, Nc] right-hand matrix packed into ceil(Nc / 64) panels of K x 64 (zero past Nc), laid out as

@@ -43,7 +43,9 @@ using vec4 = vec<4>;
 
 // What the kernels (packed_gemm.h, dot_gemm.h, step_spans.h) need to know of an instruction set.
 //   kLanes:           floats per vector register
-//   kRowTile:         rows per packed-panel tile
+//   kRowTile:         rows per packed-panel tile (at most)
+//   kEvenRowTiles:    split a product's rows into tiles as even as they can be (64 rows in tiles of 6: nine of 6
+//                     and two of 5; 8 rows: two of 4), rather than full tiles and a remainder (10 x 6 + 4; 6 + 2)
 //   pass_vecs(r):     vectors of columns per pass over a 64-column panel for a tile of r rows: the tile holds
 //                     r x pass_vecs accumulators next to the panel vectors and a broadcast
 //   kDotRows:         rows per in-place dot-product tile (x 4 columns of W)
@@ -51,22 +53,24 @@ using vec4 = vec<4>;
 //                     for the scalar loop that `omp simd` vectorises
 //   kGroupMajorPanels: packed panels stored group by group ([4][K][16]) rather than row by row ([K][64]), so
 //                     that each pass of 16 columns reads contiguous memory (packed_gemm.h, PanelLayout)
-// AVX-512 has 32 vector registers: a 4 x 4 tile covers a whole panel in one pass (21 registers). AVX2 has
-// 16: 6 rows x 2 vectors (16 columns) per pass, four passes per panel (15 registers), the shape of the
-// classic AVX2 SGEMM kernel, with 8 loads per 12 FMAs. Tiles of fewer rows (batch 1, row remainders) take
+// AVX-512 has 32 vector registers: a 6 x 4 tile covers a whole panel in one pass (29 registers), each panel
+// vector serving 6 FMAs (a 4 x 4 tile: 4, and the panel streams from L2 or L3, so batch-64 inference ran
+// 2-5% slower), in even tiles (a 2-row remainder does 8 FMAs per 4 panel loads). AVX2 has 16: 6 rows x 2
+// vectors (16 columns) per pass, four passes per panel (15 registers), the shape of the classic AVX2 SGEMM
+// kernel, with 8 loads per 12 FMAs; there even tiles (5-row tiles: 10 accumulators) measured 1-4% slower. Tiles of fewer rows (batch 1, row remainders) take
 // wider passes, so that they still have 8 independent accumulators: one row with 2 would wait on the FMA
 // latency (4 cycles) every 2 FMAs. The pointwise step, forward, 64 rows x 128 units in cache, ns per 16
 // units: AVX-512 omp simd 15.5, explicit vectors 18.2; AVX2 omp simd 66-67, explicit vectors 36.
 // One core multiplying 64 rows by [1024][64] panels streamed from L3, GFLOP/s row-major / group-major panels:
 // AVX-512 235-240 / 237-240, AVX2 102-107 / 115-116 (in cache both reach their peak, 265 and 131).
 struct Avx512 {
-  static constexpr int kLanes = 16, kRowTile = 4, kDotRows = 4, kPointwiseLanes = 0;
-  static constexpr bool kGroupMajorPanels = false;
+  static constexpr int kLanes = 16, kRowTile = 6, kDotRows = 4, kPointwiseLanes = 0;
+  static constexpr bool kEvenRowTiles = true, kGroupMajorPanels = false;
   static constexpr int pass_vecs(int /*rows*/) { return 4; }
 };
 struct Avx2 {
   static constexpr int kLanes = 8, kRowTile = 6, kDotRows = 2, kPointwiseLanes = 8;
-  static constexpr bool kGroupMajorPanels = true;
+  static constexpr bool kEvenRowTiles = false, kGroupMajorPanels = true;
   static constexpr int pass_vecs(int rows) { return rows == 1 ? 8 : rows == 2 ? 4 : 2; }
 };
 
