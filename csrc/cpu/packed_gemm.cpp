@@ -163,15 +163,19 @@ struct FillPanel {
     constexpr int64_t kChunk = 16;  // 16 k x 64 columns: 4 KB of panel
     int64_t k0 = 0;
     if (k_stride == 1) {
-      // Whole L x L blocks through registers: L row loads, a transpose, L panel-row stores.
-      for (; k0 + L <= K; k0 += L) {
-        for (int64_t c0 = 0; c0 < kPanel; c0 += L) {
+      // Whole L x L blocks through registers: L row loads, a transpose, L panel-row stores. L source rows at a
+      // time along all of k: 64 rows at once are more streams than the hardware prefetcher follows (packing a
+      // 16 MB W_hh this way: 0.58-0.61 ms against 0.67-0.73).
+      const int64_t k_end = K / L * L;
+      for (int64_t c0 = 0; c0 < kPanel; c0 += L) {
+        for (k0 = 0; k0 < k_end; k0 += L) {
           vec<L> block[L];
           for (int64_t i = 0; i < L; ++i) block[i] = rows[c0 + i] ? load<L>(rows[c0 + i] + k0) : vec<L>{};
           transpose<L>(block);
           for (int64_t j = 0; j < L; ++j) store<L>(panel + layout.at(k0 + j, c0), block[j]);
         }
       }
+      k0 = k_end;
     }
     for (; k0 < K; k0 += kChunk) {
       const int64_t k1 = std::min(K, k0 + kChunk);
