@@ -83,6 +83,9 @@ FUSED_LSTM_ALWAYS_INLINE void panel_tile(const PanelOperand (&ops)[Operands], fl
     for (const PanelOperand& op : ops) {
       for (int64_t k0 = 0; k0 < op.K; k0 += kSumChunkK) {
         const int64_t k1 = std::min(op.K, k0 + kSumChunkK);
+        // Two k per iteration: the loop's own instructions are then 4 per 48 FMAs (AVX-512), and the next k's
+        // loads issue next to this one's FMAs; 0.5-1.5% faster in place, in cache 97.5-99.6% of the FMA peak.
+#pragma GCC unroll 2
         for (int64_t k = k0; k < k1; ++k) {
           // Row-major panels (all that the AVX-512 build reads, see panel_rows) keep the columns' offsets
           // compile-time constants, as they were before group-major panels.
