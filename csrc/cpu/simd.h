@@ -57,12 +57,14 @@ using vec4 = vec<4>;
 // vector serving 6 FMAs (a 4 x 4 tile: 4, and the panel streams from L2 or L3, so batch-64 inference ran
 // 2-5% slower), in even tiles (a 2-row remainder does 8 FMAs per 4 panel loads). AVX2 has 16: 6 rows x 2
 // vectors (16 columns) per pass, four passes per panel (15 registers), the shape of the classic AVX2 SGEMM
-// kernel, with 8 loads per 12 FMAs; there even tiles (5-row tiles: 10 accumulators) measured 1-4% slower. Tiles of fewer rows (batch 1, row remainders) take
-// wider passes, so that they still have 8 independent accumulators: one row with 2 would wait on the FMA
-// latency (4 cycles) every 2 FMAs. The pointwise step, forward, 64 rows x 128 units in cache, ns per 16
-// units: AVX-512 omp simd 15.5, explicit vectors 18.2; AVX2 omp simd 66-67, explicit vectors 36.
-// One core multiplying 64 rows by [1024][64] panels streamed from L3, GFLOP/s row-major / group-major panels:
-// AVX-512 235-240 / 237-240, AVX2 102-107 / 115-116 (in cache both reach their peak, 265 and 131).
+// kernel, with 8 loads per 12 FMAs; there even tiles (5-row tiles: 10 accumulators) measured 1-4% slower.
+// Tiles of fewer rows (batch 1, row remainders) take wider passes, so that they still have 8 independent
+// accumulators: one row with 2 would wait on the FMA latency (4 cycles) every 2 FMAs. The pointwise step,
+// forward, 64 rows x 128 units in cache, ns per 16 units: AVX-512 omp simd 15.5, explicit vectors 18.2; AVX2
+// omp simd 66-67, explicit vectors 36. One core multiplying 64 rows by [1024][64] panels streamed from L3,
+// GFLOP/s row-major / group-major panels (4 x 4 AVX-512 tile): AVX-512 235-240 / 237-240, AVX2 102-107 /
+// 115-116. The AVX-512 FMA peak here is 273 per core (24 independent FMAs on registers); the 6 x 4 tile
+// reaches 267-272 in cache.
 struct Avx512 {
   static constexpr int kLanes = 16, kRowTile = 6, kDotRows = 4, kPointwiseLanes = 0;
   static constexpr bool kEvenRowTiles = true, kGroupMajorPanels = false;
