@@ -49,6 +49,7 @@ def _cases():
         (1, PACKED_DEPTH - 1, 21, 36, 0, True, "weight gradients over one row fewer than packing needs: ATen"),
         (1, PACKED_DEPTH, 21, 36, 0, True, "weight gradients over just enough rows: packed"),
         (37, 29, 19, 72, 0, True, "weight gradients over 1073 rows: three k chunks of 512"),
+        (7, 37, 24, 260, 0, True, "input gradient over 4H = 1040 in k chunks, uneven row blocks per thread"),
         (30, 70, 2000, 36, 0, True, "weight gradients with a wide input: one pass per product, past the budget"),
         (6, 3, 21, 36, 11, True, "proj_size: per-step products in place"),
         (5, PACKED_ROWS + 1, 21, 36, 11, True, "proj_size: per-step products in place at the first step, then packed"),

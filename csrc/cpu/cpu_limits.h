@@ -84,10 +84,10 @@ constexpr int64_t kMinRecurrenceRows = 16;
 
 // Weight gradients (d_gates^T @ input and d_gates^T @ h_prev) share one gather of each d_gates^T block
 // while their packed right operands together stay within this many bytes; beyond it each runs its own
-// pass (and gather), since every 64-row block streams all the packed operands it serves and twice the
+// pass (and gather), since every row block streams all the packed operands it serves and twice the
 // bytes no longer stay in the shared L3 across blocks. T=50, batch 64, both products and the bias sum
 // (ms, separate / shared): H=256 (6.5 MB packed) 8.62 / 8.03, H=512 (13 MB) 31.7 / 31.3, H=1024 (26 MB)
-// 126.0 / 130.6.
+// 126.0 / 130.6 (64-row blocks); with 256-row blocks 113.6-114.4 / 112.1-114.8, so still separate.
 constexpr int64_t kSharedGatherMaxPackedBytes = int64_t{16} << 20;
 
 }  // namespace fused_lstm::cpu_limits

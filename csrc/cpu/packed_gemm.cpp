@@ -37,6 +37,17 @@ void panel_product(const float* a, int64_t a_row_stride, int64_t a_col_stride, c
                            accumulate, bias, row_begin, row_end);
 }
 
+// Row blocks for tasks of at most max_rows rows each, their count a multiple of the thread count where the
+// blocks stay at least max_rows / 2 rows: at::parallel_for gives each thread an equal range of tasks, so the
+// threads then get the same number of rows. Block b is rows [M * b / blocks, M * (b + 1) / blocks).
+// (grad_input at batch 64, T = 50: 3200 rows were 25 blocks of 128, 13 on one thread and 12 on the other.)
+int64_t balanced_row_blocks(int64_t M, int64_t max_rows) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t blocks = (M + max_rows - 1) / max_rows;
+  const int64_t balanced = (blocks + threads - 1) / threads * threads;
+  return M / balanced >= max_rows / 2 ? balanced : blocks;
+}
+
 // Rows per tile of the kernels in use, for sizing tasks in whole tiles.
 int64_t row_tile() {
   return with_selected_isa([](auto isa) -> int64_t { return decltype(isa)::kRowTile; });
@@ -71,7 +82,7 @@ struct TransposedTarget {
   const float* bias;
 };
 
-constexpr int64_t kGatherRows = 128;  // rows of a per transposed_products task
+constexpr int64_t kGatherRows = 256;  // rows of a per transposed_products task, at most
 
 // block[(k - k0) * block_stride + r] = a[r * a_rs + k * a_cs] for r < rows (<= kGatherRows), k in [k0, k1),
 // and sums[r] += the same elements when sums is not null. The sums run in three levels (16 k, the chunk,
@@ -105,9 +116,10 @@ FUSED_LSTM_SIMD_CLONES void gather_block(const float* a, int64_t a_rs, int64_t a
 // The kernel reads a row by row along k, so each task gathers a block of its rows for a chunk of k into a
 // buffer, stored k-major ([k][rows]: each k copies contiguous elements of a's column; the kernel broadcasts
 // from it with row stride 1), then runs it against every target's panels' matching chunks, which stay in
-// cache for the block's row tiles. 128 rows x 512 k: a 256 KB block next to a 128 KB panel chunk in L2;
-// each panel chunk streams in once per 128 rows (64 x 1024 measures the same; 32 rows: 3-6% slower;
-// 128 x 256: 4-5% slower).
+// cache for the block's row tiles. Up to 256 rows x 512 k: a 512 KB block next to a 128 KB panel chunk in
+// L2; each panel chunk streams in from L3 once per block, and at 128 rows, twice as often, the weight
+// gradients took 2-4% longer at H = 512 and 1024 (batch 64, T = 50; 384 x 256, 512 x 256 and 256 x 384
+// measured no better; 32 x 512: 3-6% slower than 128 x 512, 128 x 256: 4-5% slower).
 // The gather walks a's column-major storage 256 B per 4 KB page and costs about as much as a fifth of the
 // products it feeds (batch 64, T = 50, H = 256), hence one gather for all targets (within the budget of
 // transposed_matmuls) and the row sums on the way.
@@ -115,10 +127,11 @@ void transposed_products(const float* a, int64_t a_rs, int64_t a_cs, int64_t M, 
                          bool accumulate, float* row_sums) {
   constexpr int64_t kChunk = 512;
   const int64_t K = targets[0].b->K;
-  at::parallel_for(0, (M + kGatherRows - 1) / kGatherRows, 1, [&](int64_t begin, int64_t end) {
+  const int64_t blocks = balanced_row_blocks(M, kGatherRows);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> block(kChunk * kGatherRows);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t row_begin = task * kGatherRows, rows = std::min(kGatherRows, M - row_begin);
+      const int64_t row_begin = M * task / blocks, rows = M * (task + 1) / blocks - row_begin;
       float sums[kGatherRows] = {};
       for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
         const int64_t k1 = std::min(K, k0 + kChunk);
@@ -305,10 +318,10 @@ void packed_matmul(const at::Tensor& out, const at::Tensor& a, const PackedMatri
     // task is a block of rows: for each k chunk, its rows' chunk of a stays in L2 while every panel's
     // matching chunk passes over it.
     constexpr int64_t kRowsPerTask = 128;
-    const int64_t K = b.K;
-    at::parallel_for(0, (M + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t begin, int64_t end) {
+    const int64_t K = b.K, blocks = balanced_row_blocks(M, kRowsPerTask);
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t row_begin = task * kRowsPerTask, row_end = std::min(M, row_begin + kRowsPerTask);
+        const int64_t row_begin = M * task / blocks, row_end = M * (task + 1) / blocks;
         for (int64_t k0 = 0; k0 < K; k0 += kPanelChunkK) {
           const int64_t k1 = std::min(K, k0 + kPanelChunkK);
           for (int64_t panel = 0; panel < b.count(); ++panel) {
