@@ -42,6 +42,7 @@ void panel_product(const float* a, int64_t a_row_stride, int64_t a_col_stride, c
 // threads then get the same number of rows. Block b is rows [M * b / blocks, M * (b + 1) / blocks).
 // (grad_input at batch 64, T = 50: 3200 rows were 25 blocks of 128, 13 on one thread and 12 on the other.)
 int64_t balanced_row_blocks(int64_t M, int64_t max_rows) {
+  if (M <= 0) return 0;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t blocks = (M + max_rows - 1) / max_rows;
   const int64_t balanced = (blocks + threads - 1) / threads * threads;
