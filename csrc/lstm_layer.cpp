@@ -284,7 +284,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_layer_backward(
     const Tensor& grad_output_arg, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& input_arg,
     const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0, at::TensorList weights,
     bool has_biases, bool has_projections, bool bidirectional, const Tensor& gates, const Tensor& c_prev,
-    const Tensor& h_prev, bool need_input_grad, bool need_weight_grads, const LayerBackend& backend) {
+    const Tensor& h_prev, bool need_input_grad, bool need_weight_grads, bool need_h0_grad,
+    const LayerBackend& backend) {
   const LayerShape s = check_layer(input_arg, batch_sizes, h0, c0, weights, has_biases, has_projections,
                                    bidirectional);
   const int64_t D = s.directions, N = s.batch, H = s.hidden, Hout = s.out_hidden, R = s.rows, I = s.input_size;
@@ -335,6 +336,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_layer_backward(
       whole.dh_state = dh_state;
       whole.dc_state = dc_state;
       whole.d_gates = d_gates_d;
+      whole.need_h0_grad = need_h0_grad;
       walked = backend.recurrence_backward(whole);
     }
     // Backward walks the steps in the opposite order of this direction's forward pass.
@@ -365,7 +367,11 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_layer_backward(
         a.h_next = nullptr;
       }
       backend.step_backward(a);
-      backend.matmul(dh_state.narrow(0, 0, rows), d_gates_d.narrow(0, row0, rows), w.w_hh, /*accumulate=*/false);
+      const int64_t carried = carried_rows(s.step_rows, t, reverse, need_h0_grad);
+      if (carried > 0) {
+        backend.matmul(dh_state.narrow(0, 0, carried), d_gates_d.narrow(0, row0, carried), w.w_hh,
+                       /*accumulate=*/false);
+      }
     }
     // Weight gradients as a few large GEMMs over all rows.
     if (!need_weight_grads) return;
@@ -386,6 +392,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_layer_backward(
     }
     if (s.dense) grad_input = grad_input.view({s.steps, N, I});
   }
+  if (!need_h0_grad) grad_h0 = at::empty({0}, opts);
   return {grad_input, grad_h0, grad_c0, grad_weights};
 }
 

@@ -107,7 +107,22 @@ struct RecurrenceBackwardArgs {
   Tensor dh_state;     // [N, H]: grad of h_n in, grad of h0 out
   Tensor dc_state;     // [N, H]: grad of c_n in, grad of c0 out
   Tensor d_gates;      // [R, 4H] out: gradients of the pre-activations
+  // Without it dh_state's rows are left undefined once their sequence's first step is done: the product
+  // that would carry dh back to h0 (d_gates of that step @ w_hh) is skipped.
+  bool need_h0_grad = true;
 };
+
+// How many of backward step t's rows (t in forward time, the step's rows first in the batch) need the step's
+// dh product, d_gates @ w_hh: all of them when h0's gradient is wanted (each sequence's dh after its first
+// step is its row of grad_h0), else only the sequences that go on to an earlier step of theirs. Forward,
+// every sequence starts at t = 0; reversed, a sequence starts at its own end, so after step t only the
+// step_rows[t + 1] longer ones go on.
+inline int64_t carried_rows(const std::vector<int64_t>& step_rows, int64_t t, bool reverse, bool need_h0_grad) {
+  const int64_t steps = static_cast<int64_t>(step_rows.size());
+  if (need_h0_grad) return step_rows[t];
+  if (!reverse) return t > 0 ? step_rows[t] : 0;
+  return t + 1 < steps ? step_rows[t + 1] : 0;
+}
 
 // Whose switches decide how a backend's float32 products may round (on CUDA: TF32 or strict FP32): the
 // layer op follows torch.nn.LSTM (the cuDNN RNN switches), the cell op torch.nn.LSTMCell, which is two
@@ -168,13 +183,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
 
 // Gradients of lstm_layer_forward. grad_output is shaped like output, grad_h_n/grad_c_n like h0/c0.
 // Returns (grad_input, grad_h0, grad_c0, grad_weights) with grad_weights in the order of `weights`;
-// without need_input_grad (need_weight_grads) grad_input (each grad_weights entry) is an empty [0] tensor
-// and its products are skipped: the first layer's input is usually data, and frozen weights need none.
+// without need_input_grad (need_weight_grads, need_h0_grad) grad_input (each grad_weights entry, grad_h0)
+// is an empty [0] tensor and its products are skipped: the first layer's input is usually data, frozen
+// weights need none, and h0 is usually zeros or a detached state (its product is 1/T of the recurrence's).
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_layer_backward(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& input,
     const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0, at::TensorList weights,
     bool has_biases, bool has_projections, bool bidirectional, const Tensor& gates, const Tensor& c_prev,
-    const Tensor& h_prev, bool need_input_grad, bool need_weight_grads, const LayerBackend& backend);
+    const Tensor& h_prev, bool need_input_grad, bool need_weight_grads, bool need_h0_grad,
+    const LayerBackend& backend);
 
 // The registered kernels of a backend (its TORCH_LIBRARY_IMPL maps the op schemas onto these), run
 // under DeviceGuard for the input's device.
@@ -197,11 +214,11 @@ struct LayerOps {
       const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& input,
       const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0, at::TensorList weights,
       bool has_biases, bool has_projections, bool bidirectional, const Tensor& gates, const Tensor& c_prev,
-      const Tensor& h_prev, bool need_input_grad, bool need_weight_grads) {
+      const Tensor& h_prev, bool need_input_grad, bool need_weight_grads, bool need_h0_grad) {
     const DeviceGuard guard(input.device());
     return lstm_layer_backward(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weights, has_biases,
                                has_projections, bidirectional, gates, c_prev, h_prev, need_input_grad,
-                               need_weight_grads, Backend());
+                               need_weight_grads, need_h0_grad, Backend());
   }
 };
 

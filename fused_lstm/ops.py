@@ -63,13 +63,15 @@ def lstm_layer_backward(
     h_prev: Tensor,
     need_input_grad: bool = True,
     need_weight_grads: bool = True,
+    need_h0_grad: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor, List[Tensor]]:
     """Gradients of :func:`lstm_layer`: ``(grad_input, grad_h0, grad_c0, grad_weights)``. Without
-    ``need_input_grad`` (``need_weight_grads``) grad_input (every weight gradient) is an empty ``[0]``
-    tensor and is not computed."""
+    ``need_input_grad`` (``need_weight_grads``, ``need_h0_grad``) grad_input (every weight gradient,
+    grad_h0) is an empty ``[0]`` tensor and is not computed."""
     return torch.ops.fused_lstm.lstm_layer_backward.default(
         grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, list(weights),
         has_biases, has_projections, bidirectional, gates, c_prev, h_prev, need_input_grad, need_weight_grads,
+        need_h0_grad,
     )
 
 
@@ -141,11 +143,11 @@ def _lstm_layer_fake(input, batch_sizes, h0, c0, weights, has_biases, has_projec
 @torch.library.register_fake("fused_lstm::lstm_layer_backward")
 def _lstm_layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weights, has_biases,
                               has_projections, bidirectional, gates, c_prev, h_prev, need_input_grad=True,
-                              need_weight_grads=True):
+                              need_weight_grads=True, need_h0_grad=True):
     contiguous = torch.contiguous_format
     return (
         torch.empty_like(input, memory_format=contiguous) if need_input_grad else input.new_empty(0),
-        torch.empty_like(h0, memory_format=contiguous),
+        torch.empty_like(h0, memory_format=contiguous) if need_h0_grad else h0.new_empty(0),
         torch.empty_like(c0, memory_format=contiguous),
         [torch.empty_like(w, memory_format=contiguous) if need_weight_grads else w.new_empty(0) for w in weights],
     )
@@ -177,14 +179,17 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_c_prev, _
         # differentiable (double backward, gradgradcheck).
         grads = _reference_backward(ctx, grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weights)
     else:
-        # Only the gradients asked for: the first layer's input is usually data, frozen weights need none.
-        need_input_grad, need_weight_grads = ctx.needs_input_grad[0], any(ctx.needs_input_grad[4])
+        # Only the gradients asked for: the first layer's input is usually data, frozen weights need none,
+        # and h0 is usually zeros or a detached state.
+        need_input_grad, need_h0_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        need_weight_grads = any(ctx.needs_input_grad[4])
         grad_input, grad_h0, grad_c0, grad_weights = lstm_layer_backward(
             grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weights, has_biases, has_projections,
-            bidirectional, gates, c_prev, h_prev, need_input_grad, need_weight_grads,
+            bidirectional, gates, c_prev, h_prev, need_input_grad, need_weight_grads, need_h0_grad,
         )
         grad_weights = grad_weights if need_weight_grads else [None] * len(weights)
-        grads = [grad_input if need_input_grad else None, grad_h0, grad_c0, *grad_weights]
+        grads = [grad_input if need_input_grad else None, grad_h0 if need_h0_grad else None, grad_c0,
+                 *grad_weights]
     grad_input, grad_h0, grad_c0, *grad_weights = grads
     return grad_input, None, grad_h0, grad_c0, list(grad_weights), None, None, None, None, None
 

@@ -85,14 +85,18 @@ def assert_error_within_torch(mine, theirs, exact, what=""):
         what, "max", largest(mine), largest(theirs))
 
 
-def assert_backward_skips_unneeded(op, backward_args, need_input_grad, need_weight_grads, weight_grads):
+def assert_backward_skips_unneeded(op, backward_args, need_input_grad, need_weight_grads, weight_grads,
+                                   need_h0_grad=None):
     """A backward op (lstm_layer_backward, lstm_cell_backward) called without need_input_grad /
-    need_weight_grads: those gradients come back empty (not computed), the others are the full call's bit
-    for bit, and opcheck holds. weight_grads picks the weight gradients out of the op's results."""
+    need_weight_grads / need_h0_grad (the layer op's; None: not passed): those gradients come back empty
+    (not computed), the others are the full call's bit for bit, and opcheck holds. weight_grads picks the
+    weight gradients out of the op's results."""
+    flags = (need_input_grad, need_weight_grads) + (() if need_h0_grad is None else (need_h0_grad,))
     full = op(*backward_args)
-    part = op(*backward_args, need_input_grad, need_weight_grads)
-    torch.library.opcheck(op, (*backward_args, need_input_grad, need_weight_grads))
-    assert torch.equal(part[1], full[1]) and torch.equal(part[2], full[2])
+    part = op(*backward_args, *flags)
+    torch.library.opcheck(op, (*backward_args, *flags))
+    assert torch.equal(part[1], full[1]) if need_h0_grad is not False else part[1].numel() == 0
+    assert torch.equal(part[2], full[2])
     assert torch.equal(part[0], full[0]) if need_input_grad else part[0].numel() == 0
     for got, want in zip(weight_grads(part), weight_grads(full)):
         assert torch.equal(got, want) if need_weight_grads else got.numel() == 0

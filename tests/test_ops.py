@@ -166,9 +166,16 @@ def test_unknown_recurrence_is_an_error():
         ops.lstm_layer(*layer_args(), recurrence="sometimes")
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=str)
-@pytest.mark.parametrize("need_input_grad,need_weight_grads", [(False, True), (True, False), (False, False)])
-def test_backward_skips_what_is_not_needed(variant, need_input_grad, need_weight_grads):
+# Float32 with rows enough for the CPU's fused backward recurrence (float64 takes the per-step loop), packed
+# and both directions: without h0's gradient each direction skips a different step's products (csrc/
+# lstm_layer.h, carried_rows).
+FUSED_BACKWARD_VARIANT = dict(packed=True, bidirectional=True, steps=12, batch=6, hidden=20, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("variant", VARIANTS + [FUSED_BACKWARD_VARIANT], ids=str)
+@pytest.mark.parametrize("need_input_grad,need_weight_grads,need_h0_grad", [
+    (False, True, True), (True, False, True), (False, False, True), (True, True, False), (False, False, False)])
+def test_backward_skips_what_is_not_needed(variant, need_input_grad, need_weight_grads, need_h0_grad):
     from conftest import assert_backward_skips_unneeded
 
     args = layer_args(**variant, requires_grad=False)
@@ -177,36 +184,40 @@ def test_backward_skips_what_is_not_needed(variant, need_input_grad, need_weight
     backward_args = (torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), x, batch_sizes, h0, c0,
                      weights, bias, proj, bidir, gates, c_prev, h_prev)
     assert_backward_skips_unneeded(torch.ops.fused_lstm.lstm_layer_backward.default, backward_args, need_input_grad,
-                                   need_weight_grads, weight_grads=lambda results: results[3])
+                                   need_weight_grads, weight_grads=lambda results: results[3],
+                                   need_h0_grad=need_h0_grad)
 
 
-@pytest.mark.parametrize("frozen", ["weights", "input", "weights_and_input", "one_weight"])
+@pytest.mark.parametrize("frozen", ["weights", "input", "weights_and_input", "one_weight", "h0"])
 def test_module_gradients_with_frozen_parts(frozen, monkeypatch):
-    """Frozen weights and data inputs (the autograd wrapper then skips those products) against torch."""
+    """Frozen weights, data inputs and a detached h0 (the autograd wrapper then skips those products)
+    against torch."""
     from conftest import lstm_pair
 
     asked = []
 
     def recording_backward(*args):
-        asked.append(args[-2:])
+        asked.append(args[-3:])  # need_input_grad, need_weight_grads, need_h0_grad
         return real_backward(*args)
 
     real_backward = ops.lstm_layer_backward
     monkeypatch.setattr(ops, "lstm_layer_backward", recording_backward)
     ref, ours = lstm_pair(3, 4, num_layers=2, bidirectional=True)
     x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad="input" not in frozen)
-    h0 = torch.randn(4, 2, 4, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, 2, 4, dtype=torch.float64, requires_grad=frozen != "h0")
+    c0 = torch.randn(4, 2, 4, dtype=torch.float64, requires_grad=frozen == "h0")
     for module in (ref, ours):
         for name, p in module.named_parameters():
             p.requires_grad_(not ("weights" in frozen or (frozen == "one_weight" and name == "weight_hh_l1")))
-    leaves = [t for t in (x, h0) if t.requires_grad]
+    leaves = [t for t in (x, h0, c0) if t.requires_grad]
     results = []
     for module in (ref, ours):
-        out, _ = module(x, (h0, torch.zeros_like(h0)))
+        out, _ = module(x, (h0, c0))
         params = [p for p in module.parameters() if p.requires_grad]
         results.append(torch.autograd.grad(out.pow(2).sum(), leaves + params))
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
     # Layer 1 first (its input, layer 0's output, always needs a gradient here), then layer 0.
     weights_needed = frozen not in ("weights", "weights_and_input")
-    assert asked == [(True, weights_needed), ("input" not in frozen, weights_needed)]
+    h0_needed = frozen != "h0"
+    assert asked == [(True, weights_needed, h0_needed), ("input" not in frozen, weights_needed, h0_needed)]

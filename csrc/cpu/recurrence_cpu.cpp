@@ -402,13 +402,15 @@ bool cpu_recurrence_backward(const RecurrenceBackwardArgs& a) {
       s.d_gates = d_gates + row0 * 4 * H;
       s.h_next = nullptr;
       run_kernel<PointwiseBackwardUnits>(s, unit_begin, unit_end);
+      const int64_t carried = carried_rows(*a.step_rows, t, a.reverse, a.need_h0_grad);
+      if (carried == 0) continue;  // the same on every thread, and the last step with rows (batch sizes never grow)
 #pragma omp barrier
       // A panel is [4H][64]: 1 MB at H = 1024, too much to stay in L2 next to the rows it multiplies, so
       // each row tile would stream it from L3 again. In k chunks of 256 KB it does stay.
       for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
         for (int64_t k0 = 0; k0 < 4 * H; k0 += kPanelChunkK) {
-          matmul_panel(d_gates + row0 * 4 * H, 4 * H, 1, w_hh, dh, H, /*accumulate=*/k0 > 0, nullptr, panel, 0, rows,
-                       k0, std::min(4 * H, k0 + kPanelChunkK));
+          matmul_panel(d_gates + row0 * 4 * H, 4 * H, 1, w_hh, dh, H, /*accumulate=*/k0 > 0, nullptr, panel, 0,
+                       carried, k0, std::min(4 * H, k0 + kPanelChunkK));
         }
       }
     }
