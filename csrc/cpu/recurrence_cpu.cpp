@@ -99,9 +99,12 @@ struct ThreadStep {
       }
     }
     const int64_t unit_begin = block_begin * kGroup, unit_end = std::min(H, block_end * kGroup);
+    // The saved h_prev and c_prev are read only by the backward: streamed out (step_spans.h), 1.5% of the
+    // forward at batch 64, H = 1024 and 2.5% at H = 512.
     for (int64_t b = 0; b < step.rows; ++b) {
-      forward_span<float, Isa::kPointwiseLanes>(step, b, unit_begin, unit_end);
+      forward_span<float, Isa::kPointwiseLanes, Isa::kLanes>(step, b, unit_begin, unit_end);
     }
+    stream_fence();
   }
 };
 
@@ -119,8 +122,9 @@ struct ThreadStepInPlace {
                      /*accumulate=*/true, /*bias=*/nullptr, step.rows, unit_end - unit_begin);
     }
     for (int64_t b = 0; b < step.rows; ++b) {
-      forward_span<float, Isa::kPointwiseLanes>(step, b, unit_begin, unit_end);
+      forward_span<float, Isa::kPointwiseLanes, Isa::kLanes>(step, b, unit_begin, unit_end);
     }
+    stream_fence();
   }
 };
 

@@ -96,6 +96,37 @@ FUSED_LSTM_ALWAYS_INLINE void store(float* p, vec<L> v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// A store that bypasses the caches (non-temporal): for data written now and read only much later, which
+// would otherwise first read each destination line in (read for ownership) only to evict it again. Such
+// stores are weakly ordered: a kernel issues stream_fence() before other threads may read what it wrote.
+template <int L>
+FUSED_LSTM_ALWAYS_INLINE void stream_store(float* p, vec<L> v) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  if constexpr (L == 16) {
+    __builtin_ia32_movntps512(p, v);
+  } else if constexpr (L == 8) {
+    __builtin_ia32_movntps256(p, v);
+  } else {
+    store<L>(p, v);
+  }
+#else
+  store<L>(p, v);
+#endif
+}
+FUSED_LSTM_ALWAYS_INLINE void stream_fence() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_ia32_sfence();
+#endif
+}
+// dst[0, n) = src[0, n), dst's vector-aligned whole vectors through stream_store.
+template <int L>
+FUSED_LSTM_ALWAYS_INLINE void stream_copy(const float* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i < n && reinterpret_cast<uintptr_t>(dst + i) % sizeof(vec<L>) != 0; ++i) dst[i] = src[i];
+  for (; i + L <= n; i += L) stream_store<L>(dst + i, load<L>(src + i));
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
 // A vector's lanes summed down to four: {sum of lanes l = i mod 4}.
 FUSED_LSTM_ALWAYS_INLINE vec4 fold_to4(vec<8> v) {
   return __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);

@@ -31,8 +31,10 @@ FUSED_LSTM_ALWAYS_INLINE void store_n(float* p, vec<L> v, int64_t n) {
 
 // Forward of hidden units [j0, j1) of batch row b. Arguments as in StepForwardArgs. Lanes = 0: scalar code
 // that `omp simd` vectorises, any storage type; Lanes > 0: float32 in explicit vectors of that many floats
-// (simd_math.h), for the kernels built per instruction set (simd.h).
-template <typename scalar_t, int Lanes = 0>
+// (simd_math.h), for the kernels built per instruction set (simd.h). StreamLanes > 0 (float32, kernels built
+// per instruction set): the saved h_prev and c_prev, which only the backward reads, go out through
+// stream_copy in vectors of that many floats, and the caller issues stream_fence() before they are read.
+template <typename scalar_t, int Lanes = 0, int StreamLanes = 0>
 FUSED_LSTM_ALWAYS_INLINE void forward_span(const StepForwardArgs& a, int64_t b, int64_t j0, int64_t j1) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = a.hidden, Hout = a.out_hidden;
@@ -44,9 +46,20 @@ FUSED_LSTM_ALWAYS_INLINE void forward_span(const StepForwardArgs& a, int64_t b, 
   if (a.h_prev_saved) {
     const scalar_t* h = static_cast<const scalar_t*>(a.h_state) + b * Hout;
     scalar_t* saved = static_cast<scalar_t*>(a.h_prev_saved) + b * Hout;
-    std::copy(h + j0, h + std::min(j1, Hout), saved + j0);
+    if constexpr (StreamLanes > 0) {
+      stream_copy<StreamLanes>(h + j0, saved + j0, std::min(j1, Hout) - j0);
+    } else {
+      std::copy(h + j0, h + std::min(j1, Hout), saved + j0);
+    }
   }
-  if (a.c_prev_saved) std::copy(c + j0, c + j1, static_cast<scalar_t*>(a.c_prev_saved) + b * H + j0);
+  if (a.c_prev_saved) {
+    scalar_t* saved = static_cast<scalar_t*>(a.c_prev_saved) + b * H;
+    if constexpr (StreamLanes > 0) {
+      stream_copy<StreamLanes>(c + j0, saved + j0, j1 - j0);
+    } else {
+      std::copy(c + j0, c + j1, saved + j0);
+    }
+  }
   if constexpr (Lanes == 0) {
 #pragma omp simd
     for (int64_t j = j0; j < j1; ++j) {
