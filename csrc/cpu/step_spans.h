@@ -29,6 +29,18 @@ FUSED_LSTM_ALWAYS_INLINE void store_n(float* p, vec<L> v, int64_t n) {
   }
 }
 
+// dst[0, n) = src[0, n) for n > 0 (nothing otherwise), through stream_copy when StreamLanes > 0 (see
+// forward_span).
+template <int StreamLanes, typename scalar_t>
+FUSED_LSTM_ALWAYS_INLINE void save_span(const scalar_t* src, scalar_t* dst, int64_t n) {
+  if (n <= 0) return;
+  if constexpr (StreamLanes > 0) {
+    stream_copy<StreamLanes>(src, dst, n);
+  } else {
+    std::copy(src, src + n, dst);
+  }
+}
+
 // Forward of hidden units [j0, j1) of batch row b. Arguments as in StepForwardArgs. Lanes = 0: scalar code
 // that `omp simd` vectorises, any storage type; Lanes > 0: float32 in explicit vectors of that many floats
 // (simd_math.h), for the kernels built per instruction set (simd.h). StreamLanes > 0 (float32, kernels built
@@ -43,23 +55,11 @@ FUSED_LSTM_ALWAYS_INLINE void forward_span(const StepForwardArgs& a, int64_t b, 
   scalar_t* h_next = static_cast<scalar_t*>(a.h_next) + b * H;
   scalar_t* output = a.output ? static_cast<scalar_t*>(a.output) + b * a.output_stride : nullptr;
   // h is saved before the loop below overwrites it (h_next may be the state itself).
-  if (a.h_prev_saved) {
-    const scalar_t* h = static_cast<const scalar_t*>(a.h_state) + b * Hout;
-    scalar_t* saved = static_cast<scalar_t*>(a.h_prev_saved) + b * Hout;
-    if constexpr (StreamLanes > 0) {
-      stream_copy<StreamLanes>(h + j0, saved + j0, std::min(j1, Hout) - j0);
-    } else {
-      std::copy(h + j0, h + std::min(j1, Hout), saved + j0);
-    }
+  if (a.h_prev_saved) {  // h has Hout columns: with proj_size the span may reach past them
+    save_span<StreamLanes>(static_cast<const scalar_t*>(a.h_state) + b * Hout + j0,
+                           static_cast<scalar_t*>(a.h_prev_saved) + b * Hout + j0, std::min(j1, Hout) - j0);
   }
-  if (a.c_prev_saved) {
-    scalar_t* saved = static_cast<scalar_t*>(a.c_prev_saved) + b * H;
-    if constexpr (StreamLanes > 0) {
-      stream_copy<StreamLanes>(c + j0, saved + j0, j1 - j0);
-    } else {
-      std::copy(c + j0, c + j1, saved + j0);
-    }
-  }
+  if (a.c_prev_saved) save_span<StreamLanes>(c + j0, static_cast<scalar_t*>(a.c_prev_saved) + b * H + j0, j1 - j0);
   if constexpr (Lanes == 0) {
 #pragma omp simd
     for (int64_t j = j0; j < j1; ++j) {
