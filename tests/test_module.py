@@ -52,6 +52,9 @@ def test_same_parameters_and_initialisation(args, kwargs):
     dict(input_size=3, hidden_size=4, num_layers=0), dict(input_size=3, hidden_size=4, dropout=1.5),
     dict(input_size=3, hidden_size=4, dropout=True), dict(input_size=3, hidden_size=4, proj_size=4),
     dict(input_size=3, hidden_size=4, proj_size=-1), dict(input_size=3, hidden_size=4, num_layers=1.0),
+    dict(input_size=3, hidden_size=4, bias="yes"), dict(input_size=3, hidden_size=4, batch_first="yes"),
+    dict(input_size=3.5, hidden_size=4), dict(input_size="3", hidden_size=4),
+    dict(input_size=3, hidden_size=4, dropout=-0.1),
 ])
 def test_constructor_errors_match_torch(kwargs):
     raises_like_torch(lambda cls: lambda: cls(**kwargs))
@@ -76,15 +79,29 @@ def _same_output(a, b, x):
     torch.testing.assert_close(a(x)[0], b(x)[0], atol=0, rtol=0)
 
 
+def _round_trips(module):
+    """The module back from pickle, deepcopy and torch.save / torch.load."""
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return [pickle.loads(pickle.dumps(module)), copy.deepcopy(module), torch.load(buffer, weights_only=False)]
+
+
 def test_pickle_deepcopy_and_torch_save():
     _, ours = lstm_pair(3, 5, num_layers=2, bidirectional=True)
     x = torch.randn(4, 2, 3, dtype=torch.float64)
-    _same_output(ours, pickle.loads(pickle.dumps(ours)), x)
-    _same_output(ours, copy.deepcopy(ours), x)
-    buffer = io.BytesIO()
-    torch.save(ours, buffer)
-    buffer.seek(0)
-    _same_output(ours, torch.load(buffer, weights_only=False), x)
+    for restored in _round_trips(ours):
+        assert type(restored) is fused_lstm.LSTM and restored is not ours
+        _same_output(ours, restored, x)
+
+
+def test_cell_pickle_deepcopy_and_torch_save():
+    _, ours = cell_pair(3, 5)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    for restored in _round_trips(ours):
+        assert type(restored) is fused_lstm.LSTMCell and restored is not ours
+        for a, b in zip(ours(x), restored(x)):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_functional_call_uses_the_given_parameters():
@@ -134,9 +151,18 @@ def _forward_error_case(x, hx=None, **kwargs):
     ("hx 2-D for batched", torch.randn(5, 2, 3), (torch.randn(2, 4), torch.randn(2, 4))),
     ("hx 3-D for unbatched", torch.randn(5, 3), (torch.randn(1, 1, 4), torch.randn(1, 1, 4))),
     ("hx of one tensor", torch.randn(5, 2, 3), (torch.randn(1, 2, 4),)),
+    ("c0 size", torch.randn(5, 2, 3), (torch.randn(1, 2, 4), torch.randn(1, 2, 5))),
+    ("hx layers", torch.randn(5, 2, 3), (torch.randn(2, 2, 4), torch.randn(2, 2, 4))),
 ])
 def test_forward_errors_match_torch(name, x, hx):
     raises_like_torch(_forward_error_case(x, hx))
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_layers=2), dict(bidirectional=True), dict(proj_size=2)])
+def test_hx_shape_errors_match_torch_for_stacks_directions_and_projections(kwargs):
+    """hx sized for a plain one-layer LSTM, given to one with more layers, two directions or a projection."""
+    x = torch.randn(5, 2, 3)
+    raises_like_torch(_forward_error_case(x, (torch.randn(1, 2, 4), torch.randn(1, 2, 4)), **kwargs))
 
 
 def test_forward_errors_match_torch_batch_first():
@@ -156,6 +182,36 @@ def test_hidden_state_dtype_mismatch_is_a_clear_error():
         fused_lstm.LSTM(3, 4)(x, (torch.randn(1, 2, 4, dtype=torch.float64), torch.randn(1, 2, 4)))
 
 
+def test_cell_state_dtype_mismatch_is_a_clear_error():
+    # torch.nn.LSTM fails here inside oneDNN ("get_mkldnn_dtype: unsupported data type").
+    x = torch.randn(5, 2, 3)
+    with pytest.raises(RuntimeError, match="Expected c_0 to have dtype torch.float32 like the input, got torch.float64"):
+        fused_lstm.LSTM(3, 4)(x, (torch.randn(1, 2, 4), torch.randn(1, 2, 4, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("name,hx", [
+    ("h0 batch", (torch.randn(1, 3, 4), torch.randn(1, 3, 4))),
+    ("h0 size", (torch.randn(1, 2, 5), torch.randn(1, 2, 4))),
+    ("hx 2-D", (torch.randn(2, 2), torch.randn(2, 4))),
+])
+def test_packed_input_with_wrong_hx_shape_is_a_clear_error(name, hx):
+    # torch.nn.LSTM's messages here come from deep inside (a broadcast, "an incorrect number of RNN
+    # parameters", an IndexError); fused_lstm names the expected shape.
+    packed = pack_padded_sequence(torch.randn(5, 2, 3), torch.tensor([5, 3]))
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(1, 2, 4\), got \["):
+        fused_lstm.LSTM(3, 4)(packed, hx)
+
+
+@pytest.mark.parametrize("which", ["h_0", "c_0"])
+def test_hidden_state_on_another_device_is_a_clear_error(which):
+    x = torch.randn(5, 2, 3)
+    hx = [torch.randn(1, 2, 4), torch.randn(1, 2, 4)]
+    hx[which == "c_0"] = hx[which == "c_0"].to("meta")
+    with pytest.raises(RuntimeError, match=f"Input and hidden tensors are not at the same device, found input "
+                       f"tensor at cpu and {which} at meta"):
+        fused_lstm.LSTM(3, 4)(x, tuple(hx))
+
+
 def test_input_on_another_device_is_a_clear_error():
     x = torch.randn(5, 2, 3, device="meta")
     with pytest.raises(RuntimeError, match="Input and parameter tensors are not at the same device"):
@@ -166,11 +222,15 @@ def test_input_on_another_device_is_a_clear_error():
 def test_batch_size_zero_works_like_torch(bidirectional):
     ref, ours = lstm_pair(3, 4, bidirectional=bidirectional, proj_size=2)
     x = torch.randn(5, 0, 3, dtype=torch.float64, requires_grad=True)
-    out_ref, (h_ref, c_ref) = ref(x)
-    out, (h, c) = ours(x)
-    assert out.shape == out_ref.shape and h.shape == h_ref.shape and c.shape == c_ref.shape
-    out.sum().backward()
-    assert x.grad.shape == x.shape
+    results = []
+    for module in (ref, ours):
+        out, (h, c) = module(x)
+        loss = out.sum() + h.sum() + c.sum()
+        grads = torch.autograd.grad(loss, [x, *module.parameters()], allow_unused=True, materialize_grads=True)
+        results.append((out, h, c, *grads))
+    for got, expected in zip(results[1], results[0]):
+        assert got.shape == expected.shape and got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
 # ---- LSTMCell ---------------------------------------------------------------------------------------------

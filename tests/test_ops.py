@@ -129,6 +129,7 @@ def test_backward_without_workspace_is_a_clear_error():
     (lambda a: a.__setitem__(4, a[4][:-1]), "weight tensors"),
     (lambda a: a.__setitem__(0, a[0][:-1]), "rows but batch_sizes sum"),
     (lambda a: a.__setitem__(0, a[0][:, :2]), "w_ih of shape"),
+    (lambda a: a.__setitem__(0, a[0].round().long()), "input must be a floating point tensor, got Long"),
 ])
 def test_op_argument_errors(mutate, match):
     args = list(layer_args(packed=True, requires_grad=False))
