@@ -197,3 +197,28 @@ def test_long_reductions_within_torch_error(steps, batch, input_size, hidden):
     for name, m, t, e in zip(names, [out_mine, *mine], [out_theirs, *theirs], [out64, *exact]):
         assert_error_within_torch(m, t, e, name)
         assert rms_error(m, e) <= 1.3 * rms_error(t, e), (name, rms_error(m, e), rms_error(t, e))
+
+
+@pytest.mark.parametrize("hidden,batch,packed,bidirectional", [(128, 64, False, False), (320, 24, True, True)])
+def test_bitwise_deterministic_at_multithreaded_sizes(hidden, batch, packed, bidirectional, cpu_kernels):
+    """Run to run, bit for bit, at sizes where the fused recurrences split each step between threads and the
+    products run in parallel blocks (H=320: grad_input's long reduction over 4H > 1024 in chunks)."""
+    _, ours = lstm_pair(hidden, hidden, bidirectional=bidirectional, dtype=torch.float32, init_scale=None)
+    steps = 12
+    x = torch.randn(steps, batch, hidden, requires_grad=True)
+    hx = tuple(torch.randn(2 if bidirectional else 1, batch, hidden, requires_grad=True) for _ in range(2))
+    lengths = torch.randint(1, steps + 1, (batch,))
+    lengths[0] = steps
+
+    def run():
+        inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
+        out, (h, c) = ours(inp, hx)
+        assert fused_lstm.last_path() == "cpu:fused-recurrence"
+        data = out.data if packed else out
+        loss = (data * data.detach().cos()).sum() + (h * 0.5).sum() + c.sum()
+        return [data, h, c, *torch.autograd.grad(loss, [x, *hx, *ours.parameters()])]
+
+    first, second = run(), run()
+    assert all(t.abs().sum() > 0 for t in first)  # nothing trivially zero
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)

@@ -179,7 +179,7 @@ def test_dropout_is_applied_between_layers_at_rate_p():
     first = fused_lstm.LSTM(4, 300, dtype=torch.float64)
     second = fused_lstm.LSTM(300, 300, dtype=torch.float64)
     state = lstm.state_dict()
-    first.load_state_dict({k.replace("_l0", "_l0"): v for k, v in state.items() if k.endswith("_l0")})
+    first.load_state_dict({k: v for k, v in state.items() if k.endswith("_l0")})
     second.load_state_dict({k.replace("_l1", "_l0"): v for k, v in state.items() if k.endswith("_l1")})
     x = torch.randn(20, 10, 4, dtype=torch.float64)
     with torch.no_grad():
@@ -239,6 +239,9 @@ def test_convert_nested_model_and_back():
 
     back = fused_lstm.convert(model, back=True)
     assert type(back.encoder) is nn.LSTM and type(back.cell) is nn.LSTMCell
+    assert type(back.blocks[1]["rnn"]) is nn.LSTM and back.blocks[1]["rnn"].proj_size == 3
+    assert not any(isinstance(m, (fused_lstm.LSTM, fused_lstm.LSTMCell)) for m in back.modules())
+    assert not back.blocks[1]["rnn"].weight_hh_l0.requires_grad and not back.encoder.training
     torch.testing.assert_close(back(x), expected)
 
 

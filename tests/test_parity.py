@@ -48,9 +48,9 @@ def _non_contiguous(shape, dtype):
     return view
 
 
-def run_pair(ref, ours, case, index, dtype):
+def run_pair(ref, ours, case, index, dtype, sizes=None):
     layers, bias, batch_first, bidir, proj, form, hx_given = case
-    steps, batch, input_size, hidden = _sizes(index)
+    steps, batch, input_size, hidden = sizes or _sizes(index)
     directions = 2 if bidir else 1
     out_hidden = proj or ref.hidden_size
     if form == "unbatched":
@@ -117,6 +117,21 @@ def test_parity_float32(case):
     ref, ours = lstm_pair(_sizes(index)[2], hidden, num_layers=layers, bias=bias, batch_first=batch_first,
                           bidirectional=bidir, proj_size=min(proj, hidden - 1), dtype=torch.float32)
     run_pair(ref, ours, case, index, torch.float32)
+
+
+# hidden_size 1 (no room for a projection): a sample of the cases without one, in both dtypes.
+HIDDEN_ONE_CASES = [case for case in CASES if case[4] == 0][::5]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", HIDDEN_ONE_CASES, ids=_case_id)
+def test_parity_hidden_size_one(case, dtype):
+    index = CASES.index(case)
+    layers, bias, batch_first, bidir, *_ = case
+    steps, batch, input_size, _ = _sizes(index)
+    ref, ours = lstm_pair(input_size, 1, num_layers=layers, bias=bias, batch_first=batch_first,
+                          bidirectional=bidir, dtype=dtype)
+    run_pair(ref, ours, case, index, dtype, sizes=(steps, batch, input_size, 1))
 
 
 @pytest.mark.parametrize("hidden,batch,packed", [(128, 4, False), (256, 16, False), (96, 64, False),
