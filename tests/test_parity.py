@@ -62,8 +62,8 @@ def run_pair(ref, ours, case, index, dtype, sizes=None):
         state_shape = (layers * directions, batch)
     hx = None
     if hx_given:
-        hx = (torch.randn(*state_shape, out_hidden, dtype=dtype, requires_grad=True),
-              torch.randn(*state_shape, ref.hidden_size, dtype=dtype, requires_grad=True))
+        hx = (_non_contiguous((*state_shape, out_hidden), dtype).requires_grad_(),
+              _non_contiguous((*state_shape, ref.hidden_size), dtype).requires_grad_())
 
     def forward(module):
         inp = x
