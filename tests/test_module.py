@@ -205,11 +205,11 @@ def test_packed_input_with_wrong_hx_shape_is_a_clear_error(name, hx):
 @pytest.mark.parametrize("which", ["h_0", "c_0"])
 def test_hidden_state_on_another_device_is_a_clear_error(which):
     x = torch.randn(5, 2, 3)
-    hx = [torch.randn(1, 2, 4), torch.randn(1, 2, 4)]
-    hx[which == "c_0"] = hx[which == "c_0"].to("meta")
+    h0, c0 = torch.randn(1, 2, 4), torch.randn(1, 2, 4)
+    hx = (h0.to("meta"), c0) if which == "h_0" else (h0, c0.to("meta"))
     with pytest.raises(RuntimeError, match=f"Input and hidden tensors are not at the same device, found input "
                        f"tensor at cpu and {which} at meta"):
-        fused_lstm.LSTM(3, 4)(x, tuple(hx))
+        fused_lstm.LSTM(3, 4)(x, hx)
 
 
 def test_input_on_another_device_is_a_clear_error():
