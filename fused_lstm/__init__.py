@@ -7,10 +7,23 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any, Dict
 
 import torch
+
+# Import the extension before ops.py does, so that an unbuilt clone is told how to build it (ops.py's own
+# `from . import _C` would fail with "partially initialized module ... circular import").
+try:
+    importlib.import_module("._C", __name__)
+except ModuleNotFoundError as _missing:
+    if _missing.name != f"{__name__}._C":
+        raise
+    raise ImportError(
+        "fused_lstm: the C++ extension is not built: run `bash .ci/install` (or `pip install "
+        f"--no-build-isolation -e .`) in {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}"
+    ) from None
 
 from . import ops
 from ._C import _set_cpu_kernels
