@@ -291,3 +291,9 @@ torch.library.register_autograd("fused_lstm::lstm_cell", _cell_backward, setup_c
 # Under torch.autocast("cuda") the layer runs in fp16, like torch.nn.LSTM (which autocast lists as fp16).
 torch.library.register_autocast("fused_lstm::lstm_layer", "cuda", torch.float16)
 torch.library.register_autocast("fused_lstm::lstm_cell", "cuda", torch.float16)
+
+# ONNX export of the layer op as ONNX's LSTM, for both exporters (fused_lstm/onnx.py; imports neither onnx nor
+# onnxscript).
+from . import onnx as _onnx  # noqa: E402
+
+_onnx.register()
