@@ -13,6 +13,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -441,6 +442,16 @@ def test_help_runs_as_module() -> None:
         assert option in done.stdout
 
 
+def test_help_lists_every_mode_and_shape_field_and_promises_no_unmeasured_duration() -> None:
+    text = " ".join(cli.build_parser().format_help().split())
+    for mode in MODES:
+        assert f"{mode} (" in text, mode
+    for field in ("T,N,I,H", "layers", "bidir", "packed", "proj_size"):
+        assert field in cli.SHAPE_FIELDS and field in text
+    assert "--results-md" in text
+    assert "H100" not in text and not re.search(r"~ ?\d+ ?min", text)
+
+
 def test_list_prints_plan(capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["--preset", "gpu", "--device", "cpu", "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -602,3 +613,107 @@ def test_train_weights_runs_the_input_as_data() -> None:
 def test_train_weights_flops_drop_the_first_layers_input_gradient() -> None:
     shape = Shape(10, 4, 6, 8, layers=2, bidirectional=True)
     assert mode_flops(shape, "train_weights") == 3 * forward_flops(shape) - 8 * 6 * 8 * 40 * 2
+
+
+# --- reading the results: noisy rows, the environment, the results page ------------------------
+
+def _timed_row(shape: Shape, mode: str, torch_ms: float, fused_ms: float, fused_iqr: float = 0.0,
+               dtype: str = "fp32") -> Result:
+    """A timed row as the harness records it, with chosen medians and spreads (torch's IQR is 2%)."""
+    row = Result("test", shape.T, shape.N, shape.I, shape.H, shape.layers, shape.bidirectional, shape.packed,
+                 shape.proj_size, shape.cell, dtype, mode, "ok", gflop=0.1, torch_algo="cpu")
+    for side, median, iqr in (("torch", torch_ms, 0.02 * torch_ms), ("fused", fused_ms, fused_iqr)):
+        setattr(row, f"{side}_ms", median)
+        setattr(row, f"{side}_q1_ms", median - iqr / 2)
+        setattr(row, f"{side}_q3_ms", median + iqr / 2)
+        setattr(row, f"{side}_min_ms", median - iqr)
+        setattr(row, f"{side}_max_ms", median + iqr)
+    row.repeats, row.speedup = 10, torch_ms / fused_ms
+    return row
+
+
+def test_rows_whose_spread_is_large_against_their_median_are_flagged(tmp_path: Path) -> None:
+    """The issue's busy-machine row (fused 9.510 ms with an IQR of 17.123) must not pass as a plain 0.16x."""
+    quiet = _timed_row(TINY, "infer", 1.5, 1.0, fused_iqr=0.1)
+    noisy = _timed_row(TINY, "train", 1.5, 9.51, fused_iqr=17.123)
+    edge = _timed_row(TINY, "fwd", 1.0, 1.0, fused_iqr=harness.NOISY_SPREAD * 1.0 * 0.99)
+    assert not quiet.noisy and noisy.noisy and not edge.noisy
+    assert not Result("test", 1, 1, 1, 1, 1, False, False, 0, False, "fp32", "infer", "mismatch").noisy
+
+    table = report.format_markdown_table([quiet, noisy])
+    assert table.splitlines()[2].endswith("| ok |") and table.splitlines()[3].endswith("| ok, noisy: rerun |")
+    assert "noisy: rerun" in report.format_table([noisy]) and "noisy: rerun" in harness.progress_line(noisy)
+    assert "noisy: 1 rows" in report.format_summary([quiet, noisy])
+
+    report.write_json(tmp_path / "results.json", [quiet, noisy], {"device": "cpu"}, {})
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert [r["noisy"] for r in doc["results"]] == [False, True] and doc["summary"]["noisy"] == 1
+    assert doc["summary"]["speedup"]["train fp32"]["worst_speedup"] == pytest.approx(1.5 / 9.51)
+
+
+def test_speedup_range_spans_the_quartiles() -> None:
+    row = _timed_row(TINY, "infer", 2.0, 1.0, fused_iqr=0.2)
+    low, high = row.speedup_range()
+    assert low == pytest.approx(1.98 / 1.1) and high == pytest.approx(2.02 / 0.9) and low < 2.0 < high
+
+
+_CPU_ENVIRONMENT = {
+    "date": "2026-01-02T03:04:05+00:00", "device": "cpu", "device_name": "Test CPU", "torch": "2.0",
+    "cuda": "13.0", "cudnn": 92400, "cudnn_enabled": True, "cpu_model": "Test CPU", "cpu_count": 2,
+    "torch_threads": 2, "torch_cpu_capability": "AVX512", "git_commit": "0123456789abcdef",
+    "tf32": {"torch.backends.cudnn.allow_tf32": True}, "env_vars": {"MALLOC_MMAP_THRESHOLD_": "1073741824"},
+    "fused_lstm_build_info": {"cuda": False, "cuda_archs": "", "cpu_kernels": "avx512"},
+}
+
+
+def test_markdown_puts_the_environment_after_the_results_with_cpu_rows_only(tmp_path: Path) -> None:
+    report.write_markdown(tmp_path / "results.md", [_timed_row(TINY, "infer", 1.5, 1.0)], _CPU_ENVIRONMENT)
+    md = (tmp_path / "results.md").read_text()
+    assert md.index("## Summary") < md.index("## Results") < md.index("## Environment")
+    assert md.splitlines()[2].startswith("CPU: Test CPU, 2 cores, 2 torch threads (AVX512)")
+    environment = md[md.index("## Environment"):]
+    assert "| cpu_model | Test CPU |" in environment and "MALLOC_MMAP_THRESHOLD_" in environment
+    assert "fused_lstm_build_info.cpu_kernels | avx512" in environment
+    for cuda_only in ("| cuda |", "| cudnn", "tf32", "cuda_archs", "| device_name |"):
+        assert cuda_only not in environment, cuda_only
+    gpu = dict(_CPU_ENVIRONMENT, device="cuda:0", device_name="Test GPU")
+    assert ("cuda", "13.0") in report.environment_rows(gpu) and ("device_name", "Test GPU") in report.environment_rows(gpu)
+
+
+def test_plot_draws_panels_with_different_shapes(tmp_path: Path) -> None:
+    rows = [_timed_row(TINY, "infer", 1.5, 1.0), _timed_row(Shape(4, 2, 3, 8), "infer", 0.5, 1.0),
+            _timed_row(TINY, "train", 3.0, 1.0, fused_iqr=0.9)]
+    report.plot_speedup(tmp_path / "speedup.png", rows)
+    assert (tmp_path / "speedup.png").read_bytes().startswith(b"\x89PNG")
+    assert 1.0 in report._log_ticks(0.5, 3.0)
+
+
+def test_results_md_is_generated_from_the_kept_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "results" / "2026-01-02-cpu-test"
+    run.mkdir(parents=True)
+    big = Shape(5, 4, 6, 8, layers=2, bidirectional=True)
+    rows = [_timed_row(TINY, "infer", 1.5, 1.0), _timed_row(TINY, "train", 3.0, 2.0),
+            _timed_row(big, "infer", 0.9, 1.0), _timed_row(big, "train", 2.0, 1.0, fused_iqr=0.5)]
+    report.write_json(run / "results.json", rows, _CPU_ENVIRONMENT, {"preset": "cpu", "shape": []})
+
+    assert cli.main(["--results-md", str(tmp_path)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    page = (tmp_path / "RESULTS.md").read_text()
+    assert "## CPU: Test CPU, 2 cores, 2 torch threads (AVX512)" in page
+    assert "`--preset cpu`, 2026-01-02; commit `0123456`" in page and "`MALLOC_MMAP_THRESHOLD_=1073741824`" in page
+    assert "[JSON](results/2026-01-02-cpu-test/results.json)" in page
+    assert "![speedup per shape](results/2026-01-02-cpu-test/speedup.png)" in page
+    geomean = (1.5 * 0.9) ** 0.5
+    assert f"| infer | fp32 | 2 | {geomean:.2f}x | 0.90x (T=5 N=4 I=6 H=8 L2 bi) | 0 |" in page
+    assert "| train | fp32 | 2 | 1.73x | 1.50x (T=6 N=3 I=5 H=8 L1 uni) | 1 |" in page
+    assert "| 6 | 3 | 5 | 8 | L1 uni | 1.500 | 1.000 | 1.50x | 3.000 | 2.000 | 1.50x |" in page
+    assert "| 5 | 4 | 6 | 8 | L2 bi | 0.900 | 1.000 | 0.90x | 2.000 | 1.000 | 2.00x (noisy) |" in page
+    # each kept run's own markdown and plot are re-rendered from its JSON
+    assert "## Environment" in (run / "results.md").read_text()
+    assert (run / "speedup.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_results_md_needs_a_results_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--results-md", str(tmp_path)])
+    assert exc.value.code == 2 and "no results/ folder" in capsys.readouterr().err

@@ -14,7 +14,8 @@ Modules: ``shapes`` (shapes, presets), ``flops`` (FLOP counts), ``algo`` (cuDNN
 algorithm torch picks), ``candidates`` (implementation under test), ``inputs``
 (weights and inputs), ``workloads`` (what each mode runs), ``gate`` (correctness
 gate), ``timing`` (interleaved timing), ``harness`` (the loop), ``env``
-(environment), ``report`` (table/JSON/CSV/markdown/PNG), ``cli``.
+(environment), ``report`` (table/JSON/CSV/markdown/PNG), ``results_page`` (benchmarks/RESULTS.md from
+the kept runs), ``cli``.
 """
 
 from .candidates import resolve_candidate

@@ -20,10 +20,14 @@ from .env import collect_environment
 from .gate import Tolerance
 from .harness import BenchmarkConfig, Job, Result, plan_jobs, run_benchmark
 from .report import format_summary, format_table, write_outputs
+from .results_page import RUNS, write_results_page
 from .shapes import CPU_DTYPES, DTYPES, MODES, PRESETS, Case, parse_names, parse_shape, select_cases
 from .timing import TimingConfig
 
 T = TypeVar("T")
+
+#: The checkout's benchmarks/ folder: RESULTS.md and the kept runs under results/.
+BENCHMARKS_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _arg_type(parse: Callable[[str], T]) -> Callable[[str], T]:
@@ -55,6 +59,19 @@ def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return _arg_type(parse)
 
 
+#: What each mode times, for --help.
+MODE_HELP = {
+    "infer": "eval, forward under no_grad",
+    "train": "forward + backward for the input and all weights",
+    "train_weights": "forward + backward for the weights only, the input being data",
+    "fwd": "forward with autograd recording",
+    "bwd": "backward only; its forward runs untimed before each repeat",
+}
+
+#: The --shape format.
+SHAPE_FIELDS = "T,N,I,H[,layers[,bidir[,packed[,proj_size]]]]"
+
+
 def _preset_help() -> str:
     return "; ".join(f"{p.name}: {p.description} ({len(p.cases)} shapes)" for p in PRESETS.values())
 
@@ -74,15 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     what = p.add_argument_group("what to run")
     what.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                       help="shape set: " + _preset_help())
-    what.add_argument("--shape", action="append", type=_arg_type(parse_shape), metavar="T,N,I,H[,L[,BI[,PK]]]",
-                      help="custom shape (repeatable) replacing the preset's shapes: sequence length, "
-                           "batch, input size, hidden size, then optional layers, bidirectional 0/1, "
-                           "packed 0/1 (lengths spread 1..T), proj_size; modes and dtypes still default to "
-                           "the preset's")
+    what.add_argument("--shape", action="append", type=_arg_type(parse_shape), metavar=SHAPE_FIELDS,
+                      help="custom shape (repeatable) replacing the preset's shapes: T sequence length, "
+                           "N batch, I input size, H hidden size, then optional layers (default 1), "
+                           "bidir 0/1, packed 0/1 (lengths spread 1..T), proj_size (default 0); modes and "
+                           "dtypes still default to the preset's")
     what.add_argument("--modes", type=_arg_type(lambda s: parse_names(s, MODES, "mode")),
-                      help="comma list of infer (eval, no_grad forward), train (forward+backward), "
-                           "fwd (forward with autograd), bwd (backward only; its forward runs untimed "
-                           "before each repeat); default: the preset's")
+                      help="comma list of " + ", ".join(f"{m} ({MODE_HELP[m]})" for m in MODES)
+                           + "; default: the preset's")
     what.add_argument("--dtypes", type=_arg_type(lambda s: parse_names(s, tuple(DTYPES), "dtype")),
                       help="comma list of fp32, bf16, fp16 (half types need CUDA); default: the "
                            "preset's, fp32 only on CPU")
@@ -129,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", type=Path, default=Path("benchmark-results"), metavar="DIR",
                      help="directory for results.json, results.csv, results.md and speedup.png")
     out.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    out.add_argument("--results-md", nargs="?", const=BENCHMARKS_DIR, type=Path, metavar="DIR",
+                     help="run nothing: regenerate DIR/RESULTS.md from every results.json under DIR/results/ "
+                          "(re-rendering each run's results.md and speedup.png from its JSON) and exit; DIR "
+                          f"defaults to this checkout's {BENCHMARKS_DIR.name}/")
     return p
 
 
@@ -200,6 +220,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.results_md is not None:
+        if not (args.results_md / RUNS).is_dir():
+            parser.error(f"--results-md: no {RUNS}/ folder in {args.results_md}")
+        page, runs = write_results_page(args.results_md)
+        print(f"wrote {page} from {len(runs)} runs")
+        return 0
     try:
         device = resolve_device(args.device)
     except ValueError as exc:

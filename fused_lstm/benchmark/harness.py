@@ -25,6 +25,11 @@ from .workloads import make_workload
 #: Receives one progress line at a time (the CLI prints them to stderr).
 Progress = Callable[[str], None]
 
+#: A timed row is noisy when either side's interquartile range exceeds this fraction of its median: its
+#: speedup may be off by as much, so the report says "noisy: rerun". Over the 81 CPU runs on a shared 2-core
+#: AMD EPYC that git history holds, 2.5% of the timed rows were above it.
+NOISY_SPREAD = 0.25
+
 
 @dataclasses.dataclass(frozen=True)
 class Job:
@@ -81,9 +86,31 @@ class Result:
         return Shape(self.T, self.N, self.I, self.H, self.layers, self.bidirectional,
                      self.packed, self.proj_size, self.cell)
 
+    @property
+    def noisy(self) -> bool:
+        """Timed, with a spread (IQR) above :data:`NOISY_SPREAD` of the median on either side."""
+        sides = ((self.torch_ms, self.torch_q1_ms, self.torch_q3_ms), (self.fused_ms, self.fused_q1_ms,
+                                                                       self.fused_q3_ms))
+        return self.status == "ok" and any(
+            None not in (median, q1, q3) and q3 - q1 > NOISY_SPREAD * median for median, q1, q3 in sides)
+
+    def speedup_range(self) -> Optional[Tuple[float, float]]:
+        """The speedup's spread from the quartiles: (torch q1 / fused q3, torch q3 / fused q1)."""
+        quartiles = (self.torch_q1_ms, self.torch_q3_ms, self.fused_q1_ms, self.fused_q3_ms)
+        if self.speedup is None or None in quartiles or not self.fused_q1_ms or not self.fused_q3_ms:
+            return None
+        low, high = self.torch_q1_ms / self.fused_q3_ms, self.torch_q3_ms / self.fused_q1_ms
+        return min(low, self.speedup), max(high, self.speedup)
+
     def as_dict(self) -> Dict[str, object]:
         """Plain dict (field order kept) for JSON/CSV."""
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: Dict[str, object]) -> "Result":
+        """A row as :meth:`as_dict` (or an older ``results.json``) wrote it; unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in row.items() if k in names})  # type: ignore[arg-type]
 
 
 @dataclasses.dataclass
@@ -202,6 +229,7 @@ def progress_line(r: Result) -> str:
     head = f"{r.shape.label()} {r.dtype} {r.mode}"
     if r.status == "ok":
         tf = f"  {r.fused_tflops:.2f} TFLOP/s" if r.fused_tflops is not None else ""
+        noisy = "  (noisy: rerun)" if r.noisy else ""
         return (f"{head}: torch {r.torch_ms:.3f} ms, fused {r.fused_ms:.3f} ms, "
-                f"{r.speedup:.2f}x{tf}")
+                f"{r.speedup:.2f}x{tf}{noisy}")
     return f"{head}: {r.status.upper()} {r.message}"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .flops import FLOP_FORMULA
-from .harness import Result
+from .harness import NOISY_SPREAD, Result
 from .shapes import DTYPES, MODES
 
 #: Output file names inside ``--out``.
@@ -29,7 +29,9 @@ def _num(value: Optional[float], fmt: str) -> str:
 
 
 def _status(r: Result) -> str:
-    return r.status if r.status == "ok" else f"{r.status.upper()}: {r.message}"
+    if r.status == "ok":
+        return "ok, noisy: rerun" if r.noisy else "ok"
+    return f"{r.status.upper()}: {r.message}"
 
 
 #: (header, cell) for the terminal and markdown tables.
@@ -76,30 +78,39 @@ def format_markdown_table(results: Sequence[Result]) -> str:
     return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
 
 
-def geomean_speedups(results: Sequence[Result]) -> Dict[str, Dict[str, float]]:
-    """Geometric-mean speedup and count per ``"mode dtype"`` over timed rows."""
-    groups: Dict[str, List[float]] = defaultdict(list)
+def geomean_speedups(results: Sequence[Result]) -> Dict[str, Dict[str, Any]]:
+    """Per ``"mode dtype"`` over timed rows: geometric-mean speedup, count, and the worst row."""
+    groups: Dict[str, List[Result]] = defaultdict(list)
     for r in results:
         if r.speedup:
-            groups[f"{r.mode} {r.dtype}"].append(r.speedup)
-    return {k: {"geomean_speedup": math.exp(sum(map(math.log, v)) / len(v)), "count": len(v)}
-            for k, v in groups.items()}
+            groups[f"{r.mode} {r.dtype}"].append(r)
+    summary = {}
+    for key, rows in groups.items():
+        worst = min(rows, key=lambda r: r.speedup or 0.0)
+        summary[key] = {"geomean_speedup": math.exp(sum(math.log(r.speedup or 1.0) for r in rows) / len(rows)),
+                        "count": len(rows), "worst_speedup": worst.speedup, "worst_shape": worst.shape.label()}
+    return summary
 
 
 def summarize(results: Sequence[Result]) -> Dict[str, Any]:
-    """Counts by status plus geometric-mean speedups."""
+    """Counts by status, noisy rows, and per-mode speedups (geomean, worst)."""
     counts: Dict[str, int] = defaultdict(int)
     for r in results:
         counts[r.status] += 1
-    return {"status_counts": dict(counts), "speedup": geomean_speedups(results)}
+    return {"status_counts": dict(counts), "noisy": sum(r.noisy for r in results),
+            "speedup": geomean_speedups(results)}
 
 
 def format_summary(results: Sequence[Result]) -> str:
     """A few closing lines for the terminal."""
     summary = summarize(results)
     lines = ["status: " + ", ".join(f"{k}={v}" for k, v in sorted(summary["status_counts"].items()))]
-    lines += [f"geomean speedup {k}: {v['geomean_speedup']:.2f}x over {v['count']} shapes"
+    lines += [f"geomean speedup {k}: {v['geomean_speedup']:.2f}x over {v['count']} shapes "
+              f"(worst {v['worst_speedup']:.2f}x at {v['worst_shape']})"
               for k, v in summary["speedup"].items()]
+    if summary["noisy"]:
+        lines.append(f"noisy: {summary['noisy']} rows have a spread (IQR) above {NOISY_SPREAD:.0%} of their "
+                     "median: rerun them, on a quieter machine or with --threads 1")
     return "\n".join(lines)
 
 
@@ -111,7 +122,7 @@ def write_json(path: Path, results: Sequence[Result], environment: Mapping[str, 
         "settings": dict(settings),
         "flop_formula": FLOP_FORMULA,
         "summary": summarize(results),
-        "results": [r.as_dict() for r in results],
+        "results": [{**r.as_dict(), "noisy": r.noisy} for r in results],
     }
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
 
@@ -135,39 +146,51 @@ def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> List[Tuple[str, An
     return items
 
 
+#: Environment entries that describe CUDA only (versions, TF32 switches, CUDA's environment variables).
+_CUDA_ONLY = ("cuda", "cudnn", "cudnn_enabled", "tf32.", "fused_lstm_build_info.cuda",
+              "env_vars.CUDA_", "env_vars.NVIDIA_", "env_vars.CUBLAS_", "env_vars.TORCH_ALLOW_TF32")
+
+
+def environment_rows(environment: Mapping[str, Any]) -> List[Tuple[str, str]]:
+    """(key, value) rows of the environment that apply to the run's device: no CUDA rows on a CPU run."""
+    cpu = str(environment.get("device", "")).startswith("cpu")
+    rows = []
+    for key, value in _flatten(environment):
+        if cpu and (key == "device_name" or any(key == c or key.startswith(c) for c in _CUDA_ONLY)):
+            continue  # device_name repeats cpu_model on a CPU
+        if key == "env_vars" and not value:
+            value = "none set"
+        rows.append((key, "" if value is None else str(value)))
+    return rows
+
+
+def device_line(environment: Mapping[str, Any]) -> str:
+    """The measured device in words, e.g. ``CPU: AMD EPYC, 2 cores, 2 torch threads (AVX512)``."""
+    env = environment
+    if str(env.get("device", "")).startswith("cuda"):
+        return (f"GPU: {env.get('device_name')} (compute capability {env.get('compute_capability')}, "
+                f"{env.get('sm_count')} SMs), CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}")
+    return (f"CPU: {env.get('cpu_model')}, {env.get('cpu_count')} cores, {env.get('torch_threads')} torch "
+            f"threads ({env.get('torch_cpu_capability')})")
+
+
 def write_markdown(path: Path, results: Sequence[Result], environment: Mapping[str, Any]) -> None:
-    """``results.md``: environment header, results table, FLOP rule and summary."""
-    env_lines = [f"| {k} | {'' if v is None else v} |" for k, v in _flatten(environment)]
+    """``results.md``: summary, results table and FLOP rule, then the environment that applies."""
+    commit = str(environment.get("git_commit") or "unknown")[:12]
     text = "\n".join([
         "# fused_lstm vs torch.nn.LSTM", "",
-        "## Environment", "", "| key | value |", "|---|---|", *env_lines, "",
+        f"{device_line(environment)}; torch {environment.get('torch')}; commit {commit}; "
+        f"{environment.get('date')}.", "",
+        "## Summary", "", *[f"- {line}" for line in format_summary(results).splitlines()], "",
         "## Results", "",
-        "Times are medians in ms (± interquartile range); speedup = torch / fused.", "",
+        "Times are medians in ms (± interquartile range); speedup = torch / fused. A row whose spread exceeds "
+        f"{NOISY_SPREAD:.0%} of its median on either side says `noisy: rerun`.", "",
         format_markdown_table(results), "",
         f"FLOPs: {FLOP_FORMULA}.", "",
-        "## Summary", "", *[f"- {line}" for line in format_summary(results).splitlines()], "",
+        "## Environment", "", "| key | value |", "|---|---|",
+        *[f"| {k} | {v.replace('|', chr(92) + '|')} |" for k, v in environment_rows(environment)], "",
     ])
     path.write_text(text)
-
-
-def _line_label(r: Result, vary_t: bool) -> str:
-    """Legend label of the line a row belongs to: hidden size, plus what else varies."""
-    parts = [f"H={r.H}"]
-    if vary_t:
-        parts.append(f"T={r.T}")
-    if r.I != r.H:
-        parts.append(f"I={r.I}")
-    if r.shape.topology() != "L1 uni":
-        parts.append(r.shape.topology())
-    return " ".join(parts)
-
-
-def _series(rows: Sequence[Result], vary_t: bool) -> Dict[str, List[Tuple[int, float]]]:
-    """Lines of one panel: label -> (batch, speedup) points sorted by batch."""
-    lines: Dict[str, Dict[int, float]] = defaultdict(dict)
-    for r in sorted(rows, key=lambda r: (r.H, r.T, r.I, r.shape.topology())):
-        lines[_line_label(r, vary_t)].setdefault(r.N, r.speedup or 0.0)
-    return {label: sorted(points.items()) for label, points in lines.items()}
 
 
 def _panel_order(key: Tuple[str, str]) -> Tuple[int, int]:
@@ -175,63 +198,85 @@ def _panel_order(key: Tuple[str, str]) -> Tuple[int, int]:
     return MODES.index(mode), list(DTYPES).index(dtype)
 
 
-def plot_speedup(path: Path, results: Sequence[Result]) -> None:
-    """``speedup.png``: speedup vs batch, one panel per (mode, dtype), one line per H.
+#: Tick values offered on the log-scaled speedup axis.
+_SPEEDUP_TICKS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 20.0,
+                  50.0, 100.0)
 
-    A line keeps its colour in every panel; one legend below the panels.
+
+def plot_speedup(path: Path, results: Sequence[Result]) -> None:
+    """``speedup.png``: one panel per (mode, dtype), one labelled point per shape (speedup on a log scale,
+    the quartile range as an error bar, noisy rows in orange), a dashed line at parity.
+
+    Panels that time the same shapes share their shape labels side by side; otherwise they stack.
     """
     from matplotlib.figure import Figure  # Agg via Figure.savefig; no pyplot state
-    from matplotlib.lines import Line2D
 
     timed = [r for r in results if r.speedup]
-    vary_t = len({r.T for r in timed}) > 1
     panels: Dict[Tuple[str, str], List[Result]] = defaultdict(list)
     for r in timed:
         panels[(r.mode, r.dtype)].append(r)
-    labels = list(_series(timed, vary_t))
-    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
-    cols = max(1, min(len(panels), 3))
-    rows = max(1, math.ceil(len(panels) / cols))
-    fig = Figure(figsize=(5.2 * cols, 3.6 * rows + 0.6), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, key in zip(axes, sorted(panels, key=_panel_order)):
-        _draw_panel(ax, " ".join(key), _series(panels[key], vary_t), colors)
-    if not panels:
-        _draw_panel(axes[0], "no timed results", {}, colors)
-    for ax in axes[max(1, len(panels)):]:
-        ax.set_visible(False)
-    if labels:
-        handles = [Line2D([], [], color=colors[label], marker="o") for label in labels]
-        _figure_legend(fig, handles, labels)
-    fig.suptitle("fused_lstm speedup over torch.nn.LSTM (torch ms / fused ms; > 1 = fused faster)")
-    fig.savefig(path, dpi=110)
+    keys = sorted(panels, key=_panel_order)
+    labels = [[r.shape.label() for r in panels[k]] for k in keys]
+    side_by_side = len(keys) > 1 and all(lab == labels[0] for lab in labels)
+    longest = max((len(x) for lab in labels for x in lab), default=10)
+    if side_by_side or len(keys) <= 1:
+        shapes = len(labels[0]) if labels else 1
+        cols = max(1, len(keys))
+        fig = Figure(figsize=(0.075 * longest + 3.2 * cols + 0.5, 0.3 * shapes + 1.6), layout="constrained")
+        axes = fig.subplots(1, cols, sharey=True, squeeze=False).ravel()
+    else:
+        heights = [len(lab) + 2 for lab in labels]
+        fig = Figure(figsize=(0.075 * longest + 6.0, 0.3 * sum(heights) + 1.2), layout="constrained")
+        axes = fig.subplots(len(keys), 1, squeeze=False, gridspec_kw={"height_ratios": heights}).ravel()
+    for ax, key in zip(axes, keys):
+        _draw_panel(ax, " ".join(key), panels[key], show_labels=ax is axes[0] or not side_by_side)
+    if not keys:
+        axes[0].text(0.5, 0.5, "no timed results", ha="center", va="center", transform=axes[0].transAxes)
+        axes[0].set_axis_off()
+    fig.suptitle("fused_lstm speedup over torch.nn.LSTM: torch ms / fused ms (> 1: fused_lstm faster)\n"
+                 "bars: interquartile ranges; orange: noisy, rerun", fontsize="medium")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
-def _figure_legend(fig: Any, handles: Sequence[Any], labels: Sequence[str]) -> None:
-    """One legend under all panels ("outside" placement needs matplotlib >= 3.7)."""
-    try:
-        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6), fontsize="small")
-    except (ValueError, TypeError):
-        fig.legend(handles, labels, loc="lower center", fontsize="small")
+def _log_ticks(low: float, high: float) -> List[float]:
+    """Ticks from :data:`_SPEEDUP_TICKS` within [low, high], 1.0 always, spaced evenly enough to be read."""
+    gap = max(math.log(1.2), math.log(high / low) / 7)
+    ticks = [1.0]
+    for t in (t for t in _SPEEDUP_TICKS if 1.0 < t <= high):
+        if math.log(t / ticks[-1]) >= gap:
+            ticks.append(t)
+    for t in (t for t in reversed(_SPEEDUP_TICKS) if low <= t < 1.0):
+        if math.log(ticks[0] / t) >= gap:
+            ticks.insert(0, t)
+    return ticks
 
 
-def _draw_panel(ax: Any, title: str, series: Mapping[str, List[Tuple[int, float]]],
-                colors: Mapping[str, str]) -> None:
-    batches = sorted({n for points in series.values() for n, _ in points})
-    speedups = [s for points in series.values() for _, s in points]
-    for label, points in series.items():
-        ax.plot([n for n, _ in points], [s for _, s in points], marker="o", color=colors[label])
-    ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
-    # Keep at least 0.8x..1.25x visible so noise around parity does not look like a trend.
-    ax.set_ylim(min([0.8, *speedups]) / 1.05, max([1.25, *speedups]) * 1.05)
-    ax.set_xscale("log", base=2)
+def _draw_panel(ax: Any, title: str, rows: Sequence[Result], show_labels: bool) -> None:
+    y = list(range(len(rows)))
+    speedups = [r.speedup or 1.0 for r in rows]
+    ranges = [r.speedup_range() or (s, s) for r, s in zip(rows, speedups)]
+    colors = ["tab:orange" if r.noisy else "tab:blue" for r in rows]
+    for yi, s, (low, high), color in zip(y, speedups, ranges, colors):
+        ax.errorbar([s], [yi], xerr=[[s - low], [high - s]], fmt="o", color=color, capsize=2, markersize=4)
+        ax.annotate(f"{s:.2f}x", (high, yi), xytext=(4, 0), textcoords="offset points", va="center",
+                    fontsize="x-small", color=color)
+    ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    # Keep at least 0.8x..1.25x visible so noise around parity does not look like a trend; room for the values.
+    low = min([0.8, *(r[0] for r in ranges)]) / 1.1
+    high = max([1.25, *(r[1] for r in ranges)]) * 1.35
+    ax.set_xlim(low, high)
+    ticks = _log_ticks(low, high)
+    ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
     ax.minorticks_off()
-    if batches:
-        ax.set_xticks(batches, [str(n) for n in batches])
+    if show_labels:
+        ax.set_yticks(y, [r.shape.label() for r in rows], fontsize="small")
+    else:  # shares the first panel's shape labels
+        ax.tick_params(labelleft=False)
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # first shape on top
     ax.set_title(title)
-    ax.set_xlabel("batch size N")
-    ax.set_ylabel("speedup")
-    ax.grid(True, alpha=0.3)
+    ax.set_xlabel("speedup (log scale)")
+    ax.grid(True, axis="x", alpha=0.3)
 
 
 def write_outputs(out_dir: Path, results: Sequence[Result], environment: Mapping[str, Any],
