@@ -68,9 +68,10 @@ def _run_line(run: Run, base: Path) -> str:
     parts.append(f"timing-relevant environment variables: {variables}")
     if run.settings.get("interrupted"):
         parts.append("**interrupted: not every planned row was measured**")
-    links = ", ".join(f"[{name}]({folder}/{FILES[kind]})" for kind, name in
-                      (("md", "table"), ("json", "JSON"), ("png", "plot")) if (run.path.parent / FILES[kind]).exists())
-    return f"Run `{folder}` ({links}): " + "; ".join(parts) + "."
+    files = [("conditions", "README.md"), ("table", FILES["md"]), ("JSON", FILES["json"]), ("plot", FILES["png"])]
+    links = ", ".join(f"[{name}]({folder}/{file})" for name, file in files if (run.path.parent / file).exists())
+    name = folder[len(RUNS) + 1:] if folder.startswith(f"{RUNS}/") else folder
+    return f"Run `{name}` ({links}): " + "; ".join(parts) + "."
 
 
 def format_summary_table(results: Sequence[Result]) -> str:
