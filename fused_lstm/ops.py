@@ -40,6 +40,9 @@ def lstm_layer(
     ``"persistent"`` (the whole sequence in one go: the persistent CUDA kernel, the CPU's fused recurrence;
     an error when it cannot run this layer).
     """
+    if _transforms_active():
+        return _LayerFunction.apply(input, batch_sizes, h0, c0, has_biases, has_projections, bidirectional, recurrence,
+                                    *weights)
     return torch.ops.fused_lstm.lstm_layer.default(
         input, batch_sizes, h0, c0, list(weights), has_biases, has_projections, bidirectional, need_workspace,
         recurrence,
@@ -87,6 +90,8 @@ def lstm_cell(
     """One LSTMCell step, differentiable: input ``[N, I]``, hx and cx ``[N, H]``, w_ih ``[4H, I]``,
     w_hh ``[4H, H]``, b_ih and b_hh ``[4H]`` (both or neither). Returns ``(h', c', gates)``; gates
     ``[N, 4H]``, the post-activation gates, is what the backward needs (not differentiable)."""
+    if _transforms_active():
+        return _CellFunction.apply(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
     return torch.ops.fused_lstm.lstm_cell.default(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
 
 
@@ -287,6 +292,202 @@ def _cell_backward(ctx, grad_h, grad_c, _grad_gates):
 
 
 torch.library.register_autograd("fused_lstm::lstm_cell", _cell_backward, setup_context=_cell_setup_context)
+
+# --- torch.func (grad, vjp, jacrev, vmap, jvp, jacfwd) and forward-mode AD ----------------------------------
+# The autograd.Function that torch.library.register_autograd generates has no setup_context staticmethod, so
+# functorch refuses it, and under forward-mode AD it has no jvp. While a functorch transform or a forward-AD
+# level is active, the wrappers above call these Functions instead: the same op forward, a vmap rule that
+# folds the vmapped dimension into the batch (one fused call), forward-mode tangents through the
+# differentiable reference (reference.py), and a backward that is the fused op's when nothing is transformed
+# at backward time, the reference's vjp otherwise (batched or nested gradients: composable with every
+# transform). Everything else (eager, compile, export, script) calls the op as registered above.
+
+def _transforms_active() -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+
+
+def _zeros_for_none(values, like):
+    return [torch.zeros_like(p) if v is None else v for v, p in zip(values, like)]
+
+
+def _jvp(fn, primals, tangents):
+    """fn's forward-mode tangents at primals, by the transpose of its vjp (two reverse passes through fn, the
+    differentiable reference): works inside torch.autograd.forward_ad's dual level too, where a nested
+    torch.func.jvp may not enter another."""
+    outputs, pullback = torch.func.vjp(fn, *primals)
+    _, transposed = torch.func.vjp(pullback, tuple(torch.zeros_like(o) for o in outputs))
+    return transposed(tuple(tangents))[0]
+
+
+def _moved_batch(t: Optional[Tensor], dim: Optional[int], size: int, batch_axis: int) -> Tensor:
+    """t with vmap's dimension (dim, or a broadcast one when None) folded into its batch axis."""
+    if dim is None:
+        t = t.unsqueeze(batch_axis).expand(*t.shape[:batch_axis], size, *t.shape[batch_axis:])
+    else:
+        t = t.movedim(dim, batch_axis)
+    return t.reshape(*t.shape[:batch_axis], -1, *t.shape[batch_axis + 2:])
+
+
+def _vmap_size(in_dims, args) -> int:
+    return next(a.shape[d] for a, d in zip(args, in_dims) if d is not None)
+
+
+class _LayerFunction(torch.autograd.Function):
+    """lstm_layer for torch.func. Arguments: (input, batch_sizes, h0, c0, has_biases, has_projections,
+    bidirectional, recurrence, *weights)."""
+
+    @staticmethod
+    def forward(input, batch_sizes, h0, c0, has_biases, has_projections, bidirectional, recurrence, *weights):
+        return torch.ops.fused_lstm.lstm_layer.default(input, batch_sizes, h0, c0, list(weights), has_biases,
+                                                       has_projections, bidirectional, True, recurrence)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, batch_sizes, h0, c0, has_biases, has_projections, bidirectional, _, *weights = inputs
+        ctx.mark_non_differentiable(*output[3:])
+        ctx.set_materialize_grads(False)
+        ctx.flags = (has_biases, has_projections, bidirectional)
+        ctx.batch_sizes = batch_sizes
+        ctx.save_for_backward(input, h0, c0, *output[3:], *weights)
+        ctx.save_for_forward(input, h0, c0, *weights)
+
+    @staticmethod
+    def _reference(ctx):
+        def layer(input, h0, c0, *weights):
+            return reference.lstm_layer(input, ctx.batch_sizes, h0, c0, weights, *ctx.flags)
+        return layer
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_h_n, grad_c_n, *_):
+        input, h0, c0, gates, c_prev, h_prev, *weights = ctx.saved_tensors
+        none = (None,) * 5
+        if grad_output is None and grad_h_n is None and grad_c_n is None:
+            return (None,) * 3 + none + (None,) * len(weights)
+        outputs_like = (input.new_empty(0), h0, c0)
+        if grad_output is None:
+            out_hidden = weights[1].shape[1] * (2 if ctx.flags[2] else 1)
+            grad_output = input.new_zeros(*input.shape[:-1], out_hidden)
+        grad_h_n, grad_c_n = _zeros_for_none((grad_h_n, grad_c_n), outputs_like[1:])
+        if torch._C._are_functorch_transforms_active() or torch.is_grad_enabled():
+            _, pullback = torch.func.vjp(_LayerFunction._reference(ctx), input, h0, c0, *weights)
+            grad_input, grad_h0, grad_c0, *grad_weights = pullback((grad_output, grad_h_n, grad_c_n))
+        else:
+            grad_input, grad_h0, grad_c0, grad_weights = lstm_layer_backward(
+                grad_output, grad_h_n, grad_c_n, input, ctx.batch_sizes, h0, c0, weights, *ctx.flags, gates, c_prev,
+                h_prev)
+        needs = ctx.needs_input_grad
+        grad_weights = [g if needs[8 + i] else None for i, g in enumerate(grad_weights)]
+        return (grad_input if needs[0] else None, None, grad_h0 if needs[2] else None,
+                grad_c0 if needs[3] else None, *none[:4], *grad_weights)
+
+    @staticmethod
+    def jvp(ctx, input_t, _batch_sizes_t, h0_t, c0_t, *rest):
+        input, h0, c0, *weights = ctx.saved_tensors
+        weight_tangents = rest[4:]
+        primals = (input, h0, c0, *weights)
+        tangents = _zeros_for_none((input_t, h0_t, c0_t, *weight_tangents), primals)
+        output_t, h_n_t, c_n_t = _jvp(_LayerFunction._reference(ctx), primals, tangents)
+        return output_t, h_n_t, c_n_t, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, input, batch_sizes, h0, c0, has_biases, has_projections, bidirectional, recurrence,
+             *weights):
+        size = info.batch_size
+        flags = (has_biases, has_projections, bidirectional, recurrence)
+        input_dim, _, h0_dim, c0_dim = in_dims[:4]
+        if batch_sizes is not None or any(d is not None for d in in_dims[8:]):
+            # Packed input or batched weights (an ensemble): one call per sample.
+            def take(t, d, b):
+                return t if d is None else t.select(d, b)
+            results = [_LayerFunction.apply(take(input, input_dim, b), batch_sizes, take(h0, h0_dim, b),
+                                            take(c0, c0_dim, b), *flags,
+                                            *[take(w, d, b) for w, d in zip(weights, in_dims[8:])])
+                       for b in range(size)]
+            return tuple(torch.stack(r) for r in zip(*results)), (0,) * 6
+        # Dense, shared weights: the vmapped dimension joins the batch (dim 1 of input, h0, c0): one fused call.
+        per_sample = [n for i, n in enumerate(input.shape) if i != input_dim]  # [T, N, I]
+        steps, batch = per_sample[0], per_sample[1]
+        output, h_n, c_n, *_ = _LayerFunction.apply(
+            _moved_batch(input, input_dim, size, 1), None, _moved_batch(h0, h0_dim, size, 1),
+            _moved_batch(c0, c0_dim, size, 1), *flags, *weights)
+        output = output.reshape(steps, size, batch, -1)
+        h_n = h_n.reshape(h_n.shape[0], size, batch, -1)
+        c_n = c_n.reshape(c_n.shape[0], size, batch, -1)
+        empty = input.new_empty(size, 0)  # no workspace per sample: the backward recomputes under vmap
+        return (output, h_n, c_n, empty, empty, empty), (1, 1, 1, 0, 0, 0)
+
+
+class _CellFunction(torch.autograd.Function):
+    """lstm_cell for torch.func. Arguments: (input, hx, cx, w_ih, w_hh, b_ih, b_hh)."""
+
+    @staticmethod
+    def forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+        return torch.ops.fused_lstm.lstm_cell.default(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[2])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*inputs[:5], output[2], *inputs[5:])
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_c, _grad_gates):
+        input, hx, cx, w_ih, w_hh, gates, b_ih, b_hh = ctx.saved_tensors
+        if grad_h is None and grad_c is None:
+            return (None,) * 7
+        primals = [input, hx, cx, w_ih, w_hh, b_ih, b_hh]
+        if torch._C._are_functorch_transforms_active() or torch.is_grad_enabled():
+            grad_h, grad_c = _zeros_for_none((grad_h, grad_c), (hx, cx))
+            present = [i for i, p in enumerate(primals) if p is not None]
+
+            def cell(*args):
+                full = list(primals)
+                for i, a in zip(present, args):
+                    full[i] = a
+                return reference.lstm_cell(*full)
+
+            _, pullback = torch.func.vjp(cell, *[primals[i] for i in present])
+            grads = [None] * 7
+            for i, g in zip(present, pullback((grad_h, grad_c))):
+                grads[i] = g
+        else:
+            grads = list(lstm_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, gates, b_ih is not None))
+            if b_ih is None:
+                grads[5:] = [None, None]
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        primals = ctx.saved_tensors
+        present = [i for i, p in enumerate(primals) if p is not None]
+
+        def cell(*args):
+            full = list(primals)
+            for i, a in zip(present, args):
+                full[i] = a
+            return reference.lstm_cell(*full)
+
+        chosen = [primals[i] for i in present]
+        h_t, c_t = _jvp(cell, chosen, _zeros_for_none([tangents[i] for i in present], chosen))
+        return h_t, c_t, None
+
+    @staticmethod
+    def vmap(info, in_dims, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+        size = info.batch_size
+        if any(d is not None for d in in_dims[3:]):  # batched weights: one call per sample
+            def take(t, d, b):
+                return t if d is None or t is None else t.select(d, b)
+            args = (input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+            results = [_CellFunction.apply(*[take(t, d, b) for t, d in zip(args, in_dims)]) for b in range(size)]
+            return tuple(torch.stack(r) for r in zip(*results)), (0, 0, 0)
+        rows = [n for i, n in enumerate(input.shape) if i != in_dims[0]][0]  # per sample [N, I]
+        h, c, gates = _CellFunction.apply(_moved_batch(input, in_dims[0], size, 0), _moved_batch(hx, in_dims[1], size, 0),
+                                          _moved_batch(cx, in_dims[2], size, 0), w_ih, w_hh, b_ih, b_hh)
+        return (h.reshape(size, rows, -1), c.reshape(size, rows, -1), gates.reshape(size, rows, -1)), (0, 0, 0)
+
 
 # Under torch.autocast("cuda") the layer runs in fp16, like torch.nn.LSTM (which autocast lists as fp16).
 torch.library.register_autocast("fused_lstm::lstm_layer", "cuda", torch.float16)
