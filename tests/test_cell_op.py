@@ -101,6 +101,7 @@ def test_gradcheck_and_gradgradcheck(variant):
     assert torch.autograd.gradgradcheck(fn, inputs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", sorted({1, PACKED_DEPTH - 1, PACKED_DEPTH, MIN_RECURRENCE_ROWS - 1,
                                            MIN_RECURRENCE_ROWS, 40, IN_PLACE_ROWS - 1, IN_PLACE_ROWS}))
 @pytest.mark.parametrize("hidden", [5, 70])

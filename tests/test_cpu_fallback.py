@@ -48,6 +48,7 @@ def test_unknown_or_unsupported_kernels_are_refused(aten_kernels):
     assert fused_lstm.build_info()["cpu_kernels"] == "aten"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", ["aten", "avx2", "avx512", "sse"])
 def test_the_environment_variable_selects_the_kernels_at_import(kernels):
     """FUSED_LSTM_CPU_KERNELS, read when fused_lstm is imported (a fresh interpreter here)."""

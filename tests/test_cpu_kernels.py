@@ -59,6 +59,7 @@ def _cases():
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps,batch,input_size,hidden,proj,bias,what", _cases(), ids=[c[-1] for c in _cases()])
 @pytest.mark.parametrize("recurrence", ["auto", "standard"])
 def test_float32_kernels_match_torch_and_float64(steps, batch, input_size, hidden, proj, bias, what, recurrence):
@@ -79,6 +80,7 @@ def test_fused_projection_with_the_units_split():
         torch.set_num_threads(previous)
 
 
+@pytest.mark.slow
 def test_projection_in_long_chunks_for_large_weights():
     """Past projection_chunk_max_weight_bytes of packed W_ih and W_hh the forward projects chunks of
     large_projection_chunk_bytes of gates (1572 rows here: two chunks of 17 steps and 3 steps, row tiles

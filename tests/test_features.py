@@ -28,6 +28,7 @@ class Tagger(nn.Module):
         return self.head(out).sum(-1) + h.sum(0).mean(-1, keepdim=True) + c.mean()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compile_fullgraph_matches_eager(backend):
     torch._dynamo.reset()

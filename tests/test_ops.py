@@ -90,6 +90,7 @@ def test_gradcheck(variant):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS[:4], ids=str)
 def test_gradgradcheck(variant):
     fn, inputs = _differentiable(variant)
