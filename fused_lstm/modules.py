@@ -1,8 +1,8 @@
 """Drop-in replacements for ``torch.nn.LSTM`` and ``torch.nn.LSTMCell`` on the fused_lstm custom ops."""
 
-from __future__ import annotations
-
-from typing import List, Literal, Optional, Tuple, Union, overload
+# No `from __future__ import annotations`: TorchScript resolves the overloads' annotations of _ScriptableLSTM
+# eagerly.
+from typing import List, Literal, Optional, Tuple, overload
 
 import torch
 import torch.nn.functional as F
@@ -35,16 +35,31 @@ def _check_state(input: Tensor, hx: _HiddenState, weight: Tensor) -> None:
         if state.device != input.device:
             raise RuntimeError(f"Input and hidden tensors are not at the same device, found input tensor at "
                                f"{input.device} and {name} at {state.device}")
-        if state.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
+        if state.dtype != input.dtype and not _autocast_enabled(input):
             raise RuntimeError(f"Expected {name} to have dtype {input.dtype} like the input, got {state.dtype}")
+
+
+def _autocast_enabled(input: Tensor) -> bool:
+    if torch.jit.is_scripting():
+        return torch.is_autocast_enabled()  # TorchScript's takes no device type: CUDA's
+    return torch.is_autocast_enabled(input.device.type)
 
 
 def _c10_name(dtype: torch.dtype) -> str:
     """The C++ name torch's own messages use for a dtype ("Float", "Double", "BFloat16")."""
+    if torch.jit.is_scripting():
+        names = {"torch.float32": "Float", "torch.float64": "Double", "torch.float16": "Half",
+                 "torch.bfloat16": "BFloat16"}
+        return names.get(str(dtype), str(dtype))
     return torch.empty(0, dtype=dtype).type().removeprefix("torch.").removesuffix("Tensor")
 
 
 def _needs_workspace(tensors: List[Tensor]) -> bool:
+    """Whether the layer op keeps its backward workspace. Never while torch.jit.trace records: the traced graph
+    would freeze this decision (and differ between grad modes); its backward then recomputes the forward once
+    to get the workspace (ops._backward)."""
+    if torch.jit.is_tracing():
+        return False
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
@@ -83,12 +98,18 @@ class LSTM(nn.RNNBase):
         recurrence = getattr(self, "recurrence", "auto")
         return extra if recurrence == "auto" else f"{extra}, recurrence={recurrence!r}"
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script compiles this module's scriptable twin: the same attributes and parameters (shared,
+        not copied), a forward in the subset of Python TorchScript compiles, with nn.LSTM's PackedSequence
+        overload."""
+        return _scriptable_twin(self, _ScriptableLSTM)
+
     # Shape checks and hidden-state permutation are torch.nn.LSTM's own, so errors read the same.
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     check_forward_args = nn.LSTM.check_forward_args
     permute_hidden = nn.LSTM.permute_hidden
 
-    def _zero_state(self, input: Tensor, batch: Union[int, Tensor]) -> _HiddenState:
+    def _zero_state(self, input: Tensor, batch: int) -> _HiddenState:
         layers = self.num_layers * (2 if self.bidirectional else 1)
         out_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
         h = torch.zeros(layers, batch, out_hidden, dtype=input.dtype, device=input.device)
@@ -197,6 +218,10 @@ class LSTMCell(nn.RNNCellBase):
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
         self.recurrence = _checked_recurrence(recurrence)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script compiles this module's scriptable twin (see LSTM.__prepare_scriptable__)."""
+        return _scriptable_twin(self, _ScriptableLSTMCell)
+
     def forward(self, input: Tensor, hx: Optional[_HiddenState] = None) -> _HiddenState:
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
@@ -222,9 +247,7 @@ class LSTMCell(nn.RNNCellBase):
             h, c, _ = ops.lstm_cell(input, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh)
         else:  # a path asked for by name: a one-step layer call, which honours it
             weights = [w_ih, w_hh, b_ih, b_hh] if self.bias else [w_ih, w_hh]
-            need_workspace = torch.is_grad_enabled() and (
-                input.requires_grad or hx[0].requires_grad or hx[1].requires_grad or
-                any(w.requires_grad for w in weights))
+            need_workspace = _needs_workspace([input, hx[0], hx[1], *weights])
             _, h, c, *_ = ops.lstm_layer(input.unsqueeze(0), None, hx[0].unsqueeze(0), hx[1].unsqueeze(0), weights,
                                          self.bias, False, False, need_workspace, recurrence)
             h, c = h[0], c[0]
@@ -234,7 +257,7 @@ class LSTMCell(nn.RNNCellBase):
 
     def _check_forward(self, input: Tensor, hx: _HiddenState, weight_ih: Tensor) -> None:
         """torch's own cell checks (same messages), plus dtype and device."""
-        if input.dtype != weight_ih.dtype and not torch.is_autocast_enabled(input.device.type):
+        if input.dtype != weight_ih.dtype and not _autocast_enabled(input):
             raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {_c10_name(input.dtype)} and "
                                f"{_c10_name(weight_ih.dtype)}")
         if input.size(1) != self.input_size:
@@ -251,6 +274,151 @@ class LSTMCell(nn.RNNCellBase):
                 raise RuntimeError(f"hidden{label} has inconsistent hidden_size: got {state.size(1)}, expected "
                                    f"{self.hidden_size}")
         _check_state(input, hx, weight_ih)
+
+
+def _scriptable_twin(module: nn.Module, twin_class: type) -> nn.Module:
+    twin = twin_class.__new__(twin_class)
+    twin.__dict__.update(module.__dict__)
+    twin.__dict__.setdefault("recurrence", "auto")  # modules pickled before the attribute existed
+    return twin
+
+
+def _scripted_need_workspace(input: Tensor, hx: _HiddenState, weights: List[Tensor]) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    need = input.requires_grad or hx[0].requires_grad or hx[1].requires_grad
+    for w in weights:
+        need = need or w.requires_grad
+    return need
+
+
+class _ScriptableLSTM(LSTM):
+    """What ``torch.jit.script(fused_lstm.LSTM(...))`` compiles (LSTM.__prepare_scriptable__): LSTM.forward in
+    the subset TorchScript compiles, calling the layer op directly, with nn.LSTM's two overloads (a tensor or a
+    PackedSequence). Never instantiated by users."""
+
+    @torch._jit_internal._overload_method  # noqa: F811
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None  # noqa: F811
+                ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        pass
+
+    @torch._jit_internal._overload_method  # noqa: F811
+    def forward(self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]] = None  # noqa: F811
+                ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
+        pass
+
+    def forward(self, input, hx=None):  # noqa: F811
+        self._update_flat_weights()
+        orig_input = input
+        # isinstance checks stay in conditionals so that TorchScript compiles each overload on its own.
+        batch_sizes: Optional[Tensor] = None
+        sorted_indices: Optional[Tensor] = None
+        unsorted_indices: Optional[Tensor] = None
+        is_batched = True
+        batch_dim = 0 if self.batch_first else 1
+        if isinstance(orig_input, PackedSequence):
+            input, packed_sizes, sorted_indices, unsorted_indices = input
+            batch_sizes = packed_sizes
+            batch = sorted_indices.numel() if sorted_indices is not None else int(packed_sizes[0])
+            if hx is None:
+                hx = self._zero_state(input, batch)
+            else:
+                hx = self.permute_hidden(hx, sorted_indices)
+            self._check_packed_args(input, packed_sizes, batch, hx)
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            if hx is None:
+                hx = self._zero_state(input, input.size(batch_dim))
+            else:
+                if is_batched:
+                    if hx[0].dim() != 3 or hx[1].dim() != 3:
+                        raise RuntimeError("For batched 3-D input, hx and cx should also be 3-D but got "
+                                           f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                else:
+                    if hx[0].dim() != 2 or hx[1].dim() != 2:
+                        raise RuntimeError("For unbatched 2-D input, hx and cx should also be 2-D but got "
+                                           f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+            self.check_forward_args(input, hx, None)
+            if input.size(0 if not self.batch_first else 1) == 0:
+                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+            if self.batch_first:
+                input = input.transpose(0, 1)
+        output, hidden = self._run_layers(input, batch_sizes, hx)
+        if isinstance(orig_input, PackedSequence):
+            assert batch_sizes is not None
+            return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
+                    self.permute_hidden(hidden, unsorted_indices))
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1))
+        return output, hidden
+
+    def _run_layers(self, input: Tensor, batch_sizes: Optional[Tensor],
+                    hx: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        """LSTM._run: input time-major [T, N, I] or packed [R, I]."""
+        weights: List[Tensor] = self._flat_weights
+        _check_state(input, hx, weights[0])
+        directions = 2 if self.bidirectional else 1
+        per_layer = len(weights) // self.num_layers
+        need_workspace = _scripted_need_workspace(input, hx, weights)
+        h_n: List[Tensor] = []
+        c_n: List[Tensor] = []
+        layer_input = input
+        for layer in range(self.num_layers):
+            start = layer * directions
+            output, h, c, _, _, _ = torch.ops.fused_lstm.lstm_layer(
+                layer_input, batch_sizes, hx[0][start:start + directions], hx[1][start:start + directions],
+                weights[layer * per_layer:(layer + 1) * per_layer], self.bias, self.proj_size > 0,
+                self.bidirectional, need_workspace, self.recurrence)
+            h_n.append(h)
+            c_n.append(c)
+            if self.dropout > 0 and self.training and layer + 1 < self.num_layers:
+                output = F.dropout(output, self.dropout, training=True)
+            layer_input = output
+        return layer_input, (torch.cat(h_n), torch.cat(c_n))
+
+
+class _ScriptableLSTMCell(LSTMCell):
+    """What ``torch.jit.script(fused_lstm.LSTMCell(...))`` compiles (LSTMCell.__prepare_scriptable__)."""
+
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            for idx, value in enumerate(hx):
+                if value.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            hx = (zeros, zeros)
+        elif not is_batched:
+            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        self._check_forward(input, hx, self.weight_ih)
+        if self.recurrence == "auto":
+            h, c, _ = torch.ops.fused_lstm.lstm_cell(input, hx[0], hx[1], self.weight_ih, self.weight_hh,
+                                                     self.bias_ih, self.bias_hh)
+        else:
+            weights = [self.weight_ih, self.weight_hh]
+            b_ih, b_hh = self.bias_ih, self.bias_hh
+            if b_ih is not None and b_hh is not None:
+                weights = [self.weight_ih, self.weight_hh, b_ih, b_hh]
+            _, h, c, _, _, _ = torch.ops.fused_lstm.lstm_layer(
+                input.unsqueeze(0), None, hx[0].unsqueeze(0), hx[1].unsqueeze(0), weights, self.bias, False, False,
+                _scripted_need_workspace(input, hx, weights), self.recurrence)
+            h, c = h[0], c[0]
+        if not is_batched:
+            h, c = h.squeeze(0), c.squeeze(0)
+        return h, c
 
 
 _TORCH_TO_FUSED = {nn.LSTM: LSTM, nn.LSTMCell: LSTMCell}

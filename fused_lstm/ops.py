@@ -159,11 +159,12 @@ def _lstm_layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_size
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    input, batch_sizes, h0, c0, weights, has_biases, has_projections, bidirectional, _, _ = inputs
+    input, batch_sizes, h0, c0, weights, has_biases, has_projections, bidirectional, _, recurrence = inputs
     _, _, _, gates, c_prev, h_prev = output
     ctx.mark_non_differentiable(gates, c_prev, h_prev)
     ctx.set_materialize_grads(False)  # unused outputs would otherwise get zero-filled gradients
     ctx.flags = (has_biases, has_projections, bidirectional)
+    ctx.recurrence = recurrence
     ctx.num_weights = len(weights)
     ctx.save_for_backward(input, batch_sizes, h0, c0, gates, c_prev, h_prev, *weights)
 
@@ -184,6 +185,13 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_c_prev, _
         # differentiable (double backward, gradgradcheck).
         grads = _reference_backward(ctx, grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weights)
     else:
+        if gates.dim() == 1:
+            # The forward kept no workspace: a graph traced (torch.jit.trace) or exported under no_grad, which
+            # froze need_workspace=False into it, is being trained. Run the forward again to get it.
+            with torch.no_grad():
+                _, _, _, gates, c_prev, h_prev = torch.ops.fused_lstm.lstm_layer.default(
+                    input, batch_sizes, h0, c0, weights, has_biases, has_projections, bidirectional, True,
+                    ctx.recurrence)
         # Only the gradients asked for: the first layer's input is usually data, frozen weights need none,
         # and h0 is usually zeros or a detached state.
         need_input_grad, need_h0_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[2]

@@ -1,0 +1,158 @@
+"""TorchScript (script and trace) and torch.export: fused_lstm modules compile, save, load, run as torch.nn.LSTM
+does, and the results train whatever the grad mode was when they were traced or exported (the workspace
+decision is not frozen into the graph)."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Tuple
+
+import pytest
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import fused_lstm
+from conftest import assert_close, cell_pair, lstm_pair
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation, tracer warnings
+        yield
+
+
+def _round_trip(scripted):
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    return torch.jit.load(buffer)
+
+
+class _Both(torch.nn.Module):
+    """Calls the LSTM on a tensor (with and without hx) and on a PackedSequence: both overloads compiled."""
+
+    def __init__(self, lstm):
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x: Tensor, hx: Tuple[Tensor, Tensor], packed: PackedSequence
+                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        out, (h, c) = self.lstm(x)
+        out_hx, _ = self.lstm(x, hx)
+        packed_out, (packed_h, _) = self.lstm(packed)
+        return out, h, out_hx, packed_out.data, packed_h
+
+
+def _inputs(ref, batch_first):
+    x = torch.randn((3, 5, 4) if batch_first else (5, 3, 4), dtype=torch.float64)
+    states = ref.num_layers * (2 if ref.bidirectional else 1)
+    out_hidden = ref.proj_size or ref.hidden_size
+    hx = (torch.randn(states, 3, out_hidden, dtype=torch.float64),
+          torch.randn(states, 3, ref.hidden_size, dtype=torch.float64))
+    padded = torch.randn((3, 5, 4) if batch_first else (5, 3, 4), dtype=torch.float64)
+    packed = pack_padded_sequence(padded, torch.tensor([5, 2, 4]), batch_first=batch_first, enforce_sorted=False)
+    return x, hx, packed
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(),
+    dict(num_layers=2, bidirectional=True, batch_first=True),
+    dict(proj_size=2, bias=False),
+])
+def test_script_with_both_overloads_save_load(kwargs):
+    ref, ours = lstm_pair(4, 6, **kwargs)
+    x, hx, packed = _inputs(ref, kwargs.get("batch_first", False))
+    scripted = torch.jit.script(_Both(ours))
+    expected = _Both(ref)(x, hx, packed)
+    for model in (scripted, _round_trip(scripted)):
+        for got, want, what in zip(model(x, hx, packed), expected, ("out", "h_n", "out with hx", "packed", "packed h")):
+            assert_close(got, want, what=what)
+
+
+def test_scripted_lstm_trains():
+    ref, ours = lstm_pair(4, 6, num_layers=2)
+    scripted = _round_trip(torch.jit.script(_Both(ours)))
+    x, hx, packed = _inputs(ref, False)
+    for model, module in ((scripted, scripted), (_Both(ref), ref)):
+        sum(t.sin().sum() for t in model(x, hx, packed)).backward()
+    for (name, p), q in zip(ref.named_parameters(), scripted.lstm.parameters()):
+        assert_close(q.grad, p.grad, what=name)
+
+
+class _CellLoop(torch.nn.Module):
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, xs: Tensor) -> Tuple[Tensor, Tensor]:
+        h, c = self.cell(xs[0])
+        for t in range(1, xs.size(0)):
+            h, c = self.cell(xs[t], (h, c))
+        return h, c
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_script_cell_direct_and_in_a_loop(bias):
+    ref, ours = cell_pair(4, 6, bias=bias)
+    xs = torch.randn(4, 3, 4, dtype=torch.float64)
+    direct = _round_trip(torch.jit.script(ours))
+    for got, want in zip(direct(xs[0]), ref(xs[0])):
+        assert_close(got, want, what="direct")
+    for got, want in zip(direct(xs[0, 0]), ref(xs[0, 0])):  # 1-D input
+        assert_close(got, want, what="1-D")
+    loop = _round_trip(torch.jit.script(_CellLoop(ours)))
+    for got, want in zip(loop(xs), _CellLoop(ref)(xs)):
+        assert_close(got, want, what="loop")
+    loop(xs)[0].sum().backward()
+    _CellLoop(ref)(xs)[0].sum().backward()
+    for (name, p), q in zip(ref.named_parameters(), loop.cell.parameters()):
+        assert_close(q.grad, p.grad, what=name)
+
+
+def test_script_keeps_the_errors():
+    ours = fused_lstm.LSTM(4, 6, dtype=torch.float64)
+    scripted = torch.jit.script(_Both(ours))
+    x, hx, packed = _inputs(ours, False)
+    with pytest.raises(Exception, match="Expected hidden\\[0\\] size"):
+        scripted(x, (hx[0][:, :2], hx[1]), packed)
+
+
+@pytest.mark.parametrize("grad_when_traced", [True, False])
+@pytest.mark.parametrize("module", ["lstm", "cell"])
+def test_traced_module_trains(grad_when_traced, module):
+    if module == "lstm":
+        ref, ours = lstm_pair(4, 6, num_layers=2, bidirectional=True)
+        x = torch.randn(5, 3, 4, dtype=torch.float64)
+    else:
+        ref, ours = cell_pair(4, 6)
+        x = torch.randn(3, 4, dtype=torch.float64)
+    with torch.set_grad_enabled(grad_when_traced):
+        traced = torch.jit.trace(ours, (x,))
+    traced = _round_trip(traced)
+    x2 = torch.randn_like(x)  # other values, same shapes
+    traced(x2)[0].sin().sum().backward()
+    ref(x2)[0].sin().sum().backward()
+    for (name, p), q in zip(ref.named_parameters(), traced.parameters()):
+        assert_close(q.grad, p.grad, what=name)
+
+
+@pytest.mark.parametrize("grad_when_exported", [True, False])
+def test_export_round_trip_trains(grad_when_exported, tmp_path):
+    ref, ours = lstm_pair(4, 6, num_layers=2, batch_first=True)
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    with torch.set_grad_enabled(grad_when_exported):
+        program = torch.export.export(ours, (x,))
+    path = tmp_path / "lstm.pt2"
+    torch.export.save(program, str(path))
+    loaded = torch.export.load(str(path)).module()
+    out, (h, c) = loaded(x)
+    expected, (e_h, e_c) = ref(x)
+    assert_close(out, expected, what="out")
+    assert_close(c, e_c, what="c_n")
+    out.sin().sum().backward()
+    expected.sin().sum().backward()
+    for (name, p), q in zip(ref.named_parameters(), loaded.parameters()):
+        assert_close(q.grad, p.grad, what=name)
