@@ -497,9 +497,42 @@ class _CellFunction(torch.autograd.Function):
         return (h.reshape(size, rows, -1), c.reshape(size, rows, -1), gates.reshape(size, rows, -1)), (0, 0, 0)
 
 
-# Under torch.autocast("cuda") the layer runs in fp16, like torch.nn.LSTM (which autocast lists as fp16).
-torch.library.register_autocast("fused_lstm::lstm_layer", "cuda", torch.float16)
-torch.library.register_autocast("fused_lstm::lstm_cell", "cuda", torch.float16)
+# Under torch.autocast (CUDA or CPU) the layer and the cell run in the autocast dtype, float16 or bfloat16, as
+# torch.nn.LSTM does: every floating-point tensor argument on that device but float64 (input, states,
+# weights, whatever mix of float32 and 16-bit) is cast to torch.get_autocast_dtype(device), then the op runs
+# with autocast off. (torch.library.register_autocast casts to one dtype fixed at registration.)
+_autocast_library = torch.library.Library("fused_lstm", "IMPL")
+
+
+def _autocast_cast(value, device_type: str, dtype: torch.dtype):
+    if isinstance(value, Tensor):
+        eligible = value.is_floating_point() and value.device.type == device_type and value.dtype != torch.float64
+        return value.to(dtype) if eligible else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_autocast_cast(v, device_type, dtype) for v in value)
+    return value
+
+
+def _register_autocast(name: str, device_type: str) -> None:
+    op = getattr(torch.ops.fused_lstm, name).default
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    dispatch_key = getattr(torch._C.DispatchKey, key)
+
+    def run_in_autocast_dtype(*args):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(dispatch_key)):
+            return op(*_autocast_cast(args, device_type, dtype))
+
+    if op.has_kernel_for_dispatch_key(dispatch_key):  # the Python dispatcher's (compile, export)
+        op.py_kernels.pop(dispatch_key)
+    op.py_impl(dispatch_key)(run_in_autocast_dtype)
+    _autocast_library.impl(name, lambda _keyset, *args: run_in_autocast_dtype(*args), key, with_keyset=True)
+
+
+for _device_type in ("cpu", "cuda"):
+    if torch._C._is_autocast_available(_device_type):
+        for _name in ("lstm_layer", "lstm_cell"):
+            _register_autocast(_name, _device_type)
 
 # ONNX export of the layer op as ONNX's LSTM, for both exporters (fused_lstm/onnx.py; imports neither onnx nor
 # onnxscript).
