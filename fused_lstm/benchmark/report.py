@@ -258,13 +258,14 @@ def _draw_panel(ax: Any, title: str, rows: Sequence[Result], show_labels: bool) 
     colors = ["tab:orange" if r.noisy else "tab:blue" for r in rows]
     for yi, s, (low, high), color in zip(y, speedups, ranges, colors):
         ax.errorbar([s], [yi], xerr=[[s - low], [high - s]], fmt="o", color=color, capsize=2, markersize=4)
-        ax.annotate(f"{s:.2f}x", (high, yi), xytext=(4, 0), textcoords="offset points", va="center",
-                    fontsize="x-small", color=color)
+        ax.annotate(f"{s:.2f}x", (s, yi), xytext=(0, 4), textcoords="offset points", ha="center",
+                    va="bottom", fontsize="x-small", color=color,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.3, "alpha": 0.8})
     ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
     ax.set_xscale("log")
-    # Keep at least 0.8x..1.25x visible so noise around parity does not look like a trend; room for the values.
+    # Keep at least 0.8x..1.25x visible so noise around parity does not look like a trend.
     low = min([0.8, *(r[0] for r in ranges)]) / 1.1
-    high = max([1.25, *(r[1] for r in ranges)]) * 1.35
+    high = max([1.25, *(r[1] for r in ranges)]) * 1.1
     ax.set_xlim(low, high)
     ticks = _log_ticks(low, high)
     ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
@@ -273,7 +274,7 @@ def _draw_panel(ax: Any, title: str, rows: Sequence[Result], show_labels: bool) 
         ax.set_yticks(y, [r.shape.label() for r in rows], fontsize="small")
     else:  # shares the first panel's shape labels
         ax.tick_params(labelleft=False)
-    ax.set_ylim(len(rows) - 0.5, -0.5)  # first shape on top
+    ax.set_ylim(len(rows) - 0.5, -0.8)  # first shape on top, room for its value
     ax.set_title(title)
     ax.set_xlabel("speedup (log scale)")
     ax.grid(True, axis="x", alpha=0.3)
