@@ -2,6 +2,9 @@
 
 # No `from __future__ import annotations`: TorchScript resolves the overloads' annotations of _ScriptableLSTM
 # eagerly.
+import functools
+import importlib
+import warnings
 from typing import List, Literal, Optional, Tuple, overload
 
 import torch
@@ -92,6 +95,10 @@ class LSTM(nn.RNNBase):
     def __init__(self, *args, recurrence: Recurrence = "auto", **kwargs):
         super().__init__("LSTM", *args, **kwargs)
         self.recurrence = _checked_recurrence(recurrence)
+
+    def _get_name(self) -> str:
+        """The repr says whose LSTM it is: ``fused_lstm.LSTM(512, 512, num_layers=2)``."""
+        return "fused_lstm.LSTM" if type(self) is LSTM else super()._get_name()
 
     def extra_repr(self) -> str:
         extra = super().extra_repr()
@@ -217,6 +224,9 @@ class LSTMCell(nn.RNNCellBase):
                  recurrence: Recurrence = "auto") -> None:
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
         self.recurrence = _checked_recurrence(recurrence)
+
+    def _get_name(self) -> str:
+        return "fused_lstm.LSTMCell" if type(self) is LSTMCell else super()._get_name()
 
     def __prepare_scriptable__(self) -> nn.Module:
         """torch.jit.script compiles this module's scriptable twin (see LSTM.__prepare_scriptable__)."""
@@ -457,3 +467,48 @@ def convert(module: nn.Module, back: bool = False) -> nn.Module:
         if converted is not child:
             setattr(module, name, converted)
     return module
+
+
+# --- torch.ao.quantization --------------------------------------------------------------------------------------
+# quantize_dynamic(model, {nn.LSTM}) quantizes torch.nn.LSTM / nn.LSTMCell by exact type, so it would silently
+# leave fused_lstm's modules in float. It hands its qconfig to propagate_qconfig_ (looked up in its module at call
+# time, however quantize_dynamic itself was imported), which we wrap to warn once.
+_quantization_warned = False
+
+
+def _warn_if_left_unquantized(module: nn.Module, qconfig_dict) -> None:
+    global _quantization_warned
+    if _quantization_warned or not isinstance(qconfig_dict, dict):
+        return
+    if all(qconfig_dict.get(t) is None for t in (nn.LSTM, nn.LSTMCell)):
+        return
+    left = [f"{name or '<model>'}: fused_lstm.{type(m).__name__}" for name, m in module.named_modules()
+            if type(m) in (LSTM, LSTMCell) and type(m) not in qconfig_dict and name not in qconfig_dict]
+    if left:
+        _quantization_warned = True
+        shown = ", ".join(left[:4]) + (", ..." if len(left) > 4 else "")
+        plural = "s" if len(left) > 1 else ""
+        warnings.warn(f"fused_lstm: this quantization leaves {len(left)} fused_lstm module{plural} in float "
+                      f"({shown}): torch.ao.quantization quantizes torch.nn.LSTM / nn.LSTMCell only. Call "
+                      "fused_lstm.convert(model, back=True) first to quantize them.", UserWarning, stacklevel=5)
+
+
+def _install_quantization_warning() -> None:
+    try:
+        quantize = importlib.import_module("torch.ao.quantization.quantize")
+        original = quantize.propagate_qconfig_
+    except (ImportError, AttributeError):  # a torch without it: nothing to warn about
+        return
+    if getattr(original, "_fused_lstm_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def propagate_qconfig_(module, qconfig_dict=None, *args, **kwargs):
+        _warn_if_left_unquantized(module, qconfig_dict)
+        return original(module, qconfig_dict, *args, **kwargs)
+
+    propagate_qconfig_._fused_lstm_wrapped = True  # type: ignore[attr-defined]
+    quantize.propagate_qconfig_ = propagate_qconfig_
+
+
+_install_quantization_warning()

@@ -492,8 +492,9 @@ class _CellFunction(torch.autograd.Function):
             results = [_CellFunction.apply(*[take(t, d, b) for t, d in zip(args, in_dims)]) for b in range(size)]
             return tuple(torch.stack(r) for r in zip(*results)), (0, 0, 0)
         rows = [n for i, n in enumerate(input.shape) if i != in_dims[0]][0]  # per sample [N, I]
-        h, c, gates = _CellFunction.apply(_moved_batch(input, in_dims[0], size, 0), _moved_batch(hx, in_dims[1], size, 0),
-                                          _moved_batch(cx, in_dims[2], size, 0), w_ih, w_hh, b_ih, b_hh)
+        h, c, gates = _CellFunction.apply(
+            _moved_batch(input, in_dims[0], size, 0), _moved_batch(hx, in_dims[1], size, 0),
+            _moved_batch(cx, in_dims[2], size, 0), w_ih, w_hh, b_ih, b_hh)
         return (h.reshape(size, rows, -1), c.reshape(size, rows, -1), gates.reshape(size, rows, -1)), (0, 0, 0)
 
 

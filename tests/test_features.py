@@ -307,8 +307,8 @@ def test_recurrence_argument_validation_repr_and_state_dict():
     with pytest.raises(ValueError, match="recurrence must be one of"):
         fused_lstm.LSTM(3, 4, recurrence="fast")
     lstm = fused_lstm.LSTM(3, 4, recurrence="standard")
-    assert repr(lstm) == "LSTM(3, 4, recurrence='standard')"
-    assert repr(fused_lstm.LSTM(3, 4)) == repr(nn.LSTM(3, 4))
+    assert repr(lstm) == "fused_lstm.LSTM(3, 4, recurrence='standard')"
+    assert repr(fused_lstm.LSTM(3, 4)) == "fused_lstm." + repr(nn.LSTM(3, 4))
     nn.LSTM(3, 4).load_state_dict(lstm.state_dict(), strict=True)
     assert copy.deepcopy(lstm).recurrence == "standard"
 

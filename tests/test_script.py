@@ -1,6 +1,8 @@
-"""TorchScript (script and trace) and torch.export: fused_lstm modules compile, save, load, run as torch.nn.LSTM
-does, and the results train whatever the grad mode was when they were traced or exported (the workspace
-decision is not frozen into the graph)."""
+"""The tools users reach for around an LSTM, as they work with torch.nn.LSTM: TorchScript (script and trace) and
+torch.export (fused_lstm modules compile, save, load, run, and the results train whatever the grad mode was when
+they were traced or exported: the workspace decision is not frozen into the graph); quantize_dynamic (a warning,
+never silently nothing); a repr that says whose module it is; very long sequences; the error torch raises first
+when an input has several faults."""
 
 from __future__ import annotations
 
@@ -156,3 +158,53 @@ def test_export_round_trip_trains(grad_when_exported, tmp_path):
     expected.sin().sum().backward()
     for (name, p), q in zip(ref.named_parameters(), loaded.parameters()):
         assert_close(q.grad, p.grad, what=name)
+
+
+# --- quantization and repr --------------------------------------------------------------------------------------
+
+def _quantize_dynamic(model, spec):
+    import fused_lstm.modules as modules
+
+    modules._quantization_warned = False  # warned once per process: reset for each test
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantized = torch.ao.quantization.quantize_dynamic(model, spec)
+    return quantized, [str(w.message) for w in caught if "fused_lstm" in str(w.message)]
+
+
+@pytest.mark.parametrize("spec", [{torch.nn.LSTM, torch.nn.Linear}, {torch.nn.LSTMCell}, None])
+def test_quantize_dynamic_on_a_converted_model_warns(spec):
+    model = torch.nn.Sequential(torch.nn.LSTM(3, 4), torch.nn.Linear(4, 4), torch.nn.LSTMCell(4, 4))
+    fused_lstm.convert(model)
+    quantized, messages = _quantize_dynamic(model, spec)
+    assert len(messages) == 1, messages
+    assert "convert(model, back=True)" in messages[0] and "fused_lstm.LSTM" in messages[0]
+    assert isinstance(quantized[0], fused_lstm.LSTM)  # left in float, as the warning says
+    # What the warning says to do quantizes it.
+    back, messages = _quantize_dynamic(fused_lstm.convert(model, back=True), spec)
+    assert messages == []
+    dynamic = torch.ao.nn.quantized.dynamic
+    if spec is None or torch.nn.LSTM in spec:
+        assert isinstance(back[0], dynamic.LSTM)
+    if spec is None or torch.nn.LSTMCell in spec:
+        assert isinstance(back[2], dynamic.LSTMCell)
+
+
+def test_quantize_dynamic_warns_once_and_not_for_other_modules():
+    model = fused_lstm.convert(torch.nn.Sequential(torch.nn.LSTM(3, 4), torch.nn.Linear(4, 4)))
+    _, messages = _quantize_dynamic(model, {torch.nn.Linear})
+    assert messages == []  # LSTMs not asked for: nothing left out
+    _, messages = _quantize_dynamic(model, {torch.nn.LSTM})
+    assert len(messages) == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.ao.quantization.quantize_dynamic(model, {torch.nn.LSTM})
+    assert not [w for w in caught if "fused_lstm" in str(w.message)]
+
+
+def test_repr_says_whose_module_it_is():
+    assert repr(fused_lstm.LSTM(512, 512, num_layers=2)) == "fused_lstm.LSTM(512, 512, num_layers=2)"
+    assert repr(fused_lstm.LSTMCell(3, 4, bias=False)) == "fused_lstm.LSTMCell(3, 4, bias=False)"
+    model = fused_lstm.convert(torch.nn.Sequential(torch.nn.LSTM(3, 4, batch_first=True)))
+    assert "(0): fused_lstm.LSTM(3, 4, batch_first=True)" in repr(model)
+    assert repr(fused_lstm.convert(model, back=True)[0]) == "LSTM(3, 4, batch_first=True)"
