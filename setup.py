@@ -1,11 +1,19 @@
 """Builds fused_lstm._C: the CPU kernels always, the CUDA kernels when torch has CUDA and nvcc is found.
 
+Also builds fused_lstm._emu, the same CUDA sources compiled as host C++ for the CUDA emulator
+(csrc/emu/README.md), which runs the CUDA kernels on the CPU for the tests; it needs the CUDA toolkit's
+headers (cuda_fp16.h), not a GPU.
+
 Environment:
   FUSED_LSTM_CUDA=0|1     force the CUDA sources off or on (default: on when torch.version.cuda is set
                           and a CUDA toolkit is found)
+  FUSED_LSTM_EMULATOR=0|1 force the emulated CUDA build off or on (default: on when the toolkit's headers
+                          are found)
   CUDA_HOME               the CUDA toolkit; found from /usr/local/cuda or nvcc on PATH when unset
-  TORCH_CUDA_ARCH_LIST    GPU architectures to compile for (default "8.0;9.0+PTX")
-  MAX_JOBS                parallel compile jobs (default: from cores and free memory)
+  TORCH_CUDA_ARCH_LIST    GPU architectures to compile for (default: the GPU visible at build time plus PTX;
+                          without one, "8.0;8.6;8.9;9.0+PTX": A100, RTX 30xx / A10, RTX 40xx / L4, H100 / H200,
+                          and PTX for newer cards)
+  MAX_JOBS                parallel compile jobs (default: from cores and available memory)
 Install with `pip install --no-build-isolation .` so the build uses the torch already installed.
 """
 
@@ -20,7 +28,8 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+# sm_90 PTX cannot run on sm_8x cards, so each architecture people use has its own cubin.
+DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
 
 
 def _is_toolkit(path: str | None) -> bool:
@@ -91,14 +100,59 @@ def want_cuda(cuda_home: str | None) -> bool:
     return torch.version.cuda is not None and cuda_home is not None
 
 
+def available_memory_gb() -> float:
+    """Memory a build can use: MemAvailable (free plus reclaimable page cache), not MemFree, which a machine
+    with a warm page cache reports as a fraction of what it can give."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (ValueError, OSError):
+        return 8.0
+
+
 def default_max_jobs() -> int:
     """Compiling a CUDA file with the torch headers can take ~3 GB, so cap jobs by memory as well as cores."""
     cores = os.cpu_count() or 1
+    return max(1, min(cores, int(available_memory_gb() // 3)))
+
+
+def default_arch_list() -> str:
+    """The visible GPU's architecture plus PTX when one is there at build time, else DEFAULT_ARCH_LIST."""
+    import torch
+
     try:
-        free_gb = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-    except (ValueError, OSError):
-        free_gb = 8.0
-    return max(1, min(cores, int(free_gb // 3)))
+        if torch.cuda.is_available():
+            caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+            return ";".join(f"{major}.{minor}" for major, minor in caps) + "+PTX"
+    except RuntimeError:  # a driver that cannot initialise: build the default list
+        pass
+    return DEFAULT_ARCH_LIST
+
+
+def emulator_include_dir(cuda_home: str | None) -> str | None:
+    """Where cuda_fp16.h, cuda_bf16.h and vector_types.h are: the toolkit, or an nvidia wheel."""
+    candidates = ([os.path.join(cuda_home, "include")] if cuda_home else []) + _wheel_dirs("include")
+    return next((d for d in candidates if os.path.isfile(os.path.join(d, "cuda_fp16.h"))
+                 and os.path.isfile(os.path.join(d, "vector_types.h"))), None)
+
+
+def want_emulator(include_dir: str | None) -> bool:
+    forced = os.environ.get("FUSED_LSTM_EMULATOR")
+    if forced is not None and forced.strip() not in ("0", "1"):
+        sys.exit(f"FUSED_LSTM_EMULATOR must be 0 or 1, got {forced!r}")
+    if forced == "0":
+        return False
+    if include_dir is None:
+        if forced == "1":
+            sys.exit("FUSED_LSTM_EMULATOR=1 but no CUDA headers (cuda_fp16.h) were found: set CUDA_HOME")
+        return False
+    return True
 
 
 def extensions():
@@ -106,7 +160,11 @@ def extensions():
     if cuda_home is not None:
         # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME at import time.
         os.environ["CUDA_HOME"] = cuda_home
-    import torch
+    try:
+        import torch
+    except ImportError:
+        sys.exit("fused_lstm: building needs PyTorch installed first (pip install torch), then "
+                 "`pip install --no-build-isolation .` so the extension is built against that torch")
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     with_cuda = want_cuda(cuda_home)
@@ -120,7 +178,8 @@ def extensions():
     # -Wno-psabi: the kernels' vector types pass between always-inlined functions only (csrc/cpu/simd.h).
     cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-Wno-psabi"]
     if with_cuda:
-        arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or default_arch_list()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
         defines += [
             "-DFUSED_LSTM_WITH_CUDA",
             f'-DFUSED_LSTM_CUDA_ARCHS="{arch_list}"',
@@ -141,9 +200,22 @@ def extensions():
     else:
         ext = CppExtension("fused_lstm._C", sources, extra_compile_args=cxx_flags + defines,
                            extra_link_args=["-fopenmp"])
-    print(f"fused_lstm: building {'CPU + CUDA' if with_cuda else 'CPU only'}"
-          f"{' (CUDA_HOME=' + cuda_home + ')' if with_cuda else ''}, MAX_JOBS={os.environ['MAX_JOBS']}")
-    return [ext], {"build_ext": BuildExtension}
+    extensions = [ext]
+    emu_include = emulator_include_dir(cuda_home)
+    with_emulator = want_emulator(emu_include)
+    if with_emulator:
+        # The CUDA sources as host C++: the kernels type-pun through 16-byte vectors as CUDA code does, which
+        # the host compiler may only be trusted with under -fno-strict-aliasing.
+        emu_sources = sorted(glob.glob("csrc/emu/*.cpp")) + ["csrc/lstm_layer.cpp", "csrc/cell_step.cpp"]
+        extensions.append(CppExtension(
+            "fused_lstm._emu", emu_sources, include_dirs=[emu_include],
+            extra_compile_args=["-O2", "-fno-strict-aliasing", "-Wno-psabi", "-DFUSED_LSTM_CUDA_EMULATION"] + defines,
+        ))
+    what = "CPU + CUDA" if with_cuda else "CPU only"
+    print(f"fused_lstm: building {what}{' (CUDA_HOME=' + cuda_home + ', TORCH_CUDA_ARCH_LIST=' + arch_list + ')' if with_cuda else ''}"
+          f"{' + the CUDA emulator (fused_lstm._emu)' if with_emulator else ''}; MAX_JOBS={os.environ['MAX_JOBS']} "
+          f"({available_memory_gb():.0f} GB available)", flush=True)
+    return extensions, {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = extensions()

@@ -5,22 +5,23 @@
 //   float16/bfloat16: FP32 accumulation, reduced-precision split-K reductions disallowed
 //   float64:         FP64
 // Uses torch's cuBLAS handle for the current device and stream (it carries torch's per-stream workspace),
-// so nothing is allocated here and everything is ordered on the current stream.
+// so nothing is allocated here and everything is ordered on the current stream. Every GEMM of the CUDA
+// backend goes through cublas_matmul's one cublasGemmEx call, which the emulated build runs on the CPU
+// with cuBLAS's exact semantics (csrc/emu/blas.h).
 //
 // Included by lstm_cuda.cu only.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/Exceptions.h>
-#include <cublas_v2.h>
 #include <torch/version.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <optional>
+
+#include "gpu_runtime.h"
 
 namespace fused_lstm {
 namespace cuda {
@@ -81,8 +82,8 @@ inline std::optional<BlasTypes> blas_types(at::ScalarType dtype) {
 class MathModeGuard {
  public:
   MathModeGuard(cublasHandle_t handle, cublasMath_t mode) : handle_(handle) {
-    TORCH_CUDABLAS_CHECK(cublasGetMathMode(handle_, &previous_));
-    TORCH_CUDABLAS_CHECK(cublasSetMathMode(handle_, mode));
+    FUSED_LSTM_BLAS_CHECK(cublasGetMathMode(handle_, &previous_));
+    FUSED_LSTM_BLAS_CHECK(cublasSetMathMode(handle_, mode));
   }
   ~MathModeGuard() { cublasSetMathMode(handle_, previous_); }  // no throw from a destructor
   MathModeGuard(const MathModeGuard&) = delete;
@@ -107,7 +108,7 @@ inline bool cublas_matmul(const at::Tensor& out, const at::Tensor& a, const at::
   if (out.dim() != 2 || a.dim() != 2 || b.dim() != 2) return false;
   const at::ScalarType dtype = out.scalar_type();
   if (a.scalar_type() != dtype || b.scalar_type() != dtype) return false;
-  if (!out.is_cuda() || a.device() != out.device() || b.device() != out.device()) return false;
+  if (!gpu::on_device(out) || a.device() != out.device() || b.device() != out.device()) return false;
   if (out.is_conj() || a.is_conj() || b.is_conj() || out.is_neg() || a.is_neg() || b.is_neg()) return false;
   const std::optional<BlasTypes> types = blas_types(dtype);
   if (!types) return false;
@@ -130,7 +131,7 @@ inline bool cublas_matmul(const at::Tensor& out, const at::Tensor& a, const at::
     return false;
   }
 
-  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // bound to the current stream
+  cublasHandle_t handle = gpu::blas_handle();  // bound to the current stream
   cublasMath_t mode = CUBLAS_DEFAULT_MATH;
   if (types->reduced_precision_input) {
     // cuDNN accumulates fp16/bf16 RNN products in fp32 throughout; forbid cuBLAS's reduced-precision
@@ -142,7 +143,7 @@ inline bool cublas_matmul(const at::Tensor& out, const at::Tensor& a, const at::
   const double alpha_d = 1.0, beta_d = accumulate ? 1.0 : 0.0;
   const bool fp64 = types->compute == CUBLAS_COMPUTE_64F;
   // beta == 0 means cuBLAS never reads out, so uninitialised (even NaN) memory is fine.
-  TORCH_CUDABLAS_CHECK(cublasGemmEx(
+  FUSED_LSTM_BLAS_CHECK(cublasGemmEx(
       handle, b_t->op, a_t->op, static_cast<int>(n), static_cast<int>(m), static_cast<int>(k),
       fp64 ? static_cast<const void*>(&alpha_d) : static_cast<const void*>(&alpha_f),
       b.const_data_ptr(), types->data, static_cast<int>(b_t->ld),

@@ -5,20 +5,8 @@
 //   - the two directions of a bidirectional layer on two streams.
 // Everything is enqueued on the current stream of the input's device (or a side stream ordered after
 // it and joined back before returning); nothing in the time loop allocates or synchronises the host.
+// Built twice: by nvcc for CUDA tensors, and as host C++ under the CUDA emulator (gpu_runtime.h).
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-// c10/cuda/CUDAEvent.h aligns a struct to std::hardware_destructive_interference_size, which GCC >= 12
-// flags (-Winterference-size) in every file that includes it; the value is torch's ABI, not ours.
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Winterference-size"
-#endif
-#include <c10/cuda/CUDAEvent.h>
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-#pragma GCC diagnostic pop
-#endif
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <exception>
@@ -26,6 +14,7 @@
 #include "../cell_step.h"
 #include "../lstm_layer.h"
 #include "cublas_matmul.cuh"
+#include "gpu_runtime.h"
 #include "persistent/persistent.h"
 #include "pointwise_kernels.cuh"
 
@@ -56,7 +45,7 @@ class CudaBackend final : public LayerBackend {
   // The persistent kernel when FUSED_LSTM_PERSISTENT asks for it (see persistent/persistent.h), on gates
   // that already hold the input projection (cuBLAS computes it).
   bool recurrence_forward(const RecurrenceForwardArgs& args) const override {
-    return args.projected && persistent_try_forward(args);
+    return args.projected && persistent_try_forward(args, cooperative_order_);
   }
   std::string path_name(bool whole_recurrence) const override {
     return whole_recurrence ? "cuda:persistent" : "cuda:standard";
@@ -64,8 +53,8 @@ class CudaBackend final : public LayerBackend {
 
   void step_backward(const StepBackwardArgs& args) const override { cuda::launch_step_backward(args); }
 
-  // Direction 0 runs on the current stream, direction 1 on a pooled side stream, so the two recurrences
-  // (each a chain of small dependent launches) overlap on the GPU:
+  // Direction 0 runs on the current stream, direction 1 on fused_lstm's side stream of the device, so the
+  // two recurrences (each a chain of small dependent launches) overlap on the GPU:
   //
   //   current: --[ready]-- fn(0) ......................... wait(done) --> later work
   //   side:          wait(ready) -- fn(1) -- [done] ------'
@@ -76,25 +65,17 @@ class CudaBackend final : public LayerBackend {
   // record_stream is needed. Temporaries fn(1) creates itself (e.g. the b_ih + b_hh sum) are allocated
   // on, used on and freed on the side stream. Under CUDA graph capture the event record/wait pair forks
   // the side stream into the capture and joins it back, so it is captured as two parallel branches.
+  // Persistent kernels of the two directions are kept apart by cooperative_order_, not by giving up the
+  // second stream: everything else still overlaps.
   void for_each_direction(int64_t directions, const std::function<void(int64_t)>& fn) const override {
     if (directions < 2) {
       for (int64_t d = 0; d < directions; ++d) fn(d);
       return;
     }
     TORCH_CHECK(directions == 2, "fused_lstm: expected 1 or 2 directions, got ", directions);
-    if (recurrence() == RecurrencePath::Persistent ||
-        (recurrence() == RecurrencePath::Auto && persistent_mode() != PersistentMode::Never)) {
-      // Two cooperative launches, each sized to fill the GPU, must not run side by side (a grid is only
-      // guaranteed co-resident when it has the device to itself): keep the directions on one stream.
-      fn(0);
-      fn(1);
-      return;
-    }
-    const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream();
-    // From torch's per-device round-robin pool: no stream is created (or destroyed) per call.
-    const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false,
-                                                                     current.device_index());
-    c10::cuda::CUDAEvent inputs_ready, side_done;  // cudaEventDisableTiming: cheap, capturable
+    const gpu::Stream current = gpu::current_stream();
+    const gpu::Stream side = gpu::side_stream(current.device_index());
+    gpu::Event inputs_ready, side_done;
     inputs_ready.record(current);
     inputs_ready.block(side);
     // Join the side stream back even if fn throws half-way: its enqueued work may use tensors the
@@ -105,7 +86,7 @@ class CudaBackend final : public LayerBackend {
     };
     try {
       fn(0);
-      const c10::cuda::CUDAStreamGuard on_side(side);  // cuBLAS and ATen ops inside fn(1) go to it
+      const gpu::StreamGuard on_side(side);  // cuBLAS and ATen ops inside fn(1) go to it
       fn(1);
     } catch (...) {
       join();
@@ -113,15 +94,20 @@ class CudaBackend final : public LayerBackend {
     }
     join();
   }
+
+ private:
+  // Two cooperative launches, each sized to fill the GPU, must not run side by side (a grid is only
+  // guaranteed co-resident when it has the device to itself): the second waits for the first.
+  mutable CooperativeOrder cooperative_order_;
 };
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fused_lstm, CUDA, m) {
-  m.impl("lstm_layer", &LayerOps<CudaBackend, c10::cuda::CUDAGuard>::forward);
-  m.impl("lstm_layer_backward", &LayerOps<CudaBackend, c10::cuda::CUDAGuard>::backward);
-  m.impl("lstm_cell", &CellOps<CudaBackend, c10::cuda::CUDAGuard>::forward);
-  m.impl("lstm_cell_backward", &CellOps<CudaBackend, c10::cuda::CUDAGuard>::backward);
+TORCH_LIBRARY_IMPL(FUSED_LSTM_GPU_OPS, FUSED_LSTM_GPU_DISPATCH, m) {
+  m.impl("lstm_layer", &LayerOps<CudaBackend, gpu::DeviceGuard>::forward);
+  m.impl("lstm_layer_backward", &LayerOps<CudaBackend, gpu::DeviceGuard>::backward);
+  m.impl("lstm_cell", &CellOps<CudaBackend, gpu::DeviceGuard>::forward);
+  m.impl("lstm_cell_backward", &CellOps<CudaBackend, gpu::DeviceGuard>::backward);
 }
 
 }  // namespace fused_lstm

@@ -8,9 +8,8 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/macros/Macros.h>  // before IntegerDivider.cuh, which uses C10_HOST_DEVICE without including it
 #include <ATen/cuda/detail/IntegerDivider.cuh>
-#include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -18,6 +17,7 @@
 
 #include "../lstm_cell.h"
 #include "../lstm_layer.h"
+#include "gpu_runtime.h"
 
 namespace fused_lstm {
 namespace cuda {
@@ -27,6 +27,7 @@ namespace cuda {
 // keep small steps (one batch row, a few hundred units) in one or two blocks. __launch_bounds__ uses
 // the same constant so the register allocator targets exactly this block size.
 constexpr int kPointwiseThreads = 256;
+constexpr gpu::LaunchBounds kPointwiseBounds{kPointwiseThreads};
 
 // Element index -> (row, hidden unit) without a 64-bit division: the magic-number 32-bit divider that
 // ATen's TensorIterator uses. Callers check rows * H fits in int32 (see check_elements).
@@ -128,8 +129,11 @@ inline uint32_t check_elements(int64_t rows, int64_t hidden) {
   return static_cast<uint32_t>(rows * hidden);
 }
 
-inline unsigned int pointwise_blocks(uint32_t elements) {
-  return (elements + kPointwiseThreads - 1) / kPointwiseThreads;
+inline gpu::LaunchShape pointwise_shape(uint32_t elements) {
+  gpu::LaunchShape shape;
+  shape.grid = dim3((elements + kPointwiseThreads - 1) / kPointwiseThreads);
+  shape.block = dim3(kPointwiseThreads);
+  return shape;
 }
 
 // Enqueues the forward step on the current stream. Allocates nothing and never synchronises.
@@ -140,15 +144,13 @@ inline void launch_step_forward(const StepForwardArgs& a) {
               ") must be in [1, hidden (", a.hidden, ")]");
   TORCH_CHECK(a.h_next != a.h_state || a.out_hidden == a.hidden,
               "fused_lstm: h_next may alias h_state only without a projection");
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fused_lstm_step_forward_cuda", [&] {
-    step_forward_kernel<scalar_t><<<pointwise_blocks(elements), kPointwiseThreads, 0, stream>>>(
+    gpu::launch("step_forward_kernel", &step_forward_kernel<scalar_t>, kPointwiseBounds, pointwise_shape(elements),
         static_cast<scalar_t*>(a.gates), static_cast<scalar_t*>(a.c_state),
         static_cast<const scalar_t*>(a.h_state), static_cast<scalar_t*>(a.h_next),
         static_cast<scalar_t*>(a.output), a.output_stride, static_cast<scalar_t*>(a.c_prev_saved),
         static_cast<scalar_t*>(a.h_prev_saved), elements, HiddenDivider(static_cast<uint32_t>(a.hidden)),
         a.out_hidden);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -156,14 +158,12 @@ inline void launch_step_forward(const StepForwardArgs& a) {
 inline void launch_step_backward(const StepBackwardArgs& a) {
   const uint32_t elements = check_elements(a.rows, a.hidden);
   if (elements == 0) return;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fused_lstm_step_backward_cuda", [&] {
-    step_backward_kernel<scalar_t><<<pointwise_blocks(elements), kPointwiseThreads, 0, stream>>>(
+    gpu::launch("step_backward_kernel", &step_backward_kernel<scalar_t>, kPointwiseBounds, pointwise_shape(elements),
         static_cast<const scalar_t*>(a.gates), static_cast<const scalar_t*>(a.c_prev),
         static_cast<const scalar_t*>(a.dh), static_cast<const scalar_t*>(a.d_output), a.d_output_stride,
         static_cast<scalar_t*>(a.dc_state), static_cast<scalar_t*>(a.d_gates), static_cast<scalar_t*>(a.h_next),
         elements, HiddenDivider(static_cast<uint32_t>(a.hidden)));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "../../lstm_layer.h"
+#include "../gpu_runtime.h"
 
 namespace fused_lstm {
 
@@ -35,23 +36,43 @@ bool persistent_supported(const RecurrenceForwardArgs& a, std::string* why_not);
 // (T >= 16) to amortise the one-time load of W_hh into shared memory.
 bool persistent_preferred(const RecurrenceForwardArgs& a);
 
+// Keeps cooperative launches made on different streams (the two directions of a layer) one after the other:
+// each persistent grid is sized to fill the GPU, and grids that share it are not guaranteed co-resident.
+class CooperativeOrder {
+ public:
+  // Makes the current stream wait for the launch last recorded here, if any.
+  void wait_for_previous() {
+    if (pending_) last_.block(gpu::current_stream());
+  }
+  // Marks the launch just enqueued on the current stream.
+  void record_launch() {
+    last_.record(gpu::current_stream());
+    pending_ = true;
+  }
+
+ private:
+  gpu::Event last_;
+  bool pending_ = false;
+};
+
 // Runs the recurrence with the persistent kernel on the current stream: same results and side effects as
 // the driver's per-step loop (gates, output, h_state, c_state, c_prev_saved, h_prev_saved). TORCH_CHECKs
 // that persistent_supported holds. Allocates one small exchange buffer [2, N, H] before the launch; no
 // host synchronisation.
-void persistent_recurrence_forward(const RecurrenceForwardArgs& a);
+void persistent_recurrence_forward(const RecurrenceForwardArgs& a, CooperativeOrder& order);
 
 // The whole policy in one call, for LayerBackend::recurrence_forward: runs the persistent kernel and
 // returns true when the mode says so (Always, or a.required: or throws the reason it cannot; Auto:
 // supported and preferred), else returns false so the driver walks the steps itself.
-bool persistent_try_forward(const RecurrenceForwardArgs& a);
+bool persistent_try_forward(const RecurrenceForwardArgs& a, CooperativeOrder& order);
 
 // Introspection for tests and benchmarks (also exposed as torch.ops.fused_lstm.persistent_max_hidden and
-// torch.ops.fused_lstm.persistent_launches):
+// torch.ops.fused_lstm.persistent_launches, and under torch.ops.fused_lstm_emu in the emulated build):
 //   the largest hidden size H (no projection) the persistent kernel supports for `batch` rows of `dtype`
 //   on CUDA device `device`, or 0 when it supports none;
 int64_t persistent_max_hidden(at::ScalarType dtype, int64_t batch, c10::DeviceIndex device);
 //   how many persistent kernels this process has launched (to assert that a test took the path).
 int64_t persistent_launches();
+// (and torch.ops.fused_lstm.persistent_plan: the plan a shape gets, for tests that walk its branches.)
 
 }  // namespace fused_lstm

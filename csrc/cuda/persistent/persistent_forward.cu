@@ -4,9 +4,6 @@
 #include "persistent.h"
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -15,13 +12,16 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
+#include "../gpu_runtime.h"
 #include "persistent_forward.cuh"
 
 namespace fused_lstm {
 namespace {
 
+using cuda::persistent::kBounds;
 using cuda::persistent::kMaxBatch;
 using cuda::persistent::kRowsPerTile;
 using cuda::persistent::kThreads;
@@ -32,18 +32,23 @@ using cuda::persistent::shared_bytes;
 
 std::atomic<int64_t> launch_count{0};
 
-// The kernel instantiation for a storage dtype, or null for a dtype the kernel does not have.
+constexpr const char* kKernelName = "persistent_forward_kernel";
+
+// The kernel instantiation for a storage dtype.
+template <typename scalar_t>
+auto typed_kernel(bool save_workspace) {
+  return save_workspace ? &persistent_forward_kernel<scalar_t, true> : &persistent_forward_kernel<scalar_t, false>;
+}
+
+// The same, untyped (for attribute and occupancy queries), or null for a dtype the kernel does not have.
 const void* kernel_for(at::ScalarType dtype, bool save_workspace) {
   switch (dtype) {
     case at::kFloat:
-      return save_workspace ? reinterpret_cast<const void*>(&persistent_forward_kernel<float, true>)
-                            : reinterpret_cast<const void*>(&persistent_forward_kernel<float, false>);
+      return reinterpret_cast<const void*>(typed_kernel<float>(save_workspace));
     case at::kHalf:
-      return save_workspace ? reinterpret_cast<const void*>(&persistent_forward_kernel<c10::Half, true>)
-                            : reinterpret_cast<const void*>(&persistent_forward_kernel<c10::Half, false>);
+      return reinterpret_cast<const void*>(typed_kernel<c10::Half>(save_workspace));
     case at::kBFloat16:
-      return save_workspace ? reinterpret_cast<const void*>(&persistent_forward_kernel<c10::BFloat16, true>)
-                            : reinterpret_cast<const void*>(&persistent_forward_kernel<c10::BFloat16, false>);
+      return reinterpret_cast<const void*>(typed_kernel<c10::BFloat16>(save_workspace));
     default:
       return nullptr;
   }
@@ -81,27 +86,22 @@ std::optional<Plan> make_plan(at::ScalarType dtype, bool save_workspace, int64_t
     set_reason(why_not, "hidden size " + std::to_string(hidden));
     return std::nullopt;
   }
-  const c10::cuda::CUDAGuard guard(device);
-  int cooperative = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
-  if (!cooperative) {
+  const gpu::DeviceGuard guard(device);
+  const gpu::DeviceLimits limits = gpu::device_limits(device);
+  if (!limits.cooperative_launch) {
     set_reason(why_not, "the device does not support cooperative launches");
     return std::nullopt;
   }
-  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
-  const size_t smem_limit = prop->sharedMemPerBlockOptin;
+  const size_t smem_limit = limits.shared_bytes_per_block_optin;
   // Opt in to the device's whole per-block shared memory, and prefer shared memory over L1 (this kernel
   // reads everything it reuses from shared memory; global reads bypass L1 anyway).
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem_limit)));
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                      cudaSharedmemCarveoutMaxShared));
+  gpu::set_max_dynamic_shared(kernel, kKernelName, smem_limit);
 
   const int H = static_cast<int>(hidden), N = static_cast<int>(batch);
   const int element_size = static_cast<int>(c10::elementSize(dtype));
   const int P = round_up(H, 16 / element_size);
-  const int sms = prop->multiProcessorCount;
-  const int blocks_per_sm_by_threads = std::max(1, prop->maxThreadsPerMultiProcessor / kThreads);
+  const int sms = limits.multiprocessors;
+  const int blocks_per_sm_by_threads = std::max(1, limits.max_threads_per_sm / kThreads);
   const int64_t most_blocks = static_cast<int64_t>(sms) * blocks_per_sm_by_threads;
   for (int64_t U = std::max<int64_t>(1, (H + most_blocks - 1) / most_blocks); U <= H; ++U) {
     const size_t smem = shared_bytes(static_cast<int>(U), P, N, element_size);
@@ -113,8 +113,7 @@ std::optional<Plan> make_plan(at::ScalarType dtype, bool save_workspace, int64_t
                               "allows " + std::to_string(smem_limit));
       return std::nullopt;
     }
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+    const int per_sm = gpu::max_active_blocks_per_sm(kernel, kBounds, kThreads, smem);
     const int64_t blocks = (H + U - 1) / U;
     if (per_sm > 0 && blocks <= static_cast<int64_t>(per_sm) * sms) {
       Plan plan;
@@ -148,7 +147,7 @@ std::vector<int> row_lengths(const std::vector<int64_t>& step_rows, int batch) {
 }
 
 template <typename scalar_t>
-void launch(const RecurrenceForwardArgs& a, const Plan& plan, bool save_workspace) {
+void launch(const RecurrenceForwardArgs& a, const Plan& plan, bool save_workspace, CooperativeOrder& order) {
   const int64_t N = a.h_state.size(0), H = a.c_state.size(1), P = plan.padded_hidden;
   const int64_t T = static_cast<int64_t>(a.step_rows->size());
 
@@ -180,11 +179,14 @@ void launch(const RecurrenceForwardArgs& a, const Plan& plan, bool save_workspac
   std::fill(std::begin(p.lengths), std::end(p.lengths), 0);
   std::copy(lengths.begin(), lengths.end(), p.lengths);
 
-  void* args[] = {&p};
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel_for(a.gates.scalar_type(), save_workspace), dim3(plan.blocks),
-                                             dim3(kThreads), args, plan.smem_bytes, stream));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  gpu::LaunchShape shape;
+  shape.grid = dim3(plan.blocks);
+  shape.block = dim3(kThreads);
+  shape.shared_bytes = plan.smem_bytes;
+  shape.cooperative = true;
+  order.wait_for_previous();
+  gpu::launch(kKernelName, typed_kernel<scalar_t>(save_workspace), kBounds, shape, p);
+  order.record_launch();
   launch_count.fetch_add(1, std::memory_order_relaxed);
 
   // h_n: every row's last h (finished rows were carried forward) is in half T % 2.
@@ -193,7 +195,7 @@ void launch(const RecurrenceForwardArgs& a, const Plan& plan, bool save_workspac
 
 // The plan for `a`, after checking everything about `a` the plan does not cover.
 std::optional<Plan> plan_for(const RecurrenceForwardArgs& a, std::string* why_not) {
-  if (!a.gates.defined() || !a.gates.is_cuda()) {
+  if (!gpu::on_device(a.gates)) {
     set_reason(why_not, "tensors not on a CUDA device");
     return std::nullopt;
   }
@@ -257,39 +259,33 @@ bool persistent_preferred(const RecurrenceForwardArgs& a) {
   return N <= 32 && T >= 16;
 }
 
-void persistent_recurrence_forward(const RecurrenceForwardArgs& a) {
+void persistent_recurrence_forward(const RecurrenceForwardArgs& a, CooperativeOrder& order) {
   std::string why_not;
   const std::optional<Plan> plan = plan_for(a, &why_not);
   TORCH_CHECK(plan.has_value(), "fused_lstm: the persistent CUDA kernel cannot run this layer: ", why_not,
               " (set FUSED_LSTM_PERSISTENT=auto or 0 to use the standard path)");
-  const c10::cuda::CUDAGuard guard(a.gates.device());
+  const gpu::DeviceGuard guard(a.gates.device());
   const bool save_workspace = a.c_prev_saved.defined();
-  switch (a.gates.scalar_type()) {
-    case at::kFloat:
-      launch<float>(a, *plan, save_workspace);
-      break;
-    case at::kHalf:
-      launch<c10::Half>(a, *plan, save_workspace);
-      break;
-    case at::kBFloat16:
-      launch<c10::BFloat16>(a, *plan, save_workspace);
-      break;
-    default:
-      TORCH_CHECK(false, "fused_lstm: persistent kernel: unexpected dtype ", a.gates.scalar_type());
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.gates.scalar_type(), "fused_lstm_persistent_forward", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, "fused_lstm: persistent kernel: no float64 kernel");  // plan_for declines it first
+    } else {
+      launch<scalar_t>(a, *plan, save_workspace, order);
+    }
+  });
 }
 
-bool persistent_try_forward(const RecurrenceForwardArgs& a) {
+bool persistent_try_forward(const RecurrenceForwardArgs& a, CooperativeOrder& order) {
   // recurrence='persistent' asks for it whatever the environment says.
   switch (a.required ? PersistentMode::Always : persistent_mode()) {
     case PersistentMode::Never:
       return false;
     case PersistentMode::Always:
-      persistent_recurrence_forward(a);  // throws with the reason when unsupported
+      persistent_recurrence_forward(a, order);  // throws with the reason when unsupported
       return true;
     case PersistentMode::Auto:
       if (!persistent_preferred(a) || !persistent_supported(a, nullptr)) return false;
-      persistent_recurrence_forward(a);
+      persistent_recurrence_forward(a, order);
       return true;
   }
   return false;
@@ -317,12 +313,24 @@ int64_t persistent_max_hidden(at::ScalarType dtype, int64_t batch, c10::DeviceIn
 int64_t persistent_launches() { return launch_count.load(std::memory_order_relaxed); }
 
 // Introspection ops for tests and benchmarks (no autograd, no fake kernel: eager calls only).
-TORCH_LIBRARY_FRAGMENT(fused_lstm, m) {
+TORCH_LIBRARY_FRAGMENT(FUSED_LSTM_GPU_OPS, m) {
   m.def("persistent_max_hidden(Tensor sample, int batch) -> int", [](const at::Tensor& sample, int64_t batch) {
-    TORCH_CHECK(sample.is_cuda(), "fused_lstm.persistent_max_hidden: sample must be a CUDA tensor");
+    TORCH_CHECK(gpu::on_device(sample), "fused_lstm.persistent_max_hidden: sample must be a CUDA tensor");
     return persistent_max_hidden(sample.scalar_type(), batch, sample.device().index());
   });
   m.def("persistent_launches() -> int", []() { return persistent_launches(); });
+  // The launch plan for `batch` rows of `hidden` units (training workspace kept):
+  // [units_per_block, blocks, k_split, shared_bytes]; raises the reason when there is none.
+  m.def("persistent_plan(Tensor sample, int batch, int hidden) -> int[]",
+        [](const at::Tensor& sample, int64_t batch, int64_t hidden) {
+          TORCH_CHECK(gpu::on_device(sample), "fused_lstm.persistent_plan: sample must be a CUDA tensor");
+          std::string why_not;
+          const std::optional<Plan> plan = make_plan(sample.scalar_type(), /*save_workspace=*/true, batch, hidden,
+                                                     sample.device().index(), &why_not);
+          TORCH_CHECK(plan.has_value(), "fused_lstm: no persistent plan: ", why_not);
+          return std::vector<int64_t>{plan->units_per_block, plan->blocks, plan->k_split,
+                                      static_cast<int64_t>(plan->smem_bytes)};
+        });
 }
 
 }  // namespace fused_lstm

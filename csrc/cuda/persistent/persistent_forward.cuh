@@ -25,14 +25,12 @@
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <cooperative_groups.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <cstdint>
 #include <type_traits>
 
 #include "../../lstm_cell.h"
+#include "../gpu_runtime.h"
 
 namespace fused_lstm {
 namespace cuda {
@@ -42,6 +40,7 @@ namespace persistent {
 // 256 / k_split tiles in flight; one block per SM is the usual case (the weight slice fills the shared
 // memory), so the register limit __launch_bounds__(kThreads, 1) allows (255) costs no occupancy.
 constexpr int kThreads = 256;
+constexpr gpu::LaunchBounds kBounds{kThreads, 1};
 // Batch rows per call the kernel supports: the per-row sequence lengths travel in the kernel parameters
 // and the staged h_{t-1} [N, H] must fit in shared memory next to the weights.
 constexpr int kMaxBatch = 64;
@@ -130,7 +129,7 @@ __device__ __forceinline__ void copy_through_l2(scalar_t* dst, const scalar_t* s
 // Requires a cooperative launch of exactly ceil(H / U) blocks of kThreads threads with
 // shared_bytes(U, P, N, sizeof(scalar_t)) bytes of dynamic shared memory, all co-resident.
 template <typename scalar_t, bool kSaveWorkspace>
-__global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(const __grid_constant__ Params<scalar_t> p) {
+__global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm) persistent_forward_kernel(const __grid_constant__ Params<scalar_t> p) {
   constexpr int V = kVec<scalar_t>;
   constexpr int RB = kRowsPerTile;
   const int H = p.hidden, P = p.padded_hidden, KV = P / V, N = p.batch, U = p.units_per_block;
@@ -139,7 +138,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(const _
 
   // Dynamic shared memory, 16-byte aligned (declared as uint4): w_s [4U][P], h_s [n_pad][P], c_s [n_pad][U].
   // P * sizeof(scalar_t) is a multiple of 16, so every row (and h_s) starts 16-byte aligned.
-  extern __shared__ uint4 smem[];
+  FUSED_LSTM_DYNAMIC_SHARED(uint4, smem);
   scalar_t* w_s = reinterpret_cast<scalar_t*>(smem);
   scalar_t* h_s = w_s + 4 * U * P;
   float* c_s = reinterpret_cast<float*>(h_s + n_pad * P);

@@ -1,0 +1,427 @@
+"""The CUDA backend run on the CPU by the CUDA emulator (csrc/emu): every kernel, dtype instantiation and
+GEMM call site of csrc/cuda, compared with the CPU path and the float64 reference.
+
+The ops are the CUDA sources compiled as host C++ and registered as torch.ops.fused_lstm_emu for CPU
+tensors, with the schemas of torch.ops.fused_lstm. The tolerance rule is the CUDA tests': the emulated
+kernels' error against float64 is at most twice the CPU path's own error plus a small floor.
+Uninitialised memory is filled with NaN (torch's deterministic fill), so an element no kernel wrote shows.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional
+
+import pytest
+import torch
+
+import fused_lstm  # noqa: F401  (the CPU ops and the reference path)
+
+try:
+    from fused_lstm import _emu as emu
+except ImportError:  # built without the CUDA headers (FUSED_LSTM_EMULATOR=0)
+    emu = None
+
+if emu is None and os.environ.get("CI") == "true":
+    raise RuntimeError("fused_lstm._emu is not built: CI must run the CUDA kernels under the emulator "
+                       "(setup.py builds it when the CUDA toolkit's headers are found)")
+pytestmark = pytest.mark.skipif(emu is None, reason="fused_lstm._emu (the CUDA emulator) is not built")
+
+EMU = "fused_lstm_emu"
+CPU = "fused_lstm"
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+# The floor of the tolerance rule, relative to the reference's magnitude.
+FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_memory_and_strict_fp32():
+    """NaN in every tensor an op allocates with at::empty, and float32 products in strict FP32 (TF32 is
+    tested on its own)."""
+    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), \
+        torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    torch.backends.cudnn.allow_tf32 = False
+    profile = emu.device_profile()
+    yield
+    emu.set_device_profile(profile)
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+# --- The emulator's own promises (csrc/emu/selftest.cpp).
+
+@pytest.mark.parametrize("name, expected", [
+    ("block_sum", [2080.0] * 3),
+    ("warp_sum", [528.0] * 64),
+    ("grid_exchange", [2.0, 3.0, 4.0, 5.0, 6.0, 1.0]),
+    ("cluster_exchange", [((b % 4 + 1) % 4) * 100.0 + t for b in range(8) for t in range(32)]),
+    ("atomic_count", [480.0]),
+])
+def test_selftest_results(name, expected):
+    assert emu.run_selftest(name).tolist() == expected
+
+
+def test_warp_shuffles_and_votes():
+    rows = emu.run_selftest("warp_ops").view(32, 5).tolist()
+    ballot = sum(1 << lane for lane in range(32) if lane % 3 == 0)
+    for lane, (down, up, index, vote, xor) in enumerate(rows):
+        assert down == (lane + 3 if lane + 3 < 32 else lane)
+        assert up == (lane - 5 if lane >= 5 else lane)
+        assert index == 7 and vote == ballot
+        # With width 8 a lane may read earlier groups but not later ones (then it gets its own value).
+        source = lane ^ 9
+        assert xor == (lane if source // 8 > lane // 8 else source)
+
+
+@pytest.mark.parametrize("name", ["block_sum_without_sync", "grid_exchange_block_barrier_only"])
+def test_missing_barrier_reads_poison(name):
+    """A block that skips a barrier it needs reads shared memory (or a grid buffer) nobody wrote: NaN."""
+    assert torch.isnan(emu.run_selftest(name)).any()
+
+
+@pytest.mark.parametrize("seed", ["1", "2", "3"])
+def test_seeded_block_order(monkeypatch, seed):
+    monkeypatch.setenv("FUSED_LSTM_EMU_SEED", seed)
+    assert emu.run_selftest("grid_exchange").tolist() == [2.0, 3.0, 4.0, 5.0, 6.0, 1.0]
+    assert torch.isnan(emu.run_selftest("grid_exchange_block_barrier_only")).any()
+
+
+@pytest.mark.parametrize("name, message", [
+    ("divergent_sync", "divergent __syncthreads in kernel 'divergent_sync_kernel', block (0,0,0), thread (16,0,0)"),
+    ("early_exit", "thread exits in kernel 'early_exit_kernel', block (0,0,0), thread (5,0,0)"),
+    ("warp_sum_partial_warp", "names lanes past the 16 threads its warp has"),
+    ("warp_sum_mask_without_lane", "which is not in the mask"),
+    ("grid_exchange_not_cooperative", "was not launched cooperatively"),
+    ("grid_exchange_too_large", "cudaErrorCooperativeLaunchTooLarge"),
+    ("block_sum_too_much_shared", "the kernel allows 49152"),
+    ("block_sum_past_launch_bounds", "exceeds its __launch_bounds__ (128)"),
+])
+def test_selftest_errors(name, message):
+    with pytest.raises(RuntimeError, match="fused_lstm emulator") as error:
+        emu.run_selftest(name)
+    assert message in str(error.value)
+
+
+def test_clusters_need_sm90():
+    emu.set_device_profile("a100")
+    with pytest.raises(RuntimeError, match="clusters need sm_90"):
+        emu.run_selftest("cluster_exchange")
+
+
+def test_device_profiles():
+    assert emu.device_profiles()[0] == "h100"
+    limits = {}
+    for name in emu.device_profiles():
+        emu.set_device_profile(name)
+        limits[name] = emu.device_limits()
+    assert limits["h100"]["multiprocessors"] == 132 and limits["h100"]["shared_bytes_per_block_optin"] == 227 * 1024
+    assert limits["a100"]["multiprocessors"] == 108 and limits["a100"]["shared_bytes_per_sm"] == 164 * 1024
+    assert limits["l4"]["shared_bytes_per_sm"] == limits["rtx3090"]["shared_bytes_per_sm"] == 100 * 1024
+    with pytest.raises(RuntimeError, match="unknown device profile 'v100'"):
+        emu.set_device_profile("v100")
+
+
+# --- The LSTM ops, emulated against the CPU path and float64.
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    steps: int = 5
+    batch: int = 3
+    input_size: int = 7
+    hidden: int = 9
+    proj: int = 0
+    bidirectional: bool = True
+    biases: bool = True
+    packed: bool = False
+    zero_state: bool = False  # hx omitted: the module passes zeros
+    strided: bool = False     # input and weights as non-contiguous slices of larger tensors
+
+    @property
+    def directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+
+LAYERS = [
+    Layer("dense"),
+    Layer("packed_proj", packed=True, proj=4, batch=5),
+    Layer("unidirectional_no_bias_zero_state", bidirectional=False, biases=False, zero_state=True),
+    Layer("odd_strided", steps=4, batch=2, input_size=1, hidden=13, strided=True),
+    Layer("hidden_one", steps=3, batch=4, input_size=3, hidden=1, packed=True),
+]
+
+
+def strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a non-contiguous view (every other column of a wider tensor)."""
+    wide = torch.full((*t.shape[:-1], 2 * t.shape[-1]), float("nan"), dtype=t.dtype)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+def make_inputs(layer: Layer, dtype: torch.dtype, scale: float = 0.5) -> Dict[str, object]:
+    """Fresh random inputs (values representable in `dtype`; kept in float64 for the reference)."""
+    D, H, I = layer.directions, layer.hidden, layer.input_size
+    Hout = layer.proj or H
+
+    def draw(*shape):
+        return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype).double()
+
+    weights: List[torch.Tensor] = []
+    for _ in range(D):
+        weights += [draw(4 * H, I), draw(4 * H, Hout)]
+        if layer.biases:
+            weights += [draw(4 * H), draw(4 * H)]
+        if layer.proj:
+            weights.append(draw(Hout, H))
+    T, N = layer.steps, layer.batch
+    x = draw(T, N, I) * 2
+    batch_sizes = None
+    if layer.packed:  # random lengths, the longest first (packed sequences are sorted by length)
+        lengths = sorted([T] + torch.randint(1, T + 1, (N - 1,)).tolist(), reverse=True)
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor(lengths))
+        x, batch_sizes = packed.data, packed.batch_sizes
+    shape_h, shape_c = (D, N, Hout), (D, N, H)
+    h0 = torch.zeros(shape_h, dtype=torch.float64) if layer.zero_state else draw(*shape_h)
+    c0 = torch.zeros(shape_c, dtype=torch.float64) if layer.zero_state else draw(*shape_c)
+    return dict(x=x, batch_sizes=batch_sizes, h0=h0, c0=c0, weights=weights)
+
+
+def cast(inputs: Dict[str, object], dtype: torch.dtype, layer: Layer) -> Dict[str, object]:
+    out = dict(inputs)
+    for key in ("x", "h0", "c0"):
+        out[key] = inputs[key].to(dtype)
+    out["weights"] = [w.to(dtype) for w in inputs["weights"]]
+    if layer.strided:
+        out["x"] = strided(out["x"])
+        out["weights"] = [strided(w) if w.dim() == 2 else w for w in out["weights"]]
+    return out
+
+
+def layer_forward(ns: str, layer: Layer, a: Dict[str, object], recurrence: str = "standard"):
+    op = getattr(torch.ops, ns).lstm_layer
+    return op(a["x"], a["batch_sizes"], a["h0"], a["c0"], a["weights"], layer.biases, bool(layer.proj),
+              layer.bidirectional, True, recurrence)
+
+
+def layer_backward(ns: str, layer: Layer, a: Dict[str, object], forward, grads: Dict[str, torch.Tensor]):
+    op = getattr(torch.ops, ns).lstm_layer_backward
+    _, _, _, gates, c_prev, h_prev = forward
+    return op(grads["output"], grads["h_n"], grads["c_n"], a["x"], a["batch_sizes"], a["h0"], a["c0"], a["weights"],
+              layer.biases, bool(layer.proj), layer.bidirectional, gates, c_prev, h_prev, True, True, True)
+
+
+def flatten(forward, backward=None) -> Dict[str, torch.Tensor]:
+    named = dict(output=forward[0], h_n=forward[1], c_n=forward[2])
+    if backward is not None:
+        grad_input, grad_h0, grad_c0, grad_weights = backward
+        named.update(grad_input=grad_input, grad_h0=grad_h0, grad_c0=grad_c0)
+        named.update({f"grad_weight{i}": g for i, g in enumerate(grad_weights)})
+    return named
+
+
+def check_rule(emulated: Dict[str, torch.Tensor], cpu: Dict[str, torch.Tensor], reference: Dict[str, torch.Tensor],
+               dtype: torch.dtype) -> None:
+    """Each emulated tensor: finite, the reference's shape, and within 2x the CPU path's error plus the floor."""
+    for name, ref in reference.items():
+        ours, theirs = emulated[name], cpu[name]
+        assert ours.shape == ref.shape, name
+        assert torch.isfinite(ours).all(), f"{name}: an element was never written (NaN poison) or overflowed"
+        scale = max(1.0, ref.abs().max().item())
+        err_ours = (ours.double() - ref).abs().max().item() if ref.numel() else 0.0
+        err_cpu = (theirs.double() - ref).abs().max().item() if ref.numel() else 0.0
+        assert err_ours <= 2 * err_cpu + FLOOR[dtype] * scale, (name, err_ours, err_cpu)
+
+
+def random_grads(forward, dtype):
+    return dict(output=torch.randn_like(forward[0], dtype=torch.float64).to(dtype),
+                h_n=torch.randn_like(forward[1], dtype=torch.float64).to(dtype),
+                c_n=torch.randn_like(forward[2], dtype=torch.float64).to(dtype))
+
+
+def run_layer(layer: Layer, dtype: torch.dtype, recurrence: str = "standard", backward: bool = True):
+    """(emulated, CPU path, float64 reference) results for fresh inputs."""
+    inputs = make_inputs(layer, dtype)
+    a_low, a_ref = cast(inputs, dtype, layer), cast(inputs, torch.float64, layer)
+    results = []
+    for ns, a, rec in ((EMU, a_low, recurrence), (CPU, a_low, "standard"), (CPU, a_ref, "standard")):
+        fwd = layer_forward(ns, layer, a, rec)
+        results.append([a, fwd])
+    grads = random_grads(results[0][1], dtype)
+    named = []
+    for (ns, _, _), (a, fwd) in zip(((EMU, 0, 0), (CPU, 0, 0), (CPU, 0, 0)), results):
+        g = grads if a is not a_ref else {k: v.double() for k, v in grads.items()}
+        bwd = layer_backward(ns, layer, a, fwd, g) if backward else None
+        named.append(flatten(fwd, bwd))
+    return named
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda c: c.name)
+def test_standard_path(layer: Layer, dtype: torch.dtype):
+    """The per-step path: cuBLAS products (input projection with bias, recurrent, projection, dh, weight and
+    input gradients), the pointwise forward and backward kernels, both directions, every dtype."""
+    before = emu.counters()
+    emulated, cpu, reference = run_layer(layer, dtype)
+    check_rule(emulated, cpu, reference, dtype)
+    assert emu.last_path() == "cuda:standard"
+    after = emu.counters()
+    assert after["gemm_calls"] > before["gemm_calls"] and after["launches"] > before["launches"]
+
+
+def test_tf32_products_when_allowed():
+    """float32 products round their inputs to TF32 when torch allows TF32 for cuDNN RNNs (the default), as
+    cuDNN does; strict FP32 otherwise."""
+    layer = Layer("tf32", steps=3, batch=4, input_size=64, hidden=32, bidirectional=False)
+    torch.backends.cudnn.allow_tf32 = True
+    emulated, cpu, reference = run_layer(layer, torch.float32, backward=False)
+    err = (emulated["output"].double() - reference["output"]).abs().max().item()
+    assert 1e-5 < err < 2e-2, err
+    torch.backends.cudnn.allow_tf32 = False
+    emulated, cpu, reference = run_layer(layer, torch.float32, backward=False)
+    check_rule(emulated, cpu, reference, torch.float32)
+
+
+# --- The cell op.
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("biases", [True, False])
+def test_cell(dtype: torch.dtype, biases: bool):
+    N, I, H = 5, 6, 11
+    draw = lambda *s: (torch.randn(*s, dtype=torch.float64) * 0.5).to(dtype).double()  # noqa: E731
+    x, hx, cx, w_ih, w_hh = draw(N, I), draw(N, H), draw(N, H), draw(4 * H, I), draw(4 * H, H)
+    b_ih, b_hh = (draw(4 * H), draw(4 * H)) if biases else (None, None)
+    grad_h, grad_c = draw(N, H), draw(N, H)
+    results = []
+    for ns, dt in ((EMU, dtype), (CPU, dtype), (CPU, torch.float64)):
+        c = lambda t: None if t is None else t.to(dt)  # noqa: E731
+        ops = getattr(torch.ops, ns)
+        h1, c1, gates = ops.lstm_cell(c(x), c(hx), c(cx), c(w_ih), c(w_hh), c(b_ih), c(b_hh))
+        grads = ops.lstm_cell_backward(c(grad_h), c(grad_c), c(x), c(hx), c(cx), c(w_ih), c(w_hh), gates, biases)
+        named = dict(h=h1, c=c1)
+        named.update({f"grad{i}": g for i, g in enumerate(grads) if g.numel()})
+        results.append(named)
+    check_rule(*results, dtype)
+    assert emu.last_path() == "cuda:standard"
+
+
+# --- The persistent forward kernel.
+
+PERSISTENT_LAYERS = [
+    Layer("dense_unidirectional", bidirectional=False),
+    Layer("packed_bidirectional", packed=True, batch=6, steps=6),
+    Layer("odd_strided", steps=4, batch=5, input_size=3, hidden=13, strided=True, bidirectional=False),
+    Layer("batch64", steps=3, batch=64, input_size=4, hidden=6, bidirectional=False, zero_state=True),
+]
+
+
+def persistent_plan(batch: int, hidden: int, dtype=torch.float32) -> Dict[str, int]:
+    units, blocks, k_split, shared = torch.ops.fused_lstm_emu.persistent_plan(torch.empty(1, dtype=dtype), batch, hidden)
+    return dict(units_per_block=units, blocks=blocks, k_split=k_split, shared_bytes=shared)
+
+
+@pytest.mark.parametrize("profile, batch, hidden, k_split, units_per_block", [
+    ("h100", 3, 9, 32, 1),     # one tile per block: 32 lanes share it (dense_unidirectional)
+    ("h100", 64, 6, 16, 1),    # 16 tiles of 4 rows (batch64)
+    ("l4", 33, 130, 8, 3),     # too few SMs for a unit per block; 27 tiles (test_persistent_plan_walks_small_card)
+])
+def test_persistent_plan_branches(profile, batch, hidden, k_split, units_per_block):
+    """The shapes the persistent tests run reach every branch of the plan: lanes per tile 32 / 16 / 8, one and
+    several hidden units per block."""
+    emu.set_device_profile(profile)
+    plan = persistent_plan(batch, hidden)
+    assert (plan["k_split"], plan["units_per_block"]) == (k_split, units_per_block)
+    assert plan["blocks"] == -(-hidden // units_per_block)
+    assert plan["shared_bytes"] <= emu.device_limits()["shared_bytes_per_block_optin"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layer", PERSISTENT_LAYERS, ids=lambda c: c.name)
+def test_persistent_forward(layer: Layer, dtype: torch.dtype):
+    """The cooperative persistent kernel (one launch per direction, grid.sync per step) against the CPU path
+    and float64, with the standard backward on its workspace (saved gates, c and h)."""
+    before = emu.counters()["cooperative_launches"]
+    launches = torch.ops.fused_lstm_emu.persistent_launches()
+    emulated, cpu, reference = run_layer(layer, dtype, recurrence="persistent")
+    check_rule(emulated, cpu, reference, dtype)
+    assert emu.last_path() == "cuda:persistent"
+    assert emu.counters()["cooperative_launches"] == before + layer.directions
+    assert torch.ops.fused_lstm_emu.persistent_launches() == launches + layer.directions
+
+
+def test_persistent_bitwise_in_any_block_order(monkeypatch):
+    """The persistent kernel's result does not depend on the order blocks run in (a missing grid barrier
+    would make it do so)."""
+    layer = Layer("order", packed=True, batch=5, steps=5, hidden=20)
+    inputs = cast(make_inputs(layer, torch.float32), torch.float32, layer)
+    results = []
+    for seed in (None, "7", "8"):
+        if seed is None:
+            monkeypatch.delenv("FUSED_LSTM_EMU_SEED", raising=False)
+        else:
+            monkeypatch.setenv("FUSED_LSTM_EMU_SEED", seed)
+        results.append(layer_forward(EMU, layer, inputs, "persistent")[:3])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("profile", ["h100", "a100", "rtx3090", "l4"])
+def test_persistent_plan_on_each_card(profile):
+    """The plan code runs unchanged on each card's limits: the largest supported hidden size shrinks with the
+    batch and with the card's shared memory, and one unit past it is declined with the reason."""
+    emu.set_device_profile(profile)
+    sample = {dt: torch.empty(1, dtype=dt) for dt in (torch.float32, torch.float16, torch.bfloat16)}
+    largest = {(dt, n): torch.ops.fused_lstm_emu.persistent_max_hidden(s, n)
+               for dt, s in sample.items() for n in (1, 8, 64)}
+    for dt in sample:
+        assert largest[dt, 1] >= largest[dt, 8] >= largest[dt, 64] > 0
+    assert largest[torch.bfloat16, 1] > largest[torch.float32, 1]  # half the bytes per weight
+    assert torch.ops.fused_lstm_emu.persistent_max_hidden(sample[torch.float32], 65) == 0
+    # One past the largest H is declined with the reason, before any launch.
+    H = largest[torch.float32, 8] + 1
+    layer = Layer("too_large", steps=1, batch=8, input_size=1, hidden=H, bidirectional=False)
+    inputs = cast(make_inputs(layer, torch.float32), torch.float32, layer)
+    launches = emu.counters()["cooperative_launches"]
+    with pytest.raises(RuntimeError, match="does not fit"):
+        layer_forward(EMU, layer, inputs, "persistent")
+    assert emu.counters()["cooperative_launches"] == launches
+
+
+def test_persistent_plan_walks_small_card():
+    """On the smallest card more hidden units share a block (U > 1) and many tiles share a block's threads
+    (k_split 8): the kernel's other branches."""
+    emu.set_device_profile("l4")
+    layer = Layer("many_units", steps=2, batch=33, input_size=2, hidden=130, bidirectional=False)
+    emulated, cpu, reference = run_layer(layer, torch.float32, recurrence="persistent", backward=False)
+    check_rule(emulated, cpu, reference, torch.float32)
+
+
+@pytest.mark.parametrize("layer, dtype, reason", [
+    (Layer("proj", proj=4, bidirectional=False), torch.float32, "projections"),
+    (Layer("float64", bidirectional=False), torch.float64, "dtype Double"),
+    (Layer("batch65", batch=65, steps=2, bidirectional=False), torch.float32, "batch 65"),
+])
+def test_persistent_declines_with_reason(layer, dtype, reason):
+    inputs = cast(make_inputs(layer, dtype), dtype, layer)
+    with pytest.raises(RuntimeError, match=reason):
+        layer_forward(EMU, layer, inputs, "persistent")
+
+
+def test_persistent_environment_switch(monkeypatch):
+    """FUSED_LSTM_PERSISTENT=1 takes the persistent kernel for recurrence='auto'; unset, the standard path."""
+    layer = Layer("switch", bidirectional=True, steps=4)
+    inputs = cast(make_inputs(layer, torch.float32), torch.float32, layer)
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT", "1")
+    persistent = layer_forward(EMU, layer, inputs, "auto")
+    assert emu.last_path() == "cuda:persistent"
+    monkeypatch.delenv("FUSED_LSTM_PERSISTENT")
+    standard = layer_forward(EMU, layer, inputs, "auto")
+    assert emu.last_path() == "cuda:standard"
+    for a, b in zip(persistent[:3], standard[:3]):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
