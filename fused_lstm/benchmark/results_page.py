@@ -39,8 +39,11 @@ def load_run(path: Path) -> Run:
 
 
 def find_runs(runs_dir: Path) -> List[Run]:
-    """Every run under ``runs_dir``, in path order."""
-    return [load_run(p) for p in sorted(runs_dir.rglob(FILES["json"]))]
+    """Every run under ``runs_dir``, in path order. A results.json below a folder that has its own (a raw copy,
+    as benchmarks/device_check.sh keeps one) is part of that run, not another."""
+    paths = sorted(runs_dir.rglob(FILES["json"]))
+    folders = {p.parent for p in paths}
+    return [load_run(p) for p in paths if not folders.intersection(p.parent.parents)]
 
 
 def _what_ran(settings: Mapping[str, Any]) -> str:
