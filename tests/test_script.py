@@ -208,3 +208,50 @@ def test_repr_says_whose_module_it_is():
     model = fused_lstm.convert(torch.nn.Sequential(torch.nn.LSTM(3, 4, batch_first=True)))
     assert "(0): fused_lstm.LSTM(3, 4, batch_first=True)" in repr(model)
     assert repr(fused_lstm.convert(model, back=True)[0]) == "LSTM(3, 4, batch_first=True)"
+
+
+# --- sequences longer than 65,535 steps (cuDNN: CUDNN_STATUS_NOT_SUPPORTED, pytorch#133751) ----------------------
+
+LONG = 70_000
+
+
+def test_long_sequence_matches_torch():
+    ref, ours = lstm_pair(1, 2, dtype=torch.float32)
+    x = torch.randn(LONG, 1, 1)
+    with torch.no_grad():
+        expected, (e_h, e_c) = ref(x)
+        out, (h, c) = ours(x)
+    assert out.shape == (LONG, 1, 2)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(c, e_c, atol=2e-5, rtol=1e-4)
+
+
+def test_long_sequence_gradients_equal_two_chunks():
+    """Forward and backward over 70,000 steps at once equal the same computation in two chunks of 35,000, each
+    below 65,536 steps, the second starting from the first's state (float64: equal to rounding)."""
+    _, ours = lstm_pair(1, 2)
+    x = torch.randn(LONG, 2, 1, dtype=torch.float64, requires_grad=True)
+    results = []
+    for chunks in ((x,), x.split(LONG // 2)):
+        hx, outputs = None, []
+        for part in chunks:
+            out, hx = ours(part, hx)
+            outputs.append(out)
+        loss = torch.cat(outputs).sin().sum() + hx[1].sum()
+        results.append(torch.autograd.grad(loss, [x, *ours.parameters()]) + (torch.cat(outputs),))
+    for whole, split in zip(*results):
+        assert_close(whole, split, what="70,000 steps against two chunks")
+
+
+def test_long_bidirectional_sequence_reverse_direction():
+    """The reverse direction over 70,000 steps is the forward direction of the flipped sequence."""
+    _, ours = lstm_pair(1, 2, bidirectional=True, dtype=torch.float32)
+    _, single = lstm_pair(1, 2, dtype=torch.float32)
+    single.load_state_dict({k.removesuffix("_reverse"): v for k, v in ours.state_dict().items()
+                            if k.endswith("_reverse")})
+    x = torch.randn(LONG, 2, 1)
+    with torch.no_grad():
+        out, (h, _) = ours(x)
+        reverse, (h_reverse, _) = single(x.flip(0))
+    torch.testing.assert_close(out[..., 2:], reverse.flip(0), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(h[1], h_reverse[0], atol=1e-6, rtol=1e-5)
