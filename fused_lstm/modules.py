@@ -266,23 +266,21 @@ class LSTMCell(nn.RNNCellBase):
         return h, c
 
     def _check_forward(self, input: Tensor, hx: _HiddenState, weight_ih: Tensor) -> None:
-        """torch's own cell checks (same messages), plus dtype and device."""
-        if input.dtype != weight_ih.dtype and not _autocast_enabled(input):
-            raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {_c10_name(input.dtype)} and "
-                               f"{_c10_name(weight_ih.dtype)}")
+        """torch's own cell checks (same messages, in torch's order: shapes before dtypes), plus dtype and device."""
         if input.size(1) != self.input_size:
             raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
         expected = (input.size(0), self.hidden_size)
-        if hx[0].shape == expected and hx[1].shape == expected:  # the common case, without the loop below
-            _check_state(input, hx, weight_ih)
-            return
-        for label, state in enumerate(hx):
-            if input.size(0) != state.size(0):
-                raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{label} batch size "
-                                   f"{state.size(0)}")
-            if state.size(1) != self.hidden_size:
-                raise RuntimeError(f"hidden{label} has inconsistent hidden_size: got {state.size(1)}, expected "
-                                   f"{self.hidden_size}")
+        if hx[0].shape != expected or hx[1].shape != expected:  # the common case skips the loop
+            for label, state in enumerate(hx):
+                if input.size(0) != state.size(0):
+                    raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{label} batch size "
+                                       f"{state.size(0)}")
+                if state.size(1) != self.hidden_size:
+                    raise RuntimeError(f"hidden{label} has inconsistent hidden_size: got {state.size(1)}, expected "
+                                       f"{self.hidden_size}")
+        if input.dtype != weight_ih.dtype and not _autocast_enabled(input):
+            raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {_c10_name(input.dtype)} and "
+                               f"{_c10_name(weight_ih.dtype)}")
         _check_state(input, hx, weight_ih)
 
 

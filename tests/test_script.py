@@ -7,6 +7,7 @@ when an input has several faults."""
 from __future__ import annotations
 
 import io
+import itertools
 import warnings
 from typing import Tuple
 
@@ -255,3 +256,82 @@ def test_long_bidirectional_sequence_reverse_direction():
         reverse, (h_reverse, _) = single(x.flip(0))
     torch.testing.assert_close(out[..., 2:], reverse.flip(0), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(h[1], h_reverse[0], atol=1e-6, rtol=1e-5)
+
+
+# --- error precedence: with several faults at once, the error torch raises first ------------------------------
+
+def _faults(cell: bool):
+    """Each fault turns valid arguments (x, h, c) into invalid ones; torch.nn.LSTM's (nn.LSTMCell's) error for
+    each pair must be ours."""
+    lead = () if cell else (1,)  # hx: (N, H) for the cell, (L*D, N, H) for the layer
+    rows = (3, 4) if cell else (5, 3, 4)  # the modules take 5 features
+    return {
+        "input feature size": lambda a: a.update(x=torch.randn(*rows, dtype=a["x"].dtype)),
+        "input dtype": lambda a: a.update(x=a["x"].float()),
+        "hx batch": lambda a: a.update(h=torch.randn(*lead, 2, 6, dtype=a["h"].dtype)),
+        "cx hidden size": lambda a: a.update(c=torch.randn(*lead, 3, 7, dtype=a["c"].dtype)),
+        "input rank": lambda a: a.update(x=a["x"].unsqueeze(0)),
+        "hx rank": lambda a: a.update(h=a["h"].unsqueeze(0) if cell else a["h"][0]),
+        "no hx, input dtype": lambda a: a.update(x=a["x"].float(), h=None, c=None),
+        "empty": lambda a: a.update(x=a["x"][:0]),  # no steps (the layer), no rows (the cell)
+        "unbatched, feature size": lambda a: a.update(x=torch.randn(*rows[1:], dtype=a["x"].dtype), h=None, c=None),
+    }
+
+
+def _first_error(module, args):
+    try:
+        module(args["x"]) if args["h"] is None else module(args["x"], (args["h"], args["c"]))
+    except Exception as error:  # noqa: BLE001 (the type is what is compared)
+        return type(error), str(error)
+    return None
+
+
+_DROP_HX = {"no hx, input dtype", "unbatched, feature size"}
+_NEED_HX = {"hx batch", "cx hidden size", "hx rank"}
+
+
+def _pairs(cell: bool):
+    """Every pair of faults that can coexist (a fault of hx cannot go with one that omits hx)."""
+    return [(cell, pair) for pair in itertools.combinations(_faults(cell), 2)
+            if not (set(pair) & _DROP_HX and set(pair) & _NEED_HX)]
+
+
+@pytest.mark.parametrize("cell,pair", _pairs(True) + _pairs(False),
+                         ids=lambda v: " + ".join(v) if isinstance(v, tuple) else ("cell" if v else "lstm"))
+def test_several_faults_raise_what_torch_raises_first(cell, pair):
+    if cell:
+        ref, ours = cell_pair(5, 6)
+    else:
+        ref, ours = lstm_pair(5, 6)
+    faults = _faults(cell)
+    for order in (pair, pair[::-1]):
+        shape = (3,) if cell else (1, 3)
+        args = dict(x=torch.randn(*((3, 5) if cell else (5, 3, 5)), dtype=torch.float64),
+                    h=torch.randn(*shape, 6, dtype=torch.float64), c=torch.randn(*shape, 6, dtype=torch.float64))
+        for fault in order:
+            faults[fault](args)
+        expected = _first_error(ref, args)
+        assert expected is not None, order
+        assert _first_error(ours, args) == expected, order
+
+
+def test_cell_input_of_the_wrong_size_and_dtype():
+    """The issue's case: torch's input_size error, not a matmul dtype error."""
+    ours = fused_lstm.LSTMCell(4, 6)
+    with pytest.raises(RuntimeError, match="^input has inconsistent input_size: got 5 expected 4$"):
+        ours(torch.randn(3, 5, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="^input has inconsistent input_size: got 5 expected 4$"):
+        torch.nn.LSTMCell(4, 6)(torch.randn(3, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("cell", [True, False])
+def test_state_of_another_dtype_is_our_clear_error(cell):
+    """Where torch fails inside a matmul (h_0) or says nothing (c_0), ours names the state (README: stricter
+    checks); every other fault raises torch's error first."""
+    ours = fused_lstm.LSTMCell(5, 6, dtype=torch.float64) if cell else fused_lstm.LSTM(5, 6, dtype=torch.float64)
+    x = torch.randn(*((3, 5) if cell else (4, 3, 5)), dtype=torch.float64)
+    state = torch.randn(*((3, 6) if cell else (1, 3, 6)), dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="Expected c_0 to have dtype torch.float64 like the input"):
+        ours(x, (state, state.float()))
+    with pytest.raises(RuntimeError, match="input has inconsistent input_size" if cell else "input.size\\(-1\\)"):
+        ours(torch.randn(*x.shape[:-1], 4, dtype=torch.float64), (state, state.float()))
