@@ -310,10 +310,14 @@ torch.library.register_autograd("fused_lstm::lstm_cell", _cell_backward, setup_c
 # at backward time, the reference's vjp otherwise (batched or nested gradients: composable with every
 # transform). Everything else (eager, compile, export, script) calls the op as registered above.
 
+_is_compiling = torch.compiler.is_compiling
+_functorch_active = torch._C._are_functorch_transforms_active
+_forward_ad = torch.autograd.forward_ad
+
+
 def _transforms_active() -> bool:
-    if torch.compiler.is_compiling():
-        return False
-    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+    # is_compiling first: under torch.compile (which handles torch.func itself) the rest is never traced.
+    return not _is_compiling() and (_functorch_active() or _forward_ad._current_level >= 0)
 
 
 def _zeros_for_none(values, like):

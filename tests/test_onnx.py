@@ -94,10 +94,26 @@ def test_export_proj_size_is_a_clear_error(dynamo, tmp_path):
     assert any("proj_size" in message for message in chain), chain
 
 
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("bias,with_hx", [(True, True), (False, False)])
+def test_export_cell(dynamo, bias, with_hx, tmp_path):
+    """LSTMCell: one step of ONNX's LSTM."""
+    cell = fused_lstm.LSTMCell(5, 6, bias=bias).eval()
+    x = torch.randn(3, 5)
+    args = (x, (torch.randn(3, 6), torch.randn(3, 6))) if with_hx else (x,)
+    model_bytes = _export(cell, args, dynamo, tmp_path)
+    assert [node.op_type for node in onnx.load_from_string(model_bytes).graph.node].count("LSTM") == 1
+    with torch.no_grad():
+        expected = cell(*args)
+    got = _run(model_bytes, args)
+    for mine, theirs in zip(got, expected):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
+
+
 def test_custom_translation_table_is_the_registered_one(tmp_path):
     """The explicit table works too (a user passing their own table along with ours)."""
     table = fused_lstm.onnx.custom_translation_table()
-    assert list(table) == [torch.ops.fused_lstm.lstm_layer.default]
+    assert set(table) == {torch.ops.fused_lstm.lstm_layer.default, torch.ops.fused_lstm.lstm_cell.default}
     lstm = fused_lstm.LSTM(3, 4).eval()
     x = torch.randn(2, 1, 3)
     path = tmp_path / "model.onnx"
