@@ -14,6 +14,8 @@ Environment:
                           without one, "8.0;8.6;8.9;9.0+PTX": A100, RTX 30xx / A10, RTX 40xx / L4, H100 / H200,
                           and PTX for newer cards)
   MAX_JOBS                parallel compile jobs (default: from cores and available memory)
+  FUSED_LSTM_PTXAS_REPORT a folder to keep ptxas's per-kernel register / spill report in (CI sets it;
+                          tests/test_resources.py checks the budgets)
 Install with `pip install --no-build-isolation .` so the build uses the torch already installed.
 """
 
@@ -186,6 +188,10 @@ def extensions():
             f'-DFUSED_LSTM_CUDA_VERSION="{torch.version.cuda}"',
         ]
         sources += sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True))
+        report = os.environ.get("FUSED_LSTM_PTXAS_REPORT")
+        if report:  # nvcc through a wrapper that keeps ptxas's lines (torch's ninja build honours PYTORCH_NVCC)
+            wrapper = os.path.join(ROOT, ".ci", "nvcc_ptxas_report.py")
+            os.environ["PYTORCH_NVCC"] = f"{sys.executable} {wrapper} {os.path.join(cuda_home, 'bin', 'nvcc')}"
         include_dirs, cublas_link = cuda_library_flags(cuda_home)
         ext = CUDAExtension(
             "fused_lstm._C",
