@@ -88,12 +88,12 @@ def missing_kernels(usage: Dict[Tuple[str, str], Usage]) -> List[str]:
 
 
 SAMPLE = """\
-ptxas info    : Compiling entry function '_ZN10fused_lstm4cuda17step_forward_kernelIfEEvPT_' for 'sm_90'
-ptxas info    : Function properties for _ZN10fused_lstm4cuda17step_forward_kernelIfEEvPT_
+ptxas info    : Compiling entry function '_ZN10fused_lstm4cuda19step_forward_kernelIfEEvPT_S3_PKS2_S3_S3_lS3_S3_jN2at4cuda6detail10IntDividerIjEEl' for 'sm_90'
+ptxas info    : Function properties for _ZN10fused_lstm4cuda19step_forward_kernelIfEEvPT_S3_PKS2_S3_S3_lS3_S3_jN2at4cuda6detail10IntDividerIjEEl
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 26 registers, used 0 barriers, 400 bytes cmem[0]
-ptxas info    : Compiling entry function '_ZN10fused_lstm4cuda18step_backward_kernelIfEEvPT_' for 'sm_90'
-ptxas info    : Function properties for _ZN10fused_lstm4cuda18step_backward_kernelIfEEvPT_
+ptxas info    : Compiling entry function '_ZN10fused_lstm4cuda20step_backward_kernelIfEEvPKT_S4_S4_S4_lPS2_S5_S5_jN2at4cuda6detail10IntDividerIjEE' for 'sm_90'
+ptxas info    : Function properties for _ZN10fused_lstm4cuda20step_backward_kernelIfEEvPKT_S4_S4_S4_lPS2_S5_S5_jN2at4cuda6detail10IntDividerIjEE
     16 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads
 ptxas info    : Used 255 registers, used 0 barriers, 400 bytes cmem[0]
 """
