@@ -214,3 +214,16 @@ def test_cell_vmap_and_per_sample_gradients():
         ref(singles[i])[0].sum().backward()
         for name, p in ref.named_parameters():
             assert_close(per_sample[name][i], p.grad, what=f"sample {i} {name}")
+
+
+def test_hessian_nests_the_transforms():
+    """torch.func.hessian (jacfwd over jacrev) and jacrev over jacrev: the transforms nest."""
+    ref, ours = lstm_pair(2, 3, bidirectional=True)
+    x = torch.randn(3, 1, 2, dtype=F64)
+
+    def loss(module):
+        return lambda x: module(x)[0].sin().sum()
+
+    expected = AF.hessian(loss(ref), x)
+    assert_close(torch.func.hessian(loss(ours))(x), expected, what="hessian")
+    assert_close(jacrev(jacrev(loss(ours)))(x), expected, what="jacrev(jacrev)")

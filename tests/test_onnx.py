@@ -123,3 +123,14 @@ def test_custom_translation_table_is_the_registered_one(tmp_path):
     with torch.no_grad():
         out, _ = lstm(x)
     torch.testing.assert_close(_run(path.read_bytes(), (x,))[0], out, atol=1e-5, rtol=1e-4)
+
+
+def test_import_does_not_load_onnx():
+    """import fused_lstm stays cheap: neither onnx nor onnxscript is imported until torch's exporter needs it."""
+    import subprocess
+    import sys
+
+    code = "import sys, fused_lstm; print(sorted(m for m in ('onnx', 'onnxscript', 'onnxruntime') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(fused_lstm.__file__))))
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
