@@ -361,6 +361,7 @@ class _LayerFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(*output[3:])
         ctx.set_materialize_grads(False)
         ctx.flags = (has_biases, has_projections, bidirectional)
+        ctx.recurrence = inputs[7]
         ctx.batch_sizes = batch_sizes
         ctx.save_for_backward(input, h0, c0, *output[3:], *weights)
         ctx.save_for_forward(input, h0, c0, *weights)
@@ -374,25 +375,19 @@ class _LayerFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n, *_):
         input, h0, c0, gates, c_prev, h_prev, *weights = ctx.saved_tensors
-        none = (None,) * 5
         if grad_output is None and grad_h_n is None and grad_c_n is None:
-            return (None,) * 3 + none + (None,) * len(weights)
-        outputs_like = (input.new_empty(0), h0, c0)
+            return (None,) * (8 + len(weights))
         if grad_output is None:
             out_hidden = weights[1].shape[1] * (2 if ctx.flags[2] else 1)
             grad_output = input.new_zeros(*input.shape[:-1], out_hidden)
-        grad_h_n, grad_c_n = _zeros_for_none((grad_h_n, grad_c_n), outputs_like[1:])
-        if torch._C._are_functorch_transforms_active() or torch.is_grad_enabled():
-            _, pullback = torch.func.vjp(_LayerFunction._reference(ctx), input, h0, c0, *weights)
-            grad_input, grad_h0, grad_c0, *grad_weights = pullback((grad_output, grad_h_n, grad_c_n))
-        else:
-            grad_input, grad_h0, grad_c0, grad_weights = lstm_layer_backward(
-                grad_output, grad_h_n, grad_c_n, input, ctx.batch_sizes, h0, c0, weights, *ctx.flags, gates, c_prev,
-                h_prev)
+        grad_h_n, grad_c_n = _zeros_for_none((grad_h_n, grad_c_n), (h0, c0))
+        grad_input, grad_h0, grad_c0, *grad_weights = _LayerBackwardFunction.apply(
+            (*ctx.flags, ctx.recurrence), ctx.batch_sizes, grad_output, grad_h_n, grad_c_n, input, h0, c0, gates,
+            c_prev, h_prev, *weights)
         needs = ctx.needs_input_grad
         grad_weights = [g if needs[8 + i] else None for i, g in enumerate(grad_weights)]
         return (grad_input if needs[0] else None, None, grad_h0 if needs[2] else None,
-                grad_c0 if needs[3] else None, *none[:4], *grad_weights)
+                grad_c0 if needs[3] else None, None, None, None, None, *grad_weights)
 
     @staticmethod
     def jvp(ctx, input_t, _batch_sizes_t, h0_t, c0_t, *rest):
@@ -431,6 +426,114 @@ class _LayerFunction(torch.autograd.Function):
         return (output, h_n, c_n, empty, empty, empty), (1, 1, 1, 0, 0, 0)
 
 
+class _LayerBackwardFunction(torch.autograd.Function):
+    """The layer's backward for torch.func, itself differentiable: forward, the fused backward op (run on plain
+    tensors, as functorch hands them to a Function); its own backward and jvp through the reference (double
+    backward, hessians); under vmap one fused backward per sample (per-sample gradients need per-sample weight
+    gradients). Arguments: ((has_biases, has_projections, bidirectional, recurrence), batch_sizes, grad_output,
+    grad_h_n, grad_c_n, input, h0, c0, gates, c_prev, h_prev, *weights); returns (grad_input, grad_h0, grad_c0,
+    *grad_weights)."""
+
+    @staticmethod
+    def forward(spec, batch_sizes, grad_output, grad_h_n, grad_c_n, input, h0, c0, gates, c_prev, h_prev, *weights):
+        has_biases, has_projections, bidirectional, recurrence = spec
+        if gates.dim() == 1:  # the forward kept no workspace (a vmapped forward): compute it again
+            _, _, _, gates, c_prev, h_prev = torch.ops.fused_lstm.lstm_layer.default(
+                input, batch_sizes, h0, c0, list(weights), has_biases, has_projections, bidirectional, True,
+                recurrence)
+        grad_input, grad_h0, grad_c0, grad_weights = lstm_layer_backward(
+            grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weights, has_biases, has_projections,
+            bidirectional, gates, c_prev, h_prev)
+        return (grad_input, grad_h0, grad_c0, *grad_weights)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        spec, batch_sizes, grad_output, grad_h_n, grad_c_n, input, h0, c0, _, _, _, *weights = inputs
+        ctx.flags = spec[:3]
+        ctx.batch_sizes = batch_sizes
+        ctx.save_for_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, *weights)
+        ctx.save_for_forward(grad_output, grad_h_n, grad_c_n, input, h0, c0, *weights)
+
+    @staticmethod
+    def _first_order(ctx):
+        """(grad_output, grad_h_n, grad_c_n, input, h0, c0, *weights) -> the gradients, differentiably."""
+        def layer(input, h0, c0, *weights):
+            return reference.lstm_layer(input, ctx.batch_sizes, h0, c0, weights, *ctx.flags)
+
+        def gradients(grad_output, grad_h_n, grad_c_n, input, h0, c0, *weights):
+            _, pullback = torch.func.vjp(layer, input, h0, c0, *weights)
+            return pullback((grad_output, grad_h_n, grad_c_n))
+        return gradients
+
+    @staticmethod
+    def backward(ctx, *grad_grads):
+        primals = ctx.saved_tensors
+        gradients, pullback = torch.func.vjp(_LayerBackwardFunction._first_order(ctx), *primals)
+        found = pullback(tuple(_zeros_for_none(grad_grads, gradients)))
+        return (None, None, *found[:6], None, None, None, *found[6:])
+
+    @staticmethod
+    def jvp(ctx, _spec_t, _batch_sizes_t, *tangents):
+        primals = ctx.saved_tensors
+        tangents = tangents[:6] + tangents[9:]  # not the workspace's
+        return tuple(_jvp(_LayerBackwardFunction._first_order(ctx), primals, _zeros_for_none(tangents, primals)))
+
+    @staticmethod
+    def vmap(info, in_dims, spec, batch_sizes, *tensors):
+        dims = in_dims[2:]
+        results = [_LayerBackwardFunction.apply(spec, batch_sizes, *[t if d is None else t.select(d, b)
+                                                                     for t, d in zip(tensors, dims)])
+                   for b in range(info.batch_size)]
+        stacked = tuple(torch.stack(r) for r in zip(*results))
+        return stacked, (0,) * len(stacked)
+
+
+class _CellBackwardFunction(torch.autograd.Function):
+    """The cell's backward for torch.func, as _LayerBackwardFunction: arguments (grad_h, grad_c, input, hx, cx,
+    w_ih, w_hh, gates, *biases), biases (b_ih, b_hh) or none; returns (grad_input, grad_hx, grad_cx, grad_w_ih,
+    grad_w_hh, *grad_biases)."""
+
+    @staticmethod
+    def forward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, gates, *biases):
+        grads = lstm_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, gates, bool(biases))
+        return tuple(grads[:5]) + (tuple(grads[5:]) if biases else ())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        primals = inputs[:7] + inputs[8:]  # all but the gates
+        ctx.save_for_backward(*primals)
+        ctx.save_for_forward(*primals)
+
+    @staticmethod
+    def _first_order(grad_h, grad_c, input, hx, cx, w_ih, w_hh, *biases):
+        def cell(*args):
+            b_ih, b_hh = args[5:] if biases else (None, None)
+            return reference.lstm_cell(*args[:5], b_ih, b_hh)
+
+        _, pullback = torch.func.vjp(cell, input, hx, cx, w_ih, w_hh, *biases)
+        return pullback((grad_h, grad_c))
+
+    @staticmethod
+    def backward(ctx, *grad_grads):
+        primals = ctx.saved_tensors
+        gradients, pullback = torch.func.vjp(_CellBackwardFunction._first_order, *primals)
+        found = pullback(tuple(_zeros_for_none(grad_grads, gradients)))
+        return (*found[:7], None, *found[7:])
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        primals = ctx.saved_tensors
+        tangents = tangents[:7] + tangents[8:]  # not the gates'
+        return tuple(_jvp(_CellBackwardFunction._first_order, primals, _zeros_for_none(tangents, primals)))
+
+    @staticmethod
+    def vmap(info, in_dims, *tensors):
+        results = [_CellBackwardFunction.apply(*[t if d is None else t.select(d, b) for t, d in zip(tensors, in_dims)])
+                   for b in range(info.batch_size)]
+        stacked = tuple(torch.stack(r) for r in zip(*results))
+        return stacked, (0,) * len(stacked)
+
+
 class _CellFunction(torch.autograd.Function):
     """lstm_cell for torch.func. Arguments: (input, hx, cx, w_ih, w_hh, b_ih, b_hh)."""
 
@@ -450,25 +553,10 @@ class _CellFunction(torch.autograd.Function):
         input, hx, cx, w_ih, w_hh, gates, b_ih, b_hh = ctx.saved_tensors
         if grad_h is None and grad_c is None:
             return (None,) * 7
-        primals = [input, hx, cx, w_ih, w_hh, b_ih, b_hh]
-        if torch._C._are_functorch_transforms_active() or torch.is_grad_enabled():
-            grad_h, grad_c = _zeros_for_none((grad_h, grad_c), (hx, cx))
-            present = [i for i, p in enumerate(primals) if p is not None]
-
-            def cell(*args):
-                full = list(primals)
-                for i, a in zip(present, args):
-                    full[i] = a
-                return reference.lstm_cell(*full)
-
-            _, pullback = torch.func.vjp(cell, *[primals[i] for i in present])
-            grads = [None] * 7
-            for i, g in zip(present, pullback((grad_h, grad_c))):
-                grads[i] = g
-        else:
-            grads = list(lstm_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, gates, b_ih is not None))
-            if b_ih is None:
-                grads[5:] = [None, None]
+        grad_h, grad_c = _zeros_for_none((grad_h, grad_c), (hx, cx))
+        biases = () if b_ih is None else (b_ih, b_hh)
+        grads = list(_CellBackwardFunction.apply(grad_h, grad_c, input, hx, cx, w_ih, w_hh, gates, *biases))
+        grads += [None] * (7 - len(grads))
         return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
 
     @staticmethod

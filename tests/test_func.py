@@ -227,3 +227,35 @@ def test_hessian_nests_the_transforms():
     expected = AF.hessian(loss(ref), x)
     assert_close(torch.func.hessian(loss(ours))(x), expected, what="hessian")
     assert_close(jacrev(jacrev(loss(ours)))(x), expected, what="jacrev(jacrev)")
+    # per sample, the gradient of a gradient norm: vmap over grad over grad
+    xs = torch.randn(3, 3, 1, 2, dtype=F64)
+    per_sample = vmap(grad(lambda x: grad(loss(ours))(x).pow(2).sum()))(xs)
+    for i in range(3):
+        xi = xs[i].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(loss(ref)(xi), xi, create_graph=True)
+        (want,) = torch.autograd.grad(g.pow(2).sum(), xi)
+        assert_close(per_sample[i], want, what=f"sample {i}")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_cell_hessian_and_per_sample_hessian_vector(bias):
+    ref, ours = cell_pair(3, 4, bias=bias)
+    x = torch.randn(2, 3, dtype=F64)
+    hx = (torch.randn(2, 4, dtype=F64), torch.randn(2, 4, dtype=F64))
+
+    def loss(module):
+        return lambda x, h: sum(t.sin().sum() for t in module(x, (h, hx[1])))
+
+    expected = AF.hessian(loss(ref), (x, hx[0]))
+    got = torch.func.hessian(loss(ours), argnums=(0, 1))(x, hx[0])
+    for i in range(2):
+        for j in range(2):
+            assert_close(got[i][j], expected[i][j], what=f"hessian[{i}][{j}]")
+    # grad of a gradient norm per sample: vmap over grad(grad-norm)
+    xs = torch.randn(3, 2, 3, dtype=F64)
+    per_sample = vmap(grad(lambda x: grad(loss(ours))(x, hx[0]).pow(2).sum()))(xs)
+    for i in range(3):
+        xi = xs[i].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(loss(ref)(xi, hx[0]), xi, create_graph=True)
+        (want,) = torch.autograd.grad(g.pow(2).sum(), xi)
+        assert_close(per_sample[i], want, what=f"sample {i}")
