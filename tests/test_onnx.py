@@ -83,6 +83,30 @@ def test_export_matches_eager(dynamo, num_layers, bidirectional, batch_first, bi
 
 
 @pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_export_with_dynamic_batch_and_length(dynamo, tmp_path):
+    """Exported at one batch size and length, run at others."""
+    lstm = fused_lstm.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True).eval()
+    x = torch.randn(2, 5, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            path = tmp_path / "model.onnx"
+            shapes = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("length")},)
+            torch.onnx.export(lstm, (x,), str(path), dynamo=True, dynamic_shapes=shapes, external_data=False)
+            model_bytes = path.read_bytes()
+        else:
+            buffer = io.BytesIO()
+            torch.onnx.export(lstm, (x,), buffer, dynamo=False, input_names=["x"],
+                              dynamic_axes={"x": {0: "batch", 1: "length"}})
+            model_bytes = buffer.getvalue()
+    other = torch.randn(3, 7, 3)
+    with torch.no_grad():
+        out, (h, c) = lstm(other)
+    for mine, theirs in zip(_run(model_bytes, (other,)), (out, h, c)):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
 def test_export_proj_size_is_a_clear_error(dynamo, tmp_path):
     lstm = fused_lstm.LSTM(4, 6, proj_size=3).eval()
     with pytest.raises(Exception) as caught:
