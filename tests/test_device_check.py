@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "device_check.sh"
@@ -491,24 +492,20 @@ def test_summary_cli(tmp_path: Path) -> None:
 
 # ---- the persistent stage's shapes -----------------------------------------------------------------------------
 
-# H100 SXM (and H200): 132 SMs, 227 KB of shared memory per block with the opt-in
-# (cudaDevAttrMaxSharedMemoryPerBlockOptin = 232448 bytes).
-H100_SMS, H100_SMEM_PER_BLOCK = 132, 232448
-
-
-def persistent_plan_fits(batch: int, hidden: int, element_size: int) -> bool:
-    """csrc/cuda/persistent: make_plan and shared_bytes with one block per SM (the least the occupancy
-    query can answer): ceil(H / U) blocks of U units each need their W_hh rows [4U][P], the staged h
-    [N_pad][P] in the storage dtype and c [N_pad][U] in float32 in shared memory."""
-    padded_hidden = math.ceil(hidden / (16 // element_size)) * (16 // element_size)
-    n_pad = math.ceil(batch / 4) * 4
-    for units in range(1, hidden + 1):
-        smem = (4 * units + n_pad) * padded_hidden * element_size + n_pad * units * 4
-        if smem > H100_SMEM_PER_BLOCK:
-            return False
-        if math.ceil(hidden / units) <= H100_SMS:
-            return True
-    return False
+def persistent_plan_fits(batch: int, hidden: int, element_size: int, backward: bool) -> bool:
+    """Whether the persistent kernel's own plan (csrc/cuda/persistent, run by the CUDA emulator under its
+    H100 profile: 132 SMs, 227 KB of shared memory per block) has a launch for this shape."""
+    emu = pytest.importorskip("fused_lstm._emu", reason="the CUDA emulator is not built")
+    dtype = {4: torch.float32, 2: torch.bfloat16}[element_size]
+    previous = emu.device_profile()
+    emu.set_device_profile("h100")
+    try:
+        torch.ops.fused_lstm_emu.persistent_plan(torch.empty(1, dtype=dtype), batch, hidden, backward)
+        return True
+    except RuntimeError:
+        return False
+    finally:
+        emu.set_device_profile(previous)
 
 
 def persistent_stage_jobs(tmp_path: Path) -> List[Tuple[int, int, int]]:
@@ -528,13 +525,17 @@ def persistent_stage_jobs(tmp_path: Path) -> List[Tuple[int, int, int]]:
 
 
 def test_persistent_stage_shapes_fit_the_kernel_on_an_h100(tmp_path: Path) -> None:
+    """The stage trains too, so every shape must fit the forward and the backward kernel."""
     jobs = persistent_stage_jobs(tmp_path)
     assert len(jobs) >= 4
-    assert [job for job in jobs if not persistent_plan_fits(*job)] == []
+    assert [job for job in jobs for backward in (False, True) if not persistent_plan_fits(*job, backward)] == []
 
 
-def test_persistent_plan_model_rejects_what_does_not_fit() -> None:
+def test_persistent_plan_rejects_what_does_not_fit() -> None:
     # fp32, batch 32, H = 1024: at most 6 units per block fit 227 KB, and 171 blocks are more than 132 SMs.
-    assert not persistent_plan_fits(32, 1024, 4)
-    assert persistent_plan_fits(32, 1024, 2)
-    assert persistent_plan_fits(16, 1024, 4)
+    assert not persistent_plan_fits(32, 1024, 4, backward=False)
+    assert persistent_plan_fits(32, 1024, 2, backward=False)
+    assert persistent_plan_fits(16, 1024, 4, backward=False)
+    # Backward stages [N, 4H] gate gradients: fp32 batch 16 at H = 1024 does not fit, bf16 does.
+    assert not persistent_plan_fits(16, 1024, 4, backward=True)
+    assert persistent_plan_fits(16, 1024, 2, backward=True)

@@ -425,3 +425,94 @@ def test_persistent_environment_switch(monkeypatch):
     assert emu.last_path() == "cuda:standard"
     for a, b in zip(persistent[:3], standard[:3]):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
+# --- The persistent backward kernel.
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layer", PERSISTENT_LAYERS, ids=lambda c: c.name)
+def test_persistent_backward(layer: Layer, dtype: torch.dtype, monkeypatch):
+    """The cooperative backward kernel (pointwise backward and d_gates @ W_hh fused per step, dh and dc kept on
+    chip) on the persistent forward's workspace: every gradient against the CPU path and float64."""
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT", "1")
+    before = emu.counters()["cooperative_launches"]
+    emulated, cpu, reference = run_layer(layer, dtype, recurrence="persistent")
+    check_rule(emulated, cpu, reference, dtype)
+    assert emu.counters()["cooperative_launches"] == before + 2 * layer.directions  # forward and backward
+
+
+@pytest.mark.parametrize("need_h0_grad", [True, False])
+@pytest.mark.parametrize("packed", [False, True])
+def test_persistent_backward_h0_grad_flag(need_h0_grad: bool, packed: bool, monkeypatch):
+    """Without h0's gradient the kernel skips each sequence's last product, as the driver's loop does: every
+    other gradient is bitwise the same as with it."""
+    layer = Layer("flag", packed=packed, batch=5, steps=5)
+    inputs = cast(make_inputs(layer, torch.float32), torch.float32, layer)
+    forward = layer_forward(EMU, layer, inputs)
+    grads = random_grads(forward, torch.float32)
+    op = torch.ops.fused_lstm_emu.lstm_layer_backward
+    _, _, _, gates, c_prev, h_prev = forward
+    results = []
+    for mode in ("1", "0"):
+        monkeypatch.setenv("FUSED_LSTM_PERSISTENT", mode)
+        results.append(op(grads["output"], grads["h_n"], grads["c_n"], inputs["x"], inputs["batch_sizes"],
+                          inputs["h0"], inputs["c0"], inputs["weights"], layer.biases, False, layer.bidirectional,
+                          gates, c_prev, h_prev, True, True, need_h0_grad))
+    (gi_p, gh_p, gc_p, gw_p), (gi_s, gh_s, gc_s, gw_s) = results
+    torch.testing.assert_close(gi_p, gi_s, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(gc_p, gc_s, atol=2e-6, rtol=1e-5)
+    for a, b in zip(gw_p, gw_s):
+        torch.testing.assert_close(a, b, atol=5e-6, rtol=1e-5)
+    assert gh_p.numel() == gh_s.numel() == (gc_p.numel() if need_h0_grad else 0)
+    if need_h0_grad:
+        torch.testing.assert_close(gh_p, gh_s, atol=2e-6, rtol=1e-5)
+
+
+def test_persistent_backward_bitwise_across_runs_and_block_orders(monkeypatch):
+    """Gradients are bitwise equal run to run and whatever order the blocks run in."""
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT", "1")
+    layer = Layer("determinism", packed=True, batch=6, steps=5, hidden=21)
+    inputs = cast(make_inputs(layer, torch.float32), torch.float32, layer)
+    forward = layer_forward(EMU, layer, inputs, "persistent")
+    grads = random_grads(forward, torch.float32)
+    results = []
+    for seed in (None, "3", "4"):
+        if seed is None:
+            monkeypatch.delenv("FUSED_LSTM_EMU_SEED", raising=False)
+        else:
+            monkeypatch.setenv("FUSED_LSTM_EMU_SEED", seed)
+        results.append(flatten(forward, layer_backward(EMU, layer, inputs, forward, grads)))
+    for other in results[1:]:
+        for name, value in results[0].items():
+            assert torch.equal(value, other[name]), name
+
+
+@pytest.mark.parametrize("profile, batch, hidden, k_split, units_per_block", [
+    ("h100", 3, 9, 32, 1),
+    ("h100", 64, 6, 16, 1),
+    ("l4", 33, 130, 8, 3),
+])
+def test_persistent_backward_plan_branches(profile, batch, hidden, k_split, units_per_block, monkeypatch):
+    """The backward kernel's plan reaches the same branches, and runs there."""
+    emu.set_device_profile(profile)
+    units, blocks, lanes, shared = torch.ops.fused_lstm_emu.persistent_plan(torch.empty(1), batch, hidden, True)
+    assert (lanes, units) == (k_split, units_per_block) and blocks == -(-hidden // units)
+    assert shared <= emu.device_limits()["shared_bytes_per_block_optin"]
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT", "1")
+    layer = Layer("plan", steps=2, batch=batch, input_size=2, hidden=hidden, bidirectional=False)
+    emulated, cpu, reference = run_layer(layer, torch.float32, recurrence="persistent")
+    check_rule(emulated, cpu, reference, torch.float32)
+
+
+@pytest.mark.parametrize("profile", ["h100", "l4"])
+def test_persistent_backward_supports_less_than_forward(profile):
+    """The backward kernel stages [N, 4H] gate gradients where forward stages [N, H]: its largest H is smaller,
+    and one past it is declined with the reason under FUSED_LSTM_PERSISTENT=1."""
+    emu.set_device_profile(profile)
+    sample = torch.empty(1)
+    for batch in (1, 16, 64):
+        backward = torch.ops.fused_lstm_emu.persistent_max_hidden(sample, batch, True)
+        assert 0 < backward <= torch.ops.fused_lstm_emu.persistent_max_hidden(sample, batch, False)
+    with pytest.raises(RuntimeError, match="does not fit the backward kernel"):
+        torch.ops.fused_lstm_emu.persistent_plan(sample, 16, torch.ops.fused_lstm_emu.persistent_max_hidden(
+            sample, 16, True) + 1, True)

@@ -1,5 +1,5 @@
-"""The persistent CUDA forward kernel (csrc/cuda/persistent/): what a user of ``fused_lstm.LSTM`` relies on when
-the whole forward recurrence of a direction runs as one cooperative kernel.
+"""The persistent CUDA kernels (csrc/cuda/persistent/): what a user of ``fused_lstm.LSTM`` relies on when the
+whole forward (and backward) recurrence of a direction runs as one cooperative kernel.
 
 Every test needs a CUDA GPU and is skipped cleanly without one. ``FUSED_LSTM_PERSISTENT=1`` forces the
 persistent kernel (an unsupported shape is then an error, never a silent fallback); each test that forces it
@@ -7,8 +7,9 @@ also checks, through ``torch.ops.fused_lstm.persistent_launches``, that the kern
 judged as in test_cuda.py (both use gpu_harness.py): against a float64 CPU ``torch.nn.LSTM`` with the same
 weights, our max abs error must stay within twice the error of ``torch.nn.LSTM`` on CUDA (cuDNN) in the same
 dtype plus a small floor.
-Backward runs the standard CUDA path on the workspace the persistent forward saved, so gradients check
-that workspace too.
+Under ``FUSED_LSTM_PERSISTENT=1`` backward runs the persistent backward kernel on the workspace the persistent
+forward saved, so gradients check both. The same cases run on the CPU under the CUDA emulator in CI
+(tests/test_emulator.py).
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ def persistent(monkeypatch):
     monkeypatch.setenv(ENV, "1")
 
 
-def kernel_launches(case: Case) -> int:
-    """Persistent launches per forward: one per layer and direction."""
-    return case.num_layers * case.directions
+def kernel_launches(case: Case, backward: bool = False) -> int:
+    """Persistent launches per forward (and backward): one per layer and direction each."""
+    return case.num_layers * case.directions * (2 if backward else 1)
 
 
 CASES = [
@@ -72,7 +73,7 @@ def compare(case: Case, dtype: torch.dtype, backward: bool = True) -> None:
         theirs = build_and_run(nn.LSTM, case, inputs, DEVICE, dtype, backward)
         before = launches()
         ours = build_and_run(fused_lstm.LSTM, case, inputs, DEVICE, dtype, backward)
-    assert launches() - before == kernel_launches(case), "the persistent kernel did not run"
+    assert launches() - before == kernel_launches(case, backward), "the persistent kernels did not run"
     check_against_reference(ours, theirs, reference, dtype)
 
 
@@ -143,7 +144,7 @@ def test_forced_off_and_on_agree(monkeypatch, dtype: torch.dtype):
             monkeypatch.setenv(ENV, mode)
             before = launches()
             results[mode] = build_and_run(fused_lstm.LSTM, case, inputs, DEVICE, dtype)
-            assert launches() - before == (kernel_launches(case) if mode == "1" else 0), mode
+            assert launches() - before == (kernel_launches(case, backward=True) if mode == "1" else 0), mode
     tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}[dtype]
     for name, off in results["0"].items():
         torch.testing.assert_close(results["1"][name], off, atol=tol * max(1.0, off.abs().max().item()), rtol=tol,

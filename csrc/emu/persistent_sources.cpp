@@ -1,3 +1,3 @@
 // The persistent CUDA kernels and their host code, compiled as host C++ for the emulator (see
 // cuda_sources.cpp).
-#include "../cuda/persistent/persistent_forward.cu"
+#include "../cuda/persistent/persistent.cu"

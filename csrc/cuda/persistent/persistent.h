@@ -1,5 +1,6 @@
-// The persistent forward recurrence on CUDA: one cooperative kernel launch runs a whole direction's time
-// loop (see DESIGN.md, "The persistent path", and persistent_forward.cuh for how the kernel works).
+// The persistent recurrences on CUDA: one cooperative kernel launch runs a whole direction's time loop,
+// forward or backward (see DESIGN.md, "The persistent path", and persistent_forward.cuh /
+// persistent_backward.cuh for how the kernels work).
 //
 // The CUDA backend calls persistent_try_forward from its LayerBackend::recurrence_forward override; the
 // other functions are the pieces it is made of, public so that a caller can decide differently.
@@ -66,11 +67,20 @@ void persistent_recurrence_forward(const RecurrenceForwardArgs& a, CooperativeOr
 // supported and preferred), else returns false so the driver walks the steps itself.
 bool persistent_try_forward(const RecurrenceForwardArgs& a, CooperativeOrder& order);
 
+// The same for the backward recurrence (LayerBackend::recurrence_backward): the persistent backward kernel
+// fuses each step's pointwise backward with its d_gates @ W_hh product, W_hh on chip; the weight gradients
+// stay the driver's GEMMs after the loop. `required`: the op's recurrence was 'persistent'. Same modes and
+// the same Auto heuristic as forward; support as for forward, with its own shared-memory plan (the staged
+// d_gates are [N, 4H], so it supports a smaller H than forward for the same N).
+bool persistent_supported(const RecurrenceBackwardArgs& a, std::string* why_not);
+void persistent_recurrence_backward(const RecurrenceBackwardArgs& a, CooperativeOrder& order);
+bool persistent_try_backward(const RecurrenceBackwardArgs& a, bool required, CooperativeOrder& order);
+
 // Introspection for tests and benchmarks (also exposed as torch.ops.fused_lstm.persistent_max_hidden and
 // torch.ops.fused_lstm.persistent_launches, and under torch.ops.fused_lstm_emu in the emulated build):
-//   the largest hidden size H (no projection) the persistent kernel supports for `batch` rows of `dtype`
-//   on CUDA device `device`, or 0 when it supports none;
-int64_t persistent_max_hidden(at::ScalarType dtype, int64_t batch, c10::DeviceIndex device);
+//   the largest hidden size H (no projection) the persistent forward (or backward) kernel supports for
+//   `batch` rows of `dtype` on CUDA device `device`, or 0 when it supports none;
+int64_t persistent_max_hidden(at::ScalarType dtype, int64_t batch, c10::DeviceIndex device, bool backward = false);
 //   how many persistent kernels this process has launched (to assert that a test took the path).
 int64_t persistent_launches();
 // (and torch.ops.fused_lstm.persistent_plan: the plan a shape gets, for tests that walk its branches.)

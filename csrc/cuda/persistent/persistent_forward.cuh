@@ -20,40 +20,23 @@
 // The multiply-adds are float32 FMAs on values stored in the storage dtype (fp32 accumulation, as
 // cuDNN); no tensor cores yet.
 //
-// Included by persistent_forward.cu only.
+// Included by persistent.cu only.
 #pragma once
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <cstdint>
-#include <type_traits>
 
 #include "../../lstm_cell.h"
-#include "../gpu_runtime.h"
+#include "persistent_common.cuh"
 
 namespace fused_lstm {
 namespace cuda {
 namespace persistent {
 
-// Threads per block: 8 warps. Enough to hide shared-memory latency in the FMA loop and to keep up to
-// 256 / k_split tiles in flight; one block per SM is the usual case (the weight slice fills the shared
-// memory), so the register limit __launch_bounds__(kThreads, 1) allows (255) costs no occupancy.
-constexpr int kThreads = 256;
-constexpr gpu::LaunchBounds kBounds{kThreads, 1};
-// Batch rows per call the kernel supports: the per-row sequence lengths travel in the kernel parameters
-// and the staged h_{t-1} [N, H] must fit in shared memory next to the weights.
-constexpr int kMaxBatch = 64;
-// Batch rows per register tile (with the 4 gates of one unit: 16 accumulators per thread).
-constexpr int kRowsPerTile = 4;
-
-__host__ __device__ constexpr int round_up(int x, int m) { return (x + m - 1) / m * m; }
-
 // Kernel arguments, passed by value as one __grid_constant__ struct (no device copy of the sequence
 // lengths, so nothing is transferred per call and CUDA graph capture records no host memory).
 // All tensors are in the storage dtype scalar_t (float, c10::Half or c10::BFloat16).
 template <typename scalar_t>
-struct Params {
+struct ForwardParams {
   scalar_t* gates;             // [R, 4H], row stride 4H: input projection + biases in, post-activation
                                // gates (i, f, g, o) out
   const scalar_t* w_hh;        // [4H, H], strides (w_stride_row, w_stride_col): the recurrent weight
@@ -80,56 +63,18 @@ struct Params {
 
 // Shared memory of one block, in bytes: the W_hh slice [4U, P], the staged h_{t-1} [N_pad, P] (both in the
 // storage dtype) and the cell state [N_pad, U] in float32. N_pad = N rounded up to kRowsPerTile.
-inline size_t shared_bytes(int units_per_block, int padded_hidden, int batch, size_t element_size) {
+inline size_t forward_shared_bytes(int units_per_block, int padded_hidden, int batch, size_t element_size) {
   const size_t n_pad = static_cast<size_t>(round_up(batch, kRowsPerTile));
   return (4 * static_cast<size_t>(units_per_block) + n_pad) * padded_hidden * element_size +
          n_pad * units_per_block * sizeof(float);
 }
 
-// Elements of scalar_t in one 16-byte vector.
-template <typename scalar_t>
-constexpr int kVec = 16 / static_cast<int>(sizeof(scalar_t));
-
-__device__ __forceinline__ float2 pair_to_float2(__half2 pair) { return __half22float2(pair); }
-__device__ __forceinline__ float2 pair_to_float2(__nv_bfloat162 pair) { return __bfloat1622float2(pair); }
-
-// One 16-byte vector of storage-dtype values -> kVec floats.
-template <typename scalar_t>
-__device__ __forceinline__ void unpack(const uint4& v, float (&out)[kVec<scalar_t>]) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    out[0] = __uint_as_float(v.x);
-    out[1] = __uint_as_float(v.y);
-    out[2] = __uint_as_float(v.z);
-    out[3] = __uint_as_float(v.w);
-  } else {
-    static_assert(std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>,
-                  "persistent kernel: float, Half or BFloat16");
-    // Half and BFloat16 differ only in the pair type and its conversion (pair_to_float2 above).
-    using Pair = std::conditional_t<std::is_same_v<scalar_t, c10::Half>, __half2, __nv_bfloat162>;
-    const Pair* pairs = reinterpret_cast<const Pair*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = pair_to_float2(pairs[i]);
-      out[2 * i] = f.x;
-      out[2 * i + 1] = f.y;
-    }
-  }
-}
-
-// Copies one storage element through L2 (ld.global.cg): the exchange buffer is written by other SMs, and
-// L1 is not coherent, so its reads must never be served from a line this SM cached two steps earlier.
-template <typename scalar_t>
-__device__ __forceinline__ void copy_through_l2(scalar_t* dst, const scalar_t* src) {
-  using bits_t = std::conditional_t<sizeof(scalar_t) == 2, unsigned short, unsigned int>;
-  *reinterpret_cast<bits_t*>(dst) = __ldcg(reinterpret_cast<const bits_t*>(src));
-}
-
 // The kernel. Template flags are compile-time so their branches vanish: kSaveWorkspace writes
 // c_prev_saved / h_prev_saved (training); packed and dense input share one code path through lengths[].
 // Requires a cooperative launch of exactly ceil(H / U) blocks of kThreads threads with
-// shared_bytes(U, P, N, sizeof(scalar_t)) bytes of dynamic shared memory, all co-resident.
+// forward_shared_bytes(U, P, N, sizeof(scalar_t)) bytes of dynamic shared memory, all co-resident.
 template <typename scalar_t, bool kSaveWorkspace>
-__global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm) persistent_forward_kernel(const __grid_constant__ Params<scalar_t> p) {
+__global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm) persistent_forward_kernel(const __grid_constant__ ForwardParams<scalar_t> p) {
   constexpr int V = kVec<scalar_t>;
   constexpr int RB = kRowsPerTile;
   const int H = p.hidden, P = p.padded_hidden, KV = P / V, N = p.batch, U = p.units_per_block;
@@ -172,19 +117,12 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
   const int passes = (tiles + groups - 1) / groups;
 
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
-  // Active rows are a prefix [0, rows) (lengths are sorted, longest first), and the rows of step t start at
-  // offset = sum of the active rows of steps before t. Both are advanced incrementally, identically in every
-  // thread: forward, rows only shrink; backward (reverse), rows only grow.
-  int rows = p.reverse ? 0 : N;
-  int64_t offset = p.reverse ? p.total_rows : 0;
+  StepWalk walk(/*walk_descending=*/p.reverse, N, p.total_rows);
   for (int s = 0; s < p.steps; ++s) {
     const int t = p.reverse ? p.steps - 1 - s : s;
-    if (p.reverse) {
-      while (rows < N && p.lengths[rows] > t) ++rows;
-      offset -= rows;
-    } else {
-      while (rows > 0 && p.lengths[rows - 1] <= t) --rows;
-    }
+    walk.enter(t, p.lengths, N);
+    const int rows = walk.rows;
+    const int64_t offset = walk.offset;
     const scalar_t* h_cur = p.h_exchange + static_cast<int64_t>(s & 1) * N * P;   // h_{t-1}, read only
     scalar_t* h_next = p.h_exchange + static_cast<int64_t>((s + 1) & 1) * N * P;  // h_t, our columns only
 
@@ -288,7 +226,7 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
     // Publishes this step's h_t columns to every block (grid.sync fences memory at device scope) and
     // guarantees everyone finished reading h_cur and h_s before the next step overwrites them.
     grid.sync();
-    if (!p.reverse) offset += rows;
+    walk.leave();
   }
 
   // c_n of the owned units. (h_n is the exchange half T % 2, copied out by the host code after the kernel.)

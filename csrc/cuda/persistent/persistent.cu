@@ -1,0 +1,466 @@
+// Host side of the persistent recurrences (forward and backward): mode, support checks, the launch plan
+// (grid and slice size from the device's occupancy, never from an assumed card) and the cooperative launches.
+// The kernels are in persistent_forward.cuh and persistent_backward.cuh; the public interface in persistent.h.
+#include "persistent.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "../gpu_runtime.h"
+#include "persistent_backward.cuh"
+#include "persistent_forward.cuh"
+
+namespace fused_lstm {
+namespace {
+
+using cuda::persistent::backward_shared_bytes;
+using cuda::persistent::BackwardParams;
+using cuda::persistent::forward_shared_bytes;
+using cuda::persistent::ForwardParams;
+using cuda::persistent::kBounds;
+using cuda::persistent::kMaxBatch;
+using cuda::persistent::kRowsPerTile;
+using cuda::persistent::kThreads;
+using cuda::persistent::persistent_backward_kernel;
+using cuda::persistent::persistent_forward_kernel;
+using cuda::persistent::round_up;
+
+std::atomic<int64_t> launch_count{0};
+
+// Which persistent kernel a plan is for. Forward without the training workspace is its own instantiation
+// (fewer stores), with the same shared memory.
+enum class Pass { Forward, ForwardTraining, Backward };
+
+const char* kernel_name(Pass pass) {
+  return pass == Pass::Backward ? "persistent_backward_kernel" : "persistent_forward_kernel";
+}
+
+template <typename scalar_t>
+auto forward_kernel(bool save_workspace) {
+  return save_workspace ? &persistent_forward_kernel<scalar_t, true> : &persistent_forward_kernel<scalar_t, false>;
+}
+
+// The kernel instantiation for a pass and storage dtype, untyped (for attribute and occupancy queries), or
+// null for a dtype the kernels do not have.
+const void* kernel_for(Pass pass, at::ScalarType dtype) {
+  const auto pick = [pass](auto* tag) -> const void* {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    if (pass == Pass::Backward) return reinterpret_cast<const void*>(&persistent_backward_kernel<scalar_t>);
+    return reinterpret_cast<const void*>(forward_kernel<scalar_t>(pass == Pass::ForwardTraining));
+  };
+  switch (dtype) {
+    case at::kFloat:
+      return pick(static_cast<float*>(nullptr));
+    case at::kHalf:
+      return pick(static_cast<c10::Half*>(nullptr));
+    case at::kBFloat16:
+      return pick(static_cast<c10::BFloat16*>(nullptr));
+    default:
+      return nullptr;
+  }
+}
+
+// How one call runs: U units per block, `blocks` blocks (all co-resident), k_split lanes per tile.
+struct Plan {
+  int units_per_block;
+  int blocks;
+  int k_split;
+  int padded_k;  // the product's reduction length (forward H, backward 4H) rounded up to 16-byte vectors
+  size_t smem_bytes;
+};
+
+void set_reason(std::string* why_not, const std::string& reason) {
+  if (why_not != nullptr) *why_not = reason;
+}
+
+// Shared memory a block of `pass` needs for U units.
+size_t pass_shared_bytes(Pass pass, int units, int padded_k, int batch, int element_size) {
+  return pass == Pass::Backward ? backward_shared_bytes(units, padded_k, batch, element_size)
+                                : forward_shared_bytes(units, padded_k, batch, element_size);
+}
+
+// The launch plan of `pass` for N = batch rows and H = hidden units on `device`, or nullopt (and the reason).
+// The slice size U is the smallest for which ceil(H / U) blocks are co-resident by the occupancy API with
+// the shared memory that U needs: the most blocks, so the most SMs, share the work. Only the pass, the dtype,
+// N and H matter, so this is also what persistent_max_hidden searches over.
+std::optional<Plan> make_plan(Pass pass, at::ScalarType dtype, int64_t batch, int64_t hidden,
+                              c10::DeviceIndex device, std::string* why_not) {
+  const void* kernel = kernel_for(pass, dtype);
+  if (kernel == nullptr) {
+    set_reason(why_not, std::string("dtype ") + c10::toString(dtype) + " (float32, float16 and bfloat16 only)");
+    return std::nullopt;
+  }
+  if (batch < 1 || batch > kMaxBatch) {
+    set_reason(why_not, "batch " + std::to_string(batch) + " (1 to " + std::to_string(kMaxBatch) + " rows)");
+    return std::nullopt;
+  }
+  if (hidden < 1 || hidden > (1 << 20)) {
+    set_reason(why_not, "hidden size " + std::to_string(hidden));
+    return std::nullopt;
+  }
+  const gpu::DeviceGuard guard(device);
+  const gpu::DeviceLimits limits = gpu::device_limits(device);
+  if (!limits.cooperative_launch) {
+    set_reason(why_not, "the device does not support cooperative launches");
+    return std::nullopt;
+  }
+  const size_t smem_limit = limits.shared_bytes_per_block_optin;
+  // Opt in to the device's whole per-block shared memory, and prefer shared memory over L1 (the kernels
+  // read everything they reuse from shared memory; global reads bypass L1 anyway).
+  gpu::set_max_dynamic_shared(kernel, kernel_name(pass), smem_limit);
+
+  const int H = static_cast<int>(hidden), N = static_cast<int>(batch);
+  const int element_size = static_cast<int>(c10::elementSize(dtype));
+  const int K = round_up(pass == Pass::Backward ? 4 * H : H, 16 / element_size);
+  const int sms = limits.multiprocessors;
+  const int blocks_per_sm_by_threads = std::max(1, limits.max_threads_per_sm / kThreads);
+  const int64_t most_blocks = static_cast<int64_t>(sms) * blocks_per_sm_by_threads;
+  for (int64_t U = std::max<int64_t>(1, (H + most_blocks - 1) / most_blocks); U <= H; ++U) {
+    const size_t smem = pass_shared_bytes(pass, static_cast<int>(U), K, N, element_size);
+    if (smem > smem_limit) {
+      set_reason(why_not, "hidden size " + std::to_string(H) + " with batch " + std::to_string(N) + " in " +
+                              c10::toString(dtype) + " does not fit the " +
+                              (pass == Pass::Backward ? "backward" : "forward") + " kernel: " + std::to_string(U) +
+                              " units per block need " + std::to_string(smem) +
+                              " bytes of shared memory per block for all blocks to be co-resident, the device "
+                              "allows " + std::to_string(smem_limit));
+      return std::nullopt;
+    }
+    const int per_sm = gpu::max_active_blocks_per_sm(kernel, kBounds, kThreads, smem);
+    const int64_t blocks = (H + U - 1) / U;
+    if (per_sm > 0 && blocks <= static_cast<int64_t>(per_sm) * sms) {
+      Plan plan;
+      // Spread the units evenly: no more blocks, and no more shared memory per block, than U needs.
+      plan.units_per_block = static_cast<int>((H + blocks - 1) / blocks);
+      plan.blocks = (H + plan.units_per_block - 1) / plan.units_per_block;
+      plan.padded_k = K;
+      plan.smem_bytes = pass_shared_bytes(pass, plan.units_per_block, K, N, element_size);
+      // Fewer tiles -> more lanes per tile, so small problems still keep several lanes busy per output.
+      const int tiles = plan.units_per_block * (round_up(N, kRowsPerTile) / kRowsPerTile);
+      plan.k_split = tiles <= kThreads / 32 ? 32 : (tiles <= kThreads / 16 ? 16 : 8);
+      return plan;
+    }
+  }
+  set_reason(why_not, "no grid of co-resident blocks covers hidden size " + std::to_string(H));
+  return std::nullopt;
+}
+
+// Sequence length of each batch row: lengths[b] = number of steps with more than b active rows (step_rows
+// is non-increasing, so row b is active exactly at steps t < lengths[b]). O(T + N).
+std::vector<int> row_lengths(const std::vector<int64_t>& step_rows, int batch) {
+  std::vector<int> steps_with_rows(batch + 1, 0);  // [r]: steps with exactly r active rows
+  for (const int64_t rows : step_rows) ++steps_with_rows[std::min<int64_t>(std::max<int64_t>(rows, 0), batch)];
+  std::vector<int> lengths(batch, 0);
+  int running = 0;
+  for (int b = batch - 1; b >= 0; --b) {
+    running += steps_with_rows[b + 1];
+    lengths[b] = running;
+  }
+  return lengths;
+}
+
+// The cooperative launch of `kernel` with `params` by `plan`, ordered after the previous one in `order`.
+template <typename Kernel, typename Params>
+void launch_cooperative(Pass pass, Kernel kernel, const Params& params, const Plan& plan, CooperativeOrder& order) {
+  gpu::LaunchShape shape;
+  shape.grid = dim3(plan.blocks);
+  shape.block = dim3(kThreads);
+  shape.shared_bytes = plan.smem_bytes;
+  shape.cooperative = true;
+  order.wait_for_previous();
+  gpu::launch(kernel_name(pass), kernel, kBounds, shape, params);
+  order.record_launch();
+  launch_count.fetch_add(1, std::memory_order_relaxed);
+}
+
+// The sequence lengths as the kernels take them (zero past N).
+void fill_lengths(const std::vector<int64_t>& step_rows, int batch, int (&lengths)[kMaxBatch]) {
+  const std::vector<int> rows = row_lengths(step_rows, batch);
+  std::fill(std::begin(lengths), std::end(lengths), 0);
+  std::copy(rows.begin(), rows.end(), lengths);
+}
+
+template <typename scalar_t>
+void launch_forward(const RecurrenceForwardArgs& a, const Plan& plan, bool save_workspace, CooperativeOrder& order) {
+  const int64_t N = a.h_state.size(0), H = a.c_state.size(1), P = plan.padded_k;
+  const int64_t T = static_cast<int64_t>(a.step_rows->size());
+
+  // The h exchange buffer [2, N, P]: half 0 starts as h0, padding columns stay zero (the kernel's dot
+  // products run over all P columns). Allocated once per call, before the launch.
+  const Tensor h_exchange = at::zeros({2, N, P}, a.h_state.options());
+  h_exchange[0].narrow(1, 0, H).copy_(a.h_state);
+
+  ForwardParams<scalar_t> p;
+  p.gates = a.gates.data_ptr<scalar_t>();
+  p.w_hh = a.w_hh.data_ptr<scalar_t>();
+  p.w_stride_row = a.w_hh.stride(0);
+  p.w_stride_col = a.w_hh.stride(1);
+  p.c_state = a.c_state.data_ptr<scalar_t>();
+  p.output = a.output.data_ptr<scalar_t>();
+  p.output_stride = a.output.stride(0);
+  p.c_prev_saved = save_workspace ? a.c_prev_saved.data_ptr<scalar_t>() : nullptr;
+  p.h_prev_saved = save_workspace ? a.h_prev_saved.data_ptr<scalar_t>() : nullptr;
+  p.h_exchange = h_exchange.data_ptr<scalar_t>();
+  p.total_rows = a.gates.size(0);
+  p.hidden = static_cast<int>(H);
+  p.padded_hidden = static_cast<int>(P);
+  p.batch = static_cast<int>(N);
+  p.units_per_block = plan.units_per_block;
+  p.k_split = plan.k_split;
+  p.steps = static_cast<int>(T);
+  p.reverse = a.reverse;
+  fill_lengths(*a.step_rows, static_cast<int>(N), p.lengths);
+  launch_cooperative(save_workspace ? Pass::ForwardTraining : Pass::Forward, forward_kernel<scalar_t>(save_workspace),
+                     p, plan, order);
+
+  // h_n: every row's last h (finished rows were carried forward) is in half T % 2.
+  a.h_state.copy_(h_exchange[T % 2].narrow(1, 0, H));
+}
+
+// The forward plan for `a`, after checking everything about `a` the plan does not cover.
+std::optional<Plan> plan_for(const RecurrenceForwardArgs& a, std::string* why_not) {
+  if (!gpu::on_device(a.gates)) {
+    set_reason(why_not, "tensors not on a CUDA device");
+    return std::nullopt;
+  }
+  if (a.w_hr.defined()) {
+    set_reason(why_not, "projections (proj_size > 0) are not supported");
+    return std::nullopt;
+  }
+  const int64_t N = a.h_state.size(0), H = a.c_state.size(1), R = a.gates.size(0);
+  const int64_t T = a.step_rows == nullptr ? 0 : static_cast<int64_t>(a.step_rows->size());
+  if (T < 1 || T > INT_MAX || (*a.step_rows)[0] != N) {
+    set_reason(why_not, "unexpected steps / batch sizes");
+    return std::nullopt;
+  }
+  // The layouts the driver produces; anything else goes to the standard path.
+  const bool layouts_ok = a.gates.dim() == 2 && a.gates.size(1) == 4 * H && a.gates.is_contiguous() &&
+                          a.w_hh.dim() == 2 && a.w_hh.size(0) == 4 * H && a.w_hh.size(1) == H &&
+                          a.h_state.dim() == 2 && a.h_state.size(1) == H && a.h_state.is_contiguous() &&
+                          a.c_state.dim() == 2 && a.c_state.size(0) == N && a.c_state.is_contiguous() &&
+                          a.output.dim() == 2 && a.output.size(0) == R && a.output.size(1) == H &&
+                          (a.output.stride(1) == 1 || H == 1) &&
+                          (!a.c_prev_saved.defined() || (a.c_prev_saved.is_contiguous() &&
+                                                         a.c_prev_saved.numel() == R * H)) &&
+                          (!a.h_prev_saved.defined() || (a.h_prev_saved.is_contiguous() &&
+                                                         a.h_prev_saved.numel() == R * H)) &&
+                          a.c_prev_saved.defined() == a.h_prev_saved.defined();
+  if (!layouts_ok) {
+    set_reason(why_not, "unexpected tensor layouts");
+    return std::nullopt;
+  }
+  const at::ScalarType dtype = a.gates.scalar_type();
+  for (const Tensor* t : {&a.w_hh, &a.h_state, &a.c_state, &a.output}) {
+    if (t->scalar_type() != dtype || t->device() != a.gates.device()) {
+      set_reason(why_not, "tensors of mixed dtypes or devices");
+      return std::nullopt;
+    }
+  }
+  return make_plan(a.c_prev_saved.defined() ? Pass::ForwardTraining : Pass::Forward, dtype, N, H,
+                   a.gates.device().index(), why_not);
+}
+
+template <typename scalar_t>
+void launch_backward(const RecurrenceBackwardArgs& a, const Plan& plan, CooperativeOrder& order) {
+  const int64_t N = a.dh_state.size(0), H = a.dc_state.size(1);
+  BackwardParams<scalar_t> p;
+  p.gates = a.gates.data_ptr<scalar_t>();
+  p.c_prev = a.c_prev.data_ptr<scalar_t>();
+  p.d_output = a.d_output.data_ptr<scalar_t>();
+  p.d_output_stride = a.d_output.stride(0);
+  p.w_hh = a.w_hh.data_ptr<scalar_t>();
+  p.w_stride_row = a.w_hh.stride(0);
+  p.w_stride_col = a.w_hh.stride(1);
+  p.dh_state = a.dh_state.data_ptr<scalar_t>();
+  p.dc_state = a.dc_state.data_ptr<scalar_t>();
+  p.d_gates = a.d_gates.data_ptr<scalar_t>();
+  p.total_rows = a.gates.size(0);
+  p.hidden = static_cast<int>(H);
+  p.padded_gates = plan.padded_k;
+  p.batch = static_cast<int>(N);
+  p.units_per_block = plan.units_per_block;
+  p.k_split = plan.k_split;
+  p.steps = static_cast<int>(a.step_rows->size());
+  p.reverse = a.reverse;
+  p.need_h0_grad = a.need_h0_grad;
+  fill_lengths(*a.step_rows, static_cast<int>(N), p.lengths);
+  launch_cooperative(Pass::Backward, &persistent_backward_kernel<scalar_t>, p, plan, order);
+}
+
+// The backward plan for `a`, after checking everything about `a` the plan does not cover.
+std::optional<Plan> plan_for(const RecurrenceBackwardArgs& a, std::string* why_not) {
+  if (!gpu::on_device(a.gates)) {
+    set_reason(why_not, "tensors not on a CUDA device");
+    return std::nullopt;
+  }
+  const int64_t N = a.dh_state.size(0), H = a.dc_state.size(1), R = a.gates.size(0);
+  const int64_t T = a.step_rows == nullptr ? 0 : static_cast<int64_t>(a.step_rows->size());
+  if (T < 1 || T > INT_MAX || (*a.step_rows)[0] != N) {
+    set_reason(why_not, "unexpected steps / batch sizes");
+    return std::nullopt;
+  }
+  // The layouts the driver produces (no projection: the driver never asks with one).
+  const bool layouts_ok = a.gates.dim() == 2 && a.gates.size(1) == 4 * H && a.gates.is_contiguous() &&
+                          a.c_prev.dim() == 2 && a.c_prev.size(0) == R && a.c_prev.size(1) == H &&
+                          a.c_prev.is_contiguous() && a.d_output.dim() == 2 && a.d_output.size(0) == R &&
+                          a.d_output.size(1) == H && (a.d_output.stride(1) == 1 || H == 1) &&
+                          a.w_hh.dim() == 2 && a.w_hh.size(0) == 4 * H && a.w_hh.size(1) == H &&
+                          a.dh_state.dim() == 2 && a.dh_state.size(1) == H && a.dh_state.is_contiguous() &&
+                          a.dc_state.dim() == 2 && a.dc_state.size(0) == N && a.dc_state.is_contiguous() &&
+                          a.d_gates.dim() == 2 && a.d_gates.size(0) == R && a.d_gates.size(1) == 4 * H &&
+                          a.d_gates.is_contiguous();
+  if (!layouts_ok) {
+    set_reason(why_not, "unexpected tensor layouts");
+    return std::nullopt;
+  }
+  const at::ScalarType dtype = a.gates.scalar_type();
+  for (const Tensor* t : {&a.c_prev, &a.d_output, &a.w_hh, &a.dh_state, &a.dc_state, &a.d_gates}) {
+    if (t->scalar_type() != dtype || t->device() != a.gates.device()) {
+      set_reason(why_not, "tensors of mixed dtypes or devices");
+      return std::nullopt;
+    }
+  }
+  return make_plan(Pass::Backward, dtype, N, H, a.gates.device().index(), why_not);
+}
+
+// The Auto heuristic, shared by both passes. A GUESS until measured on a GPU (see persistent.h).
+bool preferred(int64_t batch, int64_t steps) { return batch <= 32 && steps >= 16; }
+
+// Runs `pass` by its mode: returns whether it ran; throws the reason when it must run and cannot.
+template <typename Args, typename Run>
+bool try_pass(const Args& a, bool required, int64_t batch, Run run) {
+  switch (required ? PersistentMode::Always : persistent_mode()) {
+    case PersistentMode::Never:
+      return false;
+    case PersistentMode::Always:
+      break;
+    case PersistentMode::Auto: {
+      const int64_t T = a.step_rows == nullptr ? 0 : static_cast<int64_t>(a.step_rows->size());
+      if (!preferred(batch, T) || !plan_for(a, nullptr).has_value()) return false;
+      break;
+    }
+  }
+  run();  // throws with the reason when unsupported
+  return true;
+}
+
+}  // namespace
+
+PersistentMode persistent_mode() {
+  const char* value = std::getenv("FUSED_LSTM_PERSISTENT");
+  // Unset means Never until a GPU run has verified the kernel and measured where it wins.
+  if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "0") == 0) {
+    return PersistentMode::Never;
+  }
+  if (std::strcmp(value, "auto") == 0) return PersistentMode::Auto;
+  if (std::strcmp(value, "1") == 0) return PersistentMode::Always;
+  TORCH_CHECK(false, "fused_lstm: FUSED_LSTM_PERSISTENT must be 0, 1 or auto, got '", value, "'");
+}
+
+bool persistent_supported(const RecurrenceForwardArgs& a, std::string* why_not) {
+  return plan_for(a, why_not).has_value();
+}
+
+bool persistent_preferred(const RecurrenceForwardArgs& a) {
+  return preferred(a.h_state.size(0), a.step_rows == nullptr ? 0 : static_cast<int64_t>(a.step_rows->size()));
+}
+
+void persistent_recurrence_forward(const RecurrenceForwardArgs& a, CooperativeOrder& order) {
+  std::string why_not;
+  const std::optional<Plan> plan = plan_for(a, &why_not);
+  TORCH_CHECK(plan.has_value(), "fused_lstm: the persistent CUDA kernel cannot run this layer: ", why_not,
+              " (set FUSED_LSTM_PERSISTENT=auto or 0 to use the standard path)");
+  const gpu::DeviceGuard guard(a.gates.device());
+  const bool save_workspace = a.c_prev_saved.defined();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.gates.scalar_type(), "fused_lstm_persistent_forward", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, "fused_lstm: persistent kernel: no float64 kernel");  // plan_for declines it first
+    } else {
+      launch_forward<scalar_t>(a, *plan, save_workspace, order);
+    }
+  });
+}
+
+bool persistent_try_forward(const RecurrenceForwardArgs& a, CooperativeOrder& order) {
+  // recurrence='persistent' asks for it whatever the environment says.
+  return try_pass(a, a.required, a.h_state.size(0), [&] { persistent_recurrence_forward(a, order); });
+}
+
+bool persistent_supported(const RecurrenceBackwardArgs& a, std::string* why_not) {
+  return plan_for(a, why_not).has_value();
+}
+
+void persistent_recurrence_backward(const RecurrenceBackwardArgs& a, CooperativeOrder& order) {
+  std::string why_not;
+  const std::optional<Plan> plan = plan_for(a, &why_not);
+  TORCH_CHECK(plan.has_value(), "fused_lstm: the persistent CUDA backward kernel cannot run this layer: ", why_not,
+              " (set FUSED_LSTM_PERSISTENT=auto or 0 to use the standard path)");
+  const gpu::DeviceGuard guard(a.gates.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.gates.scalar_type(), "fused_lstm_persistent_backward", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, "fused_lstm: persistent kernel: no float64 kernel");  // plan_for declines it first
+    } else {
+      launch_backward<scalar_t>(a, *plan, order);
+    }
+  });
+}
+
+bool persistent_try_backward(const RecurrenceBackwardArgs& a, bool required, CooperativeOrder& order) {
+  return try_pass(a, required, a.dh_state.size(0), [&] { persistent_recurrence_backward(a, order); });
+}
+
+int64_t persistent_max_hidden(at::ScalarType dtype, int64_t batch, c10::DeviceIndex device, bool backward) {
+  // Support is monotone in H (more units need more shared memory per block or more blocks), so bisect on
+  // "a plan exists", from H = 1 up to the first power of two without one.
+  const auto fits = [&](int64_t hidden) {
+    return make_plan(backward ? Pass::Backward : Pass::ForwardTraining, dtype, batch, hidden, device, nullptr)
+        .has_value();
+  };
+  if (!fits(1)) return 0;
+  int64_t good = 1, bad = 2;
+  while (fits(bad)) {
+    good = bad;
+    bad *= 2;
+  }
+  while (bad - good > 1) {
+    const int64_t mid = good + (bad - good) / 2;
+    (fits(mid) ? good : bad) = mid;
+  }
+  return good;
+}
+
+int64_t persistent_launches() { return launch_count.load(std::memory_order_relaxed); }
+
+// Introspection ops for tests and benchmarks (no autograd, no fake kernel: eager calls only).
+TORCH_LIBRARY_FRAGMENT(FUSED_LSTM_GPU_OPS, m) {
+  m.def("persistent_max_hidden(Tensor sample, int batch, bool backward=False) -> int",
+        [](const at::Tensor& sample, int64_t batch, bool backward) {
+          TORCH_CHECK(gpu::on_device(sample), "fused_lstm.persistent_max_hidden: sample must be a CUDA tensor");
+          return persistent_max_hidden(sample.scalar_type(), batch, sample.device().index(), backward);
+        });
+  m.def("persistent_launches() -> int", []() { return persistent_launches(); });
+  // The launch plan of the forward (training workspace kept) or backward kernel for `batch` rows of `hidden`
+  // units: [units_per_block, blocks, k_split, shared_bytes]; raises the reason when there is none.
+  m.def("persistent_plan(Tensor sample, int batch, int hidden, bool backward=False) -> int[]",
+        [](const at::Tensor& sample, int64_t batch, int64_t hidden, bool backward) {
+          TORCH_CHECK(gpu::on_device(sample), "fused_lstm.persistent_plan: sample must be a CUDA tensor");
+          std::string why_not;
+          const std::optional<Plan> plan = make_plan(backward ? Pass::Backward : Pass::ForwardTraining,
+                                                     sample.scalar_type(), batch, hidden, sample.device().index(),
+                                                     &why_not);
+          TORCH_CHECK(plan.has_value(), "fused_lstm: no persistent plan: ", why_not);
+          return std::vector<int64_t>{plan->units_per_block, plan->blocks, plan->k_split,
+                                      static_cast<int64_t>(plan->smem_bytes)};
+        });
+}
+
+}  // namespace fused_lstm

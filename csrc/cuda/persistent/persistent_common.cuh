@@ -1,0 +1,107 @@
+// What the persistent kernels (persistent_forward.cuh, persistent_backward.cuh) share: block shape, tile
+// shape, the 16-byte vector loads of storage-dtype values, the copy through L2 and the walk over the steps of
+// a packed sequence.
+//
+// Included by the persistent kernel headers only.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../gpu_runtime.h"
+
+namespace fused_lstm {
+namespace cuda {
+namespace persistent {
+
+// Threads per block: 8 warps. Enough to hide shared-memory latency in the FMA loop and to keep up to
+// 256 / k_split tiles in flight; one block per SM is the usual case (the weight slice fills the shared
+// memory), so the register limit __launch_bounds__(kThreads, 1) allows (255) costs no occupancy.
+constexpr int kThreads = 256;
+constexpr gpu::LaunchBounds kBounds{kThreads, 1};
+// Batch rows per call the kernels support: the per-row sequence lengths travel in the kernel parameters
+// and the staged rows must fit in shared memory next to the weights.
+constexpr int kMaxBatch = 64;
+// Batch rows per register tile (forward: with the 4 gates of one unit, 16 accumulators per thread).
+constexpr int kRowsPerTile = 4;
+
+__host__ __device__ constexpr int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// Elements of scalar_t in one 16-byte vector.
+template <typename scalar_t>
+constexpr int kVec = 16 / static_cast<int>(sizeof(scalar_t));
+
+__device__ __forceinline__ float2 pair_to_float2(__half2 pair) { return __half22float2(pair); }
+__device__ __forceinline__ float2 pair_to_float2(__nv_bfloat162 pair) { return __bfloat1622float2(pair); }
+
+// One 16-byte vector of storage-dtype values -> kVec floats.
+template <typename scalar_t>
+__device__ __forceinline__ void unpack(const uint4& v, float (&out)[kVec<scalar_t>]) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    out[0] = __uint_as_float(v.x);
+    out[1] = __uint_as_float(v.y);
+    out[2] = __uint_as_float(v.z);
+    out[3] = __uint_as_float(v.w);
+  } else {
+    static_assert(std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>,
+                  "persistent kernel: float, Half or BFloat16");
+    // Half and BFloat16 differ only in the pair type and its conversion (pair_to_float2 above).
+    using Pair = std::conditional_t<std::is_same_v<scalar_t, c10::Half>, __half2, __nv_bfloat162>;
+    const Pair* pairs = reinterpret_cast<const Pair*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = pair_to_float2(pairs[i]);
+      out[2 * i] = f.x;
+      out[2 * i + 1] = f.y;
+    }
+  }
+}
+
+// Copies one storage element through L2 (ld.global.cg): the exchange buffer is written by other SMs, and
+// L1 is not coherent, so its reads must never be served from a line this SM cached two steps earlier.
+template <typename scalar_t>
+__device__ __forceinline__ void copy_through_l2(scalar_t* dst, const scalar_t* src) {
+  using bits_t = std::conditional_t<sizeof(scalar_t) == 2, unsigned short, unsigned int>;
+  *reinterpret_cast<bits_t*>(dst) = __ldcg(reinterpret_cast<const bits_t*>(src));
+}
+
+// The steps of one direction's sequence, walked in either order. Active rows are a prefix [0, rows) (lengths
+// are sorted, longest first), and the rows of step t start at offset = the sum of the active rows of the
+// steps before t. Both advance incrementally, identically in every thread: walking t upwards, rows only
+// shrink; downwards, rows only grow.
+struct StepWalk {
+  bool descending;
+  int rows;
+  int64_t offset;
+
+  __device__ StepWalk(bool walk_descending, int batch, int64_t total_rows)
+      : descending(walk_descending), rows(walk_descending ? 0 : batch), offset(walk_descending ? total_rows : 0) {}
+
+  // Before step t: rows and offset of step t.
+  __device__ void enter(int t, const int* lengths, int batch) {
+    if (descending) {
+      while (rows < batch && lengths[rows] > t) ++rows;
+      offset -= rows;
+    } else {
+      while (rows > 0 && lengths[rows - 1] <= t) --rows;
+    }
+  }
+  // After step t.
+  __device__ void leave() {
+    if (!descending) offset += rows;
+  }
+};
+
+// Rows with a length above t: the active rows of step t.
+__device__ __forceinline__ int rows_at(int t, const int* lengths, int batch) {
+  int rows = 0;
+  while (rows < batch && lengths[rows] > t) ++rows;
+  return rows;
+}
+
+}  // namespace persistent
+}  // namespace cuda
+}  // namespace fused_lstm
