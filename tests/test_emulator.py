@@ -516,3 +516,39 @@ def test_persistent_backward_supports_less_than_forward(profile):
     with pytest.raises(RuntimeError, match="does not fit the backward kernel"):
         torch.ops.fused_lstm_emu.persistent_plan(sample, 16, torch.ops.fused_lstm_emu.persistent_max_hidden(
             sample, 16, True) + 1, True)
+
+
+# --- Auto dispatch by the cost model.
+
+@pytest.mark.parametrize("batch, hidden, steps", [(2, 24, 6), (64, 256, 2)])
+def test_auto_follows_the_cost_model(monkeypatch, batch, hidden, steps):
+    """FUSED_LSTM_PERSISTENT=auto takes the persistent kernels (forward and backward) exactly when the cost model
+    (csrc/cuda/persistent/cost_model.h) predicts them faster than the standard path for the card's profile."""
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT", "auto")
+    sample = torch.empty(1)
+    expected = {}
+    for backward in (False, True):
+        try:
+            persistent_us, standard_us = torch.ops.fused_lstm_emu.persistent_predicted_us(
+                sample, batch, hidden, steps, backward)
+            expected[backward] = persistent_us < standard_us
+        except RuntimeError:  # no plan for this pass: the standard path
+            expected[backward] = False
+    layer = Layer("auto", steps=steps, batch=batch, input_size=3, hidden=hidden, bidirectional=False)
+    before = emu.counters()["cooperative_launches"]
+    emulated, cpu, reference = run_layer(layer, torch.float32, recurrence="auto")
+    check_rule(emulated, cpu, reference, torch.float32)
+    assert emu.last_path() == ("cuda:persistent" if expected[False] else "cuda:standard")
+    assert emu.counters()["cooperative_launches"] - before == expected[False] + expected[True]
+
+
+def test_cost_model_orders_the_shapes_it_should():
+    """The model's shape (a prediction until fitted): the persistent forward wins at batch 1 for every H the
+    benchmark's GPU preset runs, and loses at batch 64, where one block's FMAs outweigh two launches."""
+    emu.set_device_profile("h100")
+    sample = torch.empty(1)
+    for hidden in (256, 512, 1024):
+        persistent_us, standard_us = torch.ops.fused_lstm_emu.persistent_predicted_us(sample, 1, hidden, 100)
+        assert persistent_us < standard_us, hidden
+    persistent_us, standard_us = torch.ops.fused_lstm_emu.persistent_predicted_us(sample, 64, 512, 100)
+    assert persistent_us > standard_us

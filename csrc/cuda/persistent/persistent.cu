@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../gpu_runtime.h"
+#include "cost_model.h"
 #include "persistent_backward.cuh"
 #include "persistent_forward.cuh"
 
@@ -332,22 +333,39 @@ std::optional<Plan> plan_for(const RecurrenceBackwardArgs& a, std::string* why_n
   return make_plan(Pass::Backward, dtype, N, H, a.gates.device().index(), why_not);
 }
 
-// The Auto heuristic, shared by both passes. A GUESS until measured on a GPU (see persistent.h).
-bool preferred(int64_t batch, int64_t steps) { return batch <= 32 && steps >= 16; }
+// Predicted microseconds of a whole direction of `steps` steps: {persistent, standard} (cost_model.h).
+std::pair<double, double> predicted_us(Pass pass, const Plan& plan, int64_t batch, int64_t hidden, int64_t steps,
+                                       int element_size) {
+  const double staged = static_cast<double>(round_up(static_cast<int>(batch), kRowsPerTile)) * plan.padded_k *
+                        element_size;
+  const double step = persistent_cost::persistent_step_us(plan.units_per_block, hidden, batch, staged);
+  return {persistent_cost::persistent_total_us(step, steps, hidden, element_size),
+          static_cast<double>(steps) * persistent_cost::standard_step_us(hidden, batch, element_size)};
+}
+
+// The Auto decision, shared by both passes: a plan exists and the cost model predicts the persistent kernel
+// faster. A PREDICTION until the model is fitted to a GPU run (see cost_model.h).
+template <typename Args>
+bool preferred(Pass pass, const Args& a, int64_t batch, int64_t hidden) {
+  const std::optional<Plan> plan = plan_for(a, nullptr);
+  if (!plan) return false;
+  const int64_t steps = static_cast<int64_t>(a.step_rows->size());
+  const auto [persistent, standard] =
+      predicted_us(pass, *plan, batch, hidden, steps, static_cast<int>(a.gates.element_size()));
+  return persistent < standard;
+}
 
 // Runs `pass` by its mode: returns whether it ran; throws the reason when it must run and cannot.
 template <typename Args, typename Run>
-bool try_pass(const Args& a, bool required, int64_t batch, Run run) {
+bool try_pass(Pass pass, const Args& a, bool required, int64_t batch, int64_t hidden, Run run) {
   switch (required ? PersistentMode::Always : persistent_mode()) {
     case PersistentMode::Never:
       return false;
     case PersistentMode::Always:
       break;
-    case PersistentMode::Auto: {
-      const int64_t T = a.step_rows == nullptr ? 0 : static_cast<int64_t>(a.step_rows->size());
-      if (!preferred(batch, T) || !plan_for(a, nullptr).has_value()) return false;
+    case PersistentMode::Auto:
+      if (!preferred(pass, a, batch, hidden)) return false;
       break;
-    }
   }
   run();  // throws with the reason when unsupported
   return true;
@@ -371,7 +389,8 @@ bool persistent_supported(const RecurrenceForwardArgs& a, std::string* why_not) 
 }
 
 bool persistent_preferred(const RecurrenceForwardArgs& a) {
-  return preferred(a.h_state.size(0), a.step_rows == nullptr ? 0 : static_cast<int64_t>(a.step_rows->size()));
+  return preferred(a.c_prev_saved.defined() ? Pass::ForwardTraining : Pass::Forward, a, a.h_state.size(0),
+                   a.c_state.size(1));
 }
 
 void persistent_recurrence_forward(const RecurrenceForwardArgs& a, CooperativeOrder& order) {
@@ -392,7 +411,8 @@ void persistent_recurrence_forward(const RecurrenceForwardArgs& a, CooperativeOr
 
 bool persistent_try_forward(const RecurrenceForwardArgs& a, CooperativeOrder& order) {
   // recurrence='persistent' asks for it whatever the environment says.
-  return try_pass(a, a.required, a.h_state.size(0), [&] { persistent_recurrence_forward(a, order); });
+  return try_pass(a.c_prev_saved.defined() ? Pass::ForwardTraining : Pass::Forward, a, a.required,
+                  a.h_state.size(0), a.c_state.size(1), [&] { persistent_recurrence_forward(a, order); });
 }
 
 bool persistent_supported(const RecurrenceBackwardArgs& a, std::string* why_not) {
@@ -415,7 +435,8 @@ void persistent_recurrence_backward(const RecurrenceBackwardArgs& a, Cooperative
 }
 
 bool persistent_try_backward(const RecurrenceBackwardArgs& a, bool required, CooperativeOrder& order) {
-  return try_pass(a, required, a.dh_state.size(0), [&] { persistent_recurrence_backward(a, order); });
+  return try_pass(Pass::Backward, a, required, a.dh_state.size(0), a.dc_state.size(1),
+                  [&] { persistent_recurrence_backward(a, order); });
 }
 
 int64_t persistent_max_hidden(at::ScalarType dtype, int64_t batch, c10::DeviceIndex device, bool backward) {
@@ -460,6 +481,20 @@ TORCH_LIBRARY_FRAGMENT(FUSED_LSTM_GPU_OPS, m) {
           TORCH_CHECK(plan.has_value(), "fused_lstm: no persistent plan: ", why_not);
           return std::vector<int64_t>{plan->units_per_block, plan->blocks, plan->k_split,
                                       static_cast<int64_t>(plan->smem_bytes)};
+        });
+  // What the cost model (cost_model.h) predicts for a whole direction of `steps` steps, in microseconds:
+  // [persistent, standard]; FUSED_LSTM_PERSISTENT=auto takes the persistent kernel when the first is smaller.
+  m.def("persistent_predicted_us(Tensor sample, int batch, int hidden, int steps, bool backward=False) -> float[]",
+        [](const at::Tensor& sample, int64_t batch, int64_t hidden, int64_t steps, bool backward) {
+          TORCH_CHECK(gpu::on_device(sample), "fused_lstm.persistent_predicted_us: sample must be a CUDA tensor");
+          const Pass pass = backward ? Pass::Backward : Pass::ForwardTraining;
+          std::string why_not;
+          const std::optional<Plan> plan = make_plan(pass, sample.scalar_type(), batch, hidden,
+                                                     sample.device().index(), &why_not);
+          TORCH_CHECK(plan.has_value(), "fused_lstm: no persistent plan: ", why_not);
+          const auto [persistent, standard] =
+              predicted_us(pass, *plan, batch, hidden, steps, static_cast<int>(sample.element_size()));
+          return std::vector<double>{persistent, standard};
         });
 }
 

@@ -32,9 +32,8 @@ PersistentMode persistent_mode();
 // memory with all blocks of the grid co-resident. When false and why_not is given, *why_not says why.
 bool persistent_supported(const RecurrenceForwardArgs& a, std::string* why_not);
 
-// The Auto heuristic: worth running persistent (assumes persistent_supported). A GUESS until measured on a
-// GPU: small batch (N <= 32), where the standard path's two launches per step dominate, and enough steps
-// (T >= 16) to amortise the one-time load of W_hh into shared memory.
+// The Auto decision: a plan exists and the cost model (cost_model.h) predicts the whole direction faster on
+// the persistent kernel than on the standard path. A PREDICTION until the model is fitted to a GPU run.
 bool persistent_preferred(const RecurrenceForwardArgs& a);
 
 // Keeps cooperative launches made on different streams (the two directions of a layer) one after the other:

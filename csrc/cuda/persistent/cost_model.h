@@ -1,0 +1,63 @@
+// The cost model that FUSED_LSTM_PERSISTENT=auto decides by: predicted microseconds of one time step on the
+// persistent path and on the standard path, from the plan and the card's limits. Written down, with the
+// predictions for the benchmark's GPU shapes, in benchmarks/NOTES.md ("GPU cost model").
+//
+// EVERY CONSTANT BELOW IS AN ASSUMPTION FROM PUBLISHED FIGURES (../../shared/ANCHORS.md), NOT A MEASUREMENT
+// OF THIS CODE: the first GPU run (benchmarks/device_check.sh) measures both paths, and these constants are
+// then fitted to it. Until then the model only orders the two paths; FUSED_LSTM_PERSISTENT stays off by
+// default.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+namespace fused_lstm {
+namespace persistent_cost {
+
+// One grid-wide barrier (cooperative_groups grid.sync), H100: ~1.9 us published.
+constexpr double kGridBarrierUs = 1.9;
+// What one dependent kernel launch of the standard path costs when the host enqueues it from C++ (driver
+// launch latency plus the gap between dependent kernels): ~1.6 us published per launch; the standard path
+// has two per step (a GEMM and a pointwise kernel).
+constexpr double kLaunchUs = 1.6;
+// The shortest a cuBLAS GEMM or a small pointwise kernel runs once launched.
+constexpr double kMinKernelUs = 2.0;
+// Shared-memory-fed FP32 FMAs per microsecond per SM: 128 bytes/clock of shared memory feed 64 FMAs/clock
+// when each loaded value serves 4 FMAs (the kernels' 4-row or 4-gate register tiles), at ~1.7 GHz.
+constexpr double kSmemFmaPerUsPerSm = 64 * 1700.0;
+// L2 -> SM bytes per microsecond per SM (~5.5 TB/s over 132 SMs).
+constexpr double kL2BytesPerUsPerSm = 40.0e3;
+// Device-wide L2 bytes per microsecond (the standard path's GEMM reads W_hh from L2 every step).
+constexpr double kL2BytesPerUs = 5.5e6;
+// Device-wide FP32 FMAs per microsecond of a cuBLAS GEMM (fp32 SIMT ~67 TFLOP/s; TF32 and 16-bit tensor
+// cores more, which only matters at large N).
+constexpr double kGemmFmaPerUs = 33.0e6;
+// HBM bytes per microsecond (~3 TB/s copy): the persistent kernels read W_hh once per launch.
+constexpr double kHbmBytesPerUs = 3.0e6;
+
+// Predicted microseconds of one step of a persistent kernel that owns `units` hidden units per block and
+// stages `staged_bytes` per block per step (forward: h [N, H]; backward: d_gates [N, 4H]).
+inline double persistent_step_us(int64_t units, int64_t hidden, int64_t batch, double staged_bytes) {
+  const double fmas_per_block = 4.0 * static_cast<double>(units) * static_cast<double>(hidden) *
+                                static_cast<double>(batch);
+  return kGridBarrierUs + staged_bytes / kL2BytesPerUsPerSm + fmas_per_block / kSmemFmaPerUsPerSm;
+}
+
+// Predicted microseconds of one step of the standard path: a GEMM [N, K] x [K, 4H] or its backward twin (W_hh,
+// 4H x H, read from L2) and a pointwise kernel, each at least kMinKernelUs, launched back to back.
+inline double standard_step_us(int64_t hidden, int64_t batch, int element_size) {
+  const double w_bytes = 4.0 * static_cast<double>(hidden) * static_cast<double>(hidden) * element_size;
+  const double fmas = 4.0 * static_cast<double>(hidden) * static_cast<double>(hidden) * static_cast<double>(batch);
+  const double gemm = std::max({kMinKernelUs, w_bytes / kL2BytesPerUs, fmas / kGemmFmaPerUs});
+  return std::max(2 * kLaunchUs, gemm + kMinKernelUs);
+}
+
+// Predicted microseconds of a whole direction (T steps) on each path: the persistent kernel also loads W_hh
+// once and pays one launch.
+inline double persistent_total_us(double step_us, int64_t steps, int64_t hidden, int element_size) {
+  const double w_bytes = 4.0 * static_cast<double>(hidden) * static_cast<double>(hidden) * element_size;
+  return kLaunchUs + w_bytes / kHbmBytesPerUs + static_cast<double>(steps) * step_us;
+}
+
+}  // namespace persistent_cost
+}  // namespace fused_lstm
