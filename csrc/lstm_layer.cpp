@@ -160,8 +160,8 @@ void LayerBackend::weight_gradients(const Tensor& grad_w_ih, const Tensor& grad_
   if (grad_bias.defined()) at::sum_out(const_cast<Tensor&>(grad_bias), d_gates, /*dim=*/{0});
 }
 
-void LayerBackend::for_each_direction(int64_t directions, const std::function<void(int64_t)>& fn) const {
-  for (int64_t d = 0; d < directions; ++d) fn(d);
+void LayerBackend::for_each_direction(c10::ArrayRef<DirectionPass*> passes) const {
+  for (DirectionPass* pass : passes) pass->run();
 }
 
 RecurrencePath parse_recurrence_path(c10::string_view name) {
@@ -185,6 +185,244 @@ thread_local std::string last_path;  // per thread: concurrent callers do not se
 std::string last_forward_path() { return last_path; }
 void record_forward_path(std::string path) { last_path = std::move(path); }
 
+namespace {
+
+// What the directions of one forward call share: the checked shape, the inputs, and the buffers they write
+// (direction d only slice d of each).
+struct ForwardLayer {
+  const LayerShape& s;
+  const LayerBackend& backend;
+  const Tensor* batch_sizes;  // the op's batch_sizes, or nullptr when dense
+  at::TensorList weights;
+  bool has_biases, has_projections, need_workspace;
+  Tensor input;             // [R, I]
+  Tensor output;            // [R, D*Hout]
+  Tensor h_n, c_n;          // [D, N, Hout], [D, N, H]: the running state, h0 and c0 in
+  Tensor gates;             // [D, R, 4H] workspace, or [0, R, 4H] in inference
+  Tensor c_prev, h_prev;    // [D, R, H], [D, R, Hout] workspace, or [0] in inference
+  Tensor projection_input;  // [D, N, H] h' before w_hr, or undefined without projections
+};
+
+// Direction d's forward pass: the input projection (or the backend's whole recurrence) in the prologue, then
+// one step body per time step, walking time backwards for d = 1.
+class ForwardDirection final : public DirectionPass {
+ public:
+  ForwardDirection(const ForwardLayer& layer, int64_t d)
+      : l_(layer),
+        d_(d),
+        reverse_(d == 1),
+        w_(direction_weights(layer.weights, d, layer.has_biases, layer.has_projections)),
+        h_state_(layer.h_n[d]),
+        c_state_(layer.c_n[d]),
+        w_hh_t_(w_.w_hh.t()) {}
+
+  // Whether the backend ran the whole recurrence (recurrence_forward).
+  bool whole_recurrence() const { return whole_recurrence_; }
+
+  int64_t prologue() override {
+    const LayerShape& s = l_.s;
+    const int64_t H = s.hidden, Hout = s.out_hidden;
+    const Tensor bias = l_.has_biases ? w_.b_ih + w_.b_hh : Tensor();
+    RecurrenceForwardArgs whole;
+    whole.required = l_.backend.recurrence() == RecurrencePath::Persistent;
+    whole.step_rows = &s.step_rows;
+    whole.step_offset = &s.step_offset;
+    whole.batch_sizes = l_.batch_sizes;
+    whole.reverse = reverse_;
+    whole.projected = false;
+    whole.input = l_.input;
+    whole.w_ih = w_.w_ih;
+    whole.bias = bias;
+    whole.gates = l_.need_workspace ? l_.gates[d_] : Tensor();
+    whole.w_hh = w_.w_hh;
+    whole.w_hr = w_.w_hr;
+    whole.h_state = h_state_;
+    whole.c_state = c_state_;
+    whole.output = l_.output.narrow(1, d_ * Hout, Hout);
+    if (l_.need_workspace) {
+      whole.c_prev_saved = l_.c_prev[d_];
+      whole.h_prev_saved = l_.h_prev[d_];
+    }
+    const bool try_whole = l_.backend.recurrence() != RecurrencePath::Standard;
+    if (try_whole && l_.backend.recurrence_forward(whole)) {
+      whole_recurrence_ = true;
+      return 0;
+    }
+    gates_ = l_.need_workspace ? l_.gates[d_] : at::empty({s.rows, 4 * H}, l_.input.options());
+    l_.backend.matmul(gates_, l_.input, w_.w_ih.t(), /*accumulate=*/false, bias);
+    whole.projected = true;
+    whole.gates = gates_;
+    if (try_whole && l_.backend.recurrence_forward(whole)) {
+      whole_recurrence_ = true;
+      return 0;
+    }
+    return s.steps;
+  }
+
+  void step(int64_t i) override {
+    const LayerShape& s = l_.s;
+    const int64_t D = s.directions, H = s.hidden, Hout = s.out_hidden;
+    const int64_t t = reverse_ ? s.steps - 1 - i : i;
+    const int64_t rows = s.step_rows[t], row0 = s.step_offset[t];
+    if (rows == 0) return;
+    l_.backend.matmul(gates_.narrow(0, row0, rows), h_state_.narrow(0, 0, rows), w_hh_t_, /*accumulate=*/true);
+    const Tensor& output = l_.output;
+    StepForwardArgs a;
+    a.dtype = l_.input.scalar_type();
+    a.rows = rows;
+    a.hidden = H;
+    a.out_hidden = Hout;
+    a.gates = row_ptr<void>(gates_, row0, 4 * H);
+    a.c_state = c_state_.data_ptr();
+    a.h_state = h_state_.data_ptr();
+    a.h_next = l_.has_projections ? l_.projection_input[d_].data_ptr() : h_state_.data_ptr();
+    a.output = l_.has_projections ? nullptr : row_ptr<char>(output, row0, D * Hout) + d_ * Hout * output.element_size();
+    a.output_stride = D * Hout;
+    a.c_prev_saved = l_.need_workspace ? row_ptr<void>(l_.c_prev[d_], row0, H) : nullptr;
+    a.h_prev_saved = l_.need_workspace ? row_ptr<void>(l_.h_prev[d_], row0, Hout) : nullptr;
+    l_.backend.step_forward(a);
+    if (l_.has_projections) {
+      const Tensor h_rows = h_state_.narrow(0, 0, rows);
+      l_.backend.matmul(h_rows, l_.projection_input[d_].narrow(0, 0, rows), w_.w_hr.t(), /*accumulate=*/false);
+      output.narrow(0, row0, rows).narrow(1, d_ * Hout, Hout).copy_(h_rows);
+    }
+  }
+
+ private:
+  const ForwardLayer& l_;
+  const int64_t d_;
+  const bool reverse_;  // walks time from T-1 down to 0
+  const DirectionWeights w_;
+  const Tensor h_state_;  // [N, Hout]
+  const Tensor c_state_;  // [N, H]
+  const Tensor w_hh_t_;   // [Hout, 4H]
+  Tensor gates_;          // [R, 4H]: the input projection, then post-activation gates (set by the prologue)
+  bool whole_recurrence_ = false;
+};
+
+// What the directions of one backward call share, as ForwardLayer.
+struct BackwardLayer {
+  const LayerShape& s;
+  const LayerBackend& backend;
+  at::TensorList weights;
+  bool has_biases, has_projections, need_weight_grads, need_h0_grad;
+  Tensor input;                  // [R, I]
+  Tensor grad_output;            // [R, D*Hout]
+  Tensor gates, c_prev, h_prev;  // the forward's workspace: [D, R, 4H], [D, R, H], [D, R, Hout]
+  Tensor d_gates;                // [D, R, 4H] out: gradients of the pre-activations
+  Tensor grad_h0, grad_c0;       // [D, N, Hout], [D, N, H]: the running dh and dc, grad_h_n and grad_c_n in
+  Tensor dh_total;               // [D, R, Hout] dL/dh per row (after w_hr), or undefined without projections
+  Tensor h_next;                 // [D, R, H] recomputed h' before w_hr per row, or undefined
+  Tensor dh_projected;           // [D, N, H] dL/dh' (before w_hr) of the current step, or undefined
+  at::TensorList grad_weights;   // in the order of weights
+};
+
+// Direction d's backward pass: the backend's whole recurrence (if it takes it) in the prologue, else one step
+// body per time step in the opposite order of the forward pass; the weight gradients in the epilogue.
+class BackwardDirection final : public DirectionPass {
+ public:
+  BackwardDirection(const BackwardLayer& layer, int64_t d)
+      : l_(layer),
+        d_(d),
+        reverse_(d == 1),
+        w_(direction_weights(layer.weights, d, layer.has_biases, layer.has_projections)),
+        d_gates_(layer.d_gates[d]),
+        dh_state_(layer.grad_h0[d]),
+        dc_state_(layer.grad_c0[d]) {}
+
+  int64_t prologue() override {
+    const LayerShape& s = l_.s;
+    if (l_.has_projections) return s.steps;
+    RecurrenceBackwardArgs whole;
+    whole.step_rows = &s.step_rows;
+    whole.step_offset = &s.step_offset;
+    whole.reverse = reverse_;
+    whole.gates = l_.gates[d_];
+    whole.c_prev = l_.c_prev[d_];
+    whole.d_output = l_.grad_output.narrow(1, d_ * s.out_hidden, s.out_hidden);
+    whole.w_hh = w_.w_hh;
+    whole.dh_state = dh_state_;
+    whole.dc_state = dc_state_;
+    whole.d_gates = d_gates_;
+    whole.need_h0_grad = l_.need_h0_grad;
+    return l_.backend.recurrence_backward(whole) ? 0 : s.steps;
+  }
+
+  void step(int64_t i) override {
+    const LayerShape& s = l_.s;
+    const int64_t D = s.directions, H = s.hidden, Hout = s.out_hidden;
+    const int64_t t = reverse_ ? i : s.steps - 1 - i;  // the opposite order of this direction's forward pass
+    const int64_t rows = s.step_rows[t], row0 = s.step_offset[t];
+    if (rows == 0) return;
+    const Tensor d_output_rows = l_.grad_output.narrow(0, row0, rows).narrow(1, d_ * Hout, Hout);
+    StepBackwardArgs a;
+    a.dtype = l_.input.scalar_type();
+    a.rows = rows;
+    a.hidden = H;
+    a.gates = row_ptr<void>(l_.gates[d_], row0, 4 * H);
+    a.c_prev = row_ptr<void>(l_.c_prev[d_], row0, H);
+    a.dc_state = dc_state_.data_ptr();
+    a.d_gates = row_ptr<void>(d_gates_, row0, 4 * H);
+    a.d_output_stride = D * Hout;
+    if (l_.has_projections) {
+      const Tensor dh_rows = l_.dh_total[d_].narrow(0, row0, rows);
+      at::add_out(const_cast<Tensor&>(dh_rows), dh_state_.narrow(0, 0, rows), d_output_rows);
+      l_.backend.matmul(l_.dh_projected[d_].narrow(0, 0, rows), dh_rows, w_.w_hr, /*accumulate=*/false);
+      a.dh = l_.dh_projected[d_].data_ptr();
+      a.d_output = nullptr;
+      a.h_next = row_ptr<void>(l_.h_next[d_], row0, H);
+    } else {
+      a.dh = dh_state_.data_ptr();
+      a.d_output = d_output_rows.data_ptr();
+      a.h_next = nullptr;
+    }
+    l_.backend.step_backward(a);
+    const int64_t carried = carried_rows(s.step_rows, t, reverse_, l_.need_h0_grad);
+    if (carried > 0) {
+      l_.backend.matmul(dh_state_.narrow(0, 0, carried), d_gates_.narrow(0, row0, carried), w_.w_hh,
+                        /*accumulate=*/false);
+    }
+  }
+
+  // Weight gradients as a few large GEMMs over all rows.
+  void epilogue() override {
+    if (!l_.need_weight_grads) return;
+    const int64_t k = weights_per_direction(l_.has_biases, l_.has_projections);
+    const at::TensorList gw = l_.grad_weights.slice(d_ * k, k);
+    l_.backend.weight_gradients(gw[0], gw[1], l_.has_biases ? gw[2] : Tensor(), d_gates_, l_.input, l_.h_prev[d_]);
+    if (l_.has_biases) gw[3].copy_(gw[2]);
+    if (l_.has_projections) {
+      l_.backend.matmul(gw[k - 1], l_.dh_total[d_].t(), l_.h_next[d_], /*accumulate=*/false);  // [Hout, H]
+    }
+  }
+
+ private:
+  const BackwardLayer& l_;
+  const int64_t d_;
+  const bool reverse_;  // the forward pass walked time from T-1 down to 0
+  const DirectionWeights w_;
+  const Tensor d_gates_;   // [R, 4H]
+  const Tensor dh_state_;  // [N, Hout]
+  const Tensor dc_state_;  // [N, H]
+};
+
+// Makes one Pass per direction of the layer and runs them as the backend schedules them; returns them, for
+// their results.
+template <class Pass, class Layer>
+std::vector<Pass> run_directions(const Layer& layer) {
+  std::vector<Pass> passes;
+  passes.reserve(layer.s.directions);  // never reallocated: `schedule` points into it
+  std::vector<DirectionPass*> schedule;
+  for (int64_t d = 0; d < layer.s.directions; ++d) {
+    passes.emplace_back(layer, d);
+    schedule.push_back(&passes.back());
+  }
+  layer.backend.for_each_direction(schedule);
+  return passes;
+}
+
+}  // namespace
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
     const Tensor& input_arg, const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0,
     at::TensorList weights, bool has_biases, bool has_projections, bool bidirectional, bool need_workspace,
@@ -195,6 +433,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
   const Tensor input = input_arg.contiguous().view({R, s.input_size});  // [R, I]
   const auto opts = input.options();
 
+  // Everything the directions write is allocated before they start, so a backend may run them on other
+  // streams without outputs crossing streams.
   Tensor output = at::empty({R, D * Hout}, opts);
   // The running state lives in h_n / c_n: rows of finished sequences simply stop being updated.
   Tensor h_n = h0.contiguous().clone();  // [D, N, Hout]
@@ -206,73 +446,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
   Tensor h_prev = need_workspace ? at::empty({D, R, Hout}, opts) : at::empty({0}, opts);
   Tensor projection_input = has_projections ? at::empty({D, N, H}, opts) : Tensor();  // h' before w_hr
 
+  const ForwardLayer layer{s, backend, batch_sizes.has_value() ? &*batch_sizes : nullptr, weights,
+                           has_biases, has_projections, need_workspace,
+                           input, output, h_n, c_n, gates, c_prev, h_prev, projection_input};
   bool whole_recurrence = false;
-  backend.for_each_direction(D, [&](int64_t d) {
-    const DirectionWeights w = direction_weights(weights, d, has_biases, has_projections);
-    const bool reverse = d == 1;
-    const Tensor h_state = h_n[d];    // [N, Hout]
-    const Tensor c_state = c_n[d];    // [N, H]
-    const Tensor w_hh_t = w.w_hh.t(); // [Hout, 4H]
-    const Tensor bias = has_biases ? w.b_ih + w.b_hh : Tensor();
-    RecurrenceForwardArgs whole;
-    whole.required = backend.recurrence() == RecurrencePath::Persistent;
-    whole.step_rows = &s.step_rows;
-    whole.step_offset = &s.step_offset;
-    whole.batch_sizes = batch_sizes.has_value() ? &*batch_sizes : nullptr;
-    whole.reverse = reverse;
-    whole.projected = false;
-    whole.input = input;
-    whole.w_ih = w.w_ih;
-    whole.bias = bias;
-    whole.gates = need_workspace ? gates[d] : Tensor();
-    whole.w_hh = w.w_hh;
-    whole.w_hr = w.w_hr;
-    whole.h_state = h_state;
-    whole.c_state = c_state;
-    whole.output = output.narrow(1, d * Hout, Hout);
-    if (need_workspace) {
-      whole.c_prev_saved = c_prev[d];
-      whole.h_prev_saved = h_prev[d];
-    }
-    const bool try_whole = backend.recurrence() != RecurrencePath::Standard;
-    if (try_whole && backend.recurrence_forward(whole)) {
-      whole_recurrence = true;
-      return;
-    }
-    const Tensor gates_d = need_workspace ? gates[d] : at::empty({R, 4 * H}, opts);  // [R, 4H]
-    backend.matmul(gates_d, input, w.w_ih.t(), /*accumulate=*/false, bias);
-    whole.projected = true;
-    whole.gates = gates_d;
-    if (try_whole && backend.recurrence_forward(whole)) {
-      whole_recurrence = true;
-      return;
-    }
-    for (int64_t step = 0; step < s.steps; ++step) {
-      const int64_t t = reverse ? s.steps - 1 - step : step;
-      const int64_t rows = s.step_rows[t], row0 = s.step_offset[t];
-      if (rows == 0) continue;
-      backend.matmul(gates_d.narrow(0, row0, rows), h_state.narrow(0, 0, rows), w_hh_t, /*accumulate=*/true);
-      StepForwardArgs a;
-      a.dtype = input.scalar_type();
-      a.rows = rows;
-      a.hidden = H;
-      a.out_hidden = Hout;
-      a.gates = row_ptr<void>(gates_d, row0, 4 * H);
-      a.c_state = c_state.data_ptr();
-      a.h_state = h_state.data_ptr();
-      a.h_next = has_projections ? projection_input[d].data_ptr() : h_state.data_ptr();
-      a.output = has_projections ? nullptr : row_ptr<char>(output, row0, D * Hout) + d * Hout * output.element_size();
-      a.output_stride = D * Hout;
-      a.c_prev_saved = need_workspace ? row_ptr<void>(c_prev[d], row0, H) : nullptr;
-      a.h_prev_saved = need_workspace ? row_ptr<void>(h_prev[d], row0, Hout) : nullptr;
-      backend.step_forward(a);
-      if (has_projections) {
-        const Tensor h_rows = h_state.narrow(0, 0, rows);
-        backend.matmul(h_rows, projection_input[d].narrow(0, 0, rows), w.w_hr.t(), /*accumulate=*/false);
-        output.narrow(0, row0, rows).narrow(1, d * Hout, Hout).copy_(h_rows);
-      }
-    }
-  });
+  for (const ForwardDirection& pass : run_directions<ForwardDirection>(layer)) {
+    whole_recurrence = whole_recurrence || pass.whole_recurrence();
+  }
 
   record_forward_path(backend.path_name(whole_recurrence));
   if (!need_workspace) gates = at::empty({0}, opts);
@@ -315,73 +495,12 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_layer_backward(
   for (const Tensor& w : weights) {
     grad_weights.push_back(need_weight_grads ? at::empty_like(w, at::MemoryFormat::Contiguous) : at::empty({0}, opts));
   }
-  const int64_t k = weights_per_direction(has_biases, has_projections);
 
-  backend.for_each_direction(D, [&](int64_t d) {
-    const DirectionWeights w = direction_weights(weights, d, has_biases, has_projections);
-    const bool reverse = d == 1;
-    const Tensor d_gates_d = d_gates[d];
-    const Tensor dh_state = grad_h0[d];  // [N, Hout]
-    const Tensor dc_state = grad_c0[d];  // [N, H]
-    bool walked = false;
-    if (!has_projections) {
-      RecurrenceBackwardArgs whole;
-      whole.step_rows = &s.step_rows;
-      whole.step_offset = &s.step_offset;
-      whole.reverse = reverse;
-      whole.gates = gates_ws[d];
-      whole.c_prev = c_prev_ws[d];
-      whole.d_output = grad_output.narrow(1, d * Hout, Hout);
-      whole.w_hh = w.w_hh;
-      whole.dh_state = dh_state;
-      whole.dc_state = dc_state;
-      whole.d_gates = d_gates_d;
-      whole.need_h0_grad = need_h0_grad;
-      walked = backend.recurrence_backward(whole);
-    }
-    // Backward walks the steps in the opposite order of this direction's forward pass.
-    for (int64_t step = 0; step < s.steps && !walked; ++step) {
-      const int64_t t = reverse ? step : s.steps - 1 - step;
-      const int64_t rows = s.step_rows[t], row0 = s.step_offset[t];
-      if (rows == 0) continue;
-      const Tensor d_output_rows = grad_output.narrow(0, row0, rows).narrow(1, d * Hout, Hout);
-      StepBackwardArgs a;
-      a.dtype = input.scalar_type();
-      a.rows = rows;
-      a.hidden = H;
-      a.gates = row_ptr<void>(gates_ws[d], row0, 4 * H);
-      a.c_prev = row_ptr<void>(c_prev_ws[d], row0, H);
-      a.dc_state = dc_state.data_ptr();
-      a.d_gates = row_ptr<void>(d_gates_d, row0, 4 * H);
-      a.d_output_stride = D * Hout;
-      if (has_projections) {
-        const Tensor dh_rows = dh_total[d].narrow(0, row0, rows);
-        at::add_out(const_cast<Tensor&>(dh_rows), dh_state.narrow(0, 0, rows), d_output_rows);
-        backend.matmul(dh_projected[d].narrow(0, 0, rows), dh_rows, w.w_hr, /*accumulate=*/false);
-        a.dh = dh_projected[d].data_ptr();
-        a.d_output = nullptr;
-        a.h_next = row_ptr<void>(h_next[d], row0, H);
-      } else {
-        a.dh = dh_state.data_ptr();
-        a.d_output = d_output_rows.data_ptr();
-        a.h_next = nullptr;
-      }
-      backend.step_backward(a);
-      const int64_t carried = carried_rows(s.step_rows, t, reverse, need_h0_grad);
-      if (carried > 0) {
-        backend.matmul(dh_state.narrow(0, 0, carried), d_gates_d.narrow(0, row0, carried), w.w_hh,
-                       /*accumulate=*/false);
-      }
-    }
-    // Weight gradients as a few large GEMMs over all rows.
-    if (!need_weight_grads) return;
-    const at::TensorList gw(grad_weights.data() + d * k, k);
-    backend.weight_gradients(gw[0], gw[1], has_biases ? gw[2] : Tensor(), d_gates_d, input, h_prev_ws[d]);
-    if (has_biases) gw[3].copy_(gw[2]);
-    if (has_projections) {
-      backend.matmul(gw[k - 1], dh_total[d].t(), h_next[d], /*accumulate=*/false);  // [Hout, H]
-    }
-  });
+  const BackwardLayer layer{s, backend, weights,
+                            has_biases, has_projections, need_weight_grads, need_h0_grad,
+                            input, grad_output, gates_ws, c_prev_ws, h_prev_ws, d_gates, grad_h0, grad_c0,
+                            dh_total, h_next, dh_projected, grad_weights};
+  run_directions<BackwardDirection>(layer);
 
   Tensor grad_input = at::empty({0}, opts);
   if (need_input_grad) {

@@ -23,7 +23,6 @@
 #include <c10/util/Optional.h>
 #include <c10/util/string_view.h>
 
-#include <functional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -124,6 +123,30 @@ inline int64_t carried_rows(const std::vector<int64_t>& step_rows, int64_t t, bo
   return t + 1 < steps ? step_rows[t + 1] : 0;
 }
 
+// One direction's share of a layer's forward or backward pass, cut where a backend may switch to the other
+// direction's work:
+//   steps = prologue()  everything before the time loop: the input projection, or the whole recurrence when
+//                       a recurrence hook takes it (then steps = 0); returns how many step bodies follow;
+//   step(i)             step body i, for i = 0 .. steps-1 in that order (i counts the pass's own walk: a
+//                       reversed forward pass starts at time T-1);
+//   epilogue()          everything after the last step (the backward's weight gradients).
+// One pass's calls must come in exactly this order, all on one stream. The passes of different directions
+// write disjoint data (each its own slice of every buffer) and share only what they read, so a backend may
+// order the calls of different passes among each other as it likes.
+class DirectionPass {
+ public:
+  virtual ~DirectionPass() = default;
+  virtual int64_t prologue() = 0;
+  virtual void step(int64_t i) = 0;
+  virtual void epilogue() {}
+  // The pass on its own: the prologue, every step, the epilogue.
+  void run() {
+    const int64_t steps = prologue();
+    for (int64_t i = 0; i < steps; ++i) step(i);
+    epilogue();
+  }
+};
+
 // Whose switches decide how a backend's float32 products may round (on CUDA: TF32 or strict FP32): the
 // layer op follows torch.nn.LSTM (the cuDNN RNN switches), the cell op torch.nn.LSTMCell, which is two
 // linear layers and so follows torch.matmul's.
@@ -153,10 +176,12 @@ class LayerBackend {
                                 const Tensor& d_gates, const Tensor& input, const Tensor& h_prev) const;
   virtual void step_forward(const StepForwardArgs& args) const = 0;
   virtual void step_backward(const StepBackwardArgs& args) const = 0;
-  // Runs fn(d) for each direction; a device may run the directions concurrently and must have
-  // finished (or ordered after the current stream) all of them when it returns. fn allocates nothing
-  // that outlives it.
-  virtual void for_each_direction(int64_t directions, const std::function<void(int64_t)>& fn) const;
+  // Runs the pass of each direction (passes[d] is direction d's; one or two of them). The default runs them
+  // one after the other, each whole (DirectionPass::run). A device may interleave their calls as
+  // DirectionPass allows, e.g. to overlap the two recurrences on two streams; when it returns, or throws,
+  // all of their work must be finished or ordered before the current stream's later work. What a pass
+  // allocates lives until the pass is destroyed, after this returns.
+  virtual void for_each_direction(c10::ArrayRef<DirectionPass*> passes) const;
   // Runs the whole forward recurrence of one direction and returns true, or returns false (the default)
   // to let the driver walk the steps itself with matmul + step_forward.
   virtual bool recurrence_forward(const RecurrenceForwardArgs& args) const;
