@@ -321,8 +321,10 @@ PERSISTENT_LAYERS = [
 
 
 def persistent_plan(batch: int, hidden: int, dtype=torch.float32) -> Dict[str, int]:
-    units, blocks, k_split, shared = torch.ops.fused_lstm_emu.persistent_plan(torch.empty(1, dtype=dtype), batch, hidden)
-    return dict(units_per_block=units, blocks=blocks, k_split=k_split, shared_bytes=shared)
+    units, blocks, k_split, shared, tensor_cores = torch.ops.fused_lstm_emu.persistent_plan(
+        torch.empty(1, dtype=dtype), batch, hidden)
+    return dict(units_per_block=units, blocks=blocks, k_split=k_split, shared_bytes=shared,
+                tensor_cores=bool(tensor_cores))
 
 
 @pytest.mark.parametrize("profile, batch, hidden, k_split, units_per_block", [
@@ -340,11 +342,15 @@ def test_persistent_plan_branches(profile, batch, hidden, k_split, units_per_blo
     assert plan["shared_bytes"] <= emu.device_limits()["shared_bytes_per_block_optin"]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype, product", [(torch.float32, "fma"), (torch.float16, "fma"), (torch.bfloat16, "fma"),
+                                            (torch.float16, "mma"), (torch.bfloat16, "mma")], ids=str)
 @pytest.mark.parametrize("layer", PERSISTENT_LAYERS, ids=lambda c: c.name)
-def test_persistent_forward(layer: Layer, dtype: torch.dtype):
-    """The cooperative persistent kernel (one launch per direction, grid.sync per step) against the CPU path
-    and float64, with the standard backward on its workspace (saved gates, c and h)."""
+def test_persistent_forward(layer: Layer, dtype: torch.dtype, product: str, monkeypatch):
+    """The cooperative persistent kernel (one launch per direction, grid.sync per step), with its product on
+    FMAs or on tensor cores (WMMA), against the CPU path and float64, with the standard backward on its
+    workspace (saved gates, c and h)."""
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", product)
+    assert persistent_plan(layer.batch, layer.hidden, dtype)["tensor_cores"] == (product == "mma")
     before = emu.counters()["cooperative_launches"]
     launches = torch.ops.fused_lstm_emu.persistent_launches()
     emulated, cpu, reference = run_layer(layer, dtype, recurrence="persistent")
@@ -352,6 +358,28 @@ def test_persistent_forward(layer: Layer, dtype: torch.dtype):
     assert emu.last_path() == "cuda:persistent"
     assert emu.counters()["cooperative_launches"] == before + layer.directions
     assert torch.ops.fused_lstm_emu.persistent_launches() == launches + layer.directions
+
+
+@pytest.mark.parametrize("layer", [PERSISTENT_LAYERS[1], PERSISTENT_LAYERS[3]], ids=lambda c: c.name)
+def test_persistent_forward_tf32_tensor_cores(layer: Layer, monkeypatch):
+    """float32 takes the tensor cores only when TF32 is allowed for RNNs (as cuDNN): then its error is TF32's,
+    above strict FP32's and within 1e-2 of the magnitude; without TF32 the plan has no tensor-core variant."""
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", "mma")
+    with pytest.raises(RuntimeError, match="no tensor-core variant"):
+        persistent_plan(layer.batch, layer.hidden)
+    torch.backends.cudnn.allow_tf32 = True
+    assert persistent_plan(layer.batch, layer.hidden)["tensor_cores"]
+    emulated, cpu, reference = run_layer(layer, torch.float32, recurrence="persistent", backward=False)
+    assert emu.last_path() == "cuda:persistent"
+    err = max((emulated[n].double() - reference[n]).abs().max().item() for n in reference)
+    assert 1e-6 < err < 1e-2 * max(1.0, max(r.abs().max().item() for r in reference.values())), err
+
+
+@pytest.mark.parametrize("batch, tensor_cores", [(1, False), (48, True)])
+def test_persistent_product_by_cost_model(batch, tensor_cores):
+    """Unforced, the plan takes the product the cost model predicts faster: FMAs at batch 1 (a 16-row tensor-core
+    tile would be mostly padding), tensor cores at batch 48 (bf16)."""
+    assert persistent_plan(batch, 64, torch.bfloat16)["tensor_cores"] == tensor_cores
 
 
 def test_persistent_bitwise_in_any_block_order(monkeypatch):
@@ -495,7 +523,9 @@ def test_persistent_backward_bitwise_across_runs_and_block_orders(monkeypatch):
 def test_persistent_backward_plan_branches(profile, batch, hidden, k_split, units_per_block, monkeypatch):
     """The backward kernel's plan reaches the same branches, and runs there."""
     emu.set_device_profile(profile)
-    units, blocks, lanes, shared = torch.ops.fused_lstm_emu.persistent_plan(torch.empty(1), batch, hidden, True)
+    units, blocks, lanes, shared, tensor_cores = torch.ops.fused_lstm_emu.persistent_plan(
+        torch.empty(1), batch, hidden, True)
+    assert not tensor_cores
     assert (lanes, units) == (k_split, units_per_block) and blocks == -(-hidden // units)
     assert shared <= emu.device_limits()["shared_bytes_per_block_optin"]
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT", "1")

@@ -218,6 +218,35 @@ def test_auto_mode_follows_the_cost_model(monkeypatch, batch, hidden, steps):
     assert launches() - before == (1 if persistent_us < standard_us else 0)
 
 
+@pytest.mark.parametrize("product", ["fma", "mma"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[7]], ids=lambda c: c.name)
+def test_product_variants(persistent, monkeypatch, case: Case, dtype: torch.dtype, product: str):
+    """Each product variant of the forward kernel (FMAs, or tensor cores through WMMA), forced by
+    FUSED_LSTM_PERSISTENT_PRODUCT, against cuDNN's error (tests/test_emulator.py runs the same on the CPU)."""
+    if product == "mma" and torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the tensor-core variant needs sm_80")
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", product)
+    compare(case, dtype)
+
+
+def test_tf32_tensor_cores_when_allowed(persistent, monkeypatch):
+    """float32 takes the tensor-core variant only with TF32 allowed; its error is then TF32-sized."""
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the tensor-core variant needs sm_80")
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", "mma")
+    case = CASES[7]
+    inputs = make_inputs(case, torch.float32)
+    with fp32_precision(allow_tf32=True):
+        reference = build_and_run(nn.LSTM, case, inputs, "cpu", torch.float64, backward=False)
+        before = launches()
+        ours = build_and_run(fused_lstm.LSTM, case, inputs, DEVICE, torch.float32, backward=False)
+    assert launches() - before == kernel_launches(case)
+    for name, ref in reference.items():
+        err = (ours[name].double().cpu() - ref).abs().max().item()
+        assert err < 1e-2 * max(1.0, ref.abs().max().item()), (name, err)
+
+
 def test_invalid_mode_is_an_error(monkeypatch):
     monkeypatch.setenv(ENV, "sometimes")
     module = fused_lstm.LSTM(4, 8, device=DEVICE)

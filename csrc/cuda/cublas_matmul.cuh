@@ -22,20 +22,10 @@
 #include <optional>
 
 #include "gpu_runtime.h"
+#include "precision.h"
 
 namespace fused_lstm {
 namespace cuda {
-
-// Whether float32 products may use TF32, decided as torch's cuDNN RNN decides it.
-inline bool rnn_allows_tf32() {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
-  // The per-op query torch's cuDNN RNN makes. The argument-less form is deprecated and throws when the
-  // conv and RNN settings differ (torch.backends.cudnn.rnn.fp32_precision set on its own).
-  return at::globalContext().allowTF32CuDNN(at::Float32Op::RNN);
-#else
-  return at::globalContext().allowTF32CuDNN();
-#endif
-}
 
 // How cuBLAS (column-major) addresses the transpose of a 2-D tensor t [r, c] indexed row-major.
 struct BlasOperand {

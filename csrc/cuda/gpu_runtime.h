@@ -4,7 +4,7 @@
 //   - FUSED_LSTM_CUDA_EMULATION: the same sources compiled as host C++ into fused_lstm._emu, where kernels
 //     run as fibers on the CPU (csrc/emu/), "device" tensors are CPU tensors, streams are synchronous and
 //     cuBLAS is emulated. See csrc/emu/README.md.
-// Kernels use CUDA's own names (threadIdx, __syncthreads, cooperative_groups, __ldcg, ...) and declare
+// Kernels use CUDA's own names (threadIdx, __syncthreads, cooperative_groups, nvcuda::wmma, __ldcg, ...) and declare
 // dynamic shared memory with FUSED_LSTM_DYNAMIC_SHARED. Host code launches through gpu::launch only and
 // reaches the device through the gpu:: functions below, never the CUDA runtime directly.
 #pragma once
@@ -23,6 +23,7 @@
 #include "../emu/blas.h"
 #include "../emu/device.h"
 #include "../emu/runtime.h"
+#include "../emu/wmma.h"
 #else
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/Exceptions.h>
@@ -44,6 +45,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 #endif
 
 #ifndef FUSED_LSTM_CUDA_ARCHS
@@ -111,6 +113,7 @@ struct LaunchShape {
 
 // The limits of a device that launch plans depend on.
 struct DeviceLimits {
+  int compute_major;  // compute capability major (tensor-core bf16 / TF32 fragments need 8)
   int multiprocessors;
   int max_threads_per_sm;
   size_t shared_bytes_per_block_optin;
@@ -141,7 +144,7 @@ struct StreamGuard {
 
 inline DeviceLimits device_limits(c10::DeviceIndex) {
   const emu::DeviceProfile& p = emu::device_profile();
-  return {p.multiprocessors, p.max_threads_per_sm, p.shared_bytes_per_block_optin, true};
+  return {p.major, p.multiprocessors, p.max_threads_per_sm, p.shared_bytes_per_block_optin, true};
 }
 inline void set_max_dynamic_shared(const void* kernel, const char* kernel_name, size_t bytes) {
   emu::set_max_dynamic_shared(kernel, kernel_name, bytes);
@@ -193,7 +196,8 @@ inline DeviceLimits device_limits(c10::DeviceIndex device) {
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
   int cooperative = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
-  return {prop->multiProcessorCount, prop->maxThreadsPerMultiProcessor, prop->sharedMemPerBlockOptin, cooperative != 0};
+  return {prop->major, prop->multiProcessorCount, prop->maxThreadsPerMultiProcessor, prop->sharedMemPerBlockOptin,
+          cooperative != 0};
 }
 // Lets the kernel use `bytes` of dynamic shared memory and prefers shared memory over L1 for it.
 inline void set_max_dynamic_shared(const void* kernel, const char* kernel_name, size_t bytes) {

@@ -25,6 +25,10 @@ constexpr double kMinKernelUs = 2.0;
 // Shared-memory-fed FP32 FMAs per microsecond per SM: 128 bytes/clock of shared memory feed 64 FMAs/clock
 // when each loaded value serves 4 FMAs (the kernels' 4-row or 4-gate register tiles), at ~1.7 GHz.
 constexpr double kSmemFmaPerUsPerSm = 64 * 1700.0;
+// Tensor-core products per microsecond per SM when shared memory feeds them (fp16 / bf16 m16n16k16: 1 KB of
+// operands per 4096 products, 128 bytes/clock -> 512 per clock at ~1.7 GHz; TF32 tensor cores run at half
+// the 16-bit rate).
+constexpr double kSmemMmaPerUsPerSm = 512 * 1700.0;
 // L2 -> SM bytes per microsecond per SM (~5.5 TB/s over 132 SMs).
 constexpr double kL2BytesPerUsPerSm = 40.0e3;
 // Device-wide L2 bytes per microsecond (the standard path's GEMM reads W_hh from L2 every step).
@@ -41,6 +45,14 @@ inline double persistent_step_us(int64_t units, int64_t hidden, int64_t batch, d
   const double fmas_per_block = 4.0 * static_cast<double>(units) * static_cast<double>(hidden) *
                                 static_cast<double>(batch);
   return kGridBarrierUs + staged_bytes / kL2BytesPerUsPerSm + fmas_per_block / kSmemFmaPerUsPerSm;
+}
+
+// The same on tensor cores: the product covers the padded tile (4U x K x N_pad16 products).
+inline double persistent_mma_step_us(int64_t units, int64_t padded_k, int64_t padded_batch, double staged_bytes,
+                                     bool tf32) {
+  const double products = 4.0 * static_cast<double>(units) * static_cast<double>(padded_k) *
+                          static_cast<double>(padded_batch);
+  return kGridBarrierUs + staged_bytes / kL2BytesPerUsPerSm + products / (kSmemMmaPerUsPerSm / (tf32 ? 2 : 1));
 }
 
 // Predicted microseconds of one step of the standard path: a GEMM [N, K] x [K, 4H] or its backward twin (W_hh,

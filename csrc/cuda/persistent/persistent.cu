@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../gpu_runtime.h"
+#include "../precision.h"
 #include "cost_model.h"
 #include "persistent_backward.cuh"
 #include "persistent_forward.cuh"
@@ -31,6 +32,8 @@ using cuda::persistent::kBounds;
 using cuda::persistent::kMaxBatch;
 using cuda::persistent::kRowsPerTile;
 using cuda::persistent::kThreads;
+using cuda::persistent::MmaTraits;
+using cuda::persistent::Product;
 using cuda::persistent::persistent_backward_kernel;
 using cuda::persistent::persistent_forward_kernel;
 using cuda::persistent::round_up;
@@ -46,17 +49,22 @@ const char* kernel_name(Pass pass) {
 }
 
 template <typename scalar_t>
-auto forward_kernel(bool save_workspace) {
-  return save_workspace ? &persistent_forward_kernel<scalar_t, true> : &persistent_forward_kernel<scalar_t, false>;
+auto forward_kernel(bool save_workspace, Product product) {
+  if (product == Product::Mma) {
+    return save_workspace ? &persistent_forward_kernel<scalar_t, true, Product::Mma>
+                          : &persistent_forward_kernel<scalar_t, false, Product::Mma>;
+  }
+  return save_workspace ? &persistent_forward_kernel<scalar_t, true, Product::Fma>
+                        : &persistent_forward_kernel<scalar_t, false, Product::Fma>;
 }
 
-// The kernel instantiation for a pass and storage dtype, untyped (for attribute and occupancy queries), or
-// null for a dtype the kernels do not have.
-const void* kernel_for(Pass pass, at::ScalarType dtype) {
-  const auto pick = [pass](auto* tag) -> const void* {
+// The kernel instantiation for a pass, product variant and storage dtype, untyped (for attribute and occupancy
+// queries), or null for a dtype the kernels do not have.
+const void* kernel_for(Pass pass, at::ScalarType dtype, Product product) {
+  const auto pick = [pass, product](auto* tag) -> const void* {
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
     if (pass == Pass::Backward) return reinterpret_cast<const void*>(&persistent_backward_kernel<scalar_t>);
-    return reinterpret_cast<const void*>(forward_kernel<scalar_t>(pass == Pass::ForwardTraining));
+    return reinterpret_cast<const void*>(forward_kernel<scalar_t>(pass == Pass::ForwardTraining, product));
   };
   switch (dtype) {
     case at::kFloat:
@@ -70,12 +78,16 @@ const void* kernel_for(Pass pass, at::ScalarType dtype) {
   }
 }
 
-// How one call runs: U units per block, `blocks` blocks (all co-resident), k_split lanes per tile.
+// How one call runs: U units per block, `blocks` blocks (all co-resident), the product's variant and, for
+// Fma, k_split lanes per tile.
 struct Plan {
   int units_per_block;
   int blocks;
+  Product product;
   int k_split;
-  int padded_k;  // the product's reduction length (forward H, backward 4H) rounded up to 16-byte vectors
+  int padded_k;      // the product's reduction length (forward H, backward 4H) rounded up to 16-byte vectors
+                     // (Mma: to its k step)
+  int padded_batch;  // N rounded up to the product's row tile (Fma 4, Mma 16)
   size_t smem_bytes;
 };
 
@@ -84,18 +96,23 @@ void set_reason(std::string* why_not, const std::string& reason) {
 }
 
 // Shared memory a block of `pass` needs for U units.
-size_t pass_shared_bytes(Pass pass, int units, int padded_k, int batch, int element_size) {
+size_t pass_shared_bytes(Pass pass, int units, int padded_k, int batch, int padded_batch, int element_size) {
   return pass == Pass::Backward ? backward_shared_bytes(units, padded_k, batch, element_size)
-                                : forward_shared_bytes(units, padded_k, batch, element_size);
+                                : forward_shared_bytes(units, padded_k, padded_batch, element_size);
+}
+
+// The k step of the Mma variant for a dtype (its reduction length is padded to it).
+int mma_k_step(at::ScalarType dtype) {
+  return dtype == at::kFloat ? MmaTraits<float>::kStep : MmaTraits<c10::Half>::kStep;
 }
 
 // The launch plan of `pass` for N = batch rows and H = hidden units on `device`, or nullopt (and the reason).
 // The slice size U is the smallest for which ceil(H / U) blocks are co-resident by the occupancy API with
 // the shared memory that U needs: the most blocks, so the most SMs, share the work. Only the pass, the dtype,
 // N and H matter, so this is also what persistent_max_hidden searches over.
-std::optional<Plan> make_plan(Pass pass, at::ScalarType dtype, int64_t batch, int64_t hidden,
-                              c10::DeviceIndex device, std::string* why_not) {
-  const void* kernel = kernel_for(pass, dtype);
+std::optional<Plan> make_plan_for(Pass pass, Product product, at::ScalarType dtype, int64_t batch, int64_t hidden,
+                                  c10::DeviceIndex device, std::string* why_not) {
+  const void* kernel = kernel_for(pass, dtype, product);
   if (kernel == nullptr) {
     set_reason(why_not, std::string("dtype ") + c10::toString(dtype) + " (float32, float16 and bfloat16 only)");
     return std::nullopt;
@@ -121,12 +138,18 @@ std::optional<Plan> make_plan(Pass pass, at::ScalarType dtype, int64_t batch, in
 
   const int H = static_cast<int>(hidden), N = static_cast<int>(batch);
   const int element_size = static_cast<int>(c10::elementSize(dtype));
-  const int K = round_up(pass == Pass::Backward ? 4 * H : H, 16 / element_size);
+  const bool mma = product == Product::Mma;
+  const int K = round_up(pass == Pass::Backward ? 4 * H : H, mma ? mma_k_step(dtype) : 16 / element_size);
+  const int n_pad = round_up(N, mma ? 16 : kRowsPerTile);
+  // Mma tiles are 16 gate rows: whole groups of 4 units.
+  const int unit_step = mma ? 4 : 1;
   const int sms = limits.multiprocessors;
   const int blocks_per_sm_by_threads = std::max(1, limits.max_threads_per_sm / kThreads);
   const int64_t most_blocks = static_cast<int64_t>(sms) * blocks_per_sm_by_threads;
-  for (int64_t U = std::max<int64_t>(1, (H + most_blocks - 1) / most_blocks); U <= H; ++U) {
-    const size_t smem = pass_shared_bytes(pass, static_cast<int>(U), K, N, element_size);
+  const int64_t first_units = round_up(static_cast<int>(std::max<int64_t>(1, (H + most_blocks - 1) / most_blocks)),
+                                       unit_step);
+  for (int64_t U = first_units; U < H + unit_step; U += unit_step) {
+    const size_t smem = pass_shared_bytes(pass, static_cast<int>(U), K, N, n_pad, element_size);
     if (smem > smem_limit) {
       set_reason(why_not, "hidden size " + std::to_string(H) + " with batch " + std::to_string(N) + " in " +
                               c10::toString(dtype) + " does not fit the " +
@@ -141,10 +164,12 @@ std::optional<Plan> make_plan(Pass pass, at::ScalarType dtype, int64_t batch, in
     if (per_sm > 0 && blocks <= static_cast<int64_t>(per_sm) * sms) {
       Plan plan;
       // Spread the units evenly: no more blocks, and no more shared memory per block, than U needs.
-      plan.units_per_block = static_cast<int>((H + blocks - 1) / blocks);
+      plan.units_per_block = round_up(static_cast<int>((H + blocks - 1) / blocks), unit_step);
       plan.blocks = (H + plan.units_per_block - 1) / plan.units_per_block;
+      plan.product = product;
       plan.padded_k = K;
-      plan.smem_bytes = pass_shared_bytes(pass, plan.units_per_block, K, N, element_size);
+      plan.padded_batch = n_pad;
+      plan.smem_bytes = pass_shared_bytes(pass, plan.units_per_block, K, N, n_pad, element_size);
       // Fewer tiles -> more lanes per tile, so small problems still keep several lanes busy per output.
       const int tiles = plan.units_per_block * (round_up(N, kRowsPerTile) / kRowsPerTile);
       plan.k_split = tiles <= kThreads / 32 ? 32 : (tiles <= kThreads / 16 ? 16 : 8);
@@ -153,6 +178,55 @@ std::optional<Plan> make_plan(Pass pass, at::ScalarType dtype, int64_t batch, in
   }
   set_reason(why_not, "no grid of co-resident blocks covers hidden size " + std::to_string(H));
   return std::nullopt;
+}
+
+// The product variants a pass may use for a dtype: Fma always; Mma (tensor cores) in the forward pass on sm_80
+// and newer for fp16 and bf16, and for float32 when TF32 is allowed for RNNs (as cuDNN's products would).
+std::vector<Product> candidate_products(Pass pass, at::ScalarType dtype, int compute_major) {
+  std::vector<Product> products{Product::Fma};
+  if (pass != Pass::Backward && compute_major >= 8 && (dtype != at::kFloat || cuda::rnn_allows_tf32())) {
+    products.push_back(Product::Mma);
+  }
+  // FUSED_LSTM_PERSISTENT_PRODUCT=fma or mma restricts the choice (to compare the variants on a GPU, or to
+  // test one); unset or "auto", the cost model picks.
+  const char* forced = std::getenv("FUSED_LSTM_PERSISTENT_PRODUCT");
+  if (forced != nullptr && forced[0] != '\0' && std::strcmp(forced, "auto") != 0) {
+    TORCH_CHECK(std::strcmp(forced, "fma") == 0 || std::strcmp(forced, "mma") == 0,
+                "fused_lstm: FUSED_LSTM_PERSISTENT_PRODUCT must be fma, mma or auto, got '", forced, "'");
+    const Product want = std::strcmp(forced, "mma") == 0 ? Product::Mma : Product::Fma;
+    std::vector<Product> kept;
+    for (const Product p : products) {
+      if (p == want) kept.push_back(p);
+    }
+    return kept;
+  }
+  return products;
+}
+
+double predicted_step_us(Pass pass, const Plan& plan, int64_t batch, int64_t hidden, int element_size);
+
+// The launch plan of `pass`: among the product variants with a plan, the one the cost model predicts fastest.
+std::optional<Plan> make_plan(Pass pass, at::ScalarType dtype, int64_t batch, int64_t hidden, c10::DeviceIndex device,
+                              std::string* why_not) {
+  std::optional<Plan> best;
+  double best_us = 0.0;
+  const gpu::DeviceGuard guard(device);
+  const std::vector<Product> products = candidate_products(pass, dtype, gpu::device_limits(device).compute_major);
+  if (products.empty()) {
+    set_reason(why_not, "FUSED_LSTM_PERSISTENT_PRODUCT=mma, and this pass or dtype has no tensor-core variant "
+                        "(float32 needs torch.backends.cudnn.allow_tf32)");
+    return std::nullopt;
+  }
+  for (const Product product : products) {
+    std::optional<Plan> plan = make_plan_for(pass, product, dtype, batch, hidden, device, best ? nullptr : why_not);
+    if (!plan) continue;
+    const double us = predicted_step_us(pass, *plan, batch, hidden, static_cast<int>(c10::elementSize(dtype)));
+    if (!best || us < best_us) {
+      best = plan;
+      best_us = us;
+    }
+  }
+  return best;
 }
 
 // Sequence length of each batch row: lengths[b] = number of steps with more than b active rows (step_rows
@@ -215,13 +289,14 @@ void launch_forward(const RecurrenceForwardArgs& a, const Plan& plan, bool save_
   p.hidden = static_cast<int>(H);
   p.padded_hidden = static_cast<int>(P);
   p.batch = static_cast<int>(N);
+  p.padded_batch = plan.padded_batch;
   p.units_per_block = plan.units_per_block;
   p.k_split = plan.k_split;
   p.steps = static_cast<int>(T);
   p.reverse = a.reverse;
   fill_lengths(*a.step_rows, static_cast<int>(N), p.lengths);
-  launch_cooperative(save_workspace ? Pass::ForwardTraining : Pass::Forward, forward_kernel<scalar_t>(save_workspace),
-                     p, plan, order);
+  launch_cooperative(save_workspace ? Pass::ForwardTraining : Pass::Forward,
+                     forward_kernel<scalar_t>(save_workspace, plan.product), p, plan, order);
 
   // h_n: every row's last h (finished rows were carried forward) is in half T % 2.
   a.h_state.copy_(h_exchange[T % 2].narrow(1, 0, H));
@@ -333,12 +408,23 @@ std::optional<Plan> plan_for(const RecurrenceBackwardArgs& a, std::string* why_n
   return make_plan(Pass::Backward, dtype, N, H, a.gates.device().index(), why_not);
 }
 
+// Predicted microseconds of one step of `plan` (cost_model.h).
+double predicted_step_us(Pass pass, const Plan& plan, int64_t batch, int64_t hidden, int element_size) {
+  // Fma stages whole 4-row tiles of h (or the backward's d_gates); Mma reads its 16-row padding from shared
+  // memory but stages only the real rows.
+  const double staged = static_cast<double>(round_up(static_cast<int>(batch), kRowsPerTile)) * plan.padded_k *
+                        element_size;
+  if (plan.product == Product::Mma) {
+    return persistent_cost::persistent_mma_step_us(plan.units_per_block, plan.padded_k, plan.padded_batch, staged,
+                                                   element_size == 4);
+  }
+  return persistent_cost::persistent_step_us(plan.units_per_block, hidden, batch, staged);
+}
+
 // Predicted microseconds of a whole direction of `steps` steps: {persistent, standard} (cost_model.h).
 std::pair<double, double> predicted_us(Pass pass, const Plan& plan, int64_t batch, int64_t hidden, int64_t steps,
                                        int element_size) {
-  const double staged = static_cast<double>(round_up(static_cast<int>(batch), kRowsPerTile)) * plan.padded_k *
-                        element_size;
-  const double step = persistent_cost::persistent_step_us(plan.units_per_block, hidden, batch, staged);
+  const double step = predicted_step_us(pass, plan, batch, hidden, element_size);
   return {persistent_cost::persistent_total_us(step, steps, hidden, element_size),
           static_cast<double>(steps) * persistent_cost::standard_step_us(hidden, batch, element_size)};
 }
@@ -470,7 +556,8 @@ TORCH_LIBRARY_FRAGMENT(FUSED_LSTM_GPU_OPS, m) {
         });
   m.def("persistent_launches() -> int", []() { return persistent_launches(); });
   // The launch plan of the forward (training workspace kept) or backward kernel for `batch` rows of `hidden`
-  // units: [units_per_block, blocks, k_split, shared_bytes]; raises the reason when there is none.
+  // units: [units_per_block, blocks, k_split, shared_bytes, tensor_cores (0 Fma, 1 Mma)]; raises the reason
+  // when there is none.
   m.def("persistent_plan(Tensor sample, int batch, int hidden, bool backward=False) -> int[]",
         [](const at::Tensor& sample, int64_t batch, int64_t hidden, bool backward) {
           TORCH_CHECK(gpu::on_device(sample), "fused_lstm.persistent_plan: sample must be a CUDA tensor");
@@ -480,7 +567,7 @@ TORCH_LIBRARY_FRAGMENT(FUSED_LSTM_GPU_OPS, m) {
                                                      &why_not);
           TORCH_CHECK(plan.has_value(), "fused_lstm: no persistent plan: ", why_not);
           return std::vector<int64_t>{plan->units_per_block, plan->blocks, plan->k_split,
-                                      static_cast<int64_t>(plan->smem_bytes)};
+                                      static_cast<int64_t>(plan->smem_bytes), plan->product == Product::Mma};
         });
   // What the cost model (cost_model.h) predicts for a whole direction of `steps` steps, in microseconds:
   // [persistent, standard]; FUSED_LSTM_PERSISTENT=auto takes the persistent kernel when the first is smaller.

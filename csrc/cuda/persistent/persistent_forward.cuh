@@ -12,13 +12,16 @@
 //     another may still be reading.
 //   - the cell state c of the block's units stays in shared memory, in float32, for the whole sequence.
 //
-// Inside a block (kThreads threads): the outputs are tiles of 4 gate rows (one unit) x kRowsPerTile batch
-// rows; k_split consecutive lanes of a warp share a tile, each summing every k_split-th 16-byte vector of
-// the K = H dimension, and a butterfly of warp shuffles adds their partial sums. Lane kslice < kRowsPerTile
-// of the tile then owns batch row b0 + kslice of that unit: it activates the four gates with cell_forward
-// (../../lstm_cell.h, the same math as every other path) and writes every result of that (row, unit).
-// The multiply-adds are float32 FMAs on values stored in the storage dtype (fp32 accumulation, as
-// cuDNN); no tensor cores yet.
+// Inside a block (kThreads threads), each step is: stage h_{t-1}; the product pre[4U, N] = W_hh slice @ h^T
+// into shared memory; the pointwise pass (cell_forward from ../../lstm_cell.h, the same math as every other
+// path) over the block's (row, unit) pairs. The product comes in two variants (Product below), chosen by the
+// plan's cost model:
+//   - Fma: tiles of 4 gate rows (one unit) x kRowsPerTile batch rows; k_split consecutive lanes of a warp
+//     share a tile, each summing every k_split-th 16-byte vector of K = H, and a butterfly of warp shuffles
+//     adds their partial sums in a fixed order. float32 FMAs on storage-dtype values. Cheapest at small N.
+//   - Mma: tensor cores through the WMMA fragment API (which the CUDA emulator runs too): 16 x 16 output
+//     tiles per warp, m16n16k16 for fp16 / bf16 inputs, m16n16k8 TF32 for float32 (only when TF32 is allowed,
+//     as for cuDNN), float32 accumulation. The batch is padded to 16 rows and the units to multiples of 4.
 //
 // Included by persistent.cu only.
 #pragma once
@@ -50,9 +53,10 @@ struct ForwardParams {
   scalar_t* h_exchange;        // [2, N, padded_hidden]: h0 in half 0 (columns >= H zero), h_T in half T % 2
   int64_t total_rows;          // R = sum of the sequence lengths
   int hidden;                  // H
-  int padded_hidden;           // H rounded up to a whole 16-byte vector: the row pitch of h_exchange and of
-                               // both shared-memory matrices; the padding columns hold zeros
+  int padded_hidden;           // P: H rounded up to a whole 16-byte vector (Mma: to the k step): the row pitch
+                               // of h_exchange and of both shared-memory matrices; padding columns hold zeros
   int batch;                   // N <= kMaxBatch
+  int padded_batch;            // N_pad: N rounded up to kRowsPerTile (Fma) or 16 (Mma)
   int units_per_block;         // U
   int k_split;                 // lanes per tile: 8, 16 or 32
   int steps;                   // T
@@ -61,32 +65,156 @@ struct ForwardParams {
                                // row b is active at step t iff t < lengths[b]
 };
 
-// Shared memory of one block, in bytes: the W_hh slice [4U, P], the staged h_{t-1} [N_pad, P] (both in the
-// storage dtype) and the cell state [N_pad, U] in float32. N_pad = N rounded up to kRowsPerTile.
-inline size_t forward_shared_bytes(int units_per_block, int padded_hidden, int batch, size_t element_size) {
-  const size_t n_pad = static_cast<size_t>(round_up(batch, kRowsPerTile));
-  return (4 * static_cast<size_t>(units_per_block) + n_pad) * padded_hidden * element_size +
-         n_pad * units_per_block * sizeof(float);
+// How a block computes a step's recurrent product.
+enum class Product { Fma, Mma };
+
+// Shared memory of one block, in bytes: the W_hh slice [4U, P] and the staged h_{t-1} [N_pad, P] (storage
+// dtype), the step's products [4U, N_pad] and the cell state [N_pad, U] (float32).
+inline size_t forward_shared_bytes(int units_per_block, int padded_hidden, int padded_batch, size_t element_size) {
+  const size_t u = static_cast<size_t>(units_per_block), n_pad = static_cast<size_t>(padded_batch);
+  return (4 * u + n_pad) * padded_hidden * element_size + (4 * u * n_pad + n_pad * u) * sizeof(float);
+}
+
+// The Mma variant's fragment shape for a storage dtype: its k step and the element type WMMA loads.
+template <typename scalar_t>
+struct MmaTraits {
+  static constexpr int kStep = 16;
+  using element = std::conditional_t<std::is_same_v<scalar_t, c10::Half>, __half, __nv_bfloat16>;
+  using fragment_type = element;
+};
+template <>
+struct MmaTraits<float> {
+  static constexpr int kStep = 8;
+  using element = float;
+  using fragment_type = nvcuda::wmma::precision::tf32;
+};
+
+// pre_s[4U, N_pad] (row 4u + g: gate g of local unit u; row pitch N_pad) = w_s[4U, P] @ h_s[N_pad, P]^T by
+// float32 FMAs, for the tiles with a row below `rows` (the others are not read this step).
+template <typename scalar_t>
+__device__ __forceinline__ void product_fma(const scalar_t* w_s, const scalar_t* h_s, float* pre_s, int U, int P,
+                                            int n_pad, int rows, int k_split) {
+  constexpr int V = kVec<scalar_t>;
+  constexpr int RB = kRowsPerTile;
+  const int KV = P / V;
+  const int kslice = threadIdx.x & (k_split - 1);
+  const int group = threadIdx.x / k_split;
+  const int groups = kThreads / k_split;
+  const int row_tiles = n_pad / RB;
+  const int tiles = U * row_tiles;
+  const int passes = (tiles + groups - 1) / groups;
+  // Every thread runs every pass (passes is uniform), so the full-warp shuffles below never diverge.
+  for (int pass = 0; pass < passes; ++pass) {
+    const int tile = group + pass * groups;
+    const int u = tile / row_tiles;          // local unit
+    const int b0 = (tile % row_tiles) * RB;  // first batch row of the tile
+    const bool live = tile < tiles && b0 < rows;
+    // acc[g][r] = partial sum over this lane's k vectors of W_hh[g*H + unit, k] * h_{t-1}[b0 + r, k].
+    float acc[4][RB];
+#pragma unroll
+    for (int g = 0; g < 4; ++g) {
+#pragma unroll
+      for (int r = 0; r < RB; ++r) acc[g][r] = 0.0f;
+    }
+    if (live) {
+      // Lanes of a tile read consecutive 16-byte vectors of one row: bank-conflict free for k_split >= 8.
+      const uint4* w_vec = reinterpret_cast<const uint4*>(w_s + 4 * u * P);  // 4 rows of KV vectors
+      const uint4* h_vec = reinterpret_cast<const uint4*>(h_s + b0 * P);     // RB rows of KV vectors
+      for (int kv = kslice; kv < KV; kv += k_split) {
+        float w[4][V];
+#pragma unroll
+        for (int g = 0; g < 4; ++g) unpack<scalar_t>(w_vec[g * KV + kv], w[g]);
+#pragma unroll
+        for (int r = 0; r < RB; ++r) {
+          float h[V];
+          unpack<scalar_t>(h_vec[r * KV + kv], h);
+#pragma unroll
+          for (int g = 0; g < 4; ++g) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) acc[g][r] = fmaf(w[g][e], h[e], acc[g][r]);
+          }
+        }
+      }
+    }
+    // Butterfly over the k_split lanes of the tile (aligned groups inside one warp): afterwards every lane
+    // of the tile holds the full sums, in a fixed order, so results are bitwise reproducible.
+    for (int lane_mask = k_split / 2; lane_mask > 0; lane_mask /= 2) {
+#pragma unroll
+      for (int g = 0; g < 4; ++g) {
+#pragma unroll
+        for (int r = 0; r < RB; ++r) acc[g][r] += __shfl_xor_sync(0xffffffffu, acc[g][r], lane_mask);
+      }
+    }
+    // Lane kslice < RB stores row b0 + kslice; select with compile-time indices so acc stays in registers.
+    if (live && kslice < RB) {
+#pragma unroll
+      for (int g = 0; g < 4; ++g) {
+        float sum = acc[g][0];
+#pragma unroll
+        for (int r = 1; r < RB; ++r) sum = kslice == r ? acc[g][r] : sum;
+        pre_s[(4 * u + g) * n_pad + b0 + kslice] = sum;
+      }
+    }
+  }
+}
+
+// The same product on tensor cores: each warp computes 16 x 16 tiles of pre_s over P in k steps. Requires
+// 4U and N_pad multiples of 16, P a multiple of the k step, and 32-byte aligned shared matrices (the plan's
+// padding and forward_shared_bytes' layout provide them).
+template <typename scalar_t>
+__device__ __forceinline__ void product_mma(const scalar_t* w_s, const scalar_t* h_s, float* pre_s, int U, int P,
+                                            int n_pad) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // bf16 and TF32 fragments need sm_80; the plan never picks this variant below it
+#else
+  namespace wmma = nvcuda::wmma;
+  using Traits = MmaTraits<scalar_t>;
+  using element = typename Traits::element;
+  constexpr int KS = Traits::kStep;
+  const element* w = reinterpret_cast<const element*>(w_s);
+  const element* h = reinterpret_cast<const element*>(h_s);
+  const int m_tiles = 4 * U / 16, n_tiles = n_pad / 16;
+  // Whole warps take whole tiles, so every lane of a warp makes the same collective calls.
+  for (int tile = threadIdx.x / 32; tile < m_tiles * n_tiles; tile += kThreads / 32) {
+    const int m = tile / n_tiles, n = tile - m * n_tiles;
+    wmma::fragment<wmma::accumulator, 16, 16, KS, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+    for (int k = 0; k < P; k += KS) {
+      wmma::fragment<wmma::matrix_a, 16, 16, KS, typename Traits::fragment_type, wmma::row_major> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, KS, typename Traits::fragment_type, wmma::col_major> b;
+      wmma::load_matrix_sync(a, w + m * 16 * P + k, P);  // W rows: 16 gate rows x KS
+      wmma::load_matrix_sync(b, h + n * 16 * P + k, P);  // h^T: KS x 16 batch rows, column-major
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        for (int i = 0; i < a.num_elements; ++i) a.x[i] = wmma::__float_to_tf32(a.x[i]);
+        for (int i = 0; i < b.num_elements; ++i) b.x[i] = wmma::__float_to_tf32(b.x[i]);
+      }
+      wmma::mma_sync(acc, a, b, acc);
+    }
+    wmma::store_matrix_sync(pre_s + m * 16 * n_pad + n * 16, acc, n_pad, wmma::mem_row_major);
+  }
+#endif
 }
 
 // The kernel. Template flags are compile-time so their branches vanish: kSaveWorkspace writes
-// c_prev_saved / h_prev_saved (training); packed and dense input share one code path through lengths[].
-// Requires a cooperative launch of exactly ceil(H / U) blocks of kThreads threads with
-// forward_shared_bytes(U, P, N, sizeof(scalar_t)) bytes of dynamic shared memory, all co-resident.
-template <typename scalar_t, bool kSaveWorkspace>
-__global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm) persistent_forward_kernel(const __grid_constant__ ForwardParams<scalar_t> p) {
-  constexpr int V = kVec<scalar_t>;
+// c_prev_saved / h_prev_saved (training); kProduct picks the product's variant; packed and dense input share
+// one code path through lengths[]. Requires a cooperative launch of exactly ceil(H / U) blocks of kThreads
+// threads with forward_shared_bytes(U, P, N_pad, sizeof(scalar_t)) bytes of dynamic shared memory, all
+// co-resident.
+template <typename scalar_t, bool kSaveWorkspace, Product kProduct>
+__global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm)
+    persistent_forward_kernel(const __grid_constant__ ForwardParams<scalar_t> p) {
   constexpr int RB = kRowsPerTile;
-  const int H = p.hidden, P = p.padded_hidden, KV = P / V, N = p.batch, U = p.units_per_block;
-  const int n_pad = round_up(N, RB);
+  const int H = p.hidden, P = p.padded_hidden, KV = P / kVec<scalar_t>, N = p.batch, U = p.units_per_block;
+  const int n_pad = p.padded_batch;
   const int unit0 = blockIdx.x * U;
 
-  // Dynamic shared memory, 16-byte aligned (declared as uint4): w_s [4U][P], h_s [n_pad][P], c_s [n_pad][U].
-  // P * sizeof(scalar_t) is a multiple of 16, so every row (and h_s) starts 16-byte aligned.
+  // Dynamic shared memory, 16-byte aligned (declared as uint4): w_s [4U][P], h_s [n_pad][P], pre_s [4U][n_pad],
+  // c_s [n_pad][U]. P * sizeof(scalar_t) is a multiple of 16 (Mma: 32), so every row starts aligned.
   FUSED_LSTM_DYNAMIC_SHARED(uint4, smem);
   scalar_t* w_s = reinterpret_cast<scalar_t*>(smem);
   scalar_t* h_s = w_s + 4 * U * P;
-  float* c_s = reinterpret_cast<float*>(h_s + n_pad * P);
+  float* pre_s = reinterpret_cast<float*>(h_s + n_pad * P);
+  float* c_s = pre_s + 4 * U * n_pad;
   const scalar_t zero = static_cast<scalar_t>(0.0f);
 
   // --- Once: this block's W_hh rows (row 4u + g of w_s is gate g of unit unit0 + u), zero padding columns
@@ -106,16 +234,6 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
   }
   __syncthreads();  // the zeroed h_s before the first staging (other threads overwrite parts of it)
 
-  // Static tile assignment: the same thread owns the same (row, unit) pairs at every step, so c_s entries
-  // are only ever touched by one thread.
-  const int k_split = p.k_split;
-  const int kslice = threadIdx.x & (k_split - 1);
-  const int group = threadIdx.x / k_split;
-  const int groups = kThreads / k_split;
-  const int row_tiles = n_pad / RB;
-  const int tiles = U * row_tiles;
-  const int passes = (tiles + groups - 1) / groups;
-
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   StepWalk walk(/*walk_descending=*/p.reverse, N, p.total_rows);
   for (int s = 0; s < p.steps; ++s) {
@@ -126,7 +244,7 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
     const scalar_t* h_cur = p.h_exchange + static_cast<int64_t>(s & 1) * N * P;   // h_{t-1}, read only
     scalar_t* h_next = p.h_exchange + static_cast<int64_t>((s + 1) & 1) * N * P;  // h_t, our columns only
 
-    // Stage h_{t-1} of the rows any tile reads this step (whole tiles, clipped at N), 16 bytes at a time,
+    // Stage h_{t-1} of the rows any Fma tile reads this step (whole tiles, clipped at N), 16 bytes at a time,
     // through L2. h_s and h_cur share the row pitch P, so the vector index maps one to one.
     const int staged_vectors = min(N, round_up(rows, RB)) * KV;
     for (int i = threadIdx.x; i < staged_vectors; i += kThreads) {
@@ -134,97 +252,47 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
     }
     __syncthreads();
 
-    // Every thread runs every pass (passes is uniform), so the full-warp shuffles below never diverge.
-    for (int pass = 0; pass < passes; ++pass) {
-      const int tile = group + pass * groups;
-      const int u = tile / row_tiles;          // local unit
-      const int b0 = (tile % row_tiles) * RB;  // first batch row of the tile
-      const int unit = unit0 + u;
-      const bool tile_live = tile < tiles && unit < H;
-      const int b = b0 + kslice;  // the row this lane finishes when kslice < RB
-      const bool finishes = tile_live && kslice < RB && b < N;
-      const bool active = finishes && b < rows;
+    if constexpr (kProduct == Product::Mma) {
+      product_mma<scalar_t>(w_s, h_s, pre_s, U, P, n_pad);
+    } else {
+      product_fma<scalar_t>(w_s, h_s, pre_s, U, P, n_pad, rows, p.k_split);
+    }
+    __syncthreads();  // pre_s complete
 
-      // The input-projection part of this lane's pre-activations: loaded before the dot products, so the
-      // global-memory latency overlaps them.
-      float pre[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      scalar_t* const gate_row = p.gates + (offset + b) * 4 * H + unit;  // used only when active
-      if (active) {
-#pragma unroll
-        for (int g = 0; g < 4; ++g) pre[g] = static_cast<float>(gate_row[g * H]);
-      }
-
-      // acc[g][r] = partial sum over this lane's k vectors of W_hh[g*H + unit, k] * h_{t-1}[b0 + r, k].
-      float acc[4][RB];
-#pragma unroll
-      for (int g = 0; g < 4; ++g) {
-#pragma unroll
-        for (int r = 0; r < RB; ++r) acc[g][r] = 0.0f;
-      }
-      if (tile_live && b0 < rows) {
-        // Lanes of a tile read consecutive 16-byte vectors of one row: bank-conflict free for k_split >= 8.
-        const uint4* w_vec = reinterpret_cast<const uint4*>(w_s + 4 * u * P);  // 4 rows of KV vectors
-        const uint4* h_vec = reinterpret_cast<const uint4*>(h_s + b0 * P);     // RB rows of KV vectors
-        for (int kv = kslice; kv < KV; kv += k_split) {
-          float w[4][V];
-#pragma unroll
-          for (int g = 0; g < 4; ++g) unpack<scalar_t>(w_vec[g * KV + kv], w[g]);
-#pragma unroll
-          for (int r = 0; r < RB; ++r) {
-            float h[V];
-            unpack<scalar_t>(h_vec[r * KV + kv], h);
-#pragma unroll
-            for (int g = 0; g < 4; ++g) {
-#pragma unroll
-              for (int e = 0; e < V; ++e) acc[g][r] = fmaf(w[g][e], h[e], acc[g][r]);
-            }
-          }
-        }
-      }
-      // Butterfly over the k_split lanes of the tile (aligned groups inside one warp): afterwards every lane
-      // of the tile holds the full sums, in a fixed order, so results are bitwise reproducible.
-      for (int lane_mask = k_split / 2; lane_mask > 0; lane_mask /= 2) {
-#pragma unroll
-        for (int g = 0; g < 4; ++g) {
-#pragma unroll
-          for (int r = 0; r < RB; ++r) acc[g][r] += __shfl_xor_sync(0xffffffffu, acc[g][r], lane_mask);
-        }
-      }
-
-      if (active) {
-        // This lane's row is r = kslice; select with compile-time indices so acc stays in registers.
-#pragma unroll
-        for (int g = 0; g < 4; ++g) {
-          float sum = acc[g][0];
-#pragma unroll
-          for (int r = 1; r < RB; ++r) sum = kslice == r ? acc[g][r] : sum;
-          pre[g] += sum;
-        }
-        const int64_t row = offset + b;
-        float* const c_cell = c_s + b * U + u;
-        const float c = *c_cell;
-        float c_next, h_t;
-        const Gates<float> gate = cell_forward<float>(pre[0], pre[1], pre[2], pre[3], c, &c_next, &h_t);
-        gate_row[0] = static_cast<scalar_t>(gate.i);
-        gate_row[H] = static_cast<scalar_t>(gate.f);
-        gate_row[2 * H] = static_cast<scalar_t>(gate.g);
-        gate_row[3 * H] = static_cast<scalar_t>(gate.o);
-        *c_cell = c_next;
-        const scalar_t h_stored = static_cast<scalar_t>(h_t);
-        h_next[b * P + unit] = h_stored;
-        p.output[row * p.output_stride + unit] = h_stored;
-        if constexpr (kSaveWorkspace) {
-          p.c_prev_saved[row * H + unit] = static_cast<scalar_t>(c);
-          p.h_prev_saved[row * H + unit] = h_s[b * P + unit];  // staged: b < rows
-        }
-      } else if (finishes) {
-        // A row that has finished (forward) or not yet started (reverse) keeps its h: carry it into the
-        // half the next step reads. (Its c simply stays in c_s.)
+    // Pointwise pass over the block's (row, unit) pairs: active rows advance their cell; a row that has
+    // finished (forward) or not yet started (reverse) keeps its h, carried into the half the next step reads
+    // (its c simply stays in c_s).
+    for (int i = threadIdx.x; i < N * U; i += kThreads) {
+      const int b = i / U, u = i - b * U, unit = unit0 + u;
+      if (unit >= H) continue;
+      if (b >= rows) {
         copy_through_l2(h_next + b * P + unit, h_cur + b * P + unit);
+        continue;
+      }
+      const int64_t row = offset + b;
+      scalar_t* const gate_row = p.gates + row * 4 * H + unit;
+      float pre[4];
+#pragma unroll
+      for (int g = 0; g < 4; ++g) pre[g] = static_cast<float>(gate_row[g * H]) + pre_s[(4 * u + g) * n_pad + b];
+      float* const c_cell = c_s + b * U + u;
+      const float c = *c_cell;
+      float c_next, h_t;
+      const Gates<float> gate = cell_forward<float>(pre[0], pre[1], pre[2], pre[3], c, &c_next, &h_t);
+      gate_row[0] = static_cast<scalar_t>(gate.i);
+      gate_row[H] = static_cast<scalar_t>(gate.f);
+      gate_row[2 * H] = static_cast<scalar_t>(gate.g);
+      gate_row[3 * H] = static_cast<scalar_t>(gate.o);
+      *c_cell = c_next;
+      const scalar_t h_stored = static_cast<scalar_t>(h_t);
+      h_next[b * P + unit] = h_stored;
+      p.output[row * p.output_stride + unit] = h_stored;
+      if constexpr (kSaveWorkspace) {
+        p.c_prev_saved[row * H + unit] = static_cast<scalar_t>(c);
+        p.h_prev_saved[row * H + unit] = h_s[b * P + unit];  // staged: b < rows
       }
     }
     // Publishes this step's h_t columns to every block (grid.sync fences memory at device scope) and
-    // guarantees everyone finished reading h_cur and h_s before the next step overwrites them.
+    // guarantees everyone finished reading h_cur, h_s and pre_s before the next step overwrites them.
     grid.sync();
     walk.leave();
   }
