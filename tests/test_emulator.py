@@ -582,3 +582,73 @@ def test_cost_model_orders_the_shapes_it_should():
         assert persistent_us < standard_us, hidden
     persistent_us, standard_us = torch.ops.fused_lstm_emu.persistent_predicted_us(sample, 64, 512, 100)
     assert persistent_us > standard_us
+
+
+# --- The two directions of a bidirectional layer, interleaved (CudaBackend::for_each_direction).
+
+INTERLEAVED_LAYERS = [
+    Layer("dense_proj", proj=4),
+    Layer("packed_proj", packed=True, proj=4, batch=5, steps=6),
+    Layer("packed_proj_strided_no_bias", packed=True, proj=3, batch=4, steps=7, hidden=11, biases=False,
+          strided=True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("layer", INTERLEAVED_LAYERS, ids=lambda c: c.name)
+def test_bidirectional_interleaved(layer: Layer, dtype: torch.dtype):
+    """With the two directions' steps enqueued alternately (on two streams on a GPU), forward and backward of a
+    bidirectional layer with projections still match the CPU path, which runs one direction after the other."""
+    emulated, cpu, reference = run_layer(layer, dtype)
+    check_rule(emulated, cpu, reference, dtype)
+    assert emu.last_path() == "cuda:standard"
+
+
+def host_order(ns: str, layer: Layer, a: Dict[str, object]) -> Dict[str, List[object]]:
+    """The order in which the host issued each direction's pieces of work, read from the ATen ops the driver
+    calls in them (the emulator runs streams synchronously, so issue order is run order): per forward step the
+    copy of h into the output ([rows, Hout]), per backward step dh + d_output ([rows, Hout]); "prologue" for a
+    forward direction's b_ih + b_hh ([4H]) and "epilogue" for a backward direction's copy of the bias gradient
+    ([4H])."""
+    Hout, gate_rows = layer.proj or layer.hidden, 4 * layer.hidden
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        forward = layer_forward(ns, layer, a)
+        with torch.profiler.record_function("backward"):
+            layer_backward(ns, layer, a, forward, random_grads(forward, torch.float32))
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    start = next(e.time_range.start for e in events if e.name == "backward")
+    order: Dict[str, List[object]] = dict(forward=[], backward=[])
+    for e in events:
+        shape = e.input_shapes[0] if e.input_shapes else []
+        phase = "backward" if e.time_range.start > start else "forward"
+        if e.name == ("aten::copy_" if phase == "forward" else "aten::add") and len(shape) == 2 and shape[1] == Hout:
+            order[phase].append(shape[0])
+        elif phase == "forward" and e.name == "aten::add" and shape == [gate_rows]:
+            order[phase].append("prologue")
+        elif phase == "backward" and e.name == "aten::copy_" and shape == [gate_rows]:
+            order[phase].append("epilogue")
+    return order
+
+
+def test_bidirectional_steps_alternate():
+    """The CUDA backend issues both prologues, then step i of direction 0 and step i of direction 1 for each i,
+    then both epilogues; the CPU path runs each direction whole, one after the other. Sequences of lengths 5..1
+    make every step's row count tell which step it is: direction 0 walks 5, 4, 3, 2, 1 rows forward, direction 1
+    the reverse, and backward each walks its forward steps back."""
+    layer = Layer("order", steps=5, batch=5, input_size=3, hidden=7, proj=2, packed=True)
+    a = cast(make_inputs(layer, torch.float32), torch.float32, layer)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(5, 5, 3), torch.tensor([5, 4, 3, 2, 1]))
+    a["x"], a["batch_sizes"] = packed.data, packed.batch_sizes
+    rows = packed.batch_sizes.tolist()
+    walks = dict(forward=(rows, rows[::-1]), backward=(rows[::-1], rows))  # (direction 0, direction 1)
+
+    def alternate(first, second):
+        return [r for pair in zip(first, second) for r in pair]
+
+    emulated, cpu = host_order(EMU, layer, a), host_order(CPU, layer, a)
+    first, second = walks["forward"]
+    assert emulated["forward"] == ["prologue", "prologue"] + alternate(first, second)
+    assert cpu["forward"] == ["prologue"] + first + ["prologue"] + second
+    first, second = walks["backward"]
+    assert emulated["backward"] == alternate(first, second) + ["epilogue", "epilogue"]
+    assert cpu["backward"] == first + ["epilogue"] + second + ["epilogue"]
