@@ -321,10 +321,14 @@ PERSISTENT_LAYERS = [
 
 
 def persistent_plan(batch: int, hidden: int, dtype=torch.float32) -> Dict[str, int]:
-    units, blocks, k_split, shared, tensor_cores = torch.ops.fused_lstm_emu.persistent_plan(
+    units, blocks, k_split, shared, tensor_cores, cluster = torch.ops.fused_lstm_emu.persistent_plan(
         torch.empty(1, dtype=dtype), batch, hidden)
     return dict(units_per_block=units, blocks=blocks, k_split=k_split, shared_bytes=shared,
-                tensor_cores=bool(tensor_cores))
+                tensor_cores=bool(tensor_cores), cluster=bool(cluster))
+
+
+def persistent_launches() -> int:
+    return torch.ops.fused_lstm_emu.persistent_launches()
 
 
 @pytest.mark.parametrize("profile, batch, hidden, k_split, units_per_block", [
@@ -332,9 +336,10 @@ def persistent_plan(batch: int, hidden: int, dtype=torch.float32) -> Dict[str, i
     ("h100", 64, 6, 16, 1),    # 16 tiles of 4 rows (batch64)
     ("l4", 33, 130, 8, 3),     # too few SMs for a unit per block; 27 tiles (test_persistent_plan_walks_small_card)
 ])
-def test_persistent_plan_branches(profile, batch, hidden, k_split, units_per_block):
+def test_persistent_plan_branches(profile, batch, hidden, k_split, units_per_block, monkeypatch):
     """The shapes the persistent tests run reach every branch of the plan: lanes per tile 32 / 16 / 8, one and
-    several hidden units per block."""
+    several hidden units per block (the grid exchange; the cluster's plan is tested below)."""
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", "grid")
     emu.set_device_profile(profile)
     plan = persistent_plan(batch, hidden)
     assert (plan["k_split"], plan["units_per_block"]) == (k_split, units_per_block)
@@ -342,22 +347,28 @@ def test_persistent_plan_branches(profile, batch, hidden, k_split, units_per_blo
     assert plan["shared_bytes"] <= emu.device_limits()["shared_bytes_per_block_optin"]
 
 
-@pytest.mark.parametrize("dtype, product", [(torch.float32, "fma"), (torch.float16, "fma"), (torch.bfloat16, "fma"),
-                                            (torch.float16, "mma"), (torch.bfloat16, "mma")], ids=str)
+VARIANTS = [(torch.float32, "fma", "grid"), (torch.float16, "fma", "grid"), (torch.bfloat16, "fma", "grid"),
+            (torch.float16, "mma", "grid"), (torch.bfloat16, "mma", "grid"),
+            (torch.float32, "fma", "cluster"), (torch.bfloat16, "fma", "cluster")]
+
+
+@pytest.mark.parametrize("dtype, product, exchange", VARIANTS, ids=str)
 @pytest.mark.parametrize("layer", PERSISTENT_LAYERS, ids=lambda c: c.name)
-def test_persistent_forward(layer: Layer, dtype: torch.dtype, product: str, monkeypatch):
-    """The cooperative persistent kernel (one launch per direction, grid.sync per step), with its product on
-    FMAs or on tensor cores (WMMA), against the CPU path and float64, with the standard backward on its
-    workspace (saved gates, c and h)."""
+def test_persistent_forward(layer: Layer, dtype: torch.dtype, product: str, exchange: str, monkeypatch):
+    """The persistent forward kernel (one launch per direction, one barrier per step) in each variant: its
+    product on FMAs or tensor cores (WMMA); h_t exchanged through global memory in a cooperative grid
+    (grid.sync) or through distributed shared memory in one thread-block cluster (cluster.sync). Against the
+    CPU path and float64, with the standard backward on its workspace (saved gates, c and h)."""
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", product)
-    assert persistent_plan(layer.batch, layer.hidden, dtype)["tensor_cores"] == (product == "mma")
-    before = emu.counters()["cooperative_launches"]
-    launches = torch.ops.fused_lstm_emu.persistent_launches()
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", exchange)
+    plan = persistent_plan(layer.batch, layer.hidden, dtype)
+    assert (plan["tensor_cores"], plan["cluster"]) == (product == "mma", exchange == "cluster")
+    before, cooperative = persistent_launches(), emu.counters()["cooperative_launches"]
     emulated, cpu, reference = run_layer(layer, dtype, recurrence="persistent")
     check_rule(emulated, cpu, reference, dtype)
     assert emu.last_path() == "cuda:persistent"
-    assert emu.counters()["cooperative_launches"] == before + layer.directions
-    assert torch.ops.fused_lstm_emu.persistent_launches() == launches + layer.directions
+    assert persistent_launches() == before + layer.directions
+    assert emu.counters()["cooperative_launches"] == cooperative + (0 if exchange == "cluster" else layer.directions)
 
 
 @pytest.mark.parametrize("layer", [PERSISTENT_LAYERS[1], PERSISTENT_LAYERS[3]], ids=lambda c: c.name)
@@ -376,10 +387,43 @@ def test_persistent_forward_tf32_tensor_cores(layer: Layer, monkeypatch):
 
 
 @pytest.mark.parametrize("batch, tensor_cores", [(1, False), (48, True)])
-def test_persistent_product_by_cost_model(batch, tensor_cores):
+def test_persistent_product_by_cost_model(batch, tensor_cores, monkeypatch):
     """Unforced, the plan takes the product the cost model predicts faster: FMAs at batch 1 (a 16-row tensor-core
-    tile would be mostly padding), tensor cores at batch 48 (bf16)."""
+    tile would be mostly padding), tensor cores at batch 48 (bf16, grid exchange)."""
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", "grid")
     assert persistent_plan(batch, 64, torch.bfloat16)["tensor_cores"] == tensor_cores
+
+
+def test_cluster_plan_and_its_limits(monkeypatch):
+    """The cluster exchange: at most 8 blocks (the portable cluster size), so W_hh must fit 8 SMs' shared
+    memory; sm_90 only; the cost model prefers it at small batch (its barrier is a third of grid.sync's)."""
+    plan = persistent_plan(1, 64)
+    assert plan["cluster"] and plan["blocks"] <= 8 and plan["units_per_block"] == 8
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", "cluster")
+    with pytest.raises(RuntimeError, match="does not fit"):
+        persistent_plan(1, 1024)  # 128 units a block: far beyond 227 KB
+    emu.set_device_profile("a100")
+    with pytest.raises(RuntimeError, match="no cluster variant"):
+        persistent_plan(1, 64)
+    monkeypatch.delenv("FUSED_LSTM_PERSISTENT_EXCHANGE")
+    assert not persistent_plan(1, 64)["cluster"]
+
+
+def test_cluster_bidirectional_packed_bitwise_in_any_block_order(monkeypatch):
+    """Two clusters (the directions) run on their own; blocks within a cluster in any order give the same bits."""
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", "cluster")
+    layer = Layer("cluster_order", packed=True, batch=5, steps=5, hidden=20)
+    inputs = cast(make_inputs(layer, torch.float32), torch.float32, layer)
+    results = []
+    for seed in (None, "5", "6"):
+        if seed is None:
+            monkeypatch.delenv("FUSED_LSTM_EMU_SEED", raising=False)
+        else:
+            monkeypatch.setenv("FUSED_LSTM_EMU_SEED", seed)
+        results.append(layer_forward(EMU, layer, inputs, "persistent")[:3])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
 
 
 def test_persistent_bitwise_in_any_block_order(monkeypatch):
@@ -415,10 +459,10 @@ def test_persistent_plan_on_each_card(profile):
     H = largest[torch.float32, 8] + 1
     layer = Layer("too_large", steps=1, batch=8, input_size=1, hidden=H, bidirectional=False)
     inputs = cast(make_inputs(layer, torch.float32), torch.float32, layer)
-    launches = emu.counters()["cooperative_launches"]
+    launches = persistent_launches()
     with pytest.raises(RuntimeError, match="does not fit"):
         layer_forward(EMU, layer, inputs, "persistent")
-    assert emu.counters()["cooperative_launches"] == launches
+    assert persistent_launches() == launches
 
 
 def test_persistent_plan_walks_small_card():
@@ -463,10 +507,10 @@ def test_persistent_backward(layer: Layer, dtype: torch.dtype, monkeypatch):
     """The cooperative backward kernel (pointwise backward and d_gates @ W_hh fused per step, dh and dc kept on
     chip) on the persistent forward's workspace: every gradient against the CPU path and float64."""
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT", "1")
-    before = emu.counters()["cooperative_launches"]
+    before = persistent_launches()
     emulated, cpu, reference = run_layer(layer, dtype, recurrence="persistent")
     check_rule(emulated, cpu, reference, dtype)
-    assert emu.counters()["cooperative_launches"] == before + 2 * layer.directions  # forward and backward
+    assert persistent_launches() == before + 2 * layer.directions  # forward and backward
 
 
 @pytest.mark.parametrize("need_h0_grad", [True, False])
@@ -523,9 +567,9 @@ def test_persistent_backward_bitwise_across_runs_and_block_orders(monkeypatch):
 def test_persistent_backward_plan_branches(profile, batch, hidden, k_split, units_per_block, monkeypatch):
     """The backward kernel's plan reaches the same branches, and runs there."""
     emu.set_device_profile(profile)
-    units, blocks, lanes, shared, tensor_cores = torch.ops.fused_lstm_emu.persistent_plan(
+    units, blocks, lanes, shared, tensor_cores, cluster = torch.ops.fused_lstm_emu.persistent_plan(
         torch.empty(1), batch, hidden, True)
-    assert not tensor_cores
+    assert not tensor_cores and not cluster
     assert (lanes, units) == (k_split, units_per_block) and blocks == -(-hidden // units)
     assert shared <= emu.device_limits()["shared_bytes_per_block_optin"]
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT", "1")
@@ -565,11 +609,11 @@ def test_auto_follows_the_cost_model(monkeypatch, batch, hidden, steps):
         except RuntimeError:  # no plan for this pass: the standard path
             expected[backward] = False
     layer = Layer("auto", steps=steps, batch=batch, input_size=3, hidden=hidden, bidirectional=False)
-    before = emu.counters()["cooperative_launches"]
+    before = persistent_launches()
     emulated, cpu, reference = run_layer(layer, torch.float32, recurrence="auto")
     check_rule(emulated, cpu, reference, torch.float32)
     assert emu.last_path() == ("cuda:persistent" if expected[False] else "cuda:standard")
-    assert emu.counters()["cooperative_launches"] - before == expected[False] + expected[True]
+    assert persistent_launches() - before == expected[False] + expected[True]
 
 
 def test_cost_model_orders_the_shapes_it_should():

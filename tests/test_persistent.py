@@ -230,6 +230,17 @@ def test_product_variants(persistent, monkeypatch, case: Case, dtype: torch.dtyp
     compare(case, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4]], ids=lambda c: c.name)
+def test_cluster_exchange(persistent, monkeypatch, case: Case, dtype: torch.dtype):
+    """The Hopper variant: one thread-block cluster per direction, h_t through distributed shared memory,
+    cluster.sync per step (forced by FUSED_LSTM_PERSISTENT_EXCHANGE=cluster), against cuDNN's error."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", "cluster")
+    compare(case, dtype)
+
+
 def test_tf32_tensor_cores_when_allowed(persistent, monkeypatch):
     """float32 takes the tensor-core variant only with TF32 allowed; its error is then TF32-sized."""
     if torch.cuda.get_device_capability()[0] < 8:

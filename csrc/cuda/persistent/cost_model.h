@@ -16,6 +16,8 @@ namespace persistent_cost {
 
 // One grid-wide barrier (cooperative_groups grid.sync), H100: ~1.9 us published.
 constexpr double kGridBarrierUs = 1.9;
+// One cluster barrier (cluster.sync), H100: ~0.63 us published (host-timed, an upper bound).
+constexpr double kClusterBarrierUs = 0.63;
 // What one dependent kernel launch of the standard path costs when the host enqueues it from C++ (driver
 // launch latency plus the gap between dependent kernels): ~1.6 us published per launch; the standard path
 // has two per step (a GEMM and a pointwise kernel).
@@ -53,6 +55,13 @@ inline double persistent_mma_step_us(int64_t units, int64_t padded_k, int64_t pa
   const double products = 4.0 * static_cast<double>(units) * static_cast<double>(padded_k) *
                           static_cast<double>(padded_batch);
   return kGridBarrierUs + staged_bytes / kL2BytesPerUsPerSm + products / (kSmemMmaPerUsPerSm / (tf32 ? 2 : 1));
+}
+
+// The FMA product in one thread-block cluster: h_t arrives in shared memory through distributed shared memory
+// (a few bytes per block and row, not modelled), so there is no staging, and the barrier is the cluster's.
+inline double persistent_cluster_step_us(int64_t units, int64_t hidden, int64_t batch) {
+  return kClusterBarrierUs + 4.0 * static_cast<double>(units) * static_cast<double>(hidden) *
+                                 static_cast<double>(batch) / kSmemFmaPerUsPerSm;
 }
 
 // Predicted microseconds of one step of the standard path: a GEMM [N, K] x [K, 4H] or its backward twin (W_hh,

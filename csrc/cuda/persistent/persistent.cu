@@ -28,7 +28,9 @@ using cuda::persistent::backward_shared_bytes;
 using cuda::persistent::BackwardParams;
 using cuda::persistent::forward_shared_bytes;
 using cuda::persistent::ForwardParams;
+using cuda::persistent::Exchange;
 using cuda::persistent::kBounds;
+using cuda::persistent::kMaxClusterBlocks;
 using cuda::persistent::kMaxBatch;
 using cuda::persistent::kRowsPerTile;
 using cuda::persistent::kThreads;
@@ -49,7 +51,11 @@ const char* kernel_name(Pass pass) {
 }
 
 template <typename scalar_t>
-auto forward_kernel(bool save_workspace, Product product) {
+auto forward_kernel(bool save_workspace, Product product, Exchange exchange) {
+  if (exchange == Exchange::Cluster) {  // Fma only: the cluster variant serves the small batches FMAs suit
+    return save_workspace ? &persistent_forward_kernel<scalar_t, true, Product::Fma, Exchange::Cluster>
+                          : &persistent_forward_kernel<scalar_t, false, Product::Fma, Exchange::Cluster>;
+  }
   if (product == Product::Mma) {
     return save_workspace ? &persistent_forward_kernel<scalar_t, true, Product::Mma>
                           : &persistent_forward_kernel<scalar_t, false, Product::Mma>;
@@ -60,11 +66,11 @@ auto forward_kernel(bool save_workspace, Product product) {
 
 // The kernel instantiation for a pass, product variant and storage dtype, untyped (for attribute and occupancy
 // queries), or null for a dtype the kernels do not have.
-const void* kernel_for(Pass pass, at::ScalarType dtype, Product product) {
-  const auto pick = [pass, product](auto* tag) -> const void* {
+const void* kernel_for(Pass pass, at::ScalarType dtype, Product product, Exchange exchange) {
+  const auto pick = [pass, product, exchange](auto* tag) -> const void* {
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
     if (pass == Pass::Backward) return reinterpret_cast<const void*>(&persistent_backward_kernel<scalar_t>);
-    return reinterpret_cast<const void*>(forward_kernel<scalar_t>(pass == Pass::ForwardTraining, product));
+    return reinterpret_cast<const void*>(forward_kernel<scalar_t>(pass == Pass::ForwardTraining, product, exchange));
   };
   switch (dtype) {
     case at::kFloat:
@@ -84,6 +90,7 @@ struct Plan {
   int units_per_block;
   int blocks;
   Product product;
+  Exchange exchange;  // Cluster: the blocks are one thread-block cluster, not a cooperative grid
   int k_split;
   int padded_k;      // the product's reduction length (forward H, backward 4H) rounded up to 16-byte vectors
                      // (Mma: to its k step)
@@ -96,9 +103,11 @@ void set_reason(std::string* why_not, const std::string& reason) {
 }
 
 // Shared memory a block of `pass` needs for U units.
-size_t pass_shared_bytes(Pass pass, int units, int padded_k, int batch, int padded_batch, int element_size) {
-  return pass == Pass::Backward ? backward_shared_bytes(units, padded_k, batch, element_size)
-                                : forward_shared_bytes(units, padded_k, padded_batch, element_size);
+size_t pass_shared_bytes(Pass pass, Exchange exchange, int units, int padded_k, int batch, int padded_batch,
+                         int element_size) {
+  return pass == Pass::Backward
+             ? backward_shared_bytes(units, padded_k, batch, element_size)
+             : forward_shared_bytes(units, padded_k, padded_batch, element_size, exchange == Exchange::Cluster);
 }
 
 // The k step of the Mma variant for a dtype (its reduction length is padded to it).
@@ -110,9 +119,9 @@ int mma_k_step(at::ScalarType dtype) {
 // The slice size U is the smallest for which ceil(H / U) blocks are co-resident by the occupancy API with
 // the shared memory that U needs: the most blocks, so the most SMs, share the work. Only the pass, the dtype,
 // N and H matter, so this is also what persistent_max_hidden searches over.
-std::optional<Plan> make_plan_for(Pass pass, Product product, at::ScalarType dtype, int64_t batch, int64_t hidden,
-                                  c10::DeviceIndex device, std::string* why_not) {
-  const void* kernel = kernel_for(pass, dtype, product);
+std::optional<Plan> make_plan_for(Pass pass, Product product, Exchange exchange, at::ScalarType dtype, int64_t batch,
+                                  int64_t hidden, c10::DeviceIndex device, std::string* why_not) {
+  const void* kernel = kernel_for(pass, dtype, product, exchange);
   if (kernel == nullptr) {
     set_reason(why_not, std::string("dtype ") + c10::toString(dtype) + " (float32, float16 and bfloat16 only)");
     return std::nullopt;
@@ -143,13 +152,15 @@ std::optional<Plan> make_plan_for(Pass pass, Product product, at::ScalarType dty
   const int n_pad = round_up(N, mma ? 16 : kRowsPerTile);
   // Mma tiles are 16 gate rows: whole groups of 4 units.
   const int unit_step = mma ? 4 : 1;
+  const bool cluster = exchange == Exchange::Cluster;
   const int sms = limits.multiprocessors;
   const int blocks_per_sm_by_threads = std::max(1, limits.max_threads_per_sm / kThreads);
-  const int64_t most_blocks = static_cast<int64_t>(sms) * blocks_per_sm_by_threads;
+  // A cluster's blocks are few (one per SM of a GPC at most): as many blocks as it allows, never more.
+  const int64_t most_blocks = cluster ? kMaxClusterBlocks : static_cast<int64_t>(sms) * blocks_per_sm_by_threads;
   const int64_t first_units = round_up(static_cast<int>(std::max<int64_t>(1, (H + most_blocks - 1) / most_blocks)),
                                        unit_step);
   for (int64_t U = first_units; U < H + unit_step; U += unit_step) {
-    const size_t smem = pass_shared_bytes(pass, static_cast<int>(U), K, N, n_pad, element_size);
+    const size_t smem = pass_shared_bytes(pass, exchange, static_cast<int>(U), K, N, n_pad, element_size);
     if (smem > smem_limit) {
       set_reason(why_not, "hidden size " + std::to_string(H) + " with batch " + std::to_string(N) + " in " +
                               c10::toString(dtype) + " does not fit the " +
@@ -161,15 +172,16 @@ std::optional<Plan> make_plan_for(Pass pass, Product product, at::ScalarType dty
     }
     const int per_sm = gpu::max_active_blocks_per_sm(kernel, kBounds, kThreads, smem);
     const int64_t blocks = (H + U - 1) / U;
-    if (per_sm > 0 && blocks <= static_cast<int64_t>(per_sm) * sms) {
+    if (per_sm > 0 && blocks <= (cluster ? most_blocks : static_cast<int64_t>(per_sm) * sms)) {
       Plan plan;
       // Spread the units evenly: no more blocks, and no more shared memory per block, than U needs.
       plan.units_per_block = round_up(static_cast<int>((H + blocks - 1) / blocks), unit_step);
       plan.blocks = (H + plan.units_per_block - 1) / plan.units_per_block;
       plan.product = product;
+      plan.exchange = exchange;
       plan.padded_k = K;
       plan.padded_batch = n_pad;
-      plan.smem_bytes = pass_shared_bytes(pass, plan.units_per_block, K, N, n_pad, element_size);
+      plan.smem_bytes = pass_shared_bytes(pass, exchange, plan.units_per_block, K, N, n_pad, element_size);
       // Fewer tiles -> more lanes per tile, so small problems still keep several lanes busy per output.
       const int tiles = plan.units_per_block * (round_up(N, kRowsPerTile) / kRowsPerTile);
       plan.k_split = tiles <= kThreads / 32 ? 32 : (tiles <= kThreads / 16 ? 16 : 8);
@@ -203,28 +215,58 @@ std::vector<Product> candidate_products(Pass pass, at::ScalarType dtype, int com
   return products;
 }
 
+// The exchanges a pass may use: Grid always; Cluster in the forward pass on sm_90 and newer, with the FMA
+// product. FUSED_LSTM_PERSISTENT_EXCHANGE=grid or cluster restricts the choice; unset or "auto", the cost
+// model picks.
+std::vector<Exchange> candidate_exchanges(Pass pass, int compute_major) {
+  std::vector<Exchange> exchanges{Exchange::Grid};
+  if (pass != Pass::Backward && compute_major >= 9) exchanges.push_back(Exchange::Cluster);
+  const char* forced = std::getenv("FUSED_LSTM_PERSISTENT_EXCHANGE");
+  if (forced != nullptr && forced[0] != '\0' && std::strcmp(forced, "auto") != 0) {
+    TORCH_CHECK(std::strcmp(forced, "grid") == 0 || std::strcmp(forced, "cluster") == 0,
+                "fused_lstm: FUSED_LSTM_PERSISTENT_EXCHANGE must be grid, cluster or auto, got '", forced, "'");
+    const Exchange want = std::strcmp(forced, "cluster") == 0 ? Exchange::Cluster : Exchange::Grid;
+    std::vector<Exchange> kept;
+    for (const Exchange e : exchanges) {
+      if (e == want) kept.push_back(e);
+    }
+    return kept;
+  }
+  return exchanges;
+}
+
 double predicted_step_us(Pass pass, const Plan& plan, int64_t batch, int64_t hidden, int element_size);
 
-// The launch plan of `pass`: among the product variants with a plan, the one the cost model predicts fastest.
+// The launch plan of `pass`: among the variants (product x exchange) with a plan, the one the cost model
+// predicts fastest.
 std::optional<Plan> make_plan(Pass pass, at::ScalarType dtype, int64_t batch, int64_t hidden, c10::DeviceIndex device,
                               std::string* why_not) {
   std::optional<Plan> best;
   double best_us = 0.0;
   const gpu::DeviceGuard guard(device);
-  const std::vector<Product> products = candidate_products(pass, dtype, gpu::device_limits(device).compute_major);
-  if (products.empty()) {
-    set_reason(why_not, "FUSED_LSTM_PERSISTENT_PRODUCT=mma, and this pass or dtype has no tensor-core variant "
-                        "(float32 needs torch.backends.cudnn.allow_tf32)");
+  const int compute_major = gpu::device_limits(device).compute_major;
+  const std::vector<Product> products = candidate_products(pass, dtype, compute_major);
+  const std::vector<Exchange> exchanges = candidate_exchanges(pass, compute_major);
+  if (products.empty() || exchanges.empty()) {
+    set_reason(why_not, products.empty()
+                            ? "FUSED_LSTM_PERSISTENT_PRODUCT=mma, and this pass or dtype has no tensor-core variant "
+                              "(float32 needs torch.backends.cudnn.allow_tf32)"
+                            : "FUSED_LSTM_PERSISTENT_EXCHANGE=cluster, and this pass or device has no cluster "
+                              "variant (the forward pass on sm_90 and newer)");
     return std::nullopt;
   }
   for (const Product product : products) {
-    std::optional<Plan> plan = make_plan_for(pass, product, dtype, batch, hidden, device, best ? nullptr : why_not);
+   for (const Exchange exchange : exchanges) {
+    if (exchange == Exchange::Cluster && product != Product::Fma) continue;
+    std::optional<Plan> plan =
+        make_plan_for(pass, product, exchange, dtype, batch, hidden, device, best ? nullptr : why_not);
     if (!plan) continue;
     const double us = predicted_step_us(pass, *plan, batch, hidden, static_cast<int>(c10::elementSize(dtype)));
     if (!best || us < best_us) {
       best = plan;
       best_us = us;
     }
+   }
   }
   return best;
 }
@@ -244,16 +286,20 @@ std::vector<int> row_lengths(const std::vector<int64_t>& step_rows, int batch) {
 }
 
 // The cooperative launch of `kernel` with `params` by `plan`, ordered after the previous one in `order`.
+// A cluster plan is one small cluster, not a grid that fills the device: clusters of the two directions may
+// run side by side, so only cooperative launches wait for each other.
 template <typename Kernel, typename Params>
 void launch_cooperative(Pass pass, Kernel kernel, const Params& params, const Plan& plan, CooperativeOrder& order) {
+  const bool cluster = plan.exchange == Exchange::Cluster;
   gpu::LaunchShape shape;
   shape.grid = dim3(plan.blocks);
   shape.block = dim3(kThreads);
   shape.shared_bytes = plan.smem_bytes;
-  shape.cooperative = true;
-  order.wait_for_previous();
+  shape.cooperative = !cluster;
+  if (cluster) shape.cluster = dim3(plan.blocks);
+  if (!cluster) order.wait_for_previous();
   gpu::launch(kernel_name(pass), kernel, kBounds, shape, params);
-  order.record_launch();
+  if (!cluster) order.record_launch();
   launch_count.fetch_add(1, std::memory_order_relaxed);
 }
 
@@ -296,7 +342,7 @@ void launch_forward(const RecurrenceForwardArgs& a, const Plan& plan, bool save_
   p.reverse = a.reverse;
   fill_lengths(*a.step_rows, static_cast<int>(N), p.lengths);
   launch_cooperative(save_workspace ? Pass::ForwardTraining : Pass::Forward,
-                     forward_kernel<scalar_t>(save_workspace, plan.product), p, plan, order);
+                     forward_kernel<scalar_t>(save_workspace, plan.product, plan.exchange), p, plan, order);
 
   // h_n: every row's last h (finished rows were carried forward) is in half T % 2.
   a.h_state.copy_(h_exchange[T % 2].narrow(1, 0, H));
@@ -414,6 +460,9 @@ double predicted_step_us(Pass pass, const Plan& plan, int64_t batch, int64_t hid
   // memory but stages only the real rows.
   const double staged = static_cast<double>(round_up(static_cast<int>(batch), kRowsPerTile)) * plan.padded_k *
                         element_size;
+  if (plan.exchange == Exchange::Cluster) {
+    return persistent_cost::persistent_cluster_step_us(plan.units_per_block, hidden, batch);
+  }
   if (plan.product == Product::Mma) {
     return persistent_cost::persistent_mma_step_us(plan.units_per_block, plan.padded_k, plan.padded_batch, staged,
                                                    element_size == 4);
@@ -556,8 +605,8 @@ TORCH_LIBRARY_FRAGMENT(FUSED_LSTM_GPU_OPS, m) {
         });
   m.def("persistent_launches() -> int", []() { return persistent_launches(); });
   // The launch plan of the forward (training workspace kept) or backward kernel for `batch` rows of `hidden`
-  // units: [units_per_block, blocks, k_split, shared_bytes, tensor_cores (0 Fma, 1 Mma)]; raises the reason
-  // when there is none.
+  // units: [units_per_block, blocks, k_split, shared_bytes, tensor_cores (0 Fma, 1 Mma), cluster (0, 1)];
+  // raises the reason when there is none.
   m.def("persistent_plan(Tensor sample, int batch, int hidden, bool backward=False) -> int[]",
         [](const at::Tensor& sample, int64_t batch, int64_t hidden, bool backward) {
           TORCH_CHECK(gpu::on_device(sample), "fused_lstm.persistent_plan: sample must be a CUDA tensor");
@@ -567,7 +616,8 @@ TORCH_LIBRARY_FRAGMENT(FUSED_LSTM_GPU_OPS, m) {
                                                      &why_not);
           TORCH_CHECK(plan.has_value(), "fused_lstm: no persistent plan: ", why_not);
           return std::vector<int64_t>{plan->units_per_block, plan->blocks, plan->k_split,
-                                      static_cast<int64_t>(plan->smem_bytes), plan->product == Product::Mma};
+                                      static_cast<int64_t>(plan->smem_bytes), plan->product == Product::Mma,
+                                      plan->exchange == Exchange::Cluster};
         });
   // What the cost model (cost_model.h) predicts for a whole direction of `steps` steps, in microseconds:
   // [persistent, standard]; FUSED_LSTM_PERSISTENT=auto takes the persistent kernel when the first is smaller.

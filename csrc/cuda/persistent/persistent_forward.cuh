@@ -68,11 +68,24 @@ struct ForwardParams {
 // How a block computes a step's recurrent product.
 enum class Product { Fma, Mma };
 
-// Shared memory of one block, in bytes: the W_hh slice [4U, P] and the staged h_{t-1} [N_pad, P] (storage
-// dtype), the step's products [4U, N_pad] and the cell state [N_pad, U] (float32).
-inline size_t forward_shared_bytes(int units_per_block, int padded_hidden, int padded_batch, size_t element_size) {
+// How the blocks exchange h_t and meet each step:
+//   Grid:    a cooperative grid of any size; h_t through a global exchange buffer (read through L2) and one
+//            grid.sync per step.
+//   Cluster: one thread-block cluster (sm_90, at most kMaxClusterBlocks blocks) holds the whole W_hh; each
+//            block writes its h_t columns straight into every block's shared memory (distributed shared
+//            memory, double-buffered) and the cluster meets at cluster.sync, a third of a grid barrier's
+//            cost: nothing is staged from L2.
+enum class Exchange { Grid, Cluster };
+// Portable cluster size (more needs cudaFuncAttributeNonPortableClusterSizeAllowed).
+constexpr int kMaxClusterBlocks = 8;
+
+// Shared memory of one block, in bytes: the W_hh slice [4U, P] and h_{t-1} [N_pad, P] (two of them for the
+// Cluster exchange's double buffer) in the storage dtype, the step's products [4U, N_pad] and the cell state
+// [N_pad, U] in float32.
+inline size_t forward_shared_bytes(int units_per_block, int padded_hidden, int padded_batch, size_t element_size,
+                                   bool cluster = false) {
   const size_t u = static_cast<size_t>(units_per_block), n_pad = static_cast<size_t>(padded_batch);
-  return (4 * u + n_pad) * padded_hidden * element_size + (4 * u * n_pad + n_pad * u) * sizeof(float);
+  return (4 * u + (cluster ? 2 : 1) * n_pad) * padded_hidden * element_size + (4 * u * n_pad + n_pad * u) * sizeof(float);
 }
 
 // The Mma variant's fragment shape for a storage dtype: its k step and the element type WMMA loads.
@@ -195,25 +208,57 @@ __device__ __forceinline__ void product_mma(const scalar_t* w_s, const scalar_t*
 #endif
 }
 
+// Writes one element of h_t (row b, hidden unit `unit`) where the next step reads it: the global exchange half
+// (Grid), or the next shared buffer of every block of the cluster (Cluster).
+template <typename scalar_t, Exchange kExchange>
+__device__ __forceinline__ void publish_h(scalar_t* h_next_global, scalar_t* h_next_shared, int64_t index,
+                                         scalar_t value) {
+  if constexpr (kExchange == Exchange::Grid) {
+    h_next_global[index] = value;
+  } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+    __trap();  // clusters need sm_90; the plan never picks this exchange below it
+#else
+    const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    for (unsigned rank = 0; rank < cluster.num_blocks(); ++rank) cluster.map_shared_rank(h_next_shared, rank)[index] = value;
+#endif
+  }
+}
+
+// The step's barrier: publishes h_t to every block and keeps anyone from overwriting what another still reads.
+template <Exchange kExchange>
+__device__ __forceinline__ void step_barrier() {
+  if constexpr (kExchange == Exchange::Grid) {
+    cooperative_groups::this_grid().sync();  // fences memory at device scope
+  } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+    __trap();
+#else
+    cooperative_groups::this_cluster().sync();  // release / acquire at cluster scope, shared memory included
+#endif
+  }
+}
+
 // The kernel. Template flags are compile-time so their branches vanish: kSaveWorkspace writes
-// c_prev_saved / h_prev_saved (training); kProduct picks the product's variant; packed and dense input share
-// one code path through lengths[]. Requires a cooperative launch of exactly ceil(H / U) blocks of kThreads
-// threads with forward_shared_bytes(U, P, N_pad, sizeof(scalar_t)) bytes of dynamic shared memory, all
-// co-resident.
-template <typename scalar_t, bool kSaveWorkspace, Product kProduct>
+// c_prev_saved / h_prev_saved (training); kProduct picks the product's variant and kExchange how blocks share
+// h_t; packed and dense input share one code path through lengths[]. Requires exactly ceil(H / U) blocks of
+// kThreads threads with forward_shared_bytes(U, P, N_pad, sizeof(scalar_t), Cluster) bytes of dynamic shared
+// memory, all co-resident: a cooperative launch (Grid) or one cluster of that many blocks (Cluster).
+template <typename scalar_t, bool kSaveWorkspace, Product kProduct, Exchange kExchange = Exchange::Grid>
 __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm)
     persistent_forward_kernel(const __grid_constant__ ForwardParams<scalar_t> p) {
+  constexpr bool kCluster = kExchange == Exchange::Cluster;
   constexpr int RB = kRowsPerTile;
   const int H = p.hidden, P = p.padded_hidden, KV = P / kVec<scalar_t>, N = p.batch, U = p.units_per_block;
   const int n_pad = p.padded_batch;
   const int unit0 = blockIdx.x * U;
 
-  // Dynamic shared memory, 16-byte aligned (declared as uint4): w_s [4U][P], h_s [n_pad][P], pre_s [4U][n_pad],
-  // c_s [n_pad][U]. P * sizeof(scalar_t) is a multiple of 16 (Mma: 32), so every row starts aligned.
+  // Dynamic shared memory, 16-byte aligned (declared as uint4): w_s [4U][P], h_s [1 or 2][n_pad][P],
+  // pre_s [4U][n_pad], c_s [n_pad][U]. P * sizeof(scalar_t) is a multiple of 16 (Mma: 32), so rows start aligned.
   FUSED_LSTM_DYNAMIC_SHARED(uint4, smem);
   scalar_t* w_s = reinterpret_cast<scalar_t*>(smem);
   scalar_t* h_s = w_s + 4 * U * P;
-  float* pre_s = reinterpret_cast<float*>(h_s + n_pad * P);
+  float* pre_s = reinterpret_cast<float*>(h_s + (kCluster ? 2 : 1) * n_pad * P);
   float* c_s = pre_s + 4 * U * n_pad;
   const scalar_t zero = static_cast<scalar_t>(0.0f);
 
@@ -227,35 +272,48 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
                  ? p.w_hh[static_cast<int64_t>(gate * H + unit) * p.w_stride_row + static_cast<int64_t>(k) * p.w_stride_col]
                  : zero;
   }
-  for (int i = threadIdx.x; i < n_pad * P; i += kThreads) h_s[i] = zero;
+  for (int i = threadIdx.x; i < (kCluster ? 2 : 1) * n_pad * P; i += kThreads) h_s[i] = zero;
   for (int i = threadIdx.x; i < n_pad * U; i += kThreads) {
     const int b = i / U, unit = unit0 + i % U;
     c_s[i] = (b < N && unit < H) ? static_cast<float>(p.c_state[static_cast<int64_t>(b) * H + unit]) : 0.0f;
   }
   __syncthreads();  // the zeroed h_s before the first staging (other threads overwrite parts of it)
+  if constexpr (kCluster) {
+    // Every block holds all of h0 (whole rows, padding zero); then the cluster meets, so that no block's
+    // first h_t lands in a buffer another block is still zeroing.
+    for (int i = threadIdx.x; i < N * KV; i += kThreads) {
+      reinterpret_cast<uint4*>(h_s)[i] = __ldcg(reinterpret_cast<const uint4*>(p.h_exchange) + i);
+    }
+    step_barrier<kExchange>();
+  }
 
-  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   StepWalk walk(/*walk_descending=*/p.reverse, N, p.total_rows);
   for (int s = 0; s < p.steps; ++s) {
     const int t = p.reverse ? p.steps - 1 - s : s;
     walk.enter(t, p.lengths, N);
     const int rows = walk.rows;
     const int64_t offset = walk.offset;
-    const scalar_t* h_cur = p.h_exchange + static_cast<int64_t>(s & 1) * N * P;   // h_{t-1}, read only
-    scalar_t* h_next = p.h_exchange + static_cast<int64_t>((s + 1) & 1) * N * P;  // h_t, our columns only
+    // h_{t-1} and where h_t goes: Grid, the global exchange halves s % 2 and (s + 1) % 2 (our columns only);
+    // Cluster, this block's shared buffers of the same parity (every block's, through distributed shared memory).
+    const scalar_t* h_cur = p.h_exchange + static_cast<int64_t>(s & 1) * N * P;
+    scalar_t* h_next = p.h_exchange + static_cast<int64_t>((s + 1) & 1) * N * P;
+    scalar_t* h_cur_s = h_s + (kCluster ? (s & 1) * n_pad * P : 0);
+    scalar_t* h_next_s = h_s + (kCluster ? ((s + 1) & 1) * n_pad * P : 0);
 
-    // Stage h_{t-1} of the rows any Fma tile reads this step (whole tiles, clipped at N), 16 bytes at a time,
-    // through L2. h_s and h_cur share the row pitch P, so the vector index maps one to one.
-    const int staged_vectors = min(N, round_up(rows, RB)) * KV;
-    for (int i = threadIdx.x; i < staged_vectors; i += kThreads) {
-      reinterpret_cast<uint4*>(h_s)[i] = __ldcg(reinterpret_cast<const uint4*>(h_cur) + i);
+    if constexpr (!kCluster) {
+      // Stage h_{t-1} of the rows any Fma tile reads this step (whole tiles, clipped at N), 16 bytes at a
+      // time, through L2. h_s and h_cur share the row pitch P, so the vector index maps one to one.
+      const int staged_vectors = min(N, round_up(rows, RB)) * KV;
+      for (int i = threadIdx.x; i < staged_vectors; i += kThreads) {
+        reinterpret_cast<uint4*>(h_s)[i] = __ldcg(reinterpret_cast<const uint4*>(h_cur) + i);
+      }
+      __syncthreads();
     }
-    __syncthreads();
 
     if constexpr (kProduct == Product::Mma) {
-      product_mma<scalar_t>(w_s, h_s, pre_s, U, P, n_pad);
+      product_mma<scalar_t>(w_s, h_cur_s, pre_s, U, P, n_pad);
     } else {
-      product_fma<scalar_t>(w_s, h_s, pre_s, U, P, n_pad, rows, p.k_split);
+      product_fma<scalar_t>(w_s, h_cur_s, pre_s, U, P, n_pad, rows, p.k_split);
     }
     __syncthreads();  // pre_s complete
 
@@ -266,7 +324,11 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
       const int b = i / U, u = i - b * U, unit = unit0 + u;
       if (unit >= H) continue;
       if (b >= rows) {
-        copy_through_l2(h_next + b * P + unit, h_cur + b * P + unit);
+        if constexpr (kCluster) {
+          publish_h<scalar_t, kExchange>(h_next, h_next_s, b * P + unit, h_cur_s[b * P + unit]);
+        } else {
+          copy_through_l2(h_next + b * P + unit, h_cur + b * P + unit);
+        }
         continue;
       }
       const int64_t row = offset + b;
@@ -284,17 +346,25 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
       gate_row[3 * H] = static_cast<scalar_t>(gate.o);
       *c_cell = c_next;
       const scalar_t h_stored = static_cast<scalar_t>(h_t);
-      h_next[b * P + unit] = h_stored;
+      publish_h<scalar_t, kExchange>(h_next, h_next_s, b * P + unit, h_stored);
       p.output[row * p.output_stride + unit] = h_stored;
       if constexpr (kSaveWorkspace) {
         p.c_prev_saved[row * H + unit] = static_cast<scalar_t>(c);
-        p.h_prev_saved[row * H + unit] = h_s[b * P + unit];  // staged: b < rows
+        p.h_prev_saved[row * H + unit] = h_cur_s[b * P + unit];  // staged or held: b < rows
       }
     }
-    // Publishes this step's h_t columns to every block (grid.sync fences memory at device scope) and
-    // guarantees everyone finished reading h_cur, h_s and pre_s before the next step overwrites them.
-    grid.sync();
+    // Publishes this step's h_t columns to every block and guarantees everyone finished reading h_{t-1},
+    // h_s and pre_s before the next step overwrites them.
+    step_barrier<kExchange>();
     walk.leave();
+  }
+  if constexpr (kCluster) {
+    // h_n of the owned units into the exchange half T % 2, where the host code reads it as for Grid.
+    const int last = p.steps & 1;
+    for (int i = threadIdx.x; i < N * U; i += kThreads) {
+      const int b = i / U, unit = unit0 + i % U;
+      if (unit < H) p.h_exchange[static_cast<int64_t>(last) * N * P + b * P + unit] = h_s[last * n_pad * P + b * P + unit];
+    }
   }
 
   // c_n of the owned units. (h_n is the exchange half T % 2, copied out by the host code after the kernel.)
