@@ -157,6 +157,19 @@ def want_emulator(include_dir: str | None) -> bool:
     return True
 
 
+def kept_build_ext(base):
+    """build_ext building in build/temp-<python> of the repository rather than a fresh temporary folder per
+    pip call, so that ninja recompiles only what changed: pip's editable installs otherwise rebuild
+    everything every time (minutes, for the CUDA sources)."""
+
+    class KeptBuildExtension(base):
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.path.join(ROOT, "build", "temp-" + sys.implementation.cache_tag)
+
+    return KeptBuildExtension
+
+
 def extensions():
     cuda_home = find_cuda_home()
     if cuda_home is not None:
@@ -221,7 +234,7 @@ def extensions():
     print(f"fused_lstm: building {what}{' (CUDA_HOME=' + cuda_home + ', TORCH_CUDA_ARCH_LIST=' + arch_list + ')' if with_cuda else ''}"
           f"{' + the CUDA emulator (fused_lstm._emu)' if with_emulator else ''}; MAX_JOBS={os.environ['MAX_JOBS']} "
           f"({available_memory_gb():.0f} GB available)", flush=True)
-    return extensions, {"build_ext": BuildExtension}
+    return extensions, {"build_ext": kept_build_ext(BuildExtension)}
 
 
 ext_modules, cmdclass = extensions()
