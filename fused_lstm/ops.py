@@ -306,9 +306,9 @@ torch.library.register_autograd("fused_lstm::lstm_cell", _cell_backward, setup_c
 # functorch refuses it, and under forward-mode AD it has no jvp. While a functorch transform or a forward-AD
 # level is active, the wrappers above call these Functions instead: the same op forward, a vmap rule that
 # folds the vmapped dimension into the batch (one fused call), forward-mode tangents through the
-# differentiable reference (reference.py), and a backward that is the fused op's when nothing is transformed
-# at backward time, the reference's vjp otherwise (batched or nested gradients: composable with every
-# transform). Everything else (eager, compile, export, script) calls the op as registered above.
+# differentiable reference (reference.py), and a backward that is itself a Function (the fused backward op,
+# differentiable through the reference: nested transforms, hessians; one fused backward per sample under
+# vmap). Everything else (eager, compile, export, script) calls the op as registered above.
 
 _is_compiling = torch.compiler.is_compiling
 _functorch_active = torch._C._are_functorch_transforms_active
@@ -340,10 +340,6 @@ def _moved_batch(t: Optional[Tensor], dim: Optional[int], size: int, batch_axis:
     else:
         t = t.movedim(dim, batch_axis)
     return t.reshape(*t.shape[:batch_axis], -1, *t.shape[batch_axis + 2:])
-
-
-def _vmap_size(in_dims, args) -> int:
-    return next(a.shape[d] for a, d in zip(args, in_dims) if d is not None)
 
 
 class _LayerFunction(torch.autograd.Function):
