@@ -332,7 +332,9 @@ class BackwardDirection final : public DirectionPass {
 
   int64_t prologue() override {
     const LayerShape& s = l_.s;
-    if (l_.has_projections) return s.steps;
+    // recurrence="standard" walks the steps in backward too; "persistent" reaches the backend through
+    // recurrence() (the CUDA backend then runs its persistent kernel or throws why it cannot).
+    if (l_.has_projections || l_.backend.recurrence() == RecurrencePath::Standard) return s.steps;
     RecurrenceBackwardArgs whole;
     whole.step_rows = &s.step_rows;
     whole.step_offset = &s.step_offset;

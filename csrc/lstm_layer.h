@@ -239,11 +239,12 @@ struct LayerOps {
       const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& input,
       const c10::optional<Tensor>& batch_sizes, const Tensor& h0, const Tensor& c0, at::TensorList weights,
       bool has_biases, bool has_projections, bool bidirectional, const Tensor& gates, const Tensor& c_prev,
-      const Tensor& h_prev, bool need_input_grad, bool need_weight_grads, bool need_h0_grad) {
+      const Tensor& h_prev, bool need_input_grad, bool need_weight_grads, bool need_h0_grad,
+      c10::string_view recurrence) {
     const DeviceGuard guard(input.device());
     return lstm_layer_backward(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weights, has_biases,
                                has_projections, bidirectional, gates, c_prev, h_prev, need_input_grad,
-                               need_weight_grads, need_h0_grad, Backend());
+                               need_weight_grads, need_h0_grad, Backend(parse_recurrence_path(recurrence)));
   }
 };
 

@@ -17,12 +17,14 @@ inline void define_ops(torch::Library& m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Returns (grad_input, grad_h0, grad_c0, grad_weights); grad_input (resp. every grad_weights entry, grad_h0)
   // is an empty [0] tensor when need_input_grad (resp. need_weight_grads, need_h0_grad) is false, and its
-  // products are skipped.
+  // products are skipped. `recurrence` is the forward call's: "standard" walks the steps, "persistent" requires
+  // the backend's whole-recurrence backward where it has one (CUDA), "auto" lets the backend decide.
   m.def(
       "lstm_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, "
       "Tensor? batch_sizes, Tensor h0, Tensor c0, Tensor[] weights, bool has_biases, bool has_projections, "
       "bool bidirectional, Tensor gates, Tensor c_prev, Tensor h_prev, bool need_input_grad=True, "
-      "bool need_weight_grads=True, bool need_h0_grad=True) -> (Tensor, Tensor, Tensor, Tensor[])");
+      "bool need_weight_grads=True, bool need_h0_grad=True, str recurrence=\"auto\") "
+      "-> (Tensor, Tensor, Tensor, Tensor[])");
   // One LSTMCell step (shapes in cell_step.h). Returns (h', c', gates); gates, the post-activation gates,
   // are what lstm_cell_backward needs.
   m.def(

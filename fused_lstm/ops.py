@@ -67,14 +67,17 @@ def lstm_layer_backward(
     need_input_grad: bool = True,
     need_weight_grads: bool = True,
     need_h0_grad: bool = True,
+    recurrence: str = "auto",
 ) -> Tuple[Tensor, Tensor, Tensor, List[Tensor]]:
     """Gradients of :func:`lstm_layer`: ``(grad_input, grad_h0, grad_c0, grad_weights)``. Without
     ``need_input_grad`` (``need_weight_grads``, ``need_h0_grad``) grad_input (every weight gradient,
-    grad_h0) is an empty ``[0]`` tensor and is not computed."""
+    grad_h0) is an empty ``[0]`` tensor and is not computed. ``recurrence`` is the forward call's: the
+    backward walks the steps for ``"standard"`` and must run the persistent CUDA kernel for
+    ``"persistent"``."""
     return torch.ops.fused_lstm.lstm_layer_backward.default(
         grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, list(weights),
         has_biases, has_projections, bidirectional, gates, c_prev, h_prev, need_input_grad, need_weight_grads,
-        need_h0_grad,
+        need_h0_grad, recurrence,
     )
 
 
@@ -148,7 +151,7 @@ def _lstm_layer_fake(input, batch_sizes, h0, c0, weights, has_biases, has_projec
 @torch.library.register_fake("fused_lstm::lstm_layer_backward")
 def _lstm_layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weights, has_biases,
                               has_projections, bidirectional, gates, c_prev, h_prev, need_input_grad=True,
-                              need_weight_grads=True, need_h0_grad=True):
+                              need_weight_grads=True, need_h0_grad=True, recurrence="auto"):
     contiguous = torch.contiguous_format
     return (
         torch.empty_like(input, memory_format=contiguous) if need_input_grad else input.new_empty(0),
@@ -198,7 +201,7 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_c_prev, _
         need_weight_grads = any(ctx.needs_input_grad[4])
         grad_input, grad_h0, grad_c0, grad_weights = lstm_layer_backward(
             grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weights, has_biases, has_projections,
-            bidirectional, gates, c_prev, h_prev, need_input_grad, need_weight_grads, need_h0_grad,
+            bidirectional, gates, c_prev, h_prev, need_input_grad, need_weight_grads, need_h0_grad, ctx.recurrence,
         )
         grad_weights = grad_weights if need_weight_grads else [None] * len(weights)
         grads = [grad_input if need_input_grad else None, grad_h0 if need_h0_grad else None, grad_c0,
@@ -439,7 +442,7 @@ class _LayerBackwardFunction(torch.autograd.Function):
                 recurrence)
         grad_input, grad_h0, grad_c0, grad_weights = lstm_layer_backward(
             grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weights, has_biases, has_projections,
-            bidirectional, gates, c_prev, h_prev)
+            bidirectional, gates, c_prev, h_prev, recurrence=recurrence)
         return (grad_input, grad_h0, grad_c0, *grad_weights)
 
     @staticmethod

@@ -376,7 +376,7 @@ def test_persistent_forward_tf32_tensor_cores(layer: Layer, monkeypatch):
     """float32 takes the tensor cores only when TF32 is allowed for RNNs (as cuDNN): then its error is TF32's,
     above strict FP32's and within 1e-2 of the magnitude; without TF32 the plan has no tensor-core variant."""
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", "mma")
-    with pytest.raises(RuntimeError, match="no tensor-core variant"):
+    with pytest.raises(RuntimeError, match="leave no variant"):
         persistent_plan(layer.batch, layer.hidden)
     torch.backends.cudnn.allow_tf32 = True
     assert persistent_plan(layer.batch, layer.hidden)["tensor_cores"]
@@ -403,10 +403,22 @@ def test_cluster_plan_and_its_limits(monkeypatch):
     with pytest.raises(RuntimeError, match="does not fit"):
         persistent_plan(1, 1024)  # 128 units a block: far beyond 227 KB
     emu.set_device_profile("a100")
-    with pytest.raises(RuntimeError, match="no cluster variant"):
+    with pytest.raises(RuntimeError, match="leave no variant"):
         persistent_plan(1, 64)
     monkeypatch.delenv("FUSED_LSTM_PERSISTENT_EXCHANGE")
     assert not persistent_plan(1, 64)["cluster"]
+
+
+@pytest.mark.parametrize("product, exchange, message", [
+    ("mma", "cluster", "leave no variant"),  # clusters run the FMA product only
+    ("tensor", "auto", "FUSED_LSTM_PERSISTENT_PRODUCT must be fma, mma, or auto, got 'tensor'"),
+    ("auto", "dsmem", "FUSED_LSTM_PERSISTENT_EXCHANGE must be grid, cluster, or auto, got 'dsmem'"),
+])
+def test_variant_switches_errors(monkeypatch, product, exchange, message):
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", product)
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", exchange)
+    with pytest.raises(RuntimeError, match=message):
+        persistent_plan(8, 64, torch.bfloat16)
 
 
 def test_cluster_bidirectional_packed_bitwise_in_any_block_order(monkeypatch):
@@ -696,3 +708,27 @@ def test_bidirectional_steps_alternate():
     first, second = walks["backward"]
     assert emulated["backward"] == alternate(first, second) + ["epilogue", "epilogue"]
     assert cpu["backward"] == first + ["epilogue"] + second + ["epilogue"]
+
+
+@pytest.mark.parametrize("recurrence, environment, persistent", [
+    ("persistent", "0", True), ("standard", "1", False), ("auto", "1", True), ("auto", "0", False)])
+def test_backward_follows_the_forward_recurrence(monkeypatch, recurrence, environment, persistent):
+    """The backward op takes the forward call's recurrence: "persistent" runs the persistent backward kernel
+    whatever FUSED_LSTM_PERSISTENT says, "standard" walks the steps, "auto" follows the variable."""
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT", environment)
+    layer = Layer("switch", packed=True, batch=4, steps=4)
+    inputs = cast(make_inputs(layer, torch.float32), torch.float32, layer)
+    forward = layer_forward(EMU, layer, inputs, "standard")
+    grads = random_grads(forward, torch.float32)
+    _, _, _, gates, c_prev, h_prev = forward
+    before = persistent_launches()
+    got = torch.ops.fused_lstm_emu.lstm_layer_backward(
+        grads["output"], grads["h_n"], grads["c_n"], inputs["x"], inputs["batch_sizes"], inputs["h0"], inputs["c0"],
+        inputs["weights"], layer.biases, False, layer.bidirectional, gates, c_prev, h_prev, True, True, True,
+        recurrence)
+    assert persistent_launches() - before == (layer.directions if persistent else 0)
+    expected = torch.ops.fused_lstm.lstm_layer_backward(
+        grads["output"], grads["h_n"], grads["c_n"], inputs["x"], inputs["batch_sizes"], inputs["h0"], inputs["c0"],
+        inputs["weights"], layer.biases, False, layer.bidirectional, gates, c_prev, h_prev, True, True, True)
+    for a, b in zip([*got[:3], *got[3]], [*expected[:3], *expected[3]]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

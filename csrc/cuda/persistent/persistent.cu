@@ -11,6 +11,7 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -52,7 +53,7 @@ const char* kernel_name(Pass pass) {
 
 template <typename scalar_t>
 auto forward_kernel(bool save_workspace, Product product, Exchange exchange) {
-  if (exchange == Exchange::Cluster) {  // Fma only: the cluster variant serves the small batches FMAs suit
+  if (exchange == Exchange::Cluster) {  // Fma only (candidate_variants)
     return save_workspace ? &persistent_forward_kernel<scalar_t, true, Product::Fma, Exchange::Cluster>
                           : &persistent_forward_kernel<scalar_t, false, Product::Fma, Exchange::Cluster>;
   }
@@ -192,72 +193,69 @@ std::optional<Plan> make_plan_for(Pass pass, Product product, Exchange exchange,
   return std::nullopt;
 }
 
-// The product variants a pass may use for a dtype: Fma always; Mma (tensor cores) in the forward pass on sm_80
-// and newer for fp16 and bf16, and for float32 when TF32 is allowed for RNNs (as cuDNN's products would).
-std::vector<Product> candidate_products(Pass pass, at::ScalarType dtype, int compute_major) {
+// The variants named by the environment variable `name` ("auto" or unset: all of `variants`); anything but
+// "auto" or a name in `names` is an error. For comparing the variants on a GPU, or testing one.
+template <typename Variant>
+std::vector<Variant> restricted(std::vector<Variant> variants, const char* name,
+                                std::initializer_list<std::pair<const char*, Variant>> names) {
+  const char* forced = std::getenv(name);
+  if (forced == nullptr || forced[0] == '\0' || std::strcmp(forced, "auto") == 0) return variants;
+  for (const auto& [text, variant] : names) {
+    if (std::strcmp(forced, text) == 0) {
+      std::vector<Variant> kept;
+      for (const Variant v : variants) {
+        if (v == variant) kept.push_back(v);
+      }
+      return kept;
+    }
+  }
+  std::string known;
+  for (const auto& entry : names) known += std::string(entry.first) + ", ";
+  TORCH_CHECK(false, "fused_lstm: ", name, " must be ", known, "or auto, got '", forced, "'");
+}
+
+// The variants of a pass on a device, as (product, exchange) pairs:
+//   - products: Fma always; Mma (tensor cores) in the forward pass on sm_80 and newer, for fp16 and bf16, and
+//     for float32 when TF32 is allowed for RNNs (as cuDNN's products would);
+//   - exchanges: Grid always; Cluster in the forward pass on sm_90 and newer, with the Fma product (the cluster
+//     serves the small batches FMAs suit).
+// FUSED_LSTM_PERSISTENT_PRODUCT=fma|mma and FUSED_LSTM_PERSISTENT_EXCHANGE=grid|cluster keep one kind.
+std::vector<std::pair<Product, Exchange>> candidate_variants(Pass pass, at::ScalarType dtype, int compute_major) {
   std::vector<Product> products{Product::Fma};
   if (pass != Pass::Backward && compute_major >= 8 && (dtype != at::kFloat || cuda::rnn_allows_tf32())) {
     products.push_back(Product::Mma);
   }
-  // FUSED_LSTM_PERSISTENT_PRODUCT=fma or mma restricts the choice (to compare the variants on a GPU, or to
-  // test one); unset or "auto", the cost model picks.
-  const char* forced = std::getenv("FUSED_LSTM_PERSISTENT_PRODUCT");
-  if (forced != nullptr && forced[0] != '\0' && std::strcmp(forced, "auto") != 0) {
-    TORCH_CHECK(std::strcmp(forced, "fma") == 0 || std::strcmp(forced, "mma") == 0,
-                "fused_lstm: FUSED_LSTM_PERSISTENT_PRODUCT must be fma, mma or auto, got '", forced, "'");
-    const Product want = std::strcmp(forced, "mma") == 0 ? Product::Mma : Product::Fma;
-    std::vector<Product> kept;
-    for (const Product p : products) {
-      if (p == want) kept.push_back(p);
-    }
-    return kept;
-  }
-  return products;
-}
-
-// The exchanges a pass may use: Grid always; Cluster in the forward pass on sm_90 and newer, with the FMA
-// product. FUSED_LSTM_PERSISTENT_EXCHANGE=grid or cluster restricts the choice; unset or "auto", the cost
-// model picks.
-std::vector<Exchange> candidate_exchanges(Pass pass, int compute_major) {
   std::vector<Exchange> exchanges{Exchange::Grid};
   if (pass != Pass::Backward && compute_major >= 9) exchanges.push_back(Exchange::Cluster);
-  const char* forced = std::getenv("FUSED_LSTM_PERSISTENT_EXCHANGE");
-  if (forced != nullptr && forced[0] != '\0' && std::strcmp(forced, "auto") != 0) {
-    TORCH_CHECK(std::strcmp(forced, "grid") == 0 || std::strcmp(forced, "cluster") == 0,
-                "fused_lstm: FUSED_LSTM_PERSISTENT_EXCHANGE must be grid, cluster or auto, got '", forced, "'");
-    const Exchange want = std::strcmp(forced, "cluster") == 0 ? Exchange::Cluster : Exchange::Grid;
-    std::vector<Exchange> kept;
-    for (const Exchange e : exchanges) {
-      if (e == want) kept.push_back(e);
+  products = restricted(products, "FUSED_LSTM_PERSISTENT_PRODUCT", {{"fma", Product::Fma}, {"mma", Product::Mma}});
+  exchanges = restricted(exchanges, "FUSED_LSTM_PERSISTENT_EXCHANGE",
+                         {{"grid", Exchange::Grid}, {"cluster", Exchange::Cluster}});
+  std::vector<std::pair<Product, Exchange>> variants;
+  for (const Product product : products) {
+    for (const Exchange exchange : exchanges) {
+      if (exchange == Exchange::Grid || product == Product::Fma) variants.emplace_back(product, exchange);
     }
-    return kept;
   }
-  return exchanges;
+  return variants;
 }
 
 double predicted_step_us(Pass pass, const Plan& plan, int64_t batch, int64_t hidden, int element_size);
 
-// The launch plan of `pass`: among the variants (product x exchange) with a plan, the one the cost model
-// predicts fastest.
+// The launch plan of `pass`: among the variants with a plan, the one the cost model predicts fastest.
 std::optional<Plan> make_plan(Pass pass, at::ScalarType dtype, int64_t batch, int64_t hidden, c10::DeviceIndex device,
                               std::string* why_not) {
-  std::optional<Plan> best;
-  double best_us = 0.0;
   const gpu::DeviceGuard guard(device);
-  const int compute_major = gpu::device_limits(device).compute_major;
-  const std::vector<Product> products = candidate_products(pass, dtype, compute_major);
-  const std::vector<Exchange> exchanges = candidate_exchanges(pass, compute_major);
-  if (products.empty() || exchanges.empty()) {
-    set_reason(why_not, products.empty()
-                            ? "FUSED_LSTM_PERSISTENT_PRODUCT=mma, and this pass or dtype has no tensor-core variant "
-                              "(float32 needs torch.backends.cudnn.allow_tf32)"
-                            : "FUSED_LSTM_PERSISTENT_EXCHANGE=cluster, and this pass or device has no cluster "
-                              "variant (the forward pass on sm_90 and newer)");
+  const std::vector<std::pair<Product, Exchange>> variants =
+      candidate_variants(pass, dtype, gpu::device_limits(device).compute_major);
+  if (variants.empty()) {
+    set_reason(why_not, "FUSED_LSTM_PERSISTENT_PRODUCT / FUSED_LSTM_PERSISTENT_EXCHANGE leave no variant for this "
+                        "pass, dtype and device (tensor cores: the forward pass on sm_80+, float32 only with "
+                        "torch.backends.cudnn.allow_tf32; clusters: the forward pass with FMAs on sm_90+)");
     return std::nullopt;
   }
-  for (const Product product : products) {
-   for (const Exchange exchange : exchanges) {
-    if (exchange == Exchange::Cluster && product != Product::Fma) continue;
+  std::optional<Plan> best;
+  double best_us = 0.0;
+  for (const auto& [product, exchange] : variants) {
     std::optional<Plan> plan =
         make_plan_for(pass, product, exchange, dtype, batch, hidden, device, best ? nullptr : why_not);
     if (!plan) continue;
@@ -266,7 +264,6 @@ std::optional<Plan> make_plan(Pass pass, at::ScalarType dtype, int64_t batch, in
       best = plan;
       best_us = us;
     }
-   }
   }
   return best;
 }
