@@ -5,7 +5,7 @@
 #include <torch/library.h>
 
 #include "cpu/cpu_features.h"
-#include "cpu/cpu_limits.h"
+#include "cpu/cpu_plan_bindings.h"
 #include "lstm_layer.h"
 #include "op_schemas.h"
 
@@ -29,27 +29,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_lstm C++/CUDA kernels; the ops are registered under torch.ops.fused_lstm";
   m.def("last_path", &fused_lstm::last_forward_path,
         "The path the last forward op call (layer or cell) on this thread took, e.g. 'cuda:standard'");
-  m.def("cpu_kernel_limits", [] {
-    namespace limits = fused_lstm::cpu_limits;
-    pybind11::dict d;
-    d["max_in_place_rows"] = limits::kMaxInPlaceRows;
-    d["max_in_place_rows_large_weight"] = limits::kMaxInPlaceRowsLargeWeight;
-    d["large_weight_bytes"] = limits::kLargeWeightBytes;
-    d["min_packed_rows"] = limits::kMinPackedRows;
-    d["min_packed_depth"] = limits::kMinPackedDepth;
-    d["max_in_place_batch"] = limits::kMaxInPlaceBatch;
-    d["in_place_min_weight_bytes"] = limits::kInPlaceMinWeightBytes;
-    d["min_recurrence_rows"] = limits::kMinRecurrenceRows;
-    d["shared_gather_max_packed_bytes"] = limits::kSharedGatherMaxPackedBytes;
-    d["fused_projection_min_batch"] = limits::kFusedProjectionMinBatch;
-    d["fused_projection_max_slice_bytes"] = limits::kFusedProjectionMaxSliceBytes;
-    d["projection_chunk_rows"] = limits::kProjectionChunkRows;
-    d["projection_chunk_max_weight_bytes"] = limits::kProjectionChunkMaxWeightBytes;
-    d["large_projection_chunk_bytes"] = limits::kLargeProjectionChunkBytes;
-    d["row_split_min_batch"] = limits::kRowSplitMinBatch;
-    d["row_split_max_weight_bytes"] = limits::kRowSplitMaxWeightBytes;
-    return d;
-  }, "Sizes where the CPU kernels switch form (csrc/cpu/cpu_limits.h)");
+  // The CPU planner: cpu_machine, cpu_kernel_limits, cpu_plan_* (csrc/cpu/cpu_plan_bindings.cpp).
+  fused_lstm::register_cpu_plan_bindings(m);
   m.def("build_info", [] {
     pybind11::dict info;
 #ifdef FUSED_LSTM_WITH_CUDA

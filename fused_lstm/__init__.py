@@ -30,13 +30,14 @@ from ._C import _set_cpu_kernels
 from ._C import build_info as _build_info
 from ._C import last_path as _last_path
 from .modules import LSTM, LSTMCell, convert
+from .explain import explain  # which CPU path and kernels a call runs, and why (csrc/cpu/cpu_plan.h)
 
 # FUSED_LSTM_CPU_KERNELS=avx2 (or aten, avx512) selects the CPU float32 kernels instead of the best this CPU
 # supports: to compare them, or to rule them out. A set the CPU cannot run is an error, not a crash.
 if os.environ.get("FUSED_LSTM_CPU_KERNELS"):
     _set_cpu_kernels(os.environ["FUSED_LSTM_CPU_KERNELS"])
 
-__all__ = ["LSTM", "LSTMCell", "convert", "build_info", "last_path", "ops"]
+__all__ = ["LSTM", "LSTMCell", "convert", "build_info", "explain", "last_path", "ops"]
 __version__ = "0.1.0"
 
 

@@ -1,93 +1,106 @@
-// Where the CPU backend switches between kernel forms, in one place: measured on a 2-core AVX-512 machine
-// (benchmarks/NOTES.md) and exposed as fused_lstm._C.cpu_kernel_limits() so that the tests cover both
-// sides of each switch.
+// Every constant behind the CPU planner's decisions (cpu_plan.h), each with the reason it has this value. The
+// planner turns them and the CPU's own cache sizes (read from the OS once per process) into a plan; the
+// kernels only execute plans. The measurements behind each value: docs/cpu.md ("The limits and their
+// numbers"). Exposed as fused_lstm._C.cpu_kernel_limits() so that the tests cover both sides of each switch.
 #pragma once
 
 #include <cstdint>
 
 namespace fused_lstm::cpu_limits {
 
-// Float32 products W-rows-contiguous (out = a @ W^T) with fewer rows of a than kMaxInPlaceRows, or than
-// kMaxInPlaceRowsLargeWeight when W has at least kLargeWeightBytes, read W in place (dot_gemm.h) instead of
-// packing it: packing reads and writes all of W once per call, which a large W repays only over more rows.
-// A W that a second product of the same call uses (the per-step loop's W_hh and W_hr) is packed from then
-// on, when the rows are at least kMinPackedRows: its packed copy serves every later step.
-// LSTMCell loops, T = 50, inference (ms, in place / packed; AVX-512, then the AVX2 kernels): batch 64,
-// H = 128 5.2 / 4.1, 8.0 / 5.4; H = 256 11.8 / 10.0, 23.7 / 17.5; H = 512 (4 MB) 38 / 38-41, 80-84 / 79-81;
-// H = 1024 (16 MB) 164-172 / 198-238; batch 100, H = 1024 310-313 / 290; batch 48, H = 128 3.3 / 2.8,
-// 6.2 / 6.8; batch 32, H = 128 3.4 / 4.6, 4.6 / 5.4; H = 512 20.5 / 24.7, 41 / 44.5 (the switch was 128 rows
-// for every W before these). The per-step loop (proj_size), packed from the second step: batch 100, H = 512,
-// proj 256 48.6 -> 38.0 ms, batch 32, H = 256, proj 128 4.4 -> 3.8, batch 16, H = 128, proj 64 1.10 -> 0.88.
+// ---- The CPU's caches (cpu_plan.cpp reads them from sysconf, then /sys/devices/system/cpu/cpu0/cache) ----
+
+// One core's L2 when the OS does not say: the smallest per-core L2 of the x86-64-v3/v4 CPUs the kernels target
+// (AMD Zen 4/5), so that a wrong guess only costs speed, never thrashes.
+constexpr int64_t kFallbackL2Bytes = int64_t{1} << 20;
+// The shared L3 when the OS does not say: one AMD CCD's (Zen 4/5), the smallest L3 one core of those CPUs sees.
+constexpr int64_t kFallbackL3Bytes = int64_t{32} << 20;
+// The most L3 one layer counts on: a VM reports its host socket's whole L3 (hundreds of MB), shared with
+// other tenants, and an AMD core sees only its CCD's 32 MB whatever the socket holds.
+constexpr int64_t kMaxUsableL3Bytes = int64_t{32} << 20;
+
+// ---- Products out = a @ b (CpuBackend::matmul, packed_gemm.h, dot_gemm.h) ----
+
+// b = W^T with W's rows contiguous and fewer rows of a than this: W read in place by the dot kernel, since
+// packing reads and writes all of W once per call, which only more rows repay.
 constexpr int64_t kMaxInPlaceRows = 64;
+// ... or than this when W has at least kLargeWeightBytes: a larger W costs more to pack.
 constexpr int64_t kMaxInPlaceRowsLargeWeight = 128;
 constexpr int64_t kLargeWeightBytes = int64_t{4} << 20;
-
-// Other products with fewer rows than this, or with a transposed left operand over fewer k than
-// kMinPackedDepth (the weight gradients of a step or a short sequence, d_gates^T @ x), read the right
-// operand in place when its rows are contiguous (packed_gemm.h, rowmajor_matmul) and go through ATen
-// otherwise: packing costs about as much as multiplying a handful of rows, and with a short reduction
-// each packed element serves a handful of k. An LSTMCell training step at batch 8, H = 256: 0.70-0.75 ms
-// packed, 0.32 ms through ATen (whose small products wake MKL's OpenMP team on every call), 0.24 in place.
+// Fewer rows than this (or a transposed a over fewer k than kMinPackedDepth) never pack b: packing costs about
+// as much as multiplying a handful of rows, and with a short reduction each packed element serves few k. A W
+// read in place once is packed from its second use in the call (the per-step loop's W_hh) only with at least
+// kMinPackedRows rows.
 constexpr int64_t kMinPackedRows = 16;
 constexpr int64_t kMinPackedDepth = 16;
+// Reductions longer than this run in k chunks: a [1024][64] float panel chunk is 256 KB and stays in L2 next to
+// the rows that pass over it. Fixed, not read from the CPU: the chunking decides the rounding, and results
+// must not depend on the machine.
+constexpr int64_t kPanelChunkK = 1024;
+// The register tile moves its sums into a second set every this many k of an operand: whole-K running sums had
+// 1.2-1.9x torch.nn.LSTM's float32 error. Fixed for the same reason as kPanelChunkK.
+constexpr int64_t kSumChunkK = 256;
+// Packed products with a panel's reduction in one piece: one parallel chunk holds at least this many
+// (tile x k) steps (the rows of a task in whole tiles times K), since waking a thread costs a few µs.
+constexpr int64_t kMinPanelChunkTileSteps = 8192;
+// Packed products: row groups per panel so that every thread gets about this many tasks (a panel streams
+// from memory once per task, so rows are split no further than load balance needs).
+constexpr int64_t kPanelTasksPerThread = 4;
+// Long reductions (K > kPanelChunkK): a task is a block of rows, a thread's share up to this many (each panel
+// chunk then streams from L3 once per block and serves the block's row tiles from L2).
+constexpr int64_t kMaxLongReductionBlockRows = 1024;
+// Transposed left operands (the weight gradients' d_gates^T): a task gathers up to this many rows ...
+constexpr int64_t kGatherRows = 256;
+// ... by this many k at a time: a 512 KB block next to a 128 KB panel chunk in L2.
+constexpr int64_t kGatherChunkK = 512;
+// The weight gradients share one gather of d_gates^T while their packed operands together stay within this
+// fraction (1 / kSharedGatherL3Divisor) of the usable L3: every row block streams all of them, and twice
+// the bytes no longer stay in L3 across blocks.
+constexpr int64_t kSharedGatherL3Divisor = 2;
+// A row-major b read in place (rowmajor_matmul): tasks of this many rows by one 64-column panel ...
+constexpr int64_t kRowMajorRowsPerTask = 64;
+// ... with at least this many flops per parallel chunk (small products stay on the calling thread).
+constexpr int64_t kRowMajorMinChunkFlops = int64_t{256} << 10;
+// The dot kernel (W read in place): blocks of this many rows x columns (at K = 1024 each block's share of a and
+// of W is 256 KB, so both stay in L2) ...
+constexpr int64_t kDotBlock = 64;
+// ... with at least this many multiply-adds per parallel chunk: waking a thread costs a few µs.
+constexpr int64_t kDotMinChunkMacs = int64_t{1} << 18;
+// The per-step pointwise spans (all dtypes): at least this many elements (row x unit) per parallel chunk.
+constexpr int64_t kPointwiseGrain = 4096;
 
-// Fused forward recurrences with batches up to kMaxInPlaceBatch read W_hh in place when it is at least
-// kInPlaceMinWeightBytes; otherwise they pack it once per call. Packing a large W_hh costs more than a
-// few rows gain from it (batch 1, H = 512: 1.4 ms in place vs 1.8-3.7 packed); a small one is cheap to
-// pack, and the in-place kernel's per-output reductions weigh more at small K (batch 4, H = 128: 0.24 ms
-// in place vs 0.20 packed; T=20, batch 4, H=64: 0.104 vs 0.076).
+// ---- Recurrences (recurrence_cpu.cpp) ----
+
+// Threads for a recurrence with a barrier per step: one per this many flops of recurrent work per step. Below
+// it the barrier costs more than the thread saves, and a barrier is where a busy machine hurts most.
+constexpr int64_t kFlopsPerThread = int64_t{256} << 10;
+// A packed fused recurrence needs at least this many rows in the whole sequence; with fewer, packing costs more
+// than the per-step loop.
+constexpr int64_t kMinRecurrenceRows = 16;
+// Forward recurrences with batches up to this read W_hh in place when it has at least kInPlaceMinWeightBytes:
+// packing a large W_hh costs more than a few rows gain, while a small one is cheap to pack and the in-place
+// kernel's per-output reductions weigh more at small K.
 constexpr int64_t kMaxInPlaceBatch = 4;
 constexpr int64_t kInPlaceMinWeightBytes = int64_t{2} << 20;
-
-// A packed forward recurrence computes the input projection itself, each thread for its own gate columns.
-// Step by step, in the same register tiles as the recurrent product, when a step has rows enough to reuse
-// each thread's W_ih panels (at least kFusedProjectionMinBatch) and the thread's share of packed W_ih and
-// W_hh fits in kFusedProjectionMaxSliceBytes (half this machine's L2); otherwise step by step would re-read
-// W_ih from L3 every step (batch 32, H = 1024: 74 ms vs 60 ms with the whole projection first) ...
+// The input projection fused step by step into the recurrent product's register tiles needs this many rows per
+// step to reuse each thread's W_ih panels ...
 constexpr int64_t kFusedProjectionMinBatch = 32;
-constexpr int64_t kFusedProjectionMaxSliceBytes = int64_t{1} << 20;
-
-// ... and it projects chunks of steps of about this many rows at a time instead (one pass of its W_ih
-// panels per chunk; the chunk's gates, [rows, 4H], stay in cache until its steps use them; against the
-// driver projecting the whole sequence into a [R, 4H] buffer first, batch 64, H = 1024: 128 -> 116 ms) ...
+// ... and a thread's share of packed W_ih + W_hh within 1 / kFusedProjectionL2Divisor of its core's L2 (the
+// rest holds the step's rows and gates); else every step would re-read W_ih from L3.
+constexpr int64_t kFusedProjectionL2Divisor = 2;
+// Otherwise the recurrence projects chunks of steps of about this many rows (one pass of W_ih per chunk; the
+// chunk's gates stay in cache until its steps use them) ...
 constexpr int64_t kProjectionChunkRows = 256;
-
-// ... unless W_ih and W_hh together, packed, exceed kProjectionChunkMaxWeightBytes: then the chunks hold up to
-// kLargeProjectionChunkBytes of gates (rows = that / 16 H: 1536 at H = 1024). Every pass of W_ih over a chunk
-// pushes W_hh out of the shared L3 (32 MB here; the two weights take 32 MB at H = I = 1024), so the steps
-// after it stream W_hh from memory again, and at such sizes a chunk's gates no longer stay in cache anyway.
-// Inference, H = 1024 (ms, 256-row chunks / 24 MB chunks, alternating runs): with the heap kept (benchmarks/
-// NOTES.md) batch 64 123-126 / 119-121, batch 32 65-66 / 61-62, batch 8 21.6-22.1 / 18.0-18.4; with glibc's
-// default heap batch 64 123-133 / 121-125, batch 32 67-68 / 60-63, batch 8 19.5-30 / 18-21.6. Larger chunks
-// are no faster with the heap kept, and past glibc's 32 MB ceiling for reusing freed mmap'd blocks the buffer
-// is mapped and faulted in afresh by every call (64 MB: 142-148 ms at batch 64). At H = 512 (8 MB of
-// weights) chunk size makes no difference; at H = 128-256 small batches lose with long chunks (batch 8,
-// H = 256: 1.1-1.3 ms / 1.4).
-constexpr int64_t kProjectionChunkMaxWeightBytes = int64_t{16} << 20;
+// ... unless packed W_ih + W_hh exceed 1 / kProjectionChunkL3Divisor of the usable L3: then each pass of W_ih
+// evicts W_hh, and longer chunks of kLargeProjectionChunkBytes of gates make fewer passes. That size stays
+// under glibc's 32 MB ceiling for reusing freed mmap'd blocks (above it every call faults its buffer in).
+constexpr int64_t kProjectionChunkL3Divisor = 2;
 constexpr int64_t kLargeProjectionChunkBytes = int64_t{24} << 20;
-
-// A packed forward recurrence gives each thread whole sequences (rows of the batch) instead of a slice of
-// the hidden units when the batch has at least kRowSplitMinBatch rows, all of its packed weights (W_ih and
-// W_hh) fit in kRowSplitMaxWeightBytes and the split uses as many threads as the unit split would: the
-// threads then never wait for each other, where the unit split meets at a barrier every step (batch 64,
-// H = 128: 2.05 ms vs 2.17 ms). Each thread then streams all the weights every step, from L2 or L3: at
-// 2 MB (H = 256, I = 256) the row split still gains (batch 64 inference 7.59-7.64 ms vs 7.64-8.17, training
-// 26.1-26.4 vs 26.8-27.0, batch 32 4.0-4.1 vs 4.1-4.3; three alternating runs), at 8 MB (H = 512) nothing
-// (29.0-29.2 ms either way). At least kRowSplitMinRowsPerThread rows per thread.
+// Threads split the batch rows instead of the hidden units (no barrier per step) when the batch has at least
+// kRowSplitMinBatch rows, kRowSplitMinRowsPerThread per thread, and all the packed weights fit in
+// kRowSplitL2Multiple x one core's L2: each thread then streams all of them every step.
 constexpr int64_t kRowSplitMinBatch = 32;
 constexpr int64_t kRowSplitMinRowsPerThread = 16;
-constexpr int64_t kRowSplitMaxWeightBytes = int64_t{2} << 20;
-
-// A packed fused recurrence (forward with a larger batch, or backward) needs at least this many rows in
-// the whole sequence; with fewer, the per-step loop is cheaper than packing.
-constexpr int64_t kMinRecurrenceRows = 16;
-
-// Weight gradients (d_gates^T @ input and d_gates^T @ h_prev) share one gather of each d_gates^T block
-// while their packed right operands together stay within this many bytes; beyond it each runs its own
-// pass (and gather), since every row block streams all the packed operands it serves and twice the
-// bytes no longer stay in the shared L3 across blocks. T=50, batch 64, both products and the bias sum
-// (ms, separate / shared): H=256 (6.5 MB packed) 8.62 / 8.03, H=512 (13 MB) 31.7 / 31.3, H=1024 (26 MB)
-// 126.0 / 130.6 (64-row blocks); with 256-row blocks 113.6-114.4 / 112.1-114.8, so still separate.
-constexpr int64_t kSharedGatherMaxPackedBytes = int64_t{16} << 20;
+constexpr int64_t kRowSplitL2Multiple = 1;
 
 }  // namespace fused_lstm::cpu_limits

@@ -4,6 +4,9 @@
 
 #include <algorithm>
 
+#include "cpu_limits.h"
+#include "cpu_plan.h"
+
 namespace fused_lstm {
 namespace {
 
@@ -23,19 +26,16 @@ void dot_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w,
   const int64_t M = a.size(0), Nc = w.size(0), K = a.size(1);
   if (M == 0 || Nc == 0) return;
   const float* bias_ptr = bias.defined() && !accumulate ? bias.data_ptr<float>() : nullptr;
-  // Blocks of 64 rows x 64 columns: with K = 1024 each block's share of a and of w is 256 KB, so both stay
-  // in L2 while the tiles inside pass over them.
-  constexpr int64_t kBlock = 64;
-  const int64_t row_blocks = (M + kBlock - 1) / kBlock, col_blocks = (Nc + kBlock - 1) / kBlock;
+  // Blocks of kBlock rows x columns, each block's share of a and of w in L2 (cpu_limits.h, cpu_plan.h).
+  constexpr int64_t kBlock = cpu_limits::kDotBlock;
+  const int64_t col_blocks = (Nc + kBlock - 1) / kBlock;
   const float* a_ptr = a.data_ptr<float>();
   const float* w_ptr = w.data_ptr<float>();
   float* out_ptr = out.data_ptr<float>();
   const int64_t a_rs = a.stride(0), w_rs = w.stride(0), out_rs = out.stride(0);
   // Small products (one time step of a small batch) stay on fewer threads: waking one costs a few µs.
-  constexpr int64_t kMinTaskMacs = 1 << 18;
-  const int64_t block_macs = std::min(kBlock, M) * std::min(kBlock, Nc) * std::max<int64_t>(K, 1);
-  const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / block_macs);
-  at::parallel_for(0, row_blocks * col_blocks, grain, [&](int64_t begin, int64_t end) {
+  const cpu_plan::TaskGrid grid = cpu_plan::plan_dot_product(M, K, Nc);
+  at::parallel_for(0, grid.tasks, grid.grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t rb = task / col_blocks, cb = task % col_blocks;
       const int64_t r0 = rb * kBlock, c0 = cb * kBlock;

@@ -2,7 +2,7 @@
 // (W [4H, K], each row one gate unit's weights): out = a @ W^T. The kernel runs along k in vectors and
 // reduces each accumulator at the end, so it reads W in place. Packing W for the broadcast kernel
 // (packed_gemm.h) reads and writes all of W once per call, which costs more than it saves when few rows
-// use it: at batch 1, H = 1024, the two packs were a third of a 50-step forward.
+// use it (the planner decides which, cpu_plan.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>

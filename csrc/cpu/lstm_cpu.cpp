@@ -15,6 +15,7 @@
 #include "../lstm_layer.h"
 #include "cpu_features.h"
 #include "cpu_limits.h"
+#include "cpu_plan.h"
 #include "dot_gemm.h"
 #include "packed_gemm.h"
 #include "recurrence_cpu.h"
@@ -23,14 +24,11 @@
 namespace fused_lstm {
 namespace {
 
-// Elements (row x hidden unit) per task: below this a step runs on one thread, since waking the
-// pool costs more than the work.
-constexpr int64_t kGrain = 4096;
-
-// Calls fn(row, first_unit, end_unit) over the rows x hidden grid, in parallel chunks.
+// Calls fn(row, first_unit, end_unit) over the rows x hidden grid, in parallel chunks of at least
+// kPointwiseGrain elements (cpu_limits.h).
 template <typename Fn>
 void for_each_row_span(int64_t rows, int64_t hidden, const Fn& fn) {
-  at::parallel_for(0, rows * hidden, kGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows * hidden, cpu_limits::kPointwiseGrain, [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end;) {
       const int64_t row = idx / hidden, j0 = idx % hidden;
       const int64_t j1 = std::min(hidden, j0 + (end - idx));
@@ -94,13 +92,6 @@ void run_spans(const Args& a, SpanFn<Args> float_fn, SpanFn<Args> double_fn, Spa
   for_each_row_span(a.rows, a.hidden, [&](int64_t b, int64_t j0, int64_t j1) { fn(a, b, j0, j1); });
 }
 
-// Rows of a below which a product with b = W^T reads W in place (cpu_limits.h).
-int64_t max_in_place_rows(const Tensor& b) {
-  return b.numel() * static_cast<int64_t>(sizeof(float)) >= cpu_limits::kLargeWeightBytes
-             ? cpu_limits::kMaxInPlaceRowsLargeWeight
-             : cpu_limits::kMaxInPlaceRows;
-}
-
 // Identifies a right-hand matrix operand within one op call (weights and saved tensors do not change
 // during a call, so their packed panels can be reused by every step).
 struct OperandKey {
@@ -117,46 +108,40 @@ class CpuBackend final : public LayerBackend {
  public:
   using LayerBackend::LayerBackend;
 
-  // float32 on AVX2/AVX-512 CPUs through the packed kernel (see packed_gemm.h), everything else through ATen.
+  // The kernel the planner picks (cpu_plan.h, plan_product) from the shape and what this call did with b
+  // before: W read in place (dot_gemm.h), b's rows read in place or b packed (packed_gemm.h), or ATen.
   void matmul(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate,
               const Tensor& bias) const override {
-    if (out.scalar_type() != at::kFloat || out.stride(1) != 1 || a.size(0) == 0 || !cpu_vector_kernels()) {
-      LayerBackend::matmul(out, a, b, accumulate, bias);
-      return;
-    }
     const OperandKey key{b.data_ptr(), b.size(0), b.size(1), b.stride(0), b.stride(1)};
-    const PackedMatrix* cached = find(key);
-    // b = W^T with W's rows contiguous (the forward products with the weights): with few rows of a, read W
-    // in place rather than pack it (see dot_gemm.h), unless this call already used W once and has rows
-    // enough to repay the packing over the steps still to come (cpu_limits.h).
-    if (cached == nullptr && b.stride(0) == 1 && a.stride(1) == 1 && a.size(0) < max_in_place_rows(b)) {
-      const bool seen = used_in_place(key);
-      if (!seen) in_place_.push_back(key);
-      if (!seen || a.size(0) < cpu_limits::kMinPackedRows) {
-        dot_matmul(out, a, b.t(), accumulate, bias);
-        return;
-      }
+    cpu_plan::ProductShape shape;
+    shape.rows = a.size(0);
+    shape.depth = a.size(1);
+    shape.cols = b.size(1);
+    shape.vector_kernels = out.scalar_type() == at::kFloat && out.stride(1) == 1 && cpu_vector_kernels();
+    shape.a_rows_contiguous = a.stride(1) == 1;
+    shape.a_transposed = a.stride(0) == 1;
+    shape.b_is_w_transposed = b.stride(0) == 1;
+    shape.b_rows_contiguous = b.stride(1) == 1;
+    const PackedMatrix* cached = shape.vector_kernels ? find(key) : nullptr;
+    shape.b_packed_before = cached != nullptr;
+    shape.b_in_place_before = shape.vector_kernels && used_in_place(key);
+    const cpu_plan::ProductPlan plan = cpu_plan::plan_product(shape);
+    if (plan.first_in_place_use) in_place_.push_back(key);
+    switch (plan.kernel) {
+      case cpu_plan::ProductKernel::dot: dot_matmul(out, a, b.t(), accumulate, bias); return;
+      case cpu_plan::ProductKernel::rowmajor: rowmajor_matmul(out, a, b, accumulate, bias); return;
+      case cpu_plan::ProductKernel::packed: packed_matmul(out, a, cached ? *cached : pack(key, b), accumulate, bias); return;
+      case cpu_plan::ProductKernel::aten: LayerBackend::matmul(out, a, b, accumulate, bias); return;
     }
-    // Too small to repay packing (cpu_limits.h): b in place when its rows are contiguous, else ATen.
-    const bool small = a.size(0) < cpu_limits::kMinPackedRows ||
-                       (a.stride(0) == 1 && a.size(1) < cpu_limits::kMinPackedDepth);
-    if (cached == nullptr && small) {
-      if (b.stride(1) == 1) {
-        rowmajor_matmul(out, a, b, accumulate, bias);
-      } else {
-        LayerBackend::matmul(out, a, b, accumulate, bias);
-      }
-      return;
-    }
-    packed_matmul(out, a, cached ? *cached : pack(key, b), accumulate, bias);
   }
   // float32 with enough rows: one pass of packed products that gathers each block of d_gates^T once for both
   // weight gradients and sums it for the bias gradient on the way (packed_gemm.h, transposed_matmuls).
   void weight_gradients(const Tensor& grad_w_ih, const Tensor& grad_w_hh, const Tensor& grad_bias,
                         const Tensor& d_gates, const Tensor& input, const Tensor& h_prev) const override {
     const Tensor a = d_gates.t();
-    if (d_gates.scalar_type() != at::kFloat || a.size(0) < cpu_limits::kMinPackedRows ||
-        a.size(1) < cpu_limits::kMinPackedDepth || a.stride(1) == 1 || !cpu_vector_kernels()) {
+    const bool vector_kernels = d_gates.scalar_type() == at::kFloat && a.stride(1) != 1 && cpu_vector_kernels();
+    if (!cpu_plan::plan_weight_gradients(a.size(0), a.size(1), input.size(1), h_prev.size(1), vector_kernels,
+                                         cpu_plan::this_machine()).packed) {
       LayerBackend::weight_gradients(grad_w_ih, grad_w_hh, grad_bias, d_gates, input, h_prev);
       return;
     }

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu_limits.h"
+#include "cpu_plan.h"
 
 namespace fused_lstm {
 
@@ -35,23 +36,6 @@ void panel_product(const float* a, int64_t a_row_stride, int64_t a_col_stride, c
                    int64_t out_row_stride, bool accumulate, const float* bias, int64_t row_begin, int64_t row_end) {
   run_kernel<PanelProduct>(a, a_row_stride, a_col_stride, panel, layout, K, cols, first_col, out, out_row_stride,
                            accumulate, bias, row_begin, row_end);
-}
-
-// Row blocks for tasks of at most max_rows rows each, their count a multiple of the thread count where the
-// blocks stay at least max_rows / 2 rows: at::parallel_for gives each thread an equal range of tasks, so the
-// threads then get the same number of rows. Block b is rows [M * b / blocks, M * (b + 1) / blocks).
-// (grad_input at batch 64, T = 50: 3200 rows were 25 blocks of 128, 13 on one thread and 12 on the other.)
-int64_t balanced_row_blocks(int64_t M, int64_t max_rows) {
-  if (M <= 0) return 0;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t blocks = (M + max_rows - 1) / max_rows;
-  const int64_t balanced = (blocks + threads - 1) / threads * threads;
-  return M / balanced >= max_rows / 2 ? balanced : blocks;
-}
-
-// Rows per tile of the kernels in use, for sizing tasks in whole tiles.
-int64_t row_tile() {
-  return with_selected_isa([](auto isa) -> int64_t { return decltype(isa)::kRowTile; });
 }
 
 // The products with nothing to multiply: no rows, no columns, or no k (out = bias, or 0, or unchanged).
@@ -83,7 +67,7 @@ struct TransposedTarget {
   const float* bias;
 };
 
-constexpr int64_t kGatherRows = 256;  // rows of a per transposed_products task, at most
+using cpu_limits::kGatherRows;  // rows of a per transposed_products task, at most (sizes the buffers below)
 
 // block[(k - k0) * block_stride + r] = a[r * a_rs + k * a_cs] for r < rows (<= kGatherRows), k in [k0, k1),
 // and sums[r] += the same elements when sums is not null. The sums run in three levels (16 k, the chunk,
@@ -117,19 +101,16 @@ FUSED_LSTM_SIMD_CLONES void gather_block(const float* a, int64_t a_rs, int64_t a
 // The kernel reads a row by row along k, so each task gathers a block of its rows for a chunk of k into a
 // buffer, stored k-major ([k][rows]: each k copies contiguous elements of a's column; the kernel broadcasts
 // from it with row stride 1), then runs it against every target's panels' matching chunks, which stay in
-// cache for the block's row tiles. Up to 256 rows x 512 k: a 512 KB block next to a 128 KB panel chunk in
-// L2; each panel chunk streams in from L3 once per block, and at 128 rows, twice as often, the weight
-// gradients took 2-4% longer at H = 512 and 1024 (batch 64, T = 50; 384 x 256, 512 x 256 and 256 x 384
-// measured no better; 32 x 512: 3-6% slower than 128 x 512, 128 x 256: 4-5% slower).
-// The gather walks a's column-major storage a block's width (up to 1 KB) per row of d_gates; with 64-row
-// blocks at H = 256 it cost about a fifth of the products it fed, with 256-row blocks at H = 1024 ~4% (4.5 of
-// 116 ms, batch 64, T = 50). Hence one gather for all targets (within the budget of transposed_matmuls) and
-// the row sums on the way.
+// cache for the block's row tiles (block sizes: cpu_limits.h, kGatherRows, kGatherChunkK). The gather walks
+// a's column-major storage a block's width per row of d_gates and costs a fair share of the products it
+// feeds: hence one gather for all targets (within the planner's budget, transposed_matmuls) and the row sums
+// on the way.
 void transposed_products(const float* a, int64_t a_rs, int64_t a_cs, int64_t M, c10::ArrayRef<TransposedTarget> targets,
                          bool accumulate, float* row_sums) {
-  constexpr int64_t kChunk = 512;
+  constexpr int64_t kChunk = cpu_limits::kGatherChunkK;
   const int64_t K = targets[0].b->K;
-  const int64_t blocks = balanced_row_blocks(M, kGatherRows);
+  const int64_t blocks =
+      cpu_plan::plan_packed_product(M, K, targets[0].b->cols, /*a_transposed=*/true, cpu_plan::this_machine()).tasks;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> block(kChunk * kGatherRows);
     for (int64_t task = begin; task < end; ++task) {
@@ -179,8 +160,7 @@ struct FillPanel {
     int64_t k0 = 0;
     if (k_stride == 1) {
       // Whole L x L blocks through registers: L row loads, a transpose, L panel-row stores. L source rows at a
-      // time along all of k: 64 rows at once are more streams than the hardware prefetcher follows (packing a
-      // 16 MB W_hh this way: 0.58-0.61 ms against 0.67-0.73).
+      // time along all of k: 64 rows at once are more streams than the hardware prefetcher follows.
       const int64_t k_end = K / L * L;
       for (int64_t c0 = 0; c0 < kPanel; c0 += L) {
         for (k0 = 0; k0 < k_end; k0 += L) {
@@ -280,13 +260,10 @@ void rowmajor_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tenso
     std::copy(b_ptr + k * b_rs + tail_col, b_ptr + k * b_rs + cols, tail_panel.data() + k * kPanel);
   }
   const std::vector<float> bias_panels = padded_bias(bias, cols);
-  // Tasks: (panel, block of rows); a task's 64 columns of b stay in cache for its rows. Small products run
-  // on the calling thread: waking the pool costs more than they do.
-  constexpr int64_t kRowsPerTask = 64, kMinTaskFlops = 256 << 10;
-  const int64_t row_blocks = (M + kRowsPerTask - 1) / kRowsPerTask;
-  const int64_t task_flops = 2 * std::min(M, kRowsPerTask) * K * kPanel;
-  const int64_t grain = std::max<int64_t>(1, kMinTaskFlops / task_flops);
-  at::parallel_for(0, panels * row_blocks, grain, [&](int64_t begin, int64_t end) {
+  // Tasks: (panel, block of rows); a task's 64 columns of b stay in cache for its rows (cpu_plan.h).
+  constexpr int64_t kRowsPerTask = cpu_limits::kRowMajorRowsPerTask;
+  const cpu_plan::TaskGrid grid = cpu_plan::plan_rowmajor_product(M, K, cols);
+  at::parallel_for(0, grid.tasks, grid.grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t panel = task % panels, row_begin = task / panels * kRowsPerTask;
       const bool tail = partial && panel == panels - 1;
@@ -309,28 +286,25 @@ void packed_matmul(const at::Tensor& out, const at::Tensor& a, const PackedMatri
   const float* a_ptr = a.data_ptr<float>();
   float* out_ptr = out.data_ptr<float>();
   const int64_t a_rs = a.stride(0), a_cs = a.stride(1), out_rs = out.stride(0);
-  if (a_cs != 1) {
+  const cpu_plan::PackedProductPlan plan =
+      cpu_plan::plan_packed_product(M, b.K, b.cols, /*a_transposed=*/a_cs != 1, cpu_plan::this_machine());
+  if (plan.schedule == cpu_plan::PackedSchedule::gather_rows) {
     const TransposedTarget target{&b, out_ptr, out_rs, bias_ptr};
     transposed_products(a_ptr, a_rs, a_cs, M, {&target, 1}, accumulate, nullptr);
     return;
   }
-  if (b.K > kPanelChunkK) {
-    // A long reduction (grad_input = d_gates @ W_ih, K = 4H): whole panels no longer fit in L2, and a
-    // task per panel streamed all of a (52 MB at batch 64, T = 50, H = 1024) once per panel. Instead a
-    // task is a block of rows: for each k chunk, every panel's chunk passes over the block's rows. Each
-    // panel chunk streams in from L3 once per block and then serves the block's row tiles from L2, so
-    // blocks are long: a thread's share of the rows, up to kMaxRowsPerTask (the block's chunk of a, up to
-    // 4 MB, then comes from L3, which the hardware prefetcher hides). At 128-row blocks (a's chunk in L2)
-    // grad_input took 6% longer at H = 1024 and 4% at H = 768 (batch 64, T = 50).
-    constexpr int64_t kMaxRowsPerTask = 1024;
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    const int64_t rows_per_task = std::clamp<int64_t>((M + threads - 1) / threads, 1, kMaxRowsPerTask);
-    const int64_t K = b.K, blocks = balanced_row_blocks(M, rows_per_task);
+  if (plan.schedule == cpu_plan::PackedSchedule::long_k_rows) {
+    // A long reduction (grad_input = d_gates @ W_ih, K = 4H): whole panels no longer fit in L2, and a task
+    // per panel would stream all of a once per panel. Instead a task is a block of rows: for each k chunk,
+    // every panel's chunk passes over the block's rows, streaming in from L3 once per block and then serving
+    // the block's row tiles from L2; the block's chunk of a comes from L3, which the prefetcher hides.
+    constexpr int64_t kChunkK = cpu_limits::kPanelChunkK;
+    const int64_t K = b.K, blocks = plan.tasks;
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t row_begin = M * task / blocks, row_end = M * (task + 1) / blocks;
-        for (int64_t k0 = 0; k0 < K; k0 += kPanelChunkK) {
-          const int64_t k1 = std::min(K, k0 + kPanelChunkK);
+        for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
+          const int64_t k1 = std::min(K, k0 + kChunkK);
           for (int64_t panel = 0; panel < b.count(); ++panel) {
             matmul_panel(a_ptr, a_rs, a_cs, b, out_ptr, out_rs, accumulate || k0 > 0, k0 == 0 ? bias_ptr : nullptr,
                          panel, row_begin, row_end, k0, k1);
@@ -341,15 +315,10 @@ void packed_matmul(const at::Tensor& out, const at::Tensor& a, const PackedMatri
     return;
   }
   // Tasks: (panel, group of rows). A panel ([K][64], up to a few hundred KB) is streamed from memory once
-  // per task and then stays in cache for the task's rows, so split rows only as far as needed to give
+  // per task and then stays in cache for the task's rows, so rows are split only as far as needed to give
   // every thread a few tasks.
-  const int64_t tile = row_tile(), tiles = (M + tile - 1) / tile;
-  const int64_t wanted_groups = (4 * at::get_num_threads() + b.count() - 1) / b.count();
-  const int64_t row_groups = std::clamp<int64_t>(wanted_groups, 1, tiles);
-  const int64_t rows_per_task = (tiles + row_groups - 1) / row_groups * tile;
-  const int64_t tasks = b.count() * ((M + rows_per_task - 1) / rows_per_task);
-  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, b.K * rows_per_task / tile));
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+  const int64_t rows_per_task = plan.rows_per_task;
+  at::parallel_for(0, plan.tasks, plan.grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t panel = task % b.count(), group = task / b.count();
       const int64_t row_begin = group * rows_per_task, row_end = std::min(M, row_begin + rows_per_task);
@@ -382,16 +351,15 @@ void transposed_matmuls(c10::ArrayRef<at::Tensor> outs, const at::Tensor& a, c10
     if (row_sums.defined()) at::sum_out(const_cast<at::Tensor&>(row_sums), a, /*dim=*/{1});
     return;
   }
-  // Consecutive targets share a pass while their packed operands fit the budget (cpu_limits.h); the first
-  // pass also sums the rows.
+  // Consecutive targets share a pass while their packed operands fit the planner's budget (cpu_plan.h); the
+  // first pass also sums the rows.
   float* sums = row_sums.defined() ? row_sums.data_ptr<float>() : nullptr;
+  std::vector<int64_t> bytes;
+  for (const TransposedTarget& target : targets) bytes.push_back(static_cast<int64_t>(target.b->panels.nbytes()));
+  const cpu_plan::Machine machine = cpu_plan::this_machine();
   for (size_t first = 0; first < targets.size();) {
-    size_t last = first + 1;
-    int64_t bytes = targets[first].b->panels.nbytes();
-    while (last < targets.size() &&
-           bytes + targets[last].b->panels.nbytes() <= cpu_limits::kSharedGatherMaxPackedBytes) {
-      bytes += targets[last++].b->panels.nbytes();
-    }
+    const size_t last = first + cpu_plan::shared_gather_count(bytes.data(), static_cast<int64_t>(bytes.size()),
+                                                              static_cast<int64_t>(first), machine);
     transposed_products(a.data_ptr<float>(), a.stride(0), a.stride(1), M,
                         c10::ArrayRef<TransposedTarget>(targets).slice(first, last - first), /*accumulate=*/false,
                         sums);

@@ -8,16 +8,12 @@
 
 #include <algorithm>
 
+#include "cpu_limits.h"
 #include "simd.h"
 
 namespace fused_lstm {
 
 constexpr int64_t kPanel = 4 * kGroup;  // columns per packed panel: 4 groups of 16
-// Products with a longer reduction run it in chunks of this many k: a [1024][64] panel chunk is 256 KB,
-// small enough to stay in L2 next to the rows that pass over it.
-constexpr int64_t kPanelChunkK = 1024;
-// panel_tile moves its accumulators into a second set of sums every this many k of an operand (see there).
-constexpr int64_t kSumChunkK = 256;
 
 // Where a panel's elements are: row k, column c (< 64) at panel[k * k_stride + (c / 16) * group_stride +
 // c % 16]. Packed panels are either row-major ([K][64]: k_stride 64, group_stride 16) or group-major
@@ -62,33 +58,31 @@ FUSED_LSTM_ALWAYS_INLINE void panel_tile(const PanelOperand (&ops)[Operands], fl
   constexpr int L = Isa::kLanes, V = Isa::pass_vecs(Rows);
   if (accumulate) {
     // The accumulated rows (an LSTM step's input projection) were written long before and come from
-    // memory: ask for them now so that they arrive while the k loop runs (was ~15% of a step, stalled on
-    // this load, at batch 64).
+    // memory: ask for them now so that they arrive while the k loop runs instead of stalling the store.
     for (int r = 0; r < Rows; ++r) {
       for (int g = 0; g < 4; ++g) __builtin_prefetch(out + r * out_row_stride + g * group_stride, 1);
     }
   }
   for (int64_t first_col = 0; first_col < kPanel; first_col += V * L) {
     // The accumulators sum k one term after the other, and over a long reduction the rounding error grows
-    // with its length: so they are moved into `total` after every kSumChunkK k of an operand (outputs and
-    // gradients then have 1.0x torch.nn.LSTM's float32 error instead of 1.2-1.9x with whole-K sums).
+    // with its length: so they are moved into `total` after every kSumChunkK k of an operand (cpu_limits.h).
     // `total` lives in memory (L1): with AVX-512 the 24 accumulators, 4 panel vectors and a broadcast
-    // already take 29 of the 32 vector registers (a register-resident second set made the compiler spill in
-    // the k loop even with 16 accumulators: forward 3-5% slower).
+    // already take 29 of the 32 vector registers, and a register-resident second set makes the compiler spill
+    // in the k loop.
     vec<L> acc[Rows][V] = {};
     alignas(64) float total[Rows][V][L];
     for (int r = 0; r < Rows; ++r) {
       for (int v = 0; v < V; ++v) store<L>(total[r][v], bias ? load<L>(bias + first_col + v * L) : vec<L>{});
     }
     for (const PanelOperand& op : ops) {
-      for (int64_t k0 = 0; k0 < op.K; k0 += kSumChunkK) {
-        const int64_t k1 = std::min(op.K, k0 + kSumChunkK);
+      for (int64_t k0 = 0; k0 < op.K; k0 += cpu_limits::kSumChunkK) {
+        const int64_t k1 = std::min(op.K, k0 + cpu_limits::kSumChunkK);
         // Two k per iteration: the loop's own instructions are then 4 per 48 FMAs (AVX-512), and the next k's
-        // loads issue next to this one's FMAs; 0.5-1.5% faster in place, in cache 97.5-99.6% of the FMA peak.
+        // loads issue next to this one's FMAs.
 #pragma GCC unroll 2
         for (int64_t k = k0; k < k1; ++k) {
           // Row-major panels (all that the AVX-512 build reads, see panel_rows) keep the columns' offsets
-          // compile-time constants, as they were before group-major panels.
+          // compile-time constants.
           const float* w = op.panel + k * op.layout.k_stride;
           vec<L> wv[V];
 #pragma GCC unroll 8
@@ -195,8 +189,7 @@ void matmul_panel(const float* a, int64_t a_row_stride, int64_t a_col_stride, co
 
 // Fills one panel of K x 64 laid out as `layout` says from 64 source rows (rows[c] holds panel column c along
 // k, at stride k_stride; null for a zero column). Walks k in chunks so that the scattered writes land in an
-// L1-sized chunk of the panel: writing one column at a time touched a new cache line per element (~2 ms for
-// a 4 MB W_hh).
+// L1-sized chunk of the panel: writing one column at a time would touch a new cache line per element.
 void fill_panel_from_rows(const float* const (&rows)[kPanel], int64_t k_stride, int64_t K, const PanelLayout& layout,
                           float* panel);
 

@@ -8,8 +8,8 @@
 //     per step (every thread reads all of h_{t-1} while others write h_t, so h is double-buffered);
 //   - by batch rows, when all the weights fit in every core's L2: each thread runs whole sequences and
 //     never waits for another.
-// Small batches read W_hh in place (dot_gemm.h) instead of packing it. Which form runs where:
-// cpu_limits.h, ForwardPlan below.
+// Small batches read W_hh in place (dot_gemm.h) instead of packing it. Which form runs where: the planner
+// (cpu_plan.h, plan_forward and plan_backward).
 #include "recurrence_cpu.h"
 
 #include <ATen/ATen.h>
@@ -23,6 +23,7 @@
 #endif
 
 #include "cpu_limits.h"
+#include "cpu_plan.h"
 #include "dot_gemm.h"
 #include "packed_gemm.h"
 #include "step_spans.h"
@@ -99,8 +100,8 @@ struct ThreadStep {
       }
     }
     const int64_t unit_begin = block_begin * kGroup, unit_end = std::min(H, block_end * kGroup);
-    // The saved h_prev and c_prev are read only by the backward: streamed out (step_spans.h), 1.5% of the
-    // forward at batch 64, H = 1024 and 2.5% at H = 512.
+    // The saved h_prev and c_prev are read only by the backward: streamed out (step_spans.h), so that their
+    // lines are not read for ownership.
     for (int64_t b = 0; b < step.rows; ++b) {
       forward_span<float, Isa::kPointwiseLanes, Isa::kLanes>(step, b, unit_begin, unit_end);
     }
@@ -145,48 +146,6 @@ struct ProjectBlocks {
   }
 };
 
-// Threads for a recurrence: one per kFlopsPerThread of recurrent work per step, at most one per slice. Below that
-// the per-step barrier costs more than the thread saves, and a barrier is where a busy machine hurts most
-// (a descheduled thread stalls the rest).
-constexpr int64_t kFlopsPerThread = 256 << 10;
-
-int team_size(int64_t H, int64_t Hout, int64_t N, int64_t slices) {
-  const int64_t flops_per_step = 8 * H * Hout * N;
-  return static_cast<int>(std::max<int64_t>(
-      1, std::min({static_cast<int64_t>(at::get_num_threads()), slices, flops_per_step / kFlopsPerThread})));
-}
-
-// Bytes of packed float32 weights of K inputs for the 4H gate rows (W_ih: K = I, W_hh: K = Hout).
-int64_t weight_bytes(int64_t H, int64_t K) { return 4 * H * K * static_cast<int64_t>(sizeof(float)); }
-
-// Whether a packed forward recurrence computes each step's input projection in the same register tiles as
-// the recurrent product (else in chunks of steps; see cpu_limits.h).
-bool fuse_input_projection(int64_t N, int64_t H, int64_t Hout, int64_t I, int64_t blocks) {
-  if (N < cpu_limits::kFusedProjectionMinBatch) return false;
-  const int64_t threads = team_size(H, Hout + I, N, blocks);
-  return weight_bytes(H, I + Hout) / threads <= cpu_limits::kFusedProjectionMaxSliceBytes;
-}
-
-// Rows of input per chunk when the packed recurrence projects chunks of steps (cpu_limits.h): a fixed count
-// while the weights leave room in L3, else as many as kLargeProjectionChunkBytes of gates ([rows, 4H]) hold.
-int64_t projection_chunk_rows(int64_t H, int64_t Hout, int64_t I) {
-  const int64_t gate_row_bytes = 4 * H * static_cast<int64_t>(sizeof(float));
-  return weight_bytes(H, I + Hout) > cpu_limits::kProjectionChunkMaxWeightBytes
-             ? cpu_limits::kLargeProjectionChunkBytes / gate_row_bytes
-             : cpu_limits::kProjectionChunkRows;
-}
-
-int row_team_size(int64_t N) {
-  return static_cast<int>(std::clamp<int64_t>(N / cpu_limits::kRowSplitMinRowsPerThread, 1, at::get_num_threads()));
-}
-
-// Whether a packed forward recurrence splits the batch between threads instead of the hidden units (see
-// cpu_limits.h); the row split's team is then row_team_size(N).
-bool split_batch(int64_t N, int64_t H, int64_t Hout, int64_t I, int64_t blocks) {
-  return N >= cpu_limits::kRowSplitMinBatch && weight_bytes(H, I + Hout) <= cpu_limits::kRowSplitMaxWeightBytes &&
-         row_team_size(N) >= team_size(H, Hout + I, N, blocks);
-}
-
 // (this thread's index, the team's size) inside an OpenMP parallel region.
 std::pair<int64_t, int64_t> thread_in_team() {
 #ifdef _OPENMP
@@ -206,36 +165,6 @@ struct PointwiseBackwardUnits {
   }
 };
 
-// How a forward recurrence runs (see cpu_limits.h for the measurements behind each switch).
-struct ForwardPlan {
-  // Small batches with a large W_hh: W_hh read in place, after the driver's input projection. Otherwise the
-  // weights are packed and the recurrence computes the input projection itself, each thread for its own
-  // gate columns (so no barrier separates projection and recurrence).
-  bool in_place = false;
-  bool split_rows = false;           // threads split the batch, not the hidden units
-  bool per_step_projection = false;  // x.W_ih in the same register tiles as h.W_hh, step by step ...
-  int64_t chunk_steps = 1;           // ... else for chunks of steps (W_ih streamed once per chunk; the
-                                     // chunk's gates stay in cache instead of a [R, 4H] round trip)
-  int threads = 1;
-};
-
-ForwardPlan plan_forward(int64_t N, int64_t H, int64_t Hout, int64_t I) {
-  ForwardPlan plan;
-  const int64_t blocks = (H + kGroup - 1) / kGroup;
-  plan.in_place = N <= cpu_limits::kMaxInPlaceBatch && weight_bytes(H, Hout) >= cpu_limits::kInPlaceMinWeightBytes;
-  if (plan.in_place) {
-    plan.threads = team_size(H, Hout, N, blocks);
-    return plan;
-  }
-  plan.split_rows = split_batch(N, H, Hout, I, blocks);
-  plan.per_step_projection = plan.split_rows || fuse_input_projection(N, H, Hout, I, blocks);
-  if (!plan.per_step_projection) {
-    plan.chunk_steps = std::max<int64_t>(1, (projection_chunk_rows(H, Hout, I) + N - 1) / N);
-  }
-  plan.threads = plan.split_rows ? row_team_size(N) : team_size(H, Hout + I, N, blocks);
-  return plan;
-}
-
 }  // namespace
 
 bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
@@ -245,9 +174,16 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
               "proj_size (got ", dtype, a.w_hr.defined() ? " with proj_size" : "", ")");
   if (!supported) return false;
   const int64_t N = a.h_state.size(0), H = a.c_state.size(1), Hout = a.h_state.size(1);
-  const int64_t R = a.input.size(0), I = a.input.size(1);
-  const ForwardPlan plan = plan_forward(N, H, Hout, I);
-  if (!plan.in_place && R < cpu_limits::kMinRecurrenceRows && !a.required) return false;
+  const int64_t I = a.input.size(1);
+  cpu_plan::ForwardShape shape;
+  shape.batch = N;
+  shape.hidden = H;
+  shape.out_hidden = Hout;
+  shape.input_size = I;
+  shape.rows = a.input.size(0);
+  shape.required = a.required;
+  const cpu_plan::ForwardPlan plan = cpu_plan::plan_forward(shape, cpu_plan::this_machine());
+  if (!plan.fused) return false;
   const bool in_place = plan.in_place, owns_projection = !plan.in_place, split_rows = plan.split_rows;
   if (a.projected == owns_projection) return false;  // offered the projection: take it iff we own it
   const bool per_step_projection = plan.per_step_projection;
@@ -280,7 +216,7 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
   const int64_t output_stride = a.output.stride(0);
   float* c_prev = a.c_prev_saved.defined() ? a.c_prev_saved.data_ptr<float>() : nullptr;
   float* h_prev = a.h_prev_saved.defined() ? a.h_prev_saved.data_ptr<float>() : nullptr;
-  const int threads = plan.threads;
+  const int threads = static_cast<int>(plan.threads);
   int64_t final_buffer = 0;  // which of h_buffers holds h after the last step
 
 #pragma omp parallel num_threads(threads)
@@ -370,11 +306,14 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
 // its columns of dh = d_gates @ w_hh from all units' d_gates. The dh columns it writes are exactly the
 // units its next pointwise step reads, and c is per unit, so one barrier per step is enough.
 bool cpu_recurrence_backward(const RecurrenceBackwardArgs& a) {
-  if (a.gates.scalar_type() != at::kFloat || a.gates.size(0) < cpu_limits::kMinRecurrenceRows) return false;
   const int64_t N = a.dh_state.size(0), H = a.dc_state.size(1);
+  const cpu_plan::BackwardPlan plan =
+      cpu_plan::plan_backward(N, H, a.gates.size(0), a.gates.scalar_type() == at::kFloat, /*projection=*/false,
+                              /*vector_kernels=*/true, cpu_plan::this_machine());
+  if (!plan.fused) return false;
   const int64_t steps = static_cast<int64_t>(a.step_rows->size());
   const PackedMatrix w_hh = pack_matrix(a.w_hh);  // [4H, H] in panels of 64 columns (units)
-  const int threads = team_size(H, H, N, w_hh.count());
+  const int threads = static_cast<int>(plan.threads);
 
   const float* gates = a.gates.data_ptr<float>();
   const float* c_prev = a.c_prev.data_ptr<float>();
@@ -409,12 +348,13 @@ bool cpu_recurrence_backward(const RecurrenceBackwardArgs& a) {
       const int64_t carried = carried_rows(*a.step_rows, t, a.reverse, a.need_h0_grad);
       if (carried == 0) continue;  // the same on every thread, and the last step with rows (batch sizes never grow)
 #pragma omp barrier
-      // A panel is [4H][64]: 1 MB at H = 1024, too much to stay in L2 next to the rows it multiplies, so
-      // each row tile would stream it from L3 again. In k chunks of 256 KB it does stay.
+      // A panel is [4H][64]: at large H too much to stay in L2 next to the rows it multiplies, so each row
+      // tile would stream it from L3 again. In k chunks of kPanelChunkK (plan.k_chunks of them) it does stay.
+      constexpr int64_t kChunkK = cpu_limits::kPanelChunkK;
       for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
-        for (int64_t k0 = 0; k0 < 4 * H; k0 += kPanelChunkK) {
+        for (int64_t k0 = 0; k0 < 4 * H; k0 += kChunkK) {
           matmul_panel(d_gates + row0 * 4 * H, 4 * H, 1, w_hh, dh, H, /*accumulate=*/k0 > 0, nullptr, panel, 0,
-                       carried, k0, std::min(4 * H, k0 + kPanelChunkK));
+                       carried, k0, std::min(4 * H, k0 + kChunkK));
         }
       }
     }
