@@ -421,38 +421,28 @@ def test_variant_switches_errors(monkeypatch, product, exchange, message):
         persistent_plan(8, 64, torch.bfloat16)
 
 
-def test_cluster_bidirectional_packed_bitwise_in_any_block_order(monkeypatch):
-    """Two clusters (the directions) run on their own; blocks within a cluster in any order give the same bits."""
-    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", "cluster")
-    layer = Layer("cluster_order", packed=True, batch=5, steps=5, hidden=20)
-    inputs = cast(make_inputs(layer, torch.float32), torch.float32, layer)
+def assert_bitwise_in_any_block_order(monkeypatch, run, seeds=("7", "8")):
+    """run() gives the same tensors, bit for bit, with blocks in order and in the seeded random orders."""
     results = []
-    for seed in (None, "5", "6"):
+    for seed in (None, *seeds):
         if seed is None:
             monkeypatch.delenv("FUSED_LSTM_EMU_SEED", raising=False)
         else:
             monkeypatch.setenv("FUSED_LSTM_EMU_SEED", seed)
-        results.append(layer_forward(EMU, layer, inputs, "persistent")[:3])
+        results.append(run())
     for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+        for name, value in results[0].items():
+            assert torch.equal(value, other[name]), name
 
 
-def test_persistent_bitwise_in_any_block_order(monkeypatch):
-    """The persistent kernel's result does not depend on the order blocks run in (a missing grid barrier
-    would make it do so)."""
+@pytest.mark.parametrize("exchange", ["grid", "cluster"])
+def test_persistent_bitwise_in_any_block_order(monkeypatch, exchange):
+    """The persistent forward's result does not depend on the order blocks run in (a missing grid or cluster
+    barrier would make it do so); with the cluster exchange, the two directions are two clusters."""
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", exchange)
     layer = Layer("order", packed=True, batch=5, steps=5, hidden=20)
     inputs = cast(make_inputs(layer, torch.float32), torch.float32, layer)
-    results = []
-    for seed in (None, "7", "8"):
-        if seed is None:
-            monkeypatch.delenv("FUSED_LSTM_EMU_SEED", raising=False)
-        else:
-            monkeypatch.setenv("FUSED_LSTM_EMU_SEED", seed)
-        results.append(layer_forward(EMU, layer, inputs, "persistent")[:3])
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+    assert_bitwise_in_any_block_order(monkeypatch, lambda: flatten(layer_forward(EMU, layer, inputs, "persistent")))
 
 
 @pytest.mark.parametrize("profile", ["h100", "a100", "rtx3090", "l4"])
@@ -559,16 +549,8 @@ def test_persistent_backward_bitwise_across_runs_and_block_orders(monkeypatch):
     inputs = cast(make_inputs(layer, torch.float32), torch.float32, layer)
     forward = layer_forward(EMU, layer, inputs, "persistent")
     grads = random_grads(forward, torch.float32)
-    results = []
-    for seed in (None, "3", "4"):
-        if seed is None:
-            monkeypatch.delenv("FUSED_LSTM_EMU_SEED", raising=False)
-        else:
-            monkeypatch.setenv("FUSED_LSTM_EMU_SEED", seed)
-        results.append(flatten(forward, layer_backward(EMU, layer, inputs, forward, grads)))
-    for other in results[1:]:
-        for name, value in results[0].items():
-            assert torch.equal(value, other[name]), name
+    assert_bitwise_in_any_block_order(
+        monkeypatch, lambda: flatten(forward, layer_backward(EMU, layer, inputs, forward, grads)), seeds=("3", "4"))
 
 
 @pytest.mark.parametrize("profile, batch, hidden, k_split, units_per_block", [

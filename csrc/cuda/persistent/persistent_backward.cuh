@@ -101,14 +101,8 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
   }
   __syncthreads();
 
-  // Static tile assignment for the product (as in the forward kernel): tile = (local unit, 4 batch rows).
-  const int k_split = p.k_split;
-  const int kslice = threadIdx.x & (k_split - 1);
-  const int group = threadIdx.x / k_split;
-  const int groups = kThreads / k_split;
-  const int row_tiles = n_pad / RB;
-  const int tiles = U * row_tiles;
-  const int passes = (tiles + groups - 1) / groups;
+  // The product's tiles: one unit x 4 batch rows (persistent_common.cuh).
+  const TileSplit split(p.k_split, U, n_pad);
   // d_gates rows start 16-byte aligned in global memory when 4H fills whole vectors: stage by vectors then.
   const bool vector_rows = G % V == 0;
 
@@ -164,19 +158,19 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
     }
     __syncthreads();
 
-    // Every thread runs every pass (passes is uniform), so the full-warp shuffles never diverge.
-    for (int pass = 0; pass < passes; ++pass) {
-      const int tile = group + pass * groups;
-      const int u = tile / row_tiles;
-      const int b0 = (tile % row_tiles) * RB;
-      const bool tile_live = tile < tiles && unit0 + u < H;
+    for (int pass = 0; pass < split.passes; ++pass) {
+      const int tile = split.tile(pass);
+      const int u = split.unit(tile);
+      const int b0 = split.first_row(tile);
+      const bool tile_live = tile < split.tiles && unit0 + u < H;
+      const int kslice = split.kslice;
       float acc[RB];
 #pragma unroll
       for (int r = 0; r < RB; ++r) acc[r] = 0.0f;
       if (tile_live && b0 < carried) {
         const uint4* w_vec = reinterpret_cast<const uint4*>(w_s + u * K);
         const uint4* dg_vec = reinterpret_cast<const uint4*>(dg_s + b0 * K);
-        for (int kv = kslice; kv < KV; kv += k_split) {
+        for (int kv = kslice; kv < KV; kv += split.k_split) {
           float w[V];
           unpack<scalar_t>(w_vec[kv], w);
 #pragma unroll
@@ -188,7 +182,7 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
           }
         }
       }
-      for (int lane_mask = k_split / 2; lane_mask > 0; lane_mask /= 2) {
+      for (int lane_mask = split.k_split / 2; lane_mask > 0; lane_mask /= 2) {
 #pragma unroll
         for (int r = 0; r < RB; ++r) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], lane_mask);
       }

@@ -95,6 +95,27 @@ struct StepWalk {
   }
 };
 
+// How a block's threads share the product's output tiles (one hidden unit x kRowsPerTile batch rows each):
+// k_split consecutive lanes of a warp take one tile, each summing every k_split-th 16-byte vector of the
+// reduction, and the block walks its tiles in `passes` rounds of `groups` tiles. The same thread has the same
+// tiles at every step. passes is the same for every thread, so warp shuffles inside a pass never diverge.
+struct TileSplit {
+  int k_split, kslice, group, groups, row_tiles, tiles, passes;
+
+  __device__ TileSplit(int lanes_per_tile, int units, int padded_batch)
+      : k_split(lanes_per_tile),
+        kslice(static_cast<int>(threadIdx.x) & (lanes_per_tile - 1)),
+        group(static_cast<int>(threadIdx.x) / lanes_per_tile),
+        groups(kThreads / lanes_per_tile),
+        row_tiles(padded_batch / kRowsPerTile),
+        tiles(units * (padded_batch / kRowsPerTile)),
+        passes((units * (padded_batch / kRowsPerTile) + kThreads / lanes_per_tile - 1) / (kThreads / lanes_per_tile)) {}
+
+  __device__ int tile(int pass) const { return group + pass * groups; }
+  __device__ int unit(int tile) const { return tile / row_tiles; }             // local unit
+  __device__ int first_row(int tile) const { return (tile % row_tiles) * kRowsPerTile; }
+};
+
 // Rows with a length above t: the active rows of step t.
 __device__ __forceinline__ int rows_at(int t, const int* lengths, int batch) {
   int rows = 0;

@@ -110,18 +110,13 @@ __device__ __forceinline__ void product_fma(const scalar_t* w_s, const scalar_t*
   constexpr int V = kVec<scalar_t>;
   constexpr int RB = kRowsPerTile;
   const int KV = P / V;
-  const int kslice = threadIdx.x & (k_split - 1);
-  const int group = threadIdx.x / k_split;
-  const int groups = kThreads / k_split;
-  const int row_tiles = n_pad / RB;
-  const int tiles = U * row_tiles;
-  const int passes = (tiles + groups - 1) / groups;
-  // Every thread runs every pass (passes is uniform), so the full-warp shuffles below never diverge.
-  for (int pass = 0; pass < passes; ++pass) {
-    const int tile = group + pass * groups;
-    const int u = tile / row_tiles;          // local unit
-    const int b0 = (tile % row_tiles) * RB;  // first batch row of the tile
-    const bool live = tile < tiles && b0 < rows;
+  const TileSplit split(k_split, U, n_pad);
+  const int kslice = split.kslice;
+  for (int pass = 0; pass < split.passes; ++pass) {
+    const int tile = split.tile(pass);
+    const int u = split.unit(tile);
+    const int b0 = split.first_row(tile);
+    const bool live = tile < split.tiles && b0 < rows;
     // acc[g][r] = partial sum over this lane's k vectors of W_hh[g*H + unit, k] * h_{t-1}[b0 + r, k].
     float acc[4][RB];
 #pragma unroll
@@ -151,7 +146,7 @@ __device__ __forceinline__ void product_fma(const scalar_t* w_s, const scalar_t*
     }
     // Butterfly over the k_split lanes of the tile (aligned groups inside one warp): afterwards every lane
     // of the tile holds the full sums, in a fixed order, so results are bitwise reproducible.
-    for (int lane_mask = k_split / 2; lane_mask > 0; lane_mask /= 2) {
+    for (int lane_mask = split.k_split / 2; lane_mask > 0; lane_mask /= 2) {
 #pragma unroll
       for (int g = 0; g < 4; ++g) {
 #pragma unroll
