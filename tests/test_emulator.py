@@ -349,7 +349,7 @@ def test_persistent_plan_branches(profile, batch, hidden, k_split, units_per_blo
 
 VARIANTS = [(torch.float32, "fma", "grid"), (torch.float16, "fma", "grid"), (torch.bfloat16, "fma", "grid"),
             (torch.float16, "mma", "grid"), (torch.bfloat16, "mma", "grid"),
-            (torch.float32, "fma", "cluster"), (torch.bfloat16, "fma", "cluster")]
+            (torch.float32, "fma", "cluster"), (torch.float16, "fma", "cluster"), (torch.bfloat16, "fma", "cluster")]
 
 
 @pytest.mark.parametrize("dtype, product, exchange", VARIANTS, ids=str)
@@ -714,3 +714,22 @@ def test_backward_follows_the_forward_recurrence(monkeypatch, recurrence, enviro
         inputs["weights"], layer.biases, False, layer.bidirectional, gates, c_prev, h_prev, True, True, True)
     for a, b in zip([*got[:3], *got[3]], [*expected[:3], *expected[3]]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, product, exchange", VARIANTS + [(torch.float32, "mma", "grid")], ids=str)
+def test_persistent_forward_without_workspace(monkeypatch, dtype, product, exchange):
+    """Inference (need_workspace=False) runs the kernels' instantiations that save no workspace: same outputs,
+    bit for bit, as the training instantiation, and an empty workspace."""
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", product)
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", exchange)
+    torch.backends.cudnn.allow_tf32 = dtype == torch.float32 and product == "mma"  # TF32 tensor cores need it
+    layer = Layer("inference", packed=True, batch=6, steps=5, hidden=12)
+    a = cast(make_inputs(layer, dtype), dtype, layer)
+    op = torch.ops.fused_lstm_emu.lstm_layer
+    before = persistent_launches()
+    results = [op(a["x"], a["batch_sizes"], a["h0"], a["c0"], a["weights"], layer.biases, False, layer.bidirectional,
+                  workspace, "persistent") for workspace in (True, False)]
+    assert persistent_launches() - before == 2 * layer.directions
+    for trained, inferred in zip(results[0][:3], results[1][:3]):
+        assert torch.equal(trained, inferred)
+    assert all(t.numel() == 0 for t in results[1][3:])
