@@ -167,6 +167,16 @@ def kept_build_ext(base):
             super().finalize_options()
             self.build_temp = os.path.join(ROOT, "build", "temp-" + sys.implementation.cache_tag)
 
+        def build_extension(self, ext):
+            # One folder per extension: _C and _emu compile some sources alike with different flags, and
+            # sharing the objects would make every build recompile them for the other.
+            shared = self.build_temp
+            self.build_temp = os.path.join(shared, ext.name.rsplit(".", 1)[-1])
+            try:
+                super().build_extension(ext)
+            finally:
+                self.build_temp = shared
+
     return KeptBuildExtension
 
 
