@@ -199,7 +199,8 @@ def test_module_gradients_with_frozen_parts(frozen, monkeypatch):
     asked = []
 
     def recording_backward(*args):
-        asked.append(args[-3:])  # need_input_grad, need_weight_grads, need_h0_grad
+        assert args[-1] == "auto"  # the forward call's recurrence
+        asked.append(args[-4:-1])  # need_input_grad, need_weight_grads, need_h0_grad
         return real_backward(*args)
 
     real_backward = ops.lstm_layer_backward
