@@ -42,6 +42,20 @@ def _check_state(input: Tensor, hx: _HiddenState, weight: Tensor) -> None:
             raise RuntimeError(f"Expected {name} to have dtype {input.dtype} like the input, got {state.dtype}")
 
 
+def _batched_state(hx: Tuple[Tensor, Tensor], is_batched: bool) -> Tuple[Tensor, Tensor]:
+    """A given (h_0, c_0) checked against the input's form, as torch.nn.LSTM checks it, with the batch dimension
+    added for unbatched input. Shared by LSTM.forward and its scriptable twin."""
+    if is_batched:
+        if hx[0].dim() != 3 or hx[1].dim() != 3:
+            raise RuntimeError("For batched 3-D input, hx and cx should also be 3-D but got "
+                               f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+        return hx
+    if hx[0].dim() != 2 or hx[1].dim() != 2:
+        raise RuntimeError("For unbatched 2-D input, hx and cx should also be 2-D but got "
+                           f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+    return (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+
+
 def _autocast_enabled(input: Tensor) -> bool:
     if torch.jit.is_scripting():
         return torch.is_autocast_enabled()  # TorchScript's takes no device type: CUDA's
@@ -158,15 +172,7 @@ class LSTM(nn.RNNBase):
         if hx is None:
             hx = self._zero_state(input, input.size(batch_dim))
         else:
-            if is_batched:
-                if hx[0].dim() != 3 or hx[1].dim() != 3:
-                    raise RuntimeError("For batched 3-D input, hx and cx should also be 3-D but got "
-                                       f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
-            else:
-                if hx[0].dim() != 2 or hx[1].dim() != 2:
-                    raise RuntimeError("For unbatched 2-D input, hx and cx should also be 2-D but got "
-                                       f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
-                hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+            hx = _batched_state(hx, is_batched)
         self.check_forward_args(input, hx, None)
         if input.size(0 if not self.batch_first else 1) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
@@ -342,15 +348,7 @@ class _ScriptableLSTM(LSTM):
             if hx is None:
                 hx = self._zero_state(input, input.size(batch_dim))
             else:
-                if is_batched:
-                    if hx[0].dim() != 3 or hx[1].dim() != 3:
-                        raise RuntimeError("For batched 3-D input, hx and cx should also be 3-D but got "
-                                           f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
-                else:
-                    if hx[0].dim() != 2 or hx[1].dim() != 2:
-                        raise RuntimeError("For unbatched 2-D input, hx and cx should also be 2-D but got "
-                                           f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
-                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+                hx = _batched_state(hx, is_batched)
             self.check_forward_args(input, hx, None)
             if input.size(0 if not self.batch_first else 1) == 0:
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
