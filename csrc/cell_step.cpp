@@ -55,19 +55,14 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& input_arg, co
   if (N > 0) {
     backend.matmul(gates, input, w_ih.t(), /*accumulate=*/false, bias);
     backend.matmul(gates, hx, w_hh.t(), /*accumulate=*/true);
-    StepForwardArgs a;
-    a.dtype = input.scalar_type();
-    a.rows = N;
-    a.hidden = H;
-    a.out_hidden = H;
-    a.gates = gates.data_ptr();
-    a.c_state = c_next.data_ptr();
-    a.h_state = hx.data_ptr();
-    a.h_next = h_next.data_ptr();
-    a.output = nullptr;
-    a.output_stride = H;
-    a.c_prev_saved = nullptr;
-    a.h_prev_saved = nullptr;
+    // One step of N rows: every operand from its row 0.
+    const StepForwardArgs a{
+        .dtype = input.scalar_type(), .rows = N, .hidden = H, .out_hidden = H,
+        .gates = rows_at(gates, 0),
+        .c_state = rows_at(c_next, 0),
+        .h_state = rows_at(hx, 0),
+        .h_next = rows_at(h_next, 0),
+    };
     backend.step_forward(a);
   }
   record_forward_path(backend.path_name(/*whole_recurrence=*/false));
@@ -107,18 +102,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_bac
   whole.dc_state = grad_cx;
   whole.d_gates = d_gates;
   if (N > 0 && !backend.recurrence_backward(whole)) {
-    StepBackwardArgs a;
-    a.dtype = input.scalar_type();
-    a.rows = N;
-    a.hidden = H;
-    a.gates = gates.data_ptr();
-    a.c_prev = cx.data_ptr();
-    a.dh = dh.data_ptr();
-    a.d_output = nullptr;
-    a.d_output_stride = H;
-    a.dc_state = grad_cx.data_ptr();
-    a.d_gates = d_gates.data_ptr();
-    a.h_next = nullptr;
+    const StepBackwardArgs a{
+        .dtype = input.scalar_type(), .rows = N, .hidden = H,
+        .gates = rows_at(gates, 0),
+        .c_prev = rows_at(cx, 0),
+        .dh = rows_at(dh, 0),
+        .dc_state = rows_at(grad_cx, 0),
+        .d_gates = rows_at(d_gates, 0),
+    };
     backend.step_backward(a);
     backend.matmul(grad_hx, d_gates, w_hh, /*accumulate=*/false);  // [N, H]
   }

@@ -128,7 +128,7 @@ FUSED_LSTM_HOST_DEVICE T sigmoid(T x) {
 }
 
 template <typename T>
-FUSED_LSTM_HOST_DEVICE T tanh_(T x) {
+FUSED_LSTM_HOST_DEVICE T hyperbolic_tangent(T x) {  // not `tanh`: in this namespace it would hide std::tanh
 #if defined(__CUDA_ARCH__)
   return tanh(x);
 #else
@@ -149,7 +149,7 @@ struct ScalarActivations {
   }
   template <typename T>
   FUSED_LSTM_HOST_DEVICE static T tanh(T x) {
-    return fused_lstm::tanh_(x);
+    return fused_lstm::hyperbolic_tangent(x);
   }
 };
 

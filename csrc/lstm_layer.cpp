@@ -132,13 +132,23 @@ LayerShape check_layer(const Tensor& input, const c10::optional<Tensor>& batch_s
   return s;
 }
 
-// Raw address of row `row` of a tensor whose rows are `row_stride` elements apart.
-template <typename P>
-P* row_ptr(const Tensor& t, int64_t row, int64_t row_stride) {
-  return reinterpret_cast<P*>(static_cast<char*>(t.data_ptr()) + row * row_stride * t.element_size());
+}  // namespace
+
+StepRows rows_at(const Tensor& matrix, int64_t row) {
+  if (!matrix.defined()) return {};
+  TORCH_INTERNAL_ASSERT(matrix.dim() == 2 && (matrix.stride(1) == 1 || matrix.size(1) <= 1),
+                        "fused_lstm: a step operand must be a matrix with contiguous columns");
+  return {static_cast<char*>(matrix.data_ptr()) + row * matrix.stride(0) * matrix.element_size(), matrix.stride(0)};
 }
 
-}  // namespace
+StepForwardArgs StepForwardArgs::row_range(int64_t first, int64_t count) const {
+  const int64_t bytes = c10::elementSize(dtype);
+  const auto down = [&](const StepRows& m) -> StepRows {
+    return m ? StepRows{static_cast<char*>(m.data) + first * m.row_stride * bytes, m.row_stride} : m;
+  };
+  return {dtype, count, hidden, out_hidden, down(gates), down(c_state), down(h_state), down(h_next),
+          down(output), down(c_prev_saved), down(h_prev_saved)};
+}
 
 void LayerBackend::matmul(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate,
                           const Tensor& bias) const {
@@ -192,7 +202,6 @@ namespace {
 struct ForwardLayer {
   const LayerShape& s;
   const LayerBackend& backend;
-  const Tensor* batch_sizes;  // the op's batch_sizes, or nullptr when dense
   at::TensorList weights;
   bool has_biases, has_projections, need_workspace;
   Tensor input;             // [R, I]
@@ -214,6 +223,7 @@ class ForwardDirection final : public DirectionPass {
         w_(direction_weights(layer.weights, d, layer.has_biases, layer.has_projections)),
         h_state_(layer.h_n[d]),
         c_state_(layer.c_n[d]),
+        output_(layer.output.narrow(1, d * layer.s.out_hidden, layer.s.out_hidden)),
         w_hh_t_(w_.w_hh.t()) {}
 
   // Whether the backend ran the whole recurrence (recurrence_forward).
@@ -227,7 +237,6 @@ class ForwardDirection final : public DirectionPass {
     whole.required = l_.backend.recurrence() == RecurrencePath::Persistent;
     whole.step_rows = &s.step_rows;
     whole.step_offset = &s.step_offset;
-    whole.batch_sizes = l_.batch_sizes;
     whole.reverse = reverse_;
     whole.projected = false;
     whole.input = l_.input;
@@ -238,7 +247,7 @@ class ForwardDirection final : public DirectionPass {
     whole.w_hr = w_.w_hr;
     whole.h_state = h_state_;
     whole.c_state = c_state_;
-    whole.output = l_.output.narrow(1, d_ * Hout, Hout);
+    whole.output = output_;
     if (l_.need_workspace) {
       whole.c_prev_saved = l_.c_prev[d_];
       whole.h_prev_saved = l_.h_prev[d_];
@@ -261,30 +270,29 @@ class ForwardDirection final : public DirectionPass {
 
   void step(int64_t i) override {
     const LayerShape& s = l_.s;
-    const int64_t D = s.directions, H = s.hidden, Hout = s.out_hidden;
+    const int64_t H = s.hidden, Hout = s.out_hidden;
     const int64_t t = reverse_ ? s.steps - 1 - i : i;
     const int64_t rows = s.step_rows[t], row0 = s.step_offset[t];
     if (rows == 0) return;
     l_.backend.matmul(gates_.narrow(0, row0, rows), h_state_.narrow(0, 0, rows), w_hh_t_, /*accumulate=*/true);
-    const Tensor& output = l_.output;
-    StepForwardArgs a;
-    a.dtype = l_.input.scalar_type();
-    a.rows = rows;
-    a.hidden = H;
-    a.out_hidden = Hout;
-    a.gates = row_ptr<void>(gates_, row0, 4 * H);
-    a.c_state = c_state_.data_ptr();
-    a.h_state = h_state_.data_ptr();
-    a.h_next = l_.has_projections ? l_.projection_input[d_].data_ptr() : h_state_.data_ptr();
-    a.output = l_.has_projections ? nullptr : row_ptr<char>(output, row0, D * Hout) + d_ * Hout * output.element_size();
-    a.output_stride = D * Hout;
-    a.c_prev_saved = l_.need_workspace ? row_ptr<void>(l_.c_prev[d_], row0, H) : nullptr;
-    a.h_prev_saved = l_.need_workspace ? row_ptr<void>(l_.h_prev[d_], row0, Hout) : nullptr;
+    const StepForwardArgs a{
+        .dtype = l_.input.scalar_type(),
+        .rows = rows,
+        .hidden = H,
+        .out_hidden = Hout,
+        .gates = rows_at(gates_, row0),
+        .c_state = rows_at(c_state_, 0),
+        .h_state = rows_at(h_state_, 0),
+        .h_next = rows_at(l_.has_projections ? l_.projection_input[d_] : h_state_, 0),
+        .output = l_.has_projections ? StepRows{} : rows_at(output_, row0),
+        .c_prev_saved = l_.need_workspace ? rows_at(l_.c_prev[d_], row0) : StepRows{},
+        .h_prev_saved = l_.need_workspace ? rows_at(l_.h_prev[d_], row0) : StepRows{},
+    };
     l_.backend.step_forward(a);
     if (l_.has_projections) {
       const Tensor h_rows = h_state_.narrow(0, 0, rows);
       l_.backend.matmul(h_rows, l_.projection_input[d_].narrow(0, 0, rows), w_.w_hr.t(), /*accumulate=*/false);
-      output.narrow(0, row0, rows).narrow(1, d_ * Hout, Hout).copy_(h_rows);
+      output_.narrow(0, row0, rows).copy_(h_rows);
     }
   }
 
@@ -295,6 +303,7 @@ class ForwardDirection final : public DirectionPass {
   const DirectionWeights w_;
   const Tensor h_state_;  // [N, Hout]
   const Tensor c_state_;  // [N, H]
+  const Tensor output_;   // [R, Hout], row stride D*Hout: this direction's columns of the output
   const Tensor w_hh_t_;   // [Hout, 4H]
   Tensor gates_;          // [R, 4H]: the input projection, then post-activation gates (set by the prologue)
   bool whole_recurrence_ = false;
@@ -352,31 +361,29 @@ class BackwardDirection final : public DirectionPass {
 
   void step(int64_t i) override {
     const LayerShape& s = l_.s;
-    const int64_t D = s.directions, H = s.hidden, Hout = s.out_hidden;
+    const int64_t H = s.hidden, Hout = s.out_hidden;
     const int64_t t = reverse_ ? i : s.steps - 1 - i;  // the opposite order of this direction's forward pass
     const int64_t rows = s.step_rows[t], row0 = s.step_offset[t];
     if (rows == 0) return;
     const Tensor d_output_rows = l_.grad_output.narrow(0, row0, rows).narrow(1, d_ * Hout, Hout);
-    StepBackwardArgs a;
-    a.dtype = l_.input.scalar_type();
-    a.rows = rows;
-    a.hidden = H;
-    a.gates = row_ptr<void>(l_.gates[d_], row0, 4 * H);
-    a.c_prev = row_ptr<void>(l_.c_prev[d_], row0, H);
-    a.dc_state = dc_state_.data_ptr();
-    a.d_gates = row_ptr<void>(d_gates_, row0, 4 * H);
-    a.d_output_stride = D * Hout;
+    StepBackwardArgs a{
+        .dtype = l_.input.scalar_type(),
+        .rows = rows,
+        .hidden = H,
+        .gates = rows_at(l_.gates[d_], row0),
+        .c_prev = rows_at(l_.c_prev[d_], row0),
+        .dh = rows_at(dh_state_, 0),
+        .d_output = rows_at(d_output_rows, 0),
+        .dc_state = rows_at(dc_state_, 0),
+        .d_gates = rows_at(d_gates_, row0),
+    };
     if (l_.has_projections) {
       const Tensor dh_rows = l_.dh_total[d_].narrow(0, row0, rows);
       at::add_out(const_cast<Tensor&>(dh_rows), dh_state_.narrow(0, 0, rows), d_output_rows);
       l_.backend.matmul(l_.dh_projected[d_].narrow(0, 0, rows), dh_rows, w_.w_hr, /*accumulate=*/false);
-      a.dh = l_.dh_projected[d_].data_ptr();
-      a.d_output = nullptr;
-      a.h_next = row_ptr<void>(l_.h_next[d_], row0, H);
-    } else {
-      a.dh = dh_state_.data_ptr();
-      a.d_output = d_output_rows.data_ptr();
-      a.h_next = nullptr;
+      a.dh = rows_at(l_.dh_projected[d_], 0);
+      a.d_output = {};
+      a.h_next = rows_at(l_.h_next[d_], row0);
     }
     l_.backend.step_backward(a);
     const int64_t carried = carried_rows(s.step_rows, t, reverse_, l_.need_h0_grad);
@@ -448,7 +455,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
   Tensor h_prev = need_workspace ? at::empty({D, R, Hout}, opts) : at::empty({0}, opts);
   Tensor projection_input = has_projections ? at::empty({D, N, H}, opts) : Tensor();  // h' before w_hr
 
-  const ForwardLayer layer{s, backend, batch_sizes.has_value() ? &*batch_sizes : nullptr, weights,
+  const ForwardLayer layer{s, backend, weights,
                            has_biases, has_projections, need_workspace,
                            input, output, h_n, c_n, gates, c_prev, h_prev, projection_input};
   bool whole_recurrence = false;

@@ -19,6 +19,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Optional.h>
 #include <c10/util/string_view.h>
@@ -31,33 +32,48 @@ namespace fused_lstm {
 
 using at::Tensor;
 
-// Arguments of the fused pointwise forward of one time step for `rows` active batch rows.
-// All pointers address rows with the given row strides (in elements); `dtype` is the storage type.
+// One matrix operand of a step kernel: row b of the step's rows starts `row_stride` elements after row b - 1,
+// its columns are contiguous. Null data: the operand is absent.
+struct StepRows {
+  void* data = nullptr;
+  int64_t row_stride = 0;
+  C10_HOST_DEVICE explicit operator bool() const { return data != nullptr; }
+  template <typename T>
+  C10_HOST_DEVICE T* row(int64_t b) const {
+    return static_cast<T*>(data) + b * row_stride;
+  }
+};
+
+// Row `row` of a matrix (2-D, unit column stride) as a StepRows operand; absent for an undefined tensor.
+StepRows rows_at(const Tensor& matrix, int64_t row);
+
+// Arguments of the fused pointwise forward of one time step for `rows` active batch rows, each operand with
+// its own row stride. `dtype` is the storage type of every operand.
 struct StepForwardArgs {
   at::ScalarType dtype;
   int64_t rows, hidden, out_hidden;
-  void* gates;          // [rows, 4H], row stride 4H: pre-activations in, post-activations out
-  void* c_state;        // [rows, H], row stride H: c in, c' out
-  const void* h_state;  // [rows, Hout], row stride Hout: h (read only to save it in h_prev_saved)
-  void* h_next;         // [rows, H], row stride H: receives h' (the state itself when not projecting)
-  void* output;         // [rows, Hout], row stride output_stride: also receives h' (null when projecting)
-  int64_t output_stride;
-  void* c_prev_saved;   // [rows, H] or null: receives c
-  void* h_prev_saved;   // [rows, Hout] or null: receives h
+  StepRows gates;         // [rows, 4H]: pre-activations in, post-activations out
+  StepRows c_state;       // [rows, H]: c in, c' out
+  StepRows h_state;       // [rows, Hout]: h (read only to save it in h_prev_saved)
+  StepRows h_next;        // [rows, H]: receives h' (the state itself when not projecting)
+  StepRows output;        // [rows, Hout] or absent: also receives h' (absent when projecting)
+  StepRows c_prev_saved;  // [rows, H] or absent: receives c
+  StepRows h_prev_saved;  // [rows, Hout] or absent: receives h
+  // The arguments of rows [first, first + count) of this step (every operand moved down `first` of its rows).
+  StepForwardArgs row_range(int64_t first, int64_t count) const;
 };
 
-// Arguments of the fused pointwise backward of one time step.
+// Arguments of the fused pointwise backward of one time step, likewise.
 struct StepBackwardArgs {
   at::ScalarType dtype;
   int64_t rows, hidden;
-  const void* gates;     // [rows, 4H] saved post-activation gates
-  const void* c_prev;    // [rows, H] saved cell state the step started from
-  const void* dh;        // [rows, H] gradient reaching h' from later steps (or through the projection)
-  const void* d_output;  // [rows, H], row stride d_output_stride, added to dh; null when projecting
-  int64_t d_output_stride;
-  void* dc_state;        // [rows, H]: gradient of c' in, gradient of c out
-  void* d_gates;         // [rows, 4H]: gradient of the pre-activations
-  void* h_next;          // [rows, H] or null: receives the recomputed h' (projection weight gradient)
+  StepRows gates;     // [rows, 4H] saved post-activation gates
+  StepRows c_prev;    // [rows, H] saved cell state the step started from
+  StepRows dh;        // [rows, H] gradient reaching h' from later steps (or through the projection)
+  StepRows d_output;  // [rows, H] or absent: added to dh (absent when projecting)
+  StepRows dc_state;  // [rows, H]: gradient of c' in, gradient of c out
+  StepRows d_gates;   // [rows, 4H]: gradient of the pre-activations
+  StepRows h_next;    // [rows, H] or absent: receives the recomputed h' (projection weight gradient)
 };
 
 // Which path the forward time loop takes (the op's `recurrence` argument):
@@ -74,7 +90,6 @@ struct RecurrenceForwardArgs {
   bool required = false;  // RecurrencePath::Persistent: run it or throw the reason, never return false
   const std::vector<int64_t>* step_rows;    // [T] active rows per step (host)
   const std::vector<int64_t>* step_offset;  // [T] first row of each step (host)
-  const Tensor* batch_sizes;                // the op's batch_sizes (CPU int64 [T]) or nullptr when dense
   bool reverse;                             // walk the steps from T-1 down to 0
   // The driver asks twice: first with projected = false, offering the input projection too (gates then
   // the workspace or undefined in inference, holding nothing yet), and, if declined, again after

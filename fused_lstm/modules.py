@@ -116,8 +116,7 @@ class LSTM(nn.RNNBase):
 
     def extra_repr(self) -> str:
         extra = super().extra_repr()
-        recurrence = getattr(self, "recurrence", "auto")
-        return extra if recurrence == "auto" else f"{extra}, recurrence={recurrence!r}"
+        return extra if self.recurrence == "auto" else f"{extra}, recurrence={self.recurrence!r}"
 
     def __prepare_scriptable__(self) -> nn.Module:
         """torch.jit.script compiles this module's scriptable twin: the same attributes and parameters (shared,
@@ -209,7 +208,7 @@ class LSTM(nn.RNNBase):
                 layer_input, batch_sizes, hx[0][states], hx[1][states],
                 weights[layer * per_layer:(layer + 1) * per_layer],
                 self.bias, self.proj_size > 0, self.bidirectional, need_workspace,
-                getattr(self, "recurrence", "auto"),  # modules pickled before the attribute existed
+                self.recurrence,
             )
             h_n.append(h)
             c_n.append(c)
@@ -258,7 +257,7 @@ class LSTMCell(nn.RNNCellBase):
         params = self._parameters
         w_ih, w_hh, b_ih, b_hh = params["weight_ih"], params["weight_hh"], params["bias_ih"], params["bias_hh"]
         self._check_forward(input, hx, w_ih)
-        recurrence = getattr(self, "recurrence", "auto")  # modules pickled before the attribute existed
+        recurrence = self.recurrence
         if recurrence == "auto":
             h, c, _ = ops.lstm_cell(input, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh)
         else:  # a path asked for by name: a one-step layer call, which honours it
@@ -293,7 +292,6 @@ class LSTMCell(nn.RNNCellBase):
 def _scriptable_twin(module: nn.Module, twin_class: type) -> nn.Module:
     twin = twin_class.__new__(twin_class)
     twin.__dict__.update(module.__dict__)
-    twin.__dict__.setdefault("recurrence", "auto")  # modules pickled before the attribute existed
     return twin
 
 

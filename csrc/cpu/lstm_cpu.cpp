@@ -3,11 +3,13 @@
 // thread-per-slice loops (recurrence_cpu.h); other dtypes, and float32 on other CPUs (cpu_features.h), use
 // ATen's GEMMs and the per-step pointwise spans (step_spans.h), split across threads with at::parallel_for.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <deque>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -38,58 +40,32 @@ void for_each_row_span(int64_t rows, int64_t hidden, const Fn& fn) {
   });
 }
 
-// One non-template entry per storage type, so that each can carry its ISA clones.
-#define FUSED_LSTM_SPAN_ENTRIES(scalar_t, name)                                                           \
-  FUSED_LSTM_SIMD_CLONES void forward_span_##name(const StepForwardArgs& a, int64_t b, int64_t j0,        \
-                                                  int64_t j1) {                                           \
-    forward_span<scalar_t>(a, b, j0, j1);                                                                 \
-  }                                                                                                       \
-  FUSED_LSTM_SIMD_CLONES void backward_span_##name(const StepBackwardArgs& a, int64_t b, int64_t j0,      \
-                                                   int64_t j1) {                                          \
-    backward_span<scalar_t>(a, b, j0, j1);                                                                \
-  }
-FUSED_LSTM_SPAN_ENTRIES(float, float)
-FUSED_LSTM_SPAN_ENTRIES(double, double)
-FUSED_LSTM_SPAN_ENTRIES(at::Half, half)
-FUSED_LSTM_SPAN_ENTRIES(at::BFloat16, bfloat16)
-#undef FUSED_LSTM_SPAN_ENTRIES
-
-// float32 with the kernels built per instruction set (cpu_features.h): the pointwise form that set runs best
-// (simd.h, kPointwiseLanes).
-struct ForwardSpanVectors {
+// The pointwise step of one storage type over a span of units of one row, as a kernel (simd.h): float32 in the
+// explicit vectors its instruction set runs best (kPointwiseLanes), other types in the scalar loop that
+// `omp simd` vectorises for that set.
+template <typename scalar_t>
+struct ForwardSpan {
   template <typename Isa>
   FUSED_LSTM_ALWAYS_INLINE static void run(const StepForwardArgs& a, int64_t b, int64_t j0, int64_t j1) {
-    forward_span<float, Isa::kPointwiseLanes>(a, b, j0, j1);
+    forward_span<scalar_t, std::is_same_v<scalar_t, float> ? Isa::kPointwiseLanes : 0>(a, b, j0, j1);
   }
 };
-struct BackwardSpanVectors {
+template <typename scalar_t>
+struct BackwardSpan {
   template <typename Isa>
   FUSED_LSTM_ALWAYS_INLINE static void run(const StepBackwardArgs& a, int64_t b, int64_t j0, int64_t j1) {
-    backward_span<float, Isa::kPointwiseLanes>(a, b, j0, j1);
+    backward_span<scalar_t, std::is_same_v<scalar_t, float> ? Isa::kPointwiseLanes : 0>(a, b, j0, j1);
   }
 };
-void forward_span_float_vectors(const StepForwardArgs& a, int64_t b, int64_t j0, int64_t j1) {
-  run_kernel<ForwardSpanVectors>(a, b, j0, j1);
-}
-void backward_span_float_vectors(const StepBackwardArgs& a, int64_t b, int64_t j0, int64_t j1) {
-  run_kernel<BackwardSpanVectors>(a, b, j0, j1);
-}
 
-template <typename Args>
-using SpanFn = void (*)(const Args&, int64_t, int64_t, int64_t);
-
-template <typename Args>
-void run_spans(const Args& a, SpanFn<Args> float_fn, SpanFn<Args> double_fn, SpanFn<Args> half_fn,
-               SpanFn<Args> bfloat16_fn) {
-  SpanFn<Args> fn = nullptr;
-  switch (a.dtype) {
-    case at::kFloat: fn = float_fn; break;
-    case at::kDouble: fn = double_fn; break;
-    case at::kHalf: fn = half_fn; break;
-    case at::kBFloat16: fn = bfloat16_fn; break;
-    default: TORCH_CHECK(false, "fused_lstm: unsupported dtype ", a.dtype, " on CPU");
-  }
-  for_each_row_span(a.rows, a.hidden, [&](int64_t b, int64_t j0, int64_t j1) { fn(a, b, j0, j1); });
+// Runs the step's spans in parallel, each through Span<scalar_t> for the step's dtype.
+template <template <typename> class Span, typename Args>
+void run_spans(const Args& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "fused_lstm_step_cpu", [&] {
+    for_each_row_span(a.rows, a.hidden, [&](int64_t b, int64_t j0, int64_t j1) {
+      run_kernel_or_baseline<Span<scalar_t>>(a, b, j0, j1);
+    });
+  });
 }
 
 // Identifies a right-hand matrix operand within one op call (weights and saved tensors do not change
@@ -149,14 +125,8 @@ class CpuBackend final : public LayerBackend {
     const PackedMatrix& packed_h_prev = packed(h_prev);
     transposed_matmuls({grad_w_ih, grad_w_hh}, a, {&packed_input, &packed_h_prev}, grad_bias);
   }
-  void step_forward(const StepForwardArgs& a) const override {
-    run_spans(a, cpu_vector_kernels() ? forward_span_float_vectors : forward_span_float, forward_span_double,
-              forward_span_half, forward_span_bfloat16);
-  }
-  void step_backward(const StepBackwardArgs& a) const override {
-    run_spans(a, cpu_vector_kernels() ? backward_span_float_vectors : backward_span_float, backward_span_double,
-              backward_span_half, backward_span_bfloat16);
-  }
+  void step_forward(const StepForwardArgs& a) const override { run_spans<ForwardSpan>(a); }
+  void step_backward(const StepBackwardArgs& a) const override { run_spans<BackwardSpan>(a); }
   // The fused recurrences need the vector kernels (cpu_features.h); without them the driver's per-step loop
   // runs.
   bool recurrence_forward(const RecurrenceForwardArgs& a) const override {

@@ -80,22 +80,23 @@ struct ThreadStep {
                                            const float* packed_w_hh, const PanelLayout& w_hh_layout,
                                            int64_t block_begin, int64_t block_end) {
     const int64_t H = step.hidden, Hout = step.out_hidden, I = projection.input_size;
-    const float* h = static_cast<const float*>(step.h_state);  // [rows, Hout]
-    float* gates = static_cast<float*>(step.gates);            // [rows, 4H]
+    const float* h = step.h_state.row<const float>(0);  // [rows, Hout]
+    float* gates = step.gates.row<float>(0);            // [rows, 4H]
+    const int64_t h_stride = step.h_state.row_stride, gates_stride = step.gates.row_stride;
     for (int64_t ub = block_begin; ub < block_end; ++ub) {
       const int64_t units = std::min(kGroup, H - ub * kGroup);
       const int64_t valid[4] = {units, units, units, units};
       // The panel's 4 column groups are the 4 gates of 16 units: they land H columns apart.
-      const PanelOperand recurrent{h, Hout, 1, packed_w_hh + ub * Hout * kPanel, Hout, w_hh_layout};
+      const PanelOperand recurrent{h, h_stride, 1, packed_w_hh + ub * Hout * kPanel, Hout, w_hh_layout};
       if (projection.input) {
         const PanelOperand input{projection.input, I, 1, projection.packed_w_ih + ub * I * kPanel, I,
                                  projection.w_ih_layout};
         const PanelOperand both[2] = {input, recurrent};
-        panel_rows<Isa>(both, gates + ub * kGroup, 4 * H, H, valid, /*accumulate=*/false,
+        panel_rows<Isa>(both, gates + ub * kGroup, gates_stride, H, valid, /*accumulate=*/false,
                         projection.packed_bias ? projection.packed_bias + ub * kPanel : nullptr, step.rows);
       } else {
         const PanelOperand only[1] = {recurrent};
-        panel_rows<Isa>(only, gates + ub * kGroup, 4 * H, H, valid, /*accumulate=*/true, /*bias=*/nullptr,
+        panel_rows<Isa>(only, gates + ub * kGroup, gates_stride, H, valid, /*accumulate=*/true, /*bias=*/nullptr,
                         step.rows);
       }
     }
@@ -116,10 +117,11 @@ struct ThreadStepInPlace {
   FUSED_LSTM_ALWAYS_INLINE static void run(const StepForwardArgs& step, const float* w_hh, int64_t unit_begin,
                                            int64_t unit_end) {
     const int64_t H = step.hidden, Hout = step.out_hidden;
-    const float* h = static_cast<const float*>(step.h_state);  // [rows, Hout]
-    float* gates = static_cast<float*>(step.gates);            // [rows, 4H]
+    const float* h = step.h_state.row<const float>(0);  // [rows, Hout]
+    float* gates = step.gates.row<float>(0);            // [rows, 4H]
     for (int64_t q = 0; q < 4; ++q) {
-      dot_block<Isa>(h, Hout, w_hh + (q * H + unit_begin) * Hout, Hout, Hout, gates + q * H + unit_begin, 4 * H,
+      dot_block<Isa>(h, step.h_state.row_stride, w_hh + (q * H + unit_begin) * Hout, Hout, Hout,
+                     gates + q * H + unit_begin, step.gates.row_stride,
                      /*accumulate=*/true, /*bias=*/nullptr, step.rows, unit_end - unit_begin);
     }
     for (int64_t b = 0; b < step.rows; ++b) {
@@ -257,19 +259,19 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
       float* h_next = h_buf + (1 - parity) * N * Hout;
       const int64_t r0 = std::min(rows, own_rows_begin), r1 = std::min(rows, own_rows_end);  // active own rows
       if (r1 > r0) {
-        StepForwardArgs s;
-        s.dtype = at::kFloat;
-        s.rows = r1 - r0;
-        s.hidden = H;
-        s.out_hidden = Hout;
-        s.gates = gates + (row0 - gates_origin + r0) * 4 * H;
-        s.c_state = c_state + r0 * H;
-        s.h_state = h_cur + r0 * Hout;
-        s.h_next = h_next + r0 * Hout;
-        s.output = output + (row0 + r0) * output_stride;
-        s.output_stride = output_stride;
-        s.c_prev_saved = c_prev ? c_prev + (row0 + r0) * H : nullptr;
-        s.h_prev_saved = h_prev ? h_prev + (row0 + r0) * Hout : nullptr;
+        const StepForwardArgs s = StepForwardArgs{
+            .dtype = at::kFloat,
+            .rows = rows,
+            .hidden = H,
+            .out_hidden = Hout,
+            .gates = {gates + (row0 - gates_origin) * 4 * H, 4 * H},
+            .c_state = {c_state, H},
+            .h_state = {h_cur, Hout},
+            .h_next = {h_next, Hout},
+            .output = {output + row0 * output_stride, output_stride},
+            .c_prev_saved = {c_prev ? c_prev + row0 * H : nullptr, H},
+            .h_prev_saved = {h_prev ? h_prev + row0 * Hout : nullptr, Hout},
+        }.row_range(r0, r1 - r0);
         if (in_place) {
           run_kernel<ThreadStepInPlace>(s, w, unit_begin, unit_end);
         } else {
@@ -315,9 +317,9 @@ bool cpu_recurrence_backward(const RecurrenceBackwardArgs& a) {
   const PackedMatrix w_hh = pack_matrix(a.w_hh);  // [4H, H] in panels of 64 columns (units)
   const int threads = static_cast<int>(plan.threads);
 
-  const float* gates = a.gates.data_ptr<float>();
-  const float* c_prev = a.c_prev.data_ptr<float>();
-  const float* d_output = a.d_output.data_ptr<float>();
+  float* gates = a.gates.data_ptr<float>();  // read only, as c_prev and d_output
+  float* c_prev = a.c_prev.data_ptr<float>();
+  float* d_output = a.d_output.data_ptr<float>();
   const int64_t d_output_stride = a.d_output.stride(0);
   float* dh = a.dh_state.data_ptr<float>();
   float* dc = a.dc_state.data_ptr<float>();
@@ -332,18 +334,17 @@ bool cpu_recurrence_backward(const RecurrenceBackwardArgs& a) {
       const int64_t t = a.reverse ? step : steps - 1 - step;
       const int64_t rows = (*a.step_rows)[t], row0 = (*a.step_offset)[t];
       if (rows == 0) continue;  // the same on every thread, so the barriers stay matched
-      StepBackwardArgs s;
-      s.dtype = at::kFloat;
-      s.rows = rows;
-      s.hidden = H;
-      s.gates = gates + row0 * 4 * H;
-      s.c_prev = c_prev + row0 * H;
-      s.dh = dh;
-      s.d_output = d_output + row0 * d_output_stride;
-      s.d_output_stride = d_output_stride;
-      s.dc_state = dc;
-      s.d_gates = d_gates + row0 * 4 * H;
-      s.h_next = nullptr;
+      const StepBackwardArgs s{
+          .dtype = at::kFloat,
+          .rows = rows,
+          .hidden = H,
+          .gates = {gates + row0 * 4 * H, 4 * H},
+          .c_prev = {c_prev + row0 * H, H},
+          .dh = {dh, H},
+          .d_output = {d_output + row0 * d_output_stride, d_output_stride},
+          .dc_state = {dc, H},
+          .d_gates = {d_gates + row0 * 4 * H, 4 * H},
+      };
       run_kernel<PointwiseBackwardUnits>(s, unit_begin, unit_end);
       const int64_t carried = carried_rows(*a.step_rows, t, a.reverse, a.need_h0_grad);
       if (carried == 0) continue;  // the same on every thread, and the last step with rows (batch sizes never grow)

@@ -17,8 +17,8 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 // Functions marked FUSED_LSTM_SIMD_CLONES get AVX2 and AVX-512 clones, picked at load time, so one binary is
-// both portable and auto-vectorised (the scalar pointwise loops, step_spans.h). The register-tiled kernels
-// instead get one build per instruction set from templates (run_kernel below).
+// both portable and auto-vectorised (packed_gemm.cpp's gather). The kernels instead get one build per
+// instruction set from templates (run_kernel below).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FUSED_LSTM_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -53,18 +53,13 @@ using vec4 = vec<4>;
 //                     for the scalar loop that `omp simd` vectorises
 //   kGroupMajorPanels: packed panels stored group by group ([4][K][16]) rather than row by row ([K][64]), so
 //                     that each pass of 16 columns reads contiguous memory (packed_gemm.h, PanelLayout)
-// AVX-512 has 32 vector registers: a 6 x 4 tile covers a whole panel in one pass (29 registers), each panel
-// vector serving 6 FMAs (a 4 x 4 tile: 4, and the panel streams from L2 or L3, so batch-64 inference ran
-// 2-5% slower), in even tiles (a 2-row remainder does 8 FMAs per 4 panel loads). AVX2 has 16: 6 rows x 2
-// vectors (16 columns) per pass, four passes per panel (15 registers), the shape of the classic AVX2 SGEMM
-// kernel, with 8 loads per 12 FMAs; there even tiles (5-row tiles: 10 accumulators) measured 1-4% slower.
-// Tiles of fewer rows (batch 1, row remainders) take wider passes, so that they still have 8 independent
-// accumulators: one row with 2 would wait on the FMA latency (4 cycles) every 2 FMAs. The pointwise step,
-// forward, 64 rows x 128 units in cache, ns per 16 units: AVX-512 omp simd 15.5, explicit vectors 18.2; AVX2
-// omp simd 66-67, explicit vectors 36. One core multiplying 64 rows by [1024][64] panels streamed from L3,
-// GFLOP/s row-major / group-major panels (4 x 4 AVX-512 tile): AVX-512 235-240 / 237-240, AVX2 102-107 /
-// 115-116. The AVX-512 FMA peak here is 273 per core (24 independent FMAs on registers); the 6 x 4 tile
-// reaches 267-272 in cache.
+// Why these shapes (docs/cpu.md has the measurements): AVX-512 has 32 vector registers, so a 6 x 4 tile covers
+// a whole panel in one pass (29 registers) and each panel vector serves 6 FMAs (it reaches 267-272 of the
+// core's 273 GFLOP/s in cache); even tiles keep a 2-row remainder from doing 8 FMAs per 4 panel loads. AVX2
+// has 16: 6 rows x 2 vectors per pass, four passes per panel (15 registers), the classic AVX2 SGEMM shape.
+// Tiles of fewer rows take wider passes so that they still have 8 independent accumulators (one row with 2
+// would wait on the 4-cycle FMA latency every 2 FMAs). The pointwise step: `omp simd` vectorises the scalar
+// loop well for AVX-512 but not for AVX2, which gets explicit vectors (simd_math.h).
 struct Avx512 {
   static constexpr int kLanes = 16, kRowTile = 6, kDotRows = 4, kPointwiseLanes = 0;
   static constexpr bool kEvenRowTiles = true, kGroupMajorPanels = false;
@@ -223,6 +218,23 @@ void run_kernel(Args&&... args) {
     run_avx512<Kernel>(std::forward<Args>(args)...);
   } else {
     run_avx2<Kernel>(std::forward<Args>(args)...);
+  }
+}
+
+// What a kernel that also runs without fused_lstm's vector kernels (CpuKernels::aten: another CPU, or the
+// kernels switched off) asks of its instruction set: the pointwise step's scalar loops, for the baseline ISA.
+struct Baseline {
+  static constexpr int kPointwiseLanes = 0;
+};
+
+// run_kernel where the CPU backend selected vector kernels, else Kernel::run<Baseline> (for kernels, like the
+// pointwise step, that every dtype and CPU runs).
+template <typename Kernel, typename... Args>
+void run_kernel_or_baseline(Args&&... args) {
+  if (cpu_kernels() == CpuKernels::aten) {
+    Kernel::template run<Baseline>(std::forward<Args>(args)...);
+  } else {
+    run_kernel<Kernel>(std::forward<Args>(args)...);
   }
 }
 

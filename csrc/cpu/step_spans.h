@@ -1,8 +1,8 @@
 // The fused pointwise step of the CPU backend over a span of hidden units of one batch row, shared by the
 // per-step backend (lstm_cpu.cpp) and the fused recurrence (recurrence_cpu.cpp). Arguments as in
 // StepForwardArgs / StepBackwardArgs (csrc/lstm_layer.h); the math is csrc/lstm_cell.h. The scalar loops are
-// written so that `omp simd` vectorises them in each ISA clone of their callers (FUSED_LSTM_SIMD_CLONES,
-// simd.h); float32 also has explicit vector loops for the kernels built per instruction set.
+// written so that `omp simd` vectorises them in each instruction set's build of their callers (run_kernel,
+// simd.h); float32 also has explicit vector loops.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -50,16 +50,16 @@ template <typename scalar_t, int Lanes = 0, int StreamLanes = 0>
 FUSED_LSTM_ALWAYS_INLINE void forward_span(const StepForwardArgs& a, int64_t b, int64_t j0, int64_t j1) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = a.hidden, Hout = a.out_hidden;
-  scalar_t* g = static_cast<scalar_t*>(a.gates) + b * 4 * H;
-  scalar_t* c = static_cast<scalar_t*>(a.c_state) + b * H;
-  scalar_t* h_next = static_cast<scalar_t*>(a.h_next) + b * H;
-  scalar_t* output = a.output ? static_cast<scalar_t*>(a.output) + b * a.output_stride : nullptr;
+  scalar_t* g = a.gates.row<scalar_t>(b);
+  scalar_t* c = a.c_state.row<scalar_t>(b);
+  scalar_t* h_next = a.h_next.row<scalar_t>(b);
+  scalar_t* output = a.output ? a.output.row<scalar_t>(b) : nullptr;
   // h is saved before the loop below overwrites it (h_next may be the state itself).
   if (a.h_prev_saved) {  // h has Hout columns: with proj_size the span may reach past them
-    save_span<StreamLanes>(static_cast<const scalar_t*>(a.h_state) + b * Hout + j0,
-                           static_cast<scalar_t*>(a.h_prev_saved) + b * Hout + j0, std::min(j1, Hout) - j0);
+    save_span<StreamLanes>(a.h_state.row<const scalar_t>(b) + j0, a.h_prev_saved.row<scalar_t>(b) + j0,
+                           std::min(j1, Hout) - j0);
   }
-  if (a.c_prev_saved) save_span<StreamLanes>(c + j0, static_cast<scalar_t*>(a.c_prev_saved) + b * H + j0, j1 - j0);
+  if (a.c_prev_saved) save_span<StreamLanes>(c + j0, a.c_prev_saved.row<scalar_t>(b) + j0, j1 - j0);
   if constexpr (Lanes == 0) {
 #pragma omp simd
     for (int64_t j = j0; j < j1; ++j) {
@@ -98,13 +98,13 @@ template <typename scalar_t, int Lanes = 0>
 FUSED_LSTM_ALWAYS_INLINE void backward_span(const StepBackwardArgs& a, int64_t b, int64_t j0, int64_t j1) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = a.hidden;
-  const scalar_t* g = static_cast<const scalar_t*>(a.gates) + b * 4 * H;
-  const scalar_t* c_prev = static_cast<const scalar_t*>(a.c_prev) + b * H;
-  const scalar_t* dh = static_cast<const scalar_t*>(a.dh) + b * H;
-  const scalar_t* d_output = a.d_output ? static_cast<const scalar_t*>(a.d_output) + b * a.d_output_stride : nullptr;
-  scalar_t* dc = static_cast<scalar_t*>(a.dc_state) + b * H;
-  scalar_t* dg = static_cast<scalar_t*>(a.d_gates) + b * 4 * H;
-  scalar_t* h_next = a.h_next ? static_cast<scalar_t*>(a.h_next) + b * H : nullptr;
+  const scalar_t* g = a.gates.row<const scalar_t>(b);
+  const scalar_t* c_prev = a.c_prev.row<const scalar_t>(b);
+  const scalar_t* dh = a.dh.row<const scalar_t>(b);
+  const scalar_t* d_output = a.d_output ? a.d_output.row<const scalar_t>(b) : nullptr;
+  scalar_t* dc = a.dc_state.row<scalar_t>(b);
+  scalar_t* dg = a.d_gates.row<scalar_t>(b);
+  scalar_t* h_next = a.h_next ? a.h_next.row<scalar_t>(b) : nullptr;
   if constexpr (Lanes == 0) {
 #pragma omp simd
     for (int64_t j = j0; j < j1; ++j) {
