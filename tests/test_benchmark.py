@@ -224,8 +224,8 @@ def test_fused_path_column_reports_last_path() -> None:
 def test_plan_jobs_overrides_and_cpu_dtypes() -> None:
     full = PRESETS["full"]
     jobs = plan_jobs(full.cases, full.modes, full.dtypes, CPU)
-    assert {j.dtype for j in jobs} == {"fp32"}
-    assert len(jobs) == len(full.cases)
+    assert {j.dtype for j in jobs} == {"fp32", "bf16"}  # fp16 is CUDA only
+    assert len(jobs) == 2 * len(full.cases)
     infer_only = [j for j in jobs if j.group == "deepbench-infer"]
     assert infer_only and all(j.modes == ("infer",) for j in infer_only)
     assert all(j.modes == ("train", "fwd", "bwd") for j in jobs if j.group == "deepbench-train")
@@ -233,7 +233,10 @@ def test_plan_jobs_overrides_and_cpu_dtypes() -> None:
     cuda_jobs = plan_jobs(gpu.cases, gpu.modes, gpu.dtypes, torch.device("cuda"))
     assert len(cuda_jobs) == 3 * len(gpu.cases) and {j.dtype for j in cuda_jobs} == set(DTYPES)
     forced = plan_jobs(full.cases[:2], full.modes, full.dtypes, CPU, modes=("bwd", "infer"))
-    assert [j.modes for j in forced] == [("infer", "bwd")] * 2
+    assert [j.modes for j in forced] == [("infer", "bwd")] * 4
+    cpu = PRESETS["cpu"]
+    bf16_jobs = [j for j in plan_jobs(cpu.cases, cpu.modes, cpu.dtypes, CPU) if j.dtype == "bf16"]
+    assert len(bf16_jobs) == 12 and all(j.group == "sweep-bf16" and j.modes == ("infer", "train") for j in bf16_jobs)
 
 
 # --- timing -----------------------------------------------------------------------------------
@@ -455,11 +458,12 @@ def test_help_lists_every_mode_and_shape_field_and_promises_no_unmeasured_durati
 def test_list_prints_plan(capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["--preset", "gpu", "--device", "cpu", "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == len(PRESETS["gpu"].cases) and all(" fp32 " in line for line in lines)
+    assert len(lines) == 2 * len(PRESETS["gpu"].cases)  # fp32 and bf16 rows; fp16 is CUDA only
+    assert {" fp32 " in line for line in lines} == {True, False} and not any(" fp16 " in line for line in lines)
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--device", "cpu", "--dtypes", "fp32,bf16"], "half precision is only benchmarked on CUDA"),
+    (["--device", "cpu", "--dtypes", "fp32,fp16"], "fp16 is only benchmarked on CUDA"),
     (["--shape", "1,2,3"], "expected T,N,I,H"),
     (["--modes", "infer,sideways"], "unknown mode sideways"),
     (["--dtypes", "fp8"], "unknown dtype fp8"),

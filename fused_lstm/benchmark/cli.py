@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma list of " + ", ".join(f"{m} ({MODE_HELP[m]})" for m in MODES)
                            + "; default: the preset's")
     what.add_argument("--dtypes", type=_arg_type(lambda s: parse_names(s, tuple(DTYPES), "dtype")),
-                      help="comma list of fp32, bf16, fp16 (half types need CUDA); default: the "
-                           "preset's, fp32 only on CPU")
+                      help="comma list of fp32, bf16, fp16 (fp16 needs CUDA); default: the "
+                           "preset's, fp32 and bf16 only on CPU")
     what.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                       help="where to run; auto = cuda if available, else cpu")
     what.add_argument("--candidate", default="fused",
@@ -166,7 +166,8 @@ def _validate(args: argparse.Namespace, device: torch.device) -> Optional[str]:
     if device.type == "cpu" and args.dtypes:
         bad = [d for d in args.dtypes if d not in CPU_DTYPES]
         if bad:
-            return f"--dtypes {','.join(bad)}: half precision is only benchmarked on CUDA (CPU supports fp32)"
+            return (f"--dtypes {','.join(bad)}: fp16 is only benchmarked on CUDA (CPU supports "
+                    f"{', '.join(CPU_DTYPES)})")
     if args.max_repeats < args.min_repeats:
         return "--max-repeats must be >= --min-repeats"
     if args.max_time < args.min_time:

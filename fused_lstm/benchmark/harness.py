@@ -129,7 +129,7 @@ def plan_jobs(cases: Sequence[Case], default_modes: Sequence[str], default_dtype
     """Expand cases into jobs. Explicit ``modes``/``dtypes`` override each case's own.
 
     On CPU only :data:`CPU_DTYPES` are kept from preset defaults (callers must reject
-    explicitly requested half types themselves, with a message).
+    an explicitly requested fp16 themselves, with a message).
     """
     jobs = []
     for case in cases:
