@@ -320,11 +320,11 @@ PERSISTENT_LAYERS = [
 ]
 
 
-def persistent_plan(batch: int, hidden: int, dtype=torch.float32) -> Dict[str, int]:
-    units, blocks, k_split, shared, tensor_cores, cluster = torch.ops.fused_lstm_emu.persistent_plan(
-        torch.empty(1, dtype=dtype), batch, hidden)
+def persistent_plan(batch: int, hidden: int, dtype=torch.float32, proj: int = 0, backward: bool = False) -> Dict[str, int]:
+    units, blocks, k_split, shared, tensor_cores, cluster, outs, proj_k_split = torch.ops.fused_lstm_emu.persistent_plan(
+        torch.empty(1, dtype=dtype), batch, hidden, backward, proj)
     return dict(units_per_block=units, blocks=blocks, k_split=k_split, shared_bytes=shared,
-                tensor_cores=bool(tensor_cores), cluster=bool(cluster))
+                tensor_cores=bool(tensor_cores), cluster=bool(cluster), outs_per_block=outs, proj_k_split=proj_k_split)
 
 
 def persistent_launches() -> int:
@@ -477,7 +477,6 @@ def test_persistent_plan_walks_small_card():
 
 
 @pytest.mark.parametrize("layer, dtype, reason", [
-    (Layer("proj", proj=4, bidirectional=False), torch.float32, "projections"),
     (Layer("float64", bidirectional=False), torch.float64, "dtype Double"),
     (Layer("batch65", batch=65, steps=2, bidirectional=False), torch.float32, "batch 65"),
 ])
@@ -515,12 +514,13 @@ def test_persistent_backward(layer: Layer, dtype: torch.dtype, monkeypatch):
     assert persistent_launches() == before + 2 * layer.directions  # forward and backward
 
 
+@pytest.mark.parametrize("proj", [0, 5])
 @pytest.mark.parametrize("need_h0_grad", [True, False])
 @pytest.mark.parametrize("packed", [False, True])
-def test_persistent_backward_h0_grad_flag(need_h0_grad: bool, packed: bool, monkeypatch):
+def test_persistent_backward_h0_grad_flag(need_h0_grad: bool, packed: bool, proj: int, monkeypatch):
     """Without h0's gradient the kernel skips each sequence's last product, as the driver's loop does: every
-    other gradient is bitwise the same as with it."""
-    layer = Layer("flag", packed=packed, batch=5, steps=5)
+    other gradient matches the standard path's (with and without a projection)."""
+    layer = Layer("flag", packed=packed, batch=5, steps=5, proj=proj)
     inputs = cast(make_inputs(layer, torch.float32), torch.float32, layer)
     forward = layer_forward(EMU, layer, inputs)
     grads = random_grads(forward, torch.float32)
@@ -530,14 +530,14 @@ def test_persistent_backward_h0_grad_flag(need_h0_grad: bool, packed: bool, monk
     for mode in ("1", "0"):
         monkeypatch.setenv("FUSED_LSTM_PERSISTENT", mode)
         results.append(op(grads["output"], grads["h_n"], grads["c_n"], inputs["x"], inputs["batch_sizes"],
-                          inputs["h0"], inputs["c0"], inputs["weights"], layer.biases, False, layer.bidirectional,
-                          gates, c_prev, h_prev, True, True, need_h0_grad))
+                          inputs["h0"], inputs["c0"], inputs["weights"], layer.biases, bool(proj),
+                          layer.bidirectional, gates, c_prev, h_prev, True, True, need_h0_grad))
     (gi_p, gh_p, gc_p, gw_p), (gi_s, gh_s, gc_s, gw_s) = results
     torch.testing.assert_close(gi_p, gi_s, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(gc_p, gc_s, atol=2e-6, rtol=1e-5)
     for a, b in zip(gw_p, gw_s):
         torch.testing.assert_close(a, b, atol=5e-6, rtol=1e-5)
-    assert gh_p.numel() == gh_s.numel() == (gc_p.numel() if need_h0_grad else 0)
+    assert gh_p.numel() == gh_s.numel() == (inputs["h0"].numel() if need_h0_grad else 0)
     if need_h0_grad:
         torch.testing.assert_close(gh_p, gh_s, atol=2e-6, rtol=1e-5)
 
@@ -561,8 +561,9 @@ def test_persistent_backward_bitwise_across_runs_and_block_orders(monkeypatch):
 def test_persistent_backward_plan_branches(profile, batch, hidden, k_split, units_per_block, monkeypatch):
     """The backward kernel's plan reaches the same branches, and runs there."""
     emu.set_device_profile(profile)
-    units, blocks, lanes, shared, tensor_cores, cluster = torch.ops.fused_lstm_emu.persistent_plan(
+    units, blocks, lanes, shared, tensor_cores, cluster, outs, _ = torch.ops.fused_lstm_emu.persistent_plan(
         torch.empty(1), batch, hidden, True)
+    assert outs == units  # without a projection a block's dh columns are its units
     assert not tensor_cores and not cluster
     assert (lanes, units) == (k_split, units_per_block) and blocks == -(-hidden // units)
     assert shared <= emu.device_limits()["shared_bytes_per_block_optin"]
@@ -588,8 +589,8 @@ def test_persistent_backward_supports_less_than_forward(profile):
 
 # --- Auto dispatch by the cost model.
 
-@pytest.mark.parametrize("batch, hidden, steps", [(2, 24, 6), (64, 256, 2)])
-def test_auto_follows_the_cost_model(monkeypatch, batch, hidden, steps):
+@pytest.mark.parametrize("batch, hidden, steps, proj", [(2, 24, 6, 0), (64, 256, 2, 0), (2, 24, 6, 10)])
+def test_auto_follows_the_cost_model(monkeypatch, batch, hidden, steps, proj):
     """FUSED_LSTM_PERSISTENT=auto takes the persistent kernels (forward and backward) exactly when the cost model
     (csrc/cuda/persistent/cost_model.h) predicts them faster than the standard path for the card's profile."""
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT", "auto")
@@ -598,11 +599,11 @@ def test_auto_follows_the_cost_model(monkeypatch, batch, hidden, steps):
     for backward in (False, True):
         try:
             persistent_us, standard_us = torch.ops.fused_lstm_emu.persistent_predicted_us(
-                sample, batch, hidden, steps, backward)
+                sample, batch, hidden, steps, backward, proj)
             expected[backward] = persistent_us < standard_us
         except RuntimeError:  # no plan for this pass: the standard path
             expected[backward] = False
-    layer = Layer("auto", steps=steps, batch=batch, input_size=3, hidden=hidden, bidirectional=False)
+    layer = Layer("auto", steps=steps, batch=batch, input_size=3, hidden=hidden, proj=proj, bidirectional=False)
     before = persistent_launches()
     emulated, cpu, reference = run_layer(layer, torch.float32, recurrence="auto")
     check_rule(emulated, cpu, reference, torch.float32)
@@ -733,3 +734,125 @@ def test_persistent_forward_without_workspace(monkeypatch, dtype, product, excha
     for trained, inferred in zip(results[0][:3], results[1][:3]):
         assert torch.equal(trained, inferred)
     assert all(t.numel() == 0 for t in results[1][3:])
+
+
+# --- Projections (proj_size) in the persistent kernels: W_hr on chip next to W_hh, two grid barriers per step.
+
+PROJECTION_LAYERS = [
+    Layer("proj_packed_bidirectional", packed=True, batch=6, steps=6, hidden=9, proj=4),
+    Layer("proj_odd_strided", steps=4, batch=5, input_size=3, hidden=33, proj=17, strided=True, bidirectional=False),
+    Layer("proj_batch1_zero_state", steps=5, batch=1, input_size=2, hidden=20, proj=7, bidirectional=False,
+          zero_state=True),
+]
+PROJECTION_VARIANTS = [(torch.float32, "fma"), (torch.float16, "fma"), (torch.bfloat16, "fma"),
+                       (torch.float16, "mma"), (torch.bfloat16, "mma")]
+
+
+@pytest.mark.parametrize("dtype, product", PROJECTION_VARIANTS, ids=str)
+@pytest.mark.parametrize("layer", PROJECTION_LAYERS, ids=lambda c: c.name)
+def test_persistent_projection_forward(layer: Layer, dtype: torch.dtype, product: str, monkeypatch):
+    """The persistent forward with a projection, FMA or tensor-core W_hh product (the projection itself on FMAs):
+    each block computes its V = ceil(Hout / blocks) columns of h_t = h'_t @ W_hr^T. Output, h_n, c_n and the
+    workspace (through the standard backward) against the CPU path and float64."""
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", product)
+    plan = persistent_plan(layer.batch, layer.hidden, dtype, proj=layer.proj)
+    assert (plan["tensor_cores"], plan["cluster"]) == (product == "mma", False)
+    assert plan["outs_per_block"] == -(-layer.proj // plan["blocks"]) and plan["proj_k_split"] in (8, 16, 32)
+    before = persistent_launches()
+    emulated, cpu, reference = run_layer(layer, dtype, recurrence="persistent")
+    check_rule(emulated, cpu, reference, dtype)
+    assert emu.last_path() == "cuda:persistent"
+    assert persistent_launches() == before + layer.directions
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layer", PROJECTION_LAYERS, ids=lambda c: c.name)
+def test_persistent_projection_backward(layer: Layer, dtype: torch.dtype, monkeypatch):
+    """The persistent backward with a projection (dh_total, dh' = dh_total @ W_hr and the pointwise backward in
+    one phase, the d_gates @ W_hh product for each block's dh columns in the other) on the persistent forward's
+    workspace: every gradient, grad_w_hr included, against the CPU path and float64."""
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT", "1")
+    before = persistent_launches()
+    emulated, cpu, reference = run_layer(layer, dtype, recurrence="persistent")
+    check_rule(emulated, cpu, reference, dtype)
+    assert persistent_launches() == before + 2 * layer.directions  # forward and backward
+
+
+@pytest.mark.parametrize("profile, batch, hidden, proj, backward, expected", [
+    # (units_per_block, blocks, k_split, outs_per_block, proj_k_split)
+    ("h100", 3, 33, 17, False, (1, 33, 32, 1, 32)),
+    ("h100", 3, 33, 17, True, (1, 33, 32, 1, 32)),
+    ("l4", 33, 130, 100, False, (3, 44, 8, 3, 8)),
+    ("l4", 33, 130, 100, True, (3, 44, 8, 3, 8)),
+    ("h100", 64, 6, 5, True, (1, 6, 16, 1, 16)),
+])
+def test_persistent_projection_plan_branches(profile, batch, hidden, proj, backward, expected, monkeypatch):
+    """With a projection the plan splits Hout over the blocks (V columns each, some blocks none when Hout < blocks)
+    and sizes each product's lanes per tile from its own tiles; the kernels run there."""
+    emu.set_device_profile(profile)
+    plan = persistent_plan(batch, hidden, torch.float32, proj=proj, backward=backward)
+    assert (plan["units_per_block"], plan["blocks"], plan["k_split"], plan["outs_per_block"],
+            plan["proj_k_split"]) == expected
+    assert plan["shared_bytes"] <= emu.device_limits()["shared_bytes_per_block_optin"]
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT", "1")
+    layer = Layer("plan", steps=2, batch=batch, input_size=2, hidden=hidden, proj=proj, bidirectional=False)
+    emulated, cpu, reference = run_layer(layer, torch.float32, recurrence="persistent", backward=backward)
+    check_rule(emulated, cpu, reference, torch.float32)
+
+
+def test_persistent_projection_bitwise_across_runs_and_block_orders(monkeypatch):
+    """Forward (workspace included) and gradients with a projection are bitwise equal run to run and whatever
+    order the blocks run in: a missing barrier of either phase would show."""
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT", "1")
+    layer = Layer("proj_determinism", packed=True, batch=6, steps=5, hidden=13, proj=6)
+    inputs = cast(make_inputs(layer, torch.float32), torch.float32, layer)
+    grads = random_grads(layer_forward(EMU, layer, inputs, "persistent"), torch.float32)
+
+    def run():
+        forward = layer_forward(EMU, layer, inputs, "persistent")
+        named = flatten(forward, layer_backward(EMU, layer, inputs, forward, grads))
+        named.update(gates=forward[3], c_prev=forward[4], h_prev=forward[5])
+        return named
+
+    assert_bitwise_in_any_block_order(monkeypatch, run, seeds=("5", "6"))
+
+
+@pytest.mark.parametrize("dtype, product", [(torch.float32, "fma"), (torch.bfloat16, "mma")], ids=str)
+def test_persistent_projection_without_workspace(monkeypatch, dtype, product):
+    """Inference with a projection runs the instantiations that save no workspace: bitwise the training outputs."""
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", product)
+    layer = Layer("proj_inference", packed=True, batch=5, steps=5, hidden=12, proj=5)
+    a = cast(make_inputs(layer, dtype), dtype, layer)
+    op = torch.ops.fused_lstm_emu.lstm_layer
+    before = persistent_launches()
+    results = [op(a["x"], a["batch_sizes"], a["h0"], a["c0"], a["weights"], layer.biases, True, layer.bidirectional,
+                  workspace, "persistent") for workspace in (True, False)]
+    assert persistent_launches() - before == 2 * layer.directions
+    for trained, inferred in zip(results[0][:3], results[1][:3]):
+        assert torch.equal(trained, inferred)
+
+
+def test_persistent_projection_declines_with_reason(monkeypatch):
+    """What the projection path does not run says why: the cluster exchange (forced), and a W_hh + W_hr slice
+    beyond the card's shared memory (named with the proj_size), before any launch."""
+    layer = Layer("proj_cluster", proj=4, bidirectional=False)
+    inputs = cast(make_inputs(layer, torch.float32), torch.float32, layer)
+    assert not persistent_plan(1, 64, proj=16)["cluster"]  # auto: the grid exchange on the H100 profile
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", "cluster")
+    launches = persistent_launches()
+    with pytest.raises(RuntimeError, match="without projections"):
+        layer_forward(EMU, layer, inputs, "persistent")
+    monkeypatch.delenv("FUSED_LSTM_PERSISTENT_EXCHANGE")
+    emu.set_device_profile("l4")
+    with pytest.raises(RuntimeError, match="proj_size 1000 with batch 64 .* does not fit the backward kernel"):
+        persistent_plan(64, 1024, proj=1000, backward=True)
+    assert persistent_launches() == launches
+
+
+def test_cpu_backward_keeps_declining_projections():
+    """The CPU's fused backward recurrence has no projection: with one, its backward walks the steps (the driver
+    now offers projections to every backend's recurrence_backward)."""
+    layer = Layer("cpu_proj", steps=4, batch=3, hidden=9, proj=4, bidirectional=True)
+    _, cpu, reference = run_layer(layer, torch.float32)
+    for name, ref in reference.items():
+        torch.testing.assert_close(cpu[name].double(), ref, atol=1e-5, rtol=1e-4, msg=name)
