@@ -61,6 +61,7 @@ def poisoned_memory_and_strict_fp32():
     ("warp_sum", [528.0] * 64),
     ("grid_exchange", [2.0, 3.0, 4.0, 5.0, 6.0, 1.0]),
     ("cluster_exchange", [((b % 4 + 1) % 4) * 100.0 + t for b in range(8) for t in range(32)]),
+    ("cluster_exchange_16_blocks", [((b + 1) % 16) * 100.0 + t for b in range(16) for t in range(32)]),
     ("atomic_count", [480.0]),
 ])
 def test_selftest_results(name, expected):
@@ -101,6 +102,8 @@ def test_seeded_block_order(monkeypatch, seed):
     ("grid_exchange_too_large", "cudaErrorCooperativeLaunchTooLarge"),
     ("block_sum_too_much_shared", "the kernel allows 49152"),
     ("block_sum_past_launch_bounds", "exceeds its __launch_bounds__ (128)"),
+    ("cluster_exchange_16_blocks_not_allowed",
+     "clusters of 16 blocks (at most 8 without cudaFuncAttributeNonPortableClusterSizeAllowed)"),
 ])
 def test_selftest_errors(name, message):
     with pytest.raises(RuntimeError, match="fused_lstm emulator") as error:
@@ -394,19 +397,37 @@ def test_persistent_product_by_cost_model(batch, tensor_cores, monkeypatch):
     assert persistent_plan(batch, 64, torch.bfloat16)["tensor_cores"] == tensor_cores
 
 
-def test_cluster_plan_and_its_limits(monkeypatch):
-    """The cluster exchange: at most 8 blocks (the portable cluster size), so W_hh must fit 8 SMs' shared
-    memory; sm_90 only; the cost model prefers it at small batch (its barrier is a third of grid.sync's)."""
-    plan = persistent_plan(1, 64)
-    assert plan["cluster"] and plan["blocks"] <= 8 and plan["units_per_block"] == 8
+@pytest.mark.parametrize("hidden, dtype, units", [
+    (64, torch.float32, 4),     # 16 blocks where 8 would do: more SMs share the product
+    (384, torch.float32, 24),   # fits 16 SMs' shared memory, not 8 (4 x 48 x 384 x 4 bytes = 295 KB a block)
+    (512, torch.bfloat16, 32),  # likewise in bf16
+])
+def test_cluster_plan_and_its_limits(monkeypatch, hidden, dtype, units):
+    """The cluster exchange: at most 16 blocks (the non-portable cluster size the plan allows on sm_90, as many as
+    the device says it can run), so W_hh must fit 16 SMs' shared memory; sm_90 only; the cost model prefers it at
+    batch 1 (its barrier is a third of grid.sync's)."""
+    plan = persistent_plan(1, hidden, dtype)
+    assert plan["cluster"] and (plan["blocks"], plan["units_per_block"]) == (-(-hidden // units), units)
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", "cluster")
     with pytest.raises(RuntimeError, match="does not fit"):
-        persistent_plan(1, 1024)  # 128 units a block: far beyond 227 KB
+        persistent_plan(1, 1024)  # 64 units a block: far beyond 227 KB
     emu.set_device_profile("a100")
     with pytest.raises(RuntimeError, match="leave no variant"):
         persistent_plan(1, 64)
     monkeypatch.delenv("FUSED_LSTM_PERSISTENT_EXCHANGE")
     assert not persistent_plan(1, 64)["cluster"]
+
+
+def test_sixteen_block_cluster_runs(monkeypatch):
+    """A 16-block (non-portable) cluster forward: against the CPU path and float64, and bitwise in any block order
+    (the emulator rejects a cluster above 8 blocks unless the plan allowed the non-portable size)."""
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", "cluster")
+    layer = Layer("cluster16", packed=True, batch=3, steps=4, input_size=3, hidden=32)
+    assert (persistent_plan(layer.batch, layer.hidden)["blocks"], persistent_plan(1, 32)["cluster"]) == (16, True)
+    emulated, cpu, reference = run_layer(layer, torch.float32, recurrence="persistent")
+    check_rule(emulated, cpu, reference, torch.float32)
+    inputs = cast(make_inputs(layer, torch.bfloat16), torch.bfloat16, layer)
+    assert_bitwise_in_any_block_order(monkeypatch, lambda: flatten(layer_forward(EMU, layer, inputs, "persistent")))
 
 
 @pytest.mark.parametrize("product, exchange, message", [

@@ -330,3 +330,16 @@ def test_projection_declines_the_cluster_exchange(persistent, monkeypatch):
     module = fused_lstm.LSTM(5, 16, proj_size=8, device=DEVICE)
     with pytest.raises(RuntimeError, match="without projections"):
         module(torch.randn(4, 2, 5, device=DEVICE))
+
+
+def test_sixteen_block_cluster(persistent):
+    """bf16, H = 512, batch 1: W_hh fits 16 SMs' shared memory but not 8, so the cost model's pick is a 16-block
+    (non-portable) cluster wherever the device runs one (H100 / H200 do: 16 is their non-portable size); it agrees
+    with float64 like cuDNN. Elsewhere the plan falls back to the grid, still correct."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("clusters need sm_90")
+    sample = torch.empty(0, device=DEVICE, dtype=torch.bfloat16)
+    units, blocks, _, _, _, cluster, _, _ = torch.ops.fused_lstm.persistent_plan(sample, 1, 512)
+    if any(name in torch.cuda.get_device_name() for name in ("H100", "H200")):
+        assert cluster and (blocks, units) == (16, 32)
+    compare(Case("cluster_16_blocks", input_size=8, hidden_size=512, batch=1, steps=20), torch.bfloat16)

@@ -186,7 +186,8 @@ std::optional<Plan> make_plan_for(Pass pass, Product product, Exchange exchange,
   const bool cluster = exchange == Exchange::Cluster;
   const int sms = limits.multiprocessors;
   const int blocks_per_sm_by_threads = std::max(1, limits.max_threads_per_sm / kThreads);
-  // A cluster's blocks are few (one per SM of a GPC at most): as many blocks as it allows, never more.
+  // A cluster's blocks are few (one per SM of a GPC at most): as many blocks as it allows, never more (16 with the
+  // non-portable size the plan allows for the cluster kernel; the device's own limit is checked per U below).
   const int64_t most_blocks = cluster ? kMaxClusterBlocks : static_cast<int64_t>(sms) * blocks_per_sm_by_threads;
   const int64_t first_units = round_up(static_cast<int>(std::max<int64_t>(1, (H + most_blocks - 1) / most_blocks)),
                                        unit_step);
@@ -207,7 +208,11 @@ std::optional<Plan> make_plan_for(Pass pass, Product product, Exchange exchange,
     }
     const int per_sm = gpu::max_active_blocks_per_sm(kernel, kBounds, kThreads, smem);
     const int64_t blocks = (H + U - 1) / U;
-    if (per_sm > 0 && blocks <= (cluster ? most_blocks : static_cast<int64_t>(per_sm) * sms)) {
+    const int64_t co_resident =
+        cluster ? std::min<int64_t>(most_blocks,
+                                    gpu::max_cluster_blocks(kernel, kernel_name(pass), kBounds, kThreads, smem))
+                : static_cast<int64_t>(per_sm) * sms;
+    if (per_sm > 0 && blocks <= co_resident) {
       Plan plan;
       // Spread the units evenly: no more blocks, and no more shared memory per block, than U needs.
       plan.units_per_block = round_up(static_cast<int>((H + blocks - 1) / blocks), unit_step);

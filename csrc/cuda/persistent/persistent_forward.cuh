@@ -84,8 +84,9 @@ enum class Product { Fma, Mma };
 //            memory, double-buffered) and the cluster meets at cluster.sync, a third of a grid barrier's
 //            cost: nothing is staged from L2.
 enum class Exchange { Grid, Cluster };
-// Portable cluster size (more needs cudaFuncAttributeNonPortableClusterSizeAllowed).
-constexpr int kMaxClusterBlocks = 8;
+// The most blocks a cluster may hold: 16 on sm_90 with cudaFuncAttributeNonPortableClusterSizeAllowed (8 is the
+// portable size); the plan asks the device how many it can run (gpu::max_cluster_blocks) and takes at most that.
+constexpr int kMaxClusterBlocks = 16;
 
 // Shared memory of one block, in bytes: the W_hh slice [4U, P] and the staging buffer (h_{t-1} [N_pad, P], two
 // of them for the Cluster exchange's double buffer; with a projection [N_pad, max(P, Hr)], since it also stages
