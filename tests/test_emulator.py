@@ -738,19 +738,21 @@ def test_backward_follows_the_forward_recurrence(monkeypatch, recurrence, enviro
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype, product, exchange", VARIANTS + [(torch.float32, "mma", "grid")], ids=str)
-def test_persistent_forward_without_workspace(monkeypatch, dtype, product, exchange):
-    """Inference (need_workspace=False) runs the kernels' instantiations that save no workspace: same outputs,
-    bit for bit, as the training instantiation, and an empty workspace."""
+@pytest.mark.parametrize("dtype, product, exchange, proj", [
+    *[(*variant, 0) for variant in VARIANTS + [(torch.float32, "mma", "grid")]],
+    (torch.float32, "fma", "grid", 5), (torch.bfloat16, "mma", "grid", 5)], ids=str)
+def test_persistent_forward_without_workspace(monkeypatch, dtype, product, exchange, proj):
+    """Inference (need_workspace=False) runs the kernels' instantiations that save no workspace (with and without
+    a projection): same outputs, bit for bit, as the training instantiation, and an empty workspace."""
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", product)
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", exchange)
     torch.backends.cudnn.allow_tf32 = dtype == torch.float32 and product == "mma"  # TF32 tensor cores need it
-    layer = Layer("inference", packed=True, batch=6, steps=5, hidden=12)
+    layer = Layer("inference", packed=True, batch=6, steps=5, hidden=12, proj=proj)
     a = cast(make_inputs(layer, dtype), dtype, layer)
     op = torch.ops.fused_lstm_emu.lstm_layer
     before = persistent_launches()
-    results = [op(a["x"], a["batch_sizes"], a["h0"], a["c0"], a["weights"], layer.biases, False, layer.bidirectional,
-                  workspace, "persistent") for workspace in (True, False)]
+    results = [op(a["x"], a["batch_sizes"], a["h0"], a["c0"], a["weights"], layer.biases, bool(proj),
+                  layer.bidirectional, workspace, "persistent") for workspace in (True, False)]
     assert persistent_launches() - before == 2 * layer.directions
     for trained, inferred in zip(results[0][:3], results[1][:3]):
         assert torch.equal(trained, inferred)
@@ -836,21 +838,6 @@ def test_persistent_projection_bitwise_across_runs_and_block_orders(monkeypatch)
         return named
 
     assert_bitwise_in_any_block_order(monkeypatch, run, seeds=("5", "6"))
-
-
-@pytest.mark.parametrize("dtype, product", [(torch.float32, "fma"), (torch.bfloat16, "mma")], ids=str)
-def test_persistent_projection_without_workspace(monkeypatch, dtype, product):
-    """Inference with a projection runs the instantiations that save no workspace: bitwise the training outputs."""
-    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", product)
-    layer = Layer("proj_inference", packed=True, batch=5, steps=5, hidden=12, proj=5)
-    a = cast(make_inputs(layer, dtype), dtype, layer)
-    op = torch.ops.fused_lstm_emu.lstm_layer
-    before = persistent_launches()
-    results = [op(a["x"], a["batch_sizes"], a["h0"], a["c0"], a["weights"], layer.biases, True, layer.bidirectional,
-                  workspace, "persistent") for workspace in (True, False)]
-    assert persistent_launches() - before == 2 * layer.directions
-    for trained, inferred in zip(results[0][:3], results[1][:3]):
-        assert torch.equal(trained, inferred)
 
 
 def test_persistent_projection_declines_with_reason(monkeypatch):

@@ -139,22 +139,8 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
   // --- Once: row j of w_s is column out0 + j of W_hh (zero past Hout, and in the padding columns); row u of wr_s
   // is column unit0 + u of W_hr; st_s zeroed (padding columns and rows never staged stay finite); dh of the owned
   // dh columns and dc of the owned units from dh_state / dc_state.
-  for (int i = threadIdx.x; i < V * K; i += kThreads) {
-    const int j = i / K, k = i - j * K;
-    const int out = out0 + j;
-    w_s[i] = (out < HO && k < G)
-                 ? p.w_hh[static_cast<int64_t>(k) * p.w_stride_row + static_cast<int64_t>(out) * p.w_stride_col]
-                 : zero;
-  }
-  if constexpr (kProject) {
-    for (int i = threadIdx.x; i < U * Kr; i += kThreads) {
-      const int u = i / Kr, k = i - u * Kr;
-      const int unit = unit0 + u;
-      wr_s[i] = (unit < H && k < HO)
-                    ? p.w_hr[static_cast<int64_t>(k) * p.wr_stride_row + static_cast<int64_t>(unit) * p.wr_stride_col]
-                    : zero;
-    }
-  }
+  load_weight_rows(w_s, V, K, p.w_hh, p.w_stride_col, p.w_stride_row, out0, HO, G);
+  if constexpr (kProject) load_weight_rows(wr_s, U, Kr, p.w_hr, p.wr_stride_col, p.wr_stride_row, unit0, H, HO);
   for (int i = threadIdx.x; i < n_pad * max(K, Kr); i += kThreads) st_s[i] = zero;
   for (int i = threadIdx.x; i < n_pad * V; i += kThreads) {
     const int b = i / V, out = out0 + i % V;

@@ -170,6 +170,22 @@ __device__ __forceinline__ void row_product_fma(const scalar_t* w_s, const scala
   }
 }
 
+// Copies a weight slice into shared memory, once per launch: dst[r][k] (row pitch `pitch`) = src[first + r][k],
+// where src is addressed as src[row * row_stride + k * k_stride] (swap the strides to take columns as rows), zero
+// for rows at or past `rows_total`, and for k at or past `k_total` (the padding columns the products run over).
+template <typename scalar_t>
+__device__ __forceinline__ void load_weight_rows(scalar_t* dst, int rows, int pitch, const scalar_t* src,
+                                                 int64_t row_stride, int64_t k_stride, int first, int rows_total,
+                                                 int k_total) {
+  const scalar_t zero = static_cast<scalar_t>(0.0f);
+  for (int i = threadIdx.x; i < rows * pitch; i += kThreads) {
+    const int r = i / pitch, k = i - r * pitch;
+    dst[i] = (first + r < rows_total && k < k_total)
+                 ? src[static_cast<int64_t>(first + r) * row_stride + static_cast<int64_t>(k) * k_stride]
+                 : zero;
+  }
+}
+
 // Lanes per tile for a product of `tiles` tiles: fewer tiles -> more lanes each, so small problems still keep
 // several lanes busy per output.
 __host__ __device__ constexpr int lanes_per_tile(int tiles) {

@@ -305,13 +305,8 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
                  : zero;
   }
   if constexpr (kProject) {
-    const int Hr = p.padded_raw, out0 = blockIdx.x * p.outs_per_block;
-    for (int i = threadIdx.x; i < p.outs_per_block * Hr; i += kThreads) {
-      const int j = i / Hr, k = i - j * Hr;
-      wr_s[i] = (out0 + j < HO && k < H) ? p.w_hr[static_cast<int64_t>(out0 + j) * p.wr_stride_row +
-                                                  static_cast<int64_t>(k) * p.wr_stride_col]
-                                         : zero;
-    }
+    load_weight_rows(wr_s, p.outs_per_block, p.padded_raw, p.w_hr, p.wr_stride_row, p.wr_stride_col,
+                     static_cast<int>(blockIdx.x) * p.outs_per_block, HO, H);
   }
   for (int i = threadIdx.x; i < staged_elements; i += kThreads) h_s[i] = zero;
   for (int i = threadIdx.x; i < n_pad * U; i += kThreads) {
