@@ -740,7 +740,8 @@ def test_backward_follows_the_forward_recurrence(monkeypatch, recurrence, enviro
 
 @pytest.mark.parametrize("dtype, product, exchange, proj", [
     *[(*variant, 0) for variant in VARIANTS + [(torch.float32, "mma", "grid")]],
-    (torch.float32, "fma", "grid", 5), (torch.bfloat16, "mma", "grid", 5)], ids=str)
+    (torch.float32, "fma", "grid", 5), (torch.bfloat16, "mma", "grid", 5), (torch.float32, "fma", "cluster", 5)],
+    ids=str)
 def test_persistent_forward_without_workspace(monkeypatch, dtype, product, exchange, proj):
     """Inference (need_workspace=False) runs the kernels' instantiations that save no workspace (with and without
     a projection): same outputs, bit for bit, as the training instantiation, and an empty workspace."""
@@ -767,19 +768,22 @@ PROJECTION_LAYERS = [
     Layer("proj_batch1_zero_state", steps=5, batch=1, input_size=2, hidden=20, proj=7, bidirectional=False,
           zero_state=True),
 ]
-PROJECTION_VARIANTS = [(torch.float32, "fma"), (torch.float16, "fma"), (torch.bfloat16, "fma"),
-                       (torch.float16, "mma"), (torch.bfloat16, "mma")]
+PROJECTION_VARIANTS = [(torch.float32, "fma", "grid"), (torch.float16, "fma", "grid"), (torch.bfloat16, "fma", "grid"),
+                       (torch.float16, "mma", "grid"), (torch.bfloat16, "mma", "grid"),
+                       (torch.float32, "fma", "cluster"), (torch.bfloat16, "fma", "cluster")]
 
 
-@pytest.mark.parametrize("dtype, product", PROJECTION_VARIANTS, ids=str)
+@pytest.mark.parametrize("dtype, product, exchange", PROJECTION_VARIANTS, ids=str)
 @pytest.mark.parametrize("layer", PROJECTION_LAYERS, ids=lambda c: c.name)
-def test_persistent_projection_forward(layer: Layer, dtype: torch.dtype, product: str, monkeypatch):
-    """The persistent forward with a projection, FMA or tensor-core W_hh product (the projection itself on FMAs):
-    each block computes its V = ceil(Hout / blocks) columns of h_t = h'_t @ W_hr^T. Output, h_n, c_n and the
-    workspace (through the standard backward) against the CPU path and float64."""
+def test_persistent_projection_forward(layer: Layer, dtype: torch.dtype, product: str, exchange: str, monkeypatch):
+    """The persistent forward with a projection, FMA or tensor-core W_hh product (the projection itself on FMAs),
+    h'_t and h_t exchanged through global memory (grid) or distributed shared memory (cluster): each block
+    computes its V = ceil(Hout / blocks) columns of h_t = h'_t @ W_hr^T. Output, h_n, c_n and the workspace
+    (through the standard backward) against the CPU path and float64."""
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", product)
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", exchange)
     plan = persistent_plan(layer.batch, layer.hidden, dtype, proj=layer.proj)
-    assert (plan["tensor_cores"], plan["cluster"]) == (product == "mma", False)
+    assert (plan["tensor_cores"], plan["cluster"]) == (product == "mma", exchange == "cluster")
     assert plan["outs_per_block"] == -(-layer.proj // plan["blocks"]) and plan["proj_k_split"] in (8, 16, 32)
     before = persistent_launches()
     emulated, cpu, reference = run_layer(layer, dtype, recurrence="persistent")
@@ -801,18 +805,20 @@ def test_persistent_projection_backward(layer: Layer, dtype: torch.dtype, monkey
     assert persistent_launches() == before + 2 * layer.directions  # forward and backward
 
 
-@pytest.mark.parametrize("profile, batch, hidden, proj, backward, expected", [
+@pytest.mark.parametrize("profile, batch, hidden, proj, backward, exchange, expected", [
     # (units_per_block, blocks, k_split, outs_per_block, proj_k_split)
-    ("h100", 3, 33, 17, False, (1, 33, 32, 1, 32)),
-    ("h100", 3, 33, 17, True, (1, 33, 32, 1, 32)),
-    ("l4", 33, 130, 100, False, (3, 44, 8, 3, 8)),
-    ("l4", 33, 130, 100, True, (3, 44, 8, 3, 8)),
-    ("h100", 64, 6, 5, True, (1, 6, 16, 1, 16)),
+    ("h100", 3, 33, 17, False, "grid", (1, 33, 32, 1, 32)),
+    ("h100", 3, 33, 17, False, "cluster", (3, 11, 32, 2, 32)),
+    ("h100", 3, 33, 17, True, "auto", (1, 33, 32, 1, 32)),
+    ("l4", 33, 130, 100, False, "auto", (3, 44, 8, 3, 8)),
+    ("l4", 33, 130, 100, True, "auto", (3, 44, 8, 3, 8)),
+    ("h100", 64, 6, 5, True, "auto", (1, 6, 16, 1, 16)),
 ])
-def test_persistent_projection_plan_branches(profile, batch, hidden, proj, backward, expected, monkeypatch):
+def test_persistent_projection_plan_branches(profile, batch, hidden, proj, backward, exchange, expected, monkeypatch):
     """With a projection the plan splits Hout over the blocks (V columns each, some blocks none when Hout < blocks)
     and sizes each product's lanes per tile from its own tiles; the kernels run there."""
     emu.set_device_profile(profile)
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", exchange)
     plan = persistent_plan(batch, hidden, torch.float32, proj=proj, backward=backward)
     assert (plan["units_per_block"], plan["blocks"], plan["k_split"], plan["outs_per_block"],
             plan["proj_k_split"]) == expected
@@ -823,10 +829,12 @@ def test_persistent_projection_plan_branches(profile, batch, hidden, proj, backw
     check_rule(emulated, cpu, reference, torch.float32)
 
 
-def test_persistent_projection_bitwise_across_runs_and_block_orders(monkeypatch):
+@pytest.mark.parametrize("exchange", ["grid", "cluster"])
+def test_persistent_projection_bitwise_across_runs_and_block_orders(monkeypatch, exchange):
     """Forward (workspace included) and gradients with a projection are bitwise equal run to run and whatever
     order the blocks run in: a missing barrier of either phase would show."""
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT", "1")
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", exchange)
     layer = Layer("proj_determinism", packed=True, batch=6, steps=5, hidden=13, proj=6)
     inputs = cast(make_inputs(layer, torch.float32), torch.float32, layer)
     grads = random_grads(layer_forward(EMU, layer, inputs, "persistent"), torch.float32)
@@ -841,14 +849,15 @@ def test_persistent_projection_bitwise_across_runs_and_block_orders(monkeypatch)
 
 
 def test_persistent_projection_declines_with_reason(monkeypatch):
-    """What the projection path does not run says why: the cluster exchange (forced), and a W_hh + W_hr slice
-    beyond the card's shared memory (named with the proj_size), before any launch."""
-    layer = Layer("proj_cluster", proj=4, bidirectional=False)
+    """The cost model's pick at batch 1 is the cluster, whose two barriers per step are cluster.sync; what does not
+    fit is declined with the reason (named with the proj_size), before any launch: W_hh + W_hr beyond 16 SMs'
+    shared memory in a cluster, or beyond the card's in the backward."""
+    assert persistent_plan(1, 64, proj=16)["cluster"]
+    layer = Layer("proj_cluster_too_large", steps=1, batch=1, input_size=1, hidden=1024, proj=512, bidirectional=False)
     inputs = cast(make_inputs(layer, torch.float32), torch.float32, layer)
-    assert not persistent_plan(1, 64, proj=16)["cluster"]  # auto: the grid exchange on the H100 profile
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", "cluster")
     launches = persistent_launches()
-    with pytest.raises(RuntimeError, match="without projections"):
+    with pytest.raises(RuntimeError, match="proj_size 512 with batch 1 .* does not fit the forward kernel"):
         layer_forward(EMU, layer, inputs, "persistent")
     monkeypatch.delenv("FUSED_LSTM_PERSISTENT_EXCHANGE")
     emu.set_device_profile("l4")

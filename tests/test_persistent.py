@@ -322,14 +322,14 @@ def test_projection_product_variants(persistent, monkeypatch, product: str, dtyp
     compare(CASES[-3], dtype)
 
 
-def test_projection_declines_the_cluster_exchange(persistent, monkeypatch):
-    """Projections run on the grid exchange only: forcing the cluster one is an error that says so."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_projection_in_a_cluster(persistent, monkeypatch, dtype: torch.dtype):
+    """A projection on the Hopper cluster exchange (h' and h through distributed shared memory, two cluster.sync
+    per step), forced, against cuDNN's error; the backward is the grid kernel."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("clusters need sm_90")
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", "cluster")
-    module = fused_lstm.LSTM(5, 16, proj_size=8, device=DEVICE)
-    with pytest.raises(RuntimeError, match="without projections"):
-        module(torch.randn(4, 2, 5, device=DEVICE))
+    compare(CASES[-2], dtype)
 
 
 def test_sixteen_block_cluster(persistent):

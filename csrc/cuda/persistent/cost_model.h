@@ -64,11 +64,13 @@ inline double persistent_cluster_step_us(int64_t units, int64_t hidden, int64_t 
                                  static_cast<double>(batch) / kSmemFmaPerUsPerSm;
 }
 
-// What a projection (proj_size) adds to a persistent step: a second grid barrier, the staging of h' [N, H]
-// (forward) or dh_total [N, Hout] (backward) from L2, and the projection product's FMAs per block (forward
-// V x H x N for its V columns of Hout, backward U x Hout x N for its U units).
-inline double persistent_projection_us(double fmas_per_block, double staged_bytes) {
-  return kGridBarrierUs + staged_bytes / kL2BytesPerUsPerSm + fmas_per_block / kSmemFmaPerUsPerSm;
+// What a projection (proj_size) adds to a persistent step: a second barrier (the grid's, or in a cluster the
+// cluster's), the staging of h' [N, H] (forward) or dh_total [N, Hout] (backward) from L2 (none in a cluster: h'
+// arrives through distributed shared memory), and the projection product's FMAs per block (forward V x H x N for
+// its V columns of Hout, backward U x Hout x N for its U units).
+inline double persistent_projection_us(double fmas_per_block, double staged_bytes, bool cluster = false) {
+  return (cluster ? kClusterBarrierUs : kGridBarrierUs) + staged_bytes / kL2BytesPerUsPerSm +
+         fmas_per_block / kSmemFmaPerUsPerSm;
 }
 
 // One GEMM of the standard path with an [rows x cols] weight read from L2, at least kMinKernelUs.

@@ -54,7 +54,11 @@ const char* kernel_name(Pass pass) {
 
 template <typename scalar_t>
 auto forward_kernel(bool save_workspace, Product product, Exchange exchange, bool project) {
-  if (project) {  // Grid only (candidate_variants)
+  if (project) {
+    if (exchange == Exchange::Cluster) {  // Fma only (candidate_variants)
+      return save_workspace ? &persistent_forward_kernel<scalar_t, true, Product::Fma, Exchange::Cluster, true>
+                            : &persistent_forward_kernel<scalar_t, false, Product::Fma, Exchange::Cluster, true>;
+    }
     if (product == Product::Mma) {
       return save_workspace ? &persistent_forward_kernel<scalar_t, true, Product::Mma, Exchange::Grid, true>
                             : &persistent_forward_kernel<scalar_t, false, Product::Mma, Exchange::Grid, true>;
@@ -267,20 +271,21 @@ std::vector<Variant> restricted(std::vector<Variant> variants, const char* name,
 //   - products: Fma always; Mma (tensor cores) in the forward pass on sm_80 and newer, for fp16 and bf16, and
 //     for float32 when TF32 is allowed for RNNs (as cuDNN's products would);
 //   - exchanges: Grid always; Cluster in the forward pass on sm_90 and newer, with the Fma product (the cluster
-//     serves the small batches FMAs suit), without a projection (its second exchange per step, h' before W_hr,
-//     is not written for distributed shared memory yet).
-// FUSED_LSTM_PERSISTENT_PRODUCT=fma|mma and FUSED_LSTM_PERSISTENT_EXCHANGE=grid|cluster keep one kind.
-std::vector<std::pair<Product, Exchange>> candidate_variants(Pass pass, at::ScalarType dtype, int compute_major,
-                                                             bool project) {
+//     serves the small batches FMAs suit).
+// FUSED_LSTM_PERSISTENT_PRODUCT=fma|mma and FUSED_LSTM_PERSISTENT_EXCHANGE=grid|cluster keep one kind of the
+// forward kernel. The backward kernel has one variant (FMA, grid) and runs it whatever they say, so that a
+// forced forward variant still trains; a value that is not a variant's name is an error in both passes.
+std::vector<std::pair<Product, Exchange>> candidate_variants(Pass pass, at::ScalarType dtype, int compute_major) {
   std::vector<Product> products{Product::Fma};
   if (pass != Pass::Backward && compute_major >= 8 && (dtype != at::kFloat || cuda::rnn_allows_tf32())) {
     products.push_back(Product::Mma);
   }
   std::vector<Exchange> exchanges{Exchange::Grid};
-  if (pass != Pass::Backward && compute_major >= 9 && !project) exchanges.push_back(Exchange::Cluster);
+  if (pass != Pass::Backward && compute_major >= 9) exchanges.push_back(Exchange::Cluster);
   products = restricted(products, "FUSED_LSTM_PERSISTENT_PRODUCT", {{"fma", Product::Fma}, {"mma", Product::Mma}});
   exchanges = restricted(exchanges, "FUSED_LSTM_PERSISTENT_EXCHANGE",
                          {{"grid", Exchange::Grid}, {"cluster", Exchange::Cluster}});
+  if (pass == Pass::Backward) return {{Product::Fma, Exchange::Grid}};
   std::vector<std::pair<Product, Exchange>> variants;
   for (const Product product : products) {
     for (const Exchange exchange : exchanges) {
@@ -298,12 +303,11 @@ std::optional<Plan> make_plan(Pass pass, at::ScalarType dtype, int64_t batch, in
                               c10::DeviceIndex device, std::string* why_not) {
   const gpu::DeviceGuard guard(device);
   const std::vector<std::pair<Product, Exchange>> variants =
-      candidate_variants(pass, dtype, gpu::device_limits(device).compute_major, proj > 0);
+      candidate_variants(pass, dtype, gpu::device_limits(device).compute_major);
   if (variants.empty()) {
     set_reason(why_not, "FUSED_LSTM_PERSISTENT_PRODUCT / FUSED_LSTM_PERSISTENT_EXCHANGE leave no variant for this "
                         "pass, dtype and device (tensor cores: the forward pass on sm_80+, float32 only with "
-                        "torch.backends.cudnn.allow_tf32; clusters: the forward pass with FMAs on sm_90+, "
-                        "without projections)");
+                        "torch.backends.cudnn.allow_tf32; clusters: the forward pass with FMAs on sm_90+)");
     return std::nullopt;
   }
   std::optional<Plan> best;
@@ -566,7 +570,10 @@ double predicted_step_us(Pass pass, const Plan& plan, int64_t batch, int64_t hid
     // Forward: V columns x H; backward: U units x Hout; staging h' [N, H] or dh_total [N, Hout].
     const double fmas = static_cast<double>(backward ? plan.units_per_block : plan.outs_per_block) *
                         static_cast<double>(backward ? proj : hidden) * static_cast<double>(batch);
-    step += persistent_cost::persistent_projection_us(fmas, n4 * plan.padded_proj_k * element_size);
+    // A cluster exchanges h' through distributed shared memory (nothing staged) and meets at cluster.sync.
+    const bool cluster = plan.exchange == Exchange::Cluster;
+    step += persistent_cost::persistent_projection_us(fmas, cluster ? 0.0 : n4 * plan.padded_proj_k * element_size,
+                                                      cluster);
   }
   return step;
 }

@@ -29,8 +29,8 @@ PersistentMode persistent_mode();
 // Whether the persistent kernel can run this direction's recurrence: CUDA tensors of float32, float16 or
 // bfloat16; 1 <= N <= 64 batch rows; the device supports cooperative launches; and the plan fits: every
 // block's slice of W_hh (with a projection also its slice of W_hr) plus the staged h_{t-1} fit in its shared
-// memory with all blocks of the grid co-resident. Projections (proj_size) run on the grid exchange only, with
-// a second grid barrier per step. When false and why_not is given, *why_not says why.
+// memory with all blocks of the grid (or cluster) co-resident. Projections (proj_size) add a second barrier
+// per step. When false and why_not is given, *why_not says why.
 bool persistent_supported(const RecurrenceForwardArgs& a, std::string* why_not);
 
 // The Auto decision: a plan exists and the cost model (cost_model.h) predicts the whole direction faster on

@@ -89,14 +89,16 @@ enum class Exchange { Grid, Cluster };
 constexpr int kMaxClusterBlocks = 16;
 
 // Shared memory of one block, in bytes: the W_hh slice [4U, P] and the staging buffer (h_{t-1} [N_pad, P], two
-// of them for the Cluster exchange's double buffer; with a projection [N_pad, max(P, Hr)], since it also stages
-// h'_t [N, Hr]) in the storage dtype, the step's products [4U, N_pad] and the cell state [N_pad, U] in float32,
-// then the W_hr slice [V, Hr] in the storage dtype (projection only: padded_raw > 0).
+// of them for the Cluster exchange's double buffer; with a projection on the Grid exchange [N_pad, max(P, Hr)],
+// since it also stages h'_t [N, Hr]; on the Cluster exchange a buffer of its own, [N_pad, Hr], that every block
+// writes its h'_t columns into) in the storage dtype, the step's products [4U, N_pad] and the cell state
+// [N_pad, U] in float32, then the W_hr slice [V, Hr] in the storage dtype (projection only: padded_raw > 0).
 __host__ __device__ inline size_t forward_staged_elements(int padded_hidden, int padded_batch, bool cluster,
                                                           int padded_raw) {
-  const size_t n_pad = static_cast<size_t>(padded_batch);
-  return padded_raw > 0 ? n_pad * static_cast<size_t>(padded_raw > padded_hidden ? padded_raw : padded_hidden)
-                        : (cluster ? 2 : 1) * n_pad * static_cast<size_t>(padded_hidden);
+  const size_t n_pad = static_cast<size_t>(padded_batch), p = static_cast<size_t>(padded_hidden);
+  const size_t raw = static_cast<size_t>(padded_raw);
+  if (cluster) return n_pad * (2 * p + raw);
+  return n_pad * (raw > p ? raw : p);
 }
 inline size_t forward_shared_bytes(int units_per_block, int padded_hidden, int padded_batch, size_t element_size,
                                    bool cluster = false, int outs_per_block = 0, int padded_raw = 0) {
@@ -259,21 +261,20 @@ __device__ __forceinline__ void step_barrier() {
 // sizeof(scalar_t), Cluster, V, kProject ? Hr : 0) bytes of dynamic shared memory, all co-resident: a cooperative
 // launch (Grid) or one cluster of that many blocks (Cluster).
 //
-// With a projection (W_hr [Hout, H], Grid exchange only) h_t = h'_t @ W_hr^T, where h'_t = o * tanh(c_t) is what
-// the pointwise pass makes. The exchange carries h_t (Hout columns: K = Hout for the W_hh product), and each step
-// has two phases with a grid barrier after each:
-//   (1) as without a projection, but the pointwise pass writes h'_t of the block's units into the global buffer
-//       h_raw [N, H] instead of publishing it; grid barrier (h'_t complete);
-//   (2) every block stages h'_t [rows, H] and computes its V columns [k*V, k*V + V) of h_t from its W_hr rows
-//       (on chip, [V, H]), publishing them to the exchange and the output (row_product_fma); rows past their
-//       sequence carry h_t; grid barrier, as without a projection.
-// h_raw needs one buffer: phase 1 of step s+1 writes it only after the barrier that ends phase 2 of step s.
+// With a projection (W_hr [Hout, H]) h_t = h'_t @ W_hr^T, where h'_t = o * tanh(c_t) is what the pointwise pass
+// makes. The exchange carries h_t (Hout columns: K = Hout for the W_hh product), and each step has two phases
+// with a barrier after each:
+//   (1) as without a projection, but the pointwise pass publishes h'_t of the block's units instead of h_t: into
+//       the global buffer h_raw [N, H] (Grid) or into every block's shared copy of it (Cluster); barrier;
+//   (2) every block stages h'_t [rows, H] (Grid; in a cluster it is already in shared memory) and computes its V
+//       columns [k*V, k*V + V) of h_t from its W_hr rows (on chip, [V, H]), publishing them like h_t without a
+//       projection, and writing the output (row_product_fma); rows past their sequence carry h_t; barrier.
+// h'_t needs one buffer: phase 1 of step s+1 writes it only after the barrier that ends phase 2 of step s.
 template <typename scalar_t, bool kSaveWorkspace, Product kProduct, Exchange kExchange = Exchange::Grid,
           bool kProject = false>
 __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm)
     persistent_forward_kernel(const __grid_constant__ ForwardParams<scalar_t> p) {
   constexpr bool kCluster = kExchange == Exchange::Cluster;
-  static_assert(!(kCluster && kProject), "projections run on the Grid exchange only");
   constexpr int RB = kRowsPerTile;
   const int H = p.hidden, P = p.padded_hidden, KV = P / kVec<scalar_t>, N = p.batch, U = p.units_per_block;
   const int HO = kProject ? p.out_hidden : H;
@@ -281,8 +282,9 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
   const int unit0 = blockIdx.x * U;
 
   // Dynamic shared memory, 16-byte aligned (declared as uint4): w_s [4U][P], h_s [1 or 2][n_pad][P] (kProject:
-  // [n_pad][max(P, Hr)], also staging h'_t at pitch Hr), pre_s [4U][n_pad], c_s [n_pad][U], wr_s [V][Hr]
-  // (kProject). P * sizeof(scalar_t) is a multiple of 16 (Mma: 32), so rows start aligned.
+  // Grid [n_pad][max(P, Hr)], also staging h'_t at pitch Hr; Cluster [2][n_pad][P] then hr_s [n_pad][Hr]),
+  // pre_s [4U][n_pad], c_s [n_pad][U], wr_s [V][Hr] (kProject). P * sizeof(scalar_t) is a multiple of 16 (Mma:
+  // 32), so rows start aligned.
   FUSED_LSTM_DYNAMIC_SHARED(uint4, smem);
   const int staged_elements =
       static_cast<int>(forward_staged_elements(P, n_pad, kCluster, kProject ? p.padded_raw : 0));
@@ -291,6 +293,7 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
   float* pre_s = reinterpret_cast<float*>(h_s + staged_elements);
   float* c_s = pre_s + 4 * U * n_pad;
   scalar_t* wr_s = reinterpret_cast<scalar_t*>(c_s + n_pad * U);
+  scalar_t* hr_s = h_s + (kCluster ? 2 * n_pad * P : 0);  // where phase 2 reads h'_t (kProject)
   const scalar_t zero = static_cast<scalar_t>(0.0f);
 
   // --- Once: this block's W_hh rows (row 4u + g of w_s is gate g of unit unit0 + u), zero padding columns
@@ -386,7 +389,7 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
       const scalar_t h_stored = static_cast<scalar_t>(h_t);
       if constexpr (kSaveWorkspace) p.c_prev_saved[row * H + unit] = static_cast<scalar_t>(c);
       if constexpr (kProject) {
-        p.h_raw[b * p.padded_raw + unit] = h_stored;  // h'_t, for phase 2
+        publish_h<scalar_t, kExchange>(p.h_raw, hr_s, b * p.padded_raw + unit, h_stored);  // h'_t, for phase 2
       } else {
         publish_h<scalar_t, kExchange>(h_next, h_next_s, b * P + unit, h_stored);
         p.output[row * p.output_stride + unit] = h_stored;
@@ -404,23 +407,30 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
           if (j < live_outs) p.h_prev_saved[(offset + b) * HO + out0 + j] = h_cur_s[b * P + out0 + j];
         }
       }
-      cooperative_groups::this_grid().sync();  // h'_t of every unit in h_raw (fences memory at device scope)
-      // Stage h'_t of the rows any tile reads (whole tiles, clipped at N), through L2: other SMs wrote it.
-      const int raw_vectors = min(N, round_up(rows, RB)) * (Hr / kVec<scalar_t>);
-      for (int i = threadIdx.x; i < raw_vectors; i += kThreads) {
-        reinterpret_cast<uint4*>(h_s)[i] = __ldcg(reinterpret_cast<const uint4*>(p.h_raw) + i);
+      step_barrier<kExchange>();  // h'_t of every unit published (h_raw, or every block's hr_s)
+      if constexpr (!kCluster) {
+        // Stage h'_t of the rows any tile reads (whole tiles, clipped at N), through L2: other SMs wrote it.
+        const int raw_vectors = min(N, round_up(rows, RB)) * (Hr / kVec<scalar_t>);
+        for (int i = threadIdx.x; i < raw_vectors; i += kThreads) {
+          reinterpret_cast<uint4*>(h_s)[i] = __ldcg(reinterpret_cast<const uint4*>(p.h_raw) + i);
+        }
+        __syncthreads();
       }
-      __syncthreads();
-      row_product_fma<scalar_t>(wr_s, h_s, V, live_outs, Hr, n_pad, rows, p.proj_k_split,
+      row_product_fma<scalar_t>(wr_s, hr_s, V, live_outs, Hr, n_pad, rows, p.proj_k_split,
                                 [&](int j, int b, float sum) {
                                   const scalar_t h_stored = static_cast<scalar_t>(sum);
-                                  h_next[b * P + out0 + j] = h_stored;
+                                  publish_h<scalar_t, kExchange>(h_next, h_next_s, b * P + out0 + j, h_stored);
                                   p.output[(offset + b) * p.output_stride + out0 + j] = h_stored;
                                 });
       // Rows past their sequence keep their h: carried into the half the next step reads.
       for (int i = threadIdx.x; i < (N - rows) * V; i += kThreads) {
         const int b = rows + i / V, j = i % V;
-        if (j < live_outs) copy_through_l2(h_next + b * P + out0 + j, h_cur + b * P + out0 + j);
+        if (j >= live_outs) continue;
+        if constexpr (kCluster) {
+          publish_h<scalar_t, kExchange>(h_next, h_next_s, b * P + out0 + j, h_cur_s[b * P + out0 + j]);
+        } else {
+          copy_through_l2(h_next + b * P + out0 + j, h_cur + b * P + out0 + j);
+        }
       }
     }
     // Publishes this step's h_t columns to every block and guarantees everyone finished reading h_{t-1},
@@ -429,11 +439,13 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
     walk.leave();
   }
   if constexpr (kCluster) {
-    // h_n of the owned units into the exchange half T % 2, where the host code reads it as for Grid.
+    // h_n of the owned columns (kProject: of Hout, else the owned units) into the exchange half T % 2, where the
+    // host code reads it as for Grid.
     const int last = p.steps & 1;
-    for (int i = threadIdx.x; i < N * U; i += kThreads) {
-      const int b = i / U, unit = unit0 + i % U;
-      if (unit < H) p.h_exchange[static_cast<int64_t>(last) * N * P + b * P + unit] = h_s[last * n_pad * P + b * P + unit];
+    const int cols = kProject ? p.outs_per_block : U, col0 = blockIdx.x * cols;
+    for (int i = threadIdx.x; i < N * cols; i += kThreads) {
+      const int b = i / cols, col = col0 + i % cols;
+      if (col < HO) p.h_exchange[static_cast<int64_t>(last) * N * P + b * P + col] = h_s[last * n_pad * P + b * P + col];
     }
   }
 
