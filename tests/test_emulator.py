@@ -869,7 +869,8 @@ def test_persistent_projection_declines_with_reason(monkeypatch):
 def test_cpu_backward_keeps_declining_projections():
     """The CPU's fused backward recurrence has no projection: with one, its backward walks the steps (the driver
     now offers projections to every backend's recurrence_backward)."""
-    layer = Layer("cpu_proj", steps=4, batch=3, hidden=9, proj=4, bidirectional=True)
+    # Rows enough for the CPU's fused backward without a projection (test_ops.FUSED_BACKWARD_VARIANT).
+    layer = Layer("cpu_proj", steps=12, batch=6, hidden=20, proj=7, bidirectional=True)
     _, cpu, reference = run_layer(layer, torch.float32)
     for name, ref in reference.items():
         torch.testing.assert_close(cpu[name].double(), ref, atol=1e-5, rtol=1e-4, msg=name)
