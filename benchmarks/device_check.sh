@@ -66,7 +66,7 @@ STAGES=${STAGES:-$DEFAULT_STAGES}
 TOTAL_LIMIT=${TOTAL_LIMIT:-480}
 BUILD_LIMIT=${BUILD_LIMIT:-120}
 TEST_LIMIT=${TEST_LIMIT:-140}
-PERSISTENT_LIMIT=${PERSISTENT_LIMIT:-40}
+PERSISTENT_LIMIT=${PERSISTENT_LIMIT:-50}
 BENCH_LIMIT=${BENCH_LIMIT:-80}
 SANITIZER_LIMIT=${SANITIZER_LIMIT:-240}
 BENCH_MODES=${BENCH_MODES:-infer,train,train_weights}
@@ -116,8 +116,10 @@ GPU_TEST_FILES=${GPU_TEST_FILES% }
 # Every persistent shape fits both persistent kernels (forward and backward: the stage trains) on an H100/H200
 # in both dtypes; FUSED_LSTM_PERSISTENT=1 makes a shape they decline an error. The backward kernel stages the
 # step's [N, 4H] gate gradients next to its W_hh slice, so fp32 fits up to N*H of about 8K (tests/
-# test_device_check.py asks the kernels' own plan, under the CUDA emulator's H100 profile).
-PERSISTENT_SHAPES="--shape 100,1,256,256 --shape 100,8,512,512 --shape 100,16,512,512 --shape 100,32,256,256"
+# test_device_check.py asks the kernels' own plan, under the CUDA emulator's H100 profile). The last shape has a
+# projection (proj_size 128: W_hr on chip next to W_hh, two grid barriers per step).
+PERSISTENT_SHAPES="--shape 100,1,256,256 --shape 100,8,512,512 --shape 100,16,512,512 --shape 100,32,256,256 \
+--shape 100,8,256,512,1,0,0,128"
 CHECK_BUILT_PY="import json, fused_lstm; i = fused_lstm.build_info(); print('build_info:', json.dumps(i, default=str)); \
 raise SystemExit(0 if i.get('cuda_available') else 'fused_lstm was built without CUDA kernels this GPU can run')"
 

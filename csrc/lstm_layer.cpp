@@ -343,7 +343,7 @@ class BackwardDirection final : public DirectionPass {
     const LayerShape& s = l_.s;
     // recurrence="standard" walks the steps in backward too; "persistent" reaches the backend through
     // recurrence() (the CUDA backend then runs its persistent kernel or throws why it cannot).
-    if (l_.has_projections || l_.backend.recurrence() == RecurrencePath::Standard) return s.steps;
+    if (l_.backend.recurrence() == RecurrencePath::Standard) return s.steps;
     RecurrenceBackwardArgs whole;
     whole.step_rows = &s.step_rows;
     whole.step_offset = &s.step_offset;
@@ -356,6 +356,11 @@ class BackwardDirection final : public DirectionPass {
     whole.dc_state = dc_state_;
     whole.d_gates = d_gates_;
     whole.need_h0_grad = l_.need_h0_grad;
+    if (l_.has_projections) {  // the per-step loop's buffers for grad_w_hr (epilogue)
+      whole.w_hr = w_.w_hr;
+      whole.dh_total = l_.dh_total[d_];  // [R, Hout]
+      whole.h_next = l_.h_next[d_];      // [R, H]
+    }
     return l_.backend.recurrence_backward(whole) ? 0 : s.steps;
   }
 

@@ -108,19 +108,24 @@ struct RecurrenceForwardArgs {
   Tensor h_prev_saved;  // [R, Hout] or undefined
 };
 
-// The whole time loop of one direction's backward pass (without projections), for backends that can run
-// it in one go. Walks the steps in the opposite order of the forward pass.
+// The whole time loop of one direction's backward pass, for backends that can run it in one go. Walks the
+// steps in the opposite order of the forward pass. With a projection (w_hr defined) it also fills the two
+// per-row buffers the driver's epilogue computes grad_w_hr = dh_total^T @ h_next from, exactly as its
+// per-step loop does; a backend that does not run projections returns false when w_hr is defined.
 struct RecurrenceBackwardArgs {
   const std::vector<int64_t>* step_rows;    // [T] active rows per step (host)
   const std::vector<int64_t>* step_offset;  // [T] first row of each step (host)
   bool reverse;                             // the forward pass walked the steps from T-1 down to 0
   Tensor gates;        // [R, 4H] saved post-activation gates
   Tensor c_prev;       // [R, H] saved cell states
-  Tensor d_output;     // [R, H], row stride D*H: this direction's columns of grad_output
-  Tensor w_hh;         // [4H, H]
-  Tensor dh_state;     // [N, H]: grad of h_n in, grad of h0 out
+  Tensor d_output;     // [R, Hout], row stride D*Hout: this direction's columns of grad_output
+  Tensor w_hh;         // [4H, Hout]
+  Tensor dh_state;     // [N, Hout]: grad of h_n in, grad of h0 out
   Tensor dc_state;     // [N, H]: grad of c_n in, grad of c0 out
   Tensor d_gates;      // [R, 4H] out: gradients of the pre-activations
+  Tensor w_hr;         // [Hout, H], or undefined without a projection
+  Tensor dh_total;     // [R, Hout] out (with w_hr): dL/dh per row after w_hr (carried dh + grad_output)
+  Tensor h_next;       // [R, H] out (with w_hr): the recomputed h' = o * tanh(c') before w_hr per row
   // Without it dh_state's rows are left undefined once their sequence's first step is done: the product
   // that would carry dh back to h0 (d_gates of that step @ w_hh) is skipped.
   bool need_h0_grad = true;
@@ -200,7 +205,7 @@ class LayerBackend {
   // Runs the whole forward recurrence of one direction and returns true, or returns false (the default)
   // to let the driver walk the steps itself with matmul + step_forward.
   virtual bool recurrence_forward(const RecurrenceForwardArgs& args) const;
-  // Likewise for the backward recurrence (never called with projections).
+  // Likewise for the backward recurrence (with projections too: see RecurrenceBackwardArgs).
   virtual bool recurrence_backward(const RecurrenceBackwardArgs& args) const;
   // A name for the path a forward call took, for diagnostics and the benchmark ("cuda:standard", ...).
   virtual std::string path_name(bool whole_recurrence) const = 0;

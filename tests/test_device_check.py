@@ -492,7 +492,7 @@ def test_summary_cli(tmp_path: Path) -> None:
 
 # ---- the persistent stage's shapes -----------------------------------------------------------------------------
 
-def persistent_plan_fits(batch: int, hidden: int, element_size: int, backward: bool) -> bool:
+def persistent_plan_fits(batch: int, hidden: int, element_size: int, backward: bool, proj: int = 0) -> bool:
     """Whether the persistent kernel's own plan (csrc/cuda/persistent, run by the CUDA emulator under its
     H100 profile: 132 SMs, 227 KB of shared memory per block) has a launch for this shape."""
     emu = pytest.importorskip("fused_lstm._emu", reason="the CUDA emulator is not built")
@@ -500,7 +500,7 @@ def persistent_plan_fits(batch: int, hidden: int, element_size: int, backward: b
     previous = emu.device_profile()
     emu.set_device_profile("h100")
     try:
-        torch.ops.fused_lstm_emu.persistent_plan(torch.empty(1, dtype=dtype), batch, hidden, backward)
+        torch.ops.fused_lstm_emu.persistent_plan(torch.empty(1, dtype=dtype), batch, hidden, backward, proj)
         return True
     except RuntimeError:
         return False
@@ -508,8 +508,9 @@ def persistent_plan_fits(batch: int, hidden: int, element_size: int, backward: b
         emu.set_device_profile(previous)
 
 
-def persistent_stage_jobs(tmp_path: Path) -> List[Tuple[int, int, int]]:
-    """(batch, hidden, element size) of every shape and dtype the persistent stage forces, from its command."""
+def persistent_stage_jobs(tmp_path: Path) -> List[Tuple[int, int, int, int]]:
+    """(batch, hidden, element size, proj_size) of every shape and dtype the persistent stage forces, from its
+    command."""
     rc, log = run_script(tmp_path, DRY_RUN="1")
     assert rc == 0, log
     words = stage_command(log, "persistent")
@@ -519,16 +520,19 @@ def persistent_stage_jobs(tmp_path: Path) -> List[Tuple[int, int, int]]:
     sizes = {"fp32": 4, "bf16": 2, "fp16": 2}
     jobs = []
     for shape in shapes:
-        _, batch, _, hidden = (int(v) for v in shape.split(",")[:4])
-        jobs += [(batch, hidden, sizes[d]) for d in dtypes]
+        fields = shape.split(",")
+        _, batch, _, hidden = (int(v) for v in fields[:4])
+        proj = int(fields[7]) if len(fields) > 7 else 0
+        jobs += [(batch, hidden, sizes[d], proj) for d in dtypes]
     return jobs
 
 
 def test_persistent_stage_shapes_fit_the_kernel_on_an_h100(tmp_path: Path) -> None:
     """The stage trains too, so every shape must fit the forward and the backward kernel."""
     jobs = persistent_stage_jobs(tmp_path)
-    assert len(jobs) >= 4
-    assert [job for job in jobs for backward in (False, True) if not persistent_plan_fits(*job, backward)] == []
+    assert len(jobs) >= 4 and any(proj for *_, proj in jobs)  # a projection shape too
+    assert [job for job in jobs for backward in (False, True)
+            if not persistent_plan_fits(*job[:3], backward, job[3])] == []
 
 
 def test_persistent_plan_rejects_what_does_not_fit() -> None:

@@ -61,6 +61,7 @@ def poisoned_memory_and_strict_fp32():
     ("warp_sum", [528.0] * 64),
     ("grid_exchange", [2.0, 3.0, 4.0, 5.0, 6.0, 1.0]),
     ("cluster_exchange", [((b % 4 + 1) % 4) * 100.0 + t for b in range(8) for t in range(32)]),
+    ("cluster_exchange_16_blocks", [((b + 1) % 16) * 100.0 + t for b in range(16) for t in range(32)]),
     ("atomic_count", [480.0]),
 ])
 def test_selftest_results(name, expected):
@@ -101,6 +102,8 @@ def test_seeded_block_order(monkeypatch, seed):
     ("grid_exchange_too_large", "cudaErrorCooperativeLaunchTooLarge"),
     ("block_sum_too_much_shared", "the kernel allows 49152"),
     ("block_sum_past_launch_bounds", "exceeds its __launch_bounds__ (128)"),
+    ("cluster_exchange_16_blocks_not_allowed",
+     "clusters of 16 blocks (at most 8 without cudaFuncAttributeNonPortableClusterSizeAllowed)"),
 ])
 def test_selftest_errors(name, message):
     with pytest.raises(RuntimeError, match="fused_lstm emulator") as error:
@@ -320,11 +323,11 @@ PERSISTENT_LAYERS = [
 ]
 
 
-def persistent_plan(batch: int, hidden: int, dtype=torch.float32) -> Dict[str, int]:
-    units, blocks, k_split, shared, tensor_cores, cluster = torch.ops.fused_lstm_emu.persistent_plan(
-        torch.empty(1, dtype=dtype), batch, hidden)
+def persistent_plan(batch: int, hidden: int, dtype=torch.float32, proj: int = 0, backward: bool = False) -> Dict[str, int]:
+    units, blocks, k_split, shared, tensor_cores, cluster, outs, proj_k_split = torch.ops.fused_lstm_emu.persistent_plan(
+        torch.empty(1, dtype=dtype), batch, hidden, backward, proj)
     return dict(units_per_block=units, blocks=blocks, k_split=k_split, shared_bytes=shared,
-                tensor_cores=bool(tensor_cores), cluster=bool(cluster))
+                tensor_cores=bool(tensor_cores), cluster=bool(cluster), outs_per_block=outs, proj_k_split=proj_k_split)
 
 
 def persistent_launches() -> int:
@@ -394,19 +397,37 @@ def test_persistent_product_by_cost_model(batch, tensor_cores, monkeypatch):
     assert persistent_plan(batch, 64, torch.bfloat16)["tensor_cores"] == tensor_cores
 
 
-def test_cluster_plan_and_its_limits(monkeypatch):
-    """The cluster exchange: at most 8 blocks (the portable cluster size), so W_hh must fit 8 SMs' shared
-    memory; sm_90 only; the cost model prefers it at small batch (its barrier is a third of grid.sync's)."""
-    plan = persistent_plan(1, 64)
-    assert plan["cluster"] and plan["blocks"] <= 8 and plan["units_per_block"] == 8
+@pytest.mark.parametrize("hidden, dtype, units", [
+    (64, torch.float32, 4),     # 16 blocks where 8 would do: more SMs share the product
+    (384, torch.float32, 24),   # fits 16 SMs' shared memory, not 8 (4 x 48 x 384 x 4 bytes = 295 KB a block)
+    (512, torch.bfloat16, 32),  # likewise in bf16
+])
+def test_cluster_plan_and_its_limits(monkeypatch, hidden, dtype, units):
+    """The cluster exchange: at most 16 blocks (the non-portable cluster size the plan allows on sm_90, as many as
+    the device says it can run), so W_hh must fit 16 SMs' shared memory; sm_90 only; the cost model prefers it at
+    batch 1 (its barrier is a third of grid.sync's)."""
+    plan = persistent_plan(1, hidden, dtype)
+    assert plan["cluster"] and (plan["blocks"], plan["units_per_block"]) == (-(-hidden // units), units)
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", "cluster")
     with pytest.raises(RuntimeError, match="does not fit"):
-        persistent_plan(1, 1024)  # 128 units a block: far beyond 227 KB
+        persistent_plan(1, 1024)  # 64 units a block: far beyond 227 KB
     emu.set_device_profile("a100")
     with pytest.raises(RuntimeError, match="leave no variant"):
         persistent_plan(1, 64)
     monkeypatch.delenv("FUSED_LSTM_PERSISTENT_EXCHANGE")
     assert not persistent_plan(1, 64)["cluster"]
+
+
+def test_sixteen_block_cluster_runs(monkeypatch):
+    """A 16-block (non-portable) cluster forward: against the CPU path and float64, and bitwise in any block order
+    (the emulator rejects a cluster above 8 blocks unless the plan allowed the non-portable size)."""
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", "cluster")
+    layer = Layer("cluster16", packed=True, batch=3, steps=4, input_size=3, hidden=32)
+    assert (persistent_plan(layer.batch, layer.hidden)["blocks"], persistent_plan(1, 32)["cluster"]) == (16, True)
+    emulated, cpu, reference = run_layer(layer, torch.float32, recurrence="persistent")
+    check_rule(emulated, cpu, reference, torch.float32)
+    inputs = cast(make_inputs(layer, torch.bfloat16), torch.bfloat16, layer)
+    assert_bitwise_in_any_block_order(monkeypatch, lambda: flatten(layer_forward(EMU, layer, inputs, "persistent")))
 
 
 @pytest.mark.parametrize("product, exchange, message", [
@@ -477,7 +498,6 @@ def test_persistent_plan_walks_small_card():
 
 
 @pytest.mark.parametrize("layer, dtype, reason", [
-    (Layer("proj", proj=4, bidirectional=False), torch.float32, "projections"),
     (Layer("float64", bidirectional=False), torch.float64, "dtype Double"),
     (Layer("batch65", batch=65, steps=2, bidirectional=False), torch.float32, "batch 65"),
 ])
@@ -515,12 +535,13 @@ def test_persistent_backward(layer: Layer, dtype: torch.dtype, monkeypatch):
     assert persistent_launches() == before + 2 * layer.directions  # forward and backward
 
 
+@pytest.mark.parametrize("proj", [0, 5])
 @pytest.mark.parametrize("need_h0_grad", [True, False])
 @pytest.mark.parametrize("packed", [False, True])
-def test_persistent_backward_h0_grad_flag(need_h0_grad: bool, packed: bool, monkeypatch):
+def test_persistent_backward_h0_grad_flag(need_h0_grad: bool, packed: bool, proj: int, monkeypatch):
     """Without h0's gradient the kernel skips each sequence's last product, as the driver's loop does: every
-    other gradient is bitwise the same as with it."""
-    layer = Layer("flag", packed=packed, batch=5, steps=5)
+    other gradient matches the standard path's (with and without a projection)."""
+    layer = Layer("flag", packed=packed, batch=5, steps=5, proj=proj)
     inputs = cast(make_inputs(layer, torch.float32), torch.float32, layer)
     forward = layer_forward(EMU, layer, inputs)
     grads = random_grads(forward, torch.float32)
@@ -530,14 +551,14 @@ def test_persistent_backward_h0_grad_flag(need_h0_grad: bool, packed: bool, monk
     for mode in ("1", "0"):
         monkeypatch.setenv("FUSED_LSTM_PERSISTENT", mode)
         results.append(op(grads["output"], grads["h_n"], grads["c_n"], inputs["x"], inputs["batch_sizes"],
-                          inputs["h0"], inputs["c0"], inputs["weights"], layer.biases, False, layer.bidirectional,
-                          gates, c_prev, h_prev, True, True, need_h0_grad))
+                          inputs["h0"], inputs["c0"], inputs["weights"], layer.biases, bool(proj),
+                          layer.bidirectional, gates, c_prev, h_prev, True, True, need_h0_grad))
     (gi_p, gh_p, gc_p, gw_p), (gi_s, gh_s, gc_s, gw_s) = results
     torch.testing.assert_close(gi_p, gi_s, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(gc_p, gc_s, atol=2e-6, rtol=1e-5)
     for a, b in zip(gw_p, gw_s):
         torch.testing.assert_close(a, b, atol=5e-6, rtol=1e-5)
-    assert gh_p.numel() == gh_s.numel() == (gc_p.numel() if need_h0_grad else 0)
+    assert gh_p.numel() == gh_s.numel() == (inputs["h0"].numel() if need_h0_grad else 0)
     if need_h0_grad:
         torch.testing.assert_close(gh_p, gh_s, atol=2e-6, rtol=1e-5)
 
@@ -561,8 +582,9 @@ def test_persistent_backward_bitwise_across_runs_and_block_orders(monkeypatch):
 def test_persistent_backward_plan_branches(profile, batch, hidden, k_split, units_per_block, monkeypatch):
     """The backward kernel's plan reaches the same branches, and runs there."""
     emu.set_device_profile(profile)
-    units, blocks, lanes, shared, tensor_cores, cluster = torch.ops.fused_lstm_emu.persistent_plan(
+    units, blocks, lanes, shared, tensor_cores, cluster, outs, _ = torch.ops.fused_lstm_emu.persistent_plan(
         torch.empty(1), batch, hidden, True)
+    assert outs == units  # without a projection a block's dh columns are its units
     assert not tensor_cores and not cluster
     assert (lanes, units) == (k_split, units_per_block) and blocks == -(-hidden // units)
     assert shared <= emu.device_limits()["shared_bytes_per_block_optin"]
@@ -588,8 +610,8 @@ def test_persistent_backward_supports_less_than_forward(profile):
 
 # --- Auto dispatch by the cost model.
 
-@pytest.mark.parametrize("batch, hidden, steps", [(2, 24, 6), (64, 256, 2)])
-def test_auto_follows_the_cost_model(monkeypatch, batch, hidden, steps):
+@pytest.mark.parametrize("batch, hidden, steps, proj", [(2, 24, 6, 0), (64, 256, 2, 0), (2, 24, 6, 10)])
+def test_auto_follows_the_cost_model(monkeypatch, batch, hidden, steps, proj):
     """FUSED_LSTM_PERSISTENT=auto takes the persistent kernels (forward and backward) exactly when the cost model
     (csrc/cuda/persistent/cost_model.h) predicts them faster than the standard path for the card's profile."""
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT", "auto")
@@ -598,11 +620,11 @@ def test_auto_follows_the_cost_model(monkeypatch, batch, hidden, steps):
     for backward in (False, True):
         try:
             persistent_us, standard_us = torch.ops.fused_lstm_emu.persistent_predicted_us(
-                sample, batch, hidden, steps, backward)
+                sample, batch, hidden, steps, backward, proj)
             expected[backward] = persistent_us < standard_us
         except RuntimeError:  # no plan for this pass: the standard path
             expected[backward] = False
-    layer = Layer("auto", steps=steps, batch=batch, input_size=3, hidden=hidden, bidirectional=False)
+    layer = Layer("auto", steps=steps, batch=batch, input_size=3, hidden=hidden, proj=proj, bidirectional=False)
     before = persistent_launches()
     emulated, cpu, reference = run_layer(layer, torch.float32, recurrence="auto")
     check_rule(emulated, cpu, reference, torch.float32)
@@ -716,20 +738,139 @@ def test_backward_follows_the_forward_recurrence(monkeypatch, recurrence, enviro
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype, product, exchange", VARIANTS + [(torch.float32, "mma", "grid")], ids=str)
-def test_persistent_forward_without_workspace(monkeypatch, dtype, product, exchange):
-    """Inference (need_workspace=False) runs the kernels' instantiations that save no workspace: same outputs,
-    bit for bit, as the training instantiation, and an empty workspace."""
+@pytest.mark.parametrize("dtype, product, exchange, proj", [
+    *[(*variant, 0) for variant in VARIANTS + [(torch.float32, "mma", "grid")]],
+    (torch.float32, "fma", "grid", 5), (torch.bfloat16, "mma", "grid", 5), (torch.float32, "fma", "cluster", 5)],
+    ids=str)
+def test_persistent_forward_without_workspace(monkeypatch, dtype, product, exchange, proj):
+    """Inference (need_workspace=False) runs the kernels' instantiations that save no workspace (with and without
+    a projection): same outputs, bit for bit, as the training instantiation, and an empty workspace."""
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", product)
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", exchange)
     torch.backends.cudnn.allow_tf32 = dtype == torch.float32 and product == "mma"  # TF32 tensor cores need it
-    layer = Layer("inference", packed=True, batch=6, steps=5, hidden=12)
+    layer = Layer("inference", packed=True, batch=6, steps=5, hidden=12, proj=proj)
     a = cast(make_inputs(layer, dtype), dtype, layer)
     op = torch.ops.fused_lstm_emu.lstm_layer
     before = persistent_launches()
-    results = [op(a["x"], a["batch_sizes"], a["h0"], a["c0"], a["weights"], layer.biases, False, layer.bidirectional,
-                  workspace, "persistent") for workspace in (True, False)]
+    results = [op(a["x"], a["batch_sizes"], a["h0"], a["c0"], a["weights"], layer.biases, bool(proj),
+                  layer.bidirectional, workspace, "persistent") for workspace in (True, False)]
     assert persistent_launches() - before == 2 * layer.directions
     for trained, inferred in zip(results[0][:3], results[1][:3]):
         assert torch.equal(trained, inferred)
     assert all(t.numel() == 0 for t in results[1][3:])
+
+
+# --- Projections (proj_size) in the persistent kernels: W_hr on chip next to W_hh, two grid barriers per step.
+
+PROJECTION_LAYERS = [
+    Layer("proj_packed_bidirectional", packed=True, batch=6, steps=6, hidden=9, proj=4),
+    Layer("proj_odd_strided", steps=4, batch=5, input_size=3, hidden=33, proj=17, strided=True, bidirectional=False),
+    Layer("proj_batch1_zero_state", steps=5, batch=1, input_size=2, hidden=20, proj=7, bidirectional=False,
+          zero_state=True),
+]
+PROJECTION_VARIANTS = [(torch.float32, "fma", "grid"), (torch.float16, "fma", "grid"), (torch.bfloat16, "fma", "grid"),
+                       (torch.float16, "mma", "grid"), (torch.bfloat16, "mma", "grid"),
+                       (torch.float32, "fma", "cluster"), (torch.bfloat16, "fma", "cluster")]
+
+
+@pytest.mark.parametrize("dtype, product, exchange", PROJECTION_VARIANTS, ids=str)
+@pytest.mark.parametrize("layer", PROJECTION_LAYERS, ids=lambda c: c.name)
+def test_persistent_projection_forward(layer: Layer, dtype: torch.dtype, product: str, exchange: str, monkeypatch):
+    """The persistent forward with a projection, FMA or tensor-core W_hh product (the projection itself on FMAs),
+    h'_t and h_t exchanged through global memory (grid) or distributed shared memory (cluster): each block
+    computes its V = ceil(Hout / blocks) columns of h_t = h'_t @ W_hr^T. Output, h_n, c_n and the workspace
+    (through the standard backward) against the CPU path and float64."""
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", product)
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", exchange)
+    plan = persistent_plan(layer.batch, layer.hidden, dtype, proj=layer.proj)
+    assert (plan["tensor_cores"], plan["cluster"]) == (product == "mma", exchange == "cluster")
+    assert plan["outs_per_block"] == -(-layer.proj // plan["blocks"]) and plan["proj_k_split"] in (8, 16, 32)
+    before = persistent_launches()
+    emulated, cpu, reference = run_layer(layer, dtype, recurrence="persistent")
+    check_rule(emulated, cpu, reference, dtype)
+    assert emu.last_path() == "cuda:persistent"
+    assert persistent_launches() == before + layer.directions
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layer", PROJECTION_LAYERS, ids=lambda c: c.name)
+def test_persistent_projection_backward(layer: Layer, dtype: torch.dtype, monkeypatch):
+    """The persistent backward with a projection (dh_total, dh' = dh_total @ W_hr and the pointwise backward in
+    one phase, the d_gates @ W_hh product for each block's dh columns in the other) on the persistent forward's
+    workspace: every gradient, grad_w_hr included, against the CPU path and float64."""
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT", "1")
+    before = persistent_launches()
+    emulated, cpu, reference = run_layer(layer, dtype, recurrence="persistent")
+    check_rule(emulated, cpu, reference, dtype)
+    assert persistent_launches() == before + 2 * layer.directions  # forward and backward
+
+
+@pytest.mark.parametrize("profile, batch, hidden, proj, backward, exchange, expected", [
+    # (units_per_block, blocks, k_split, outs_per_block, proj_k_split)
+    ("h100", 3, 33, 17, False, "grid", (1, 33, 32, 1, 32)),
+    ("h100", 3, 33, 17, False, "cluster", (3, 11, 32, 2, 32)),
+    ("h100", 3, 33, 17, True, "auto", (1, 33, 32, 1, 32)),
+    ("l4", 33, 130, 100, False, "auto", (3, 44, 8, 3, 8)),
+    ("l4", 33, 130, 100, True, "auto", (3, 44, 8, 3, 8)),
+    ("h100", 64, 6, 5, True, "auto", (1, 6, 16, 1, 16)),
+])
+def test_persistent_projection_plan_branches(profile, batch, hidden, proj, backward, exchange, expected, monkeypatch):
+    """With a projection the plan splits Hout over the blocks (V columns each, some blocks none when Hout < blocks)
+    and sizes each product's lanes per tile from its own tiles; the kernels run there."""
+    emu.set_device_profile(profile)
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", exchange)
+    plan = persistent_plan(batch, hidden, torch.float32, proj=proj, backward=backward)
+    assert (plan["units_per_block"], plan["blocks"], plan["k_split"], plan["outs_per_block"],
+            plan["proj_k_split"]) == expected
+    assert plan["shared_bytes"] <= emu.device_limits()["shared_bytes_per_block_optin"]
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT", "1")
+    layer = Layer("plan", steps=2, batch=batch, input_size=2, hidden=hidden, proj=proj, bidirectional=False)
+    emulated, cpu, reference = run_layer(layer, torch.float32, recurrence="persistent", backward=backward)
+    check_rule(emulated, cpu, reference, torch.float32)
+
+
+@pytest.mark.parametrize("exchange", ["grid", "cluster"])
+def test_persistent_projection_bitwise_across_runs_and_block_orders(monkeypatch, exchange):
+    """Forward (workspace included) and gradients with a projection are bitwise equal run to run and whatever
+    order the blocks run in: a missing barrier of either phase would show."""
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT", "1")
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", exchange)
+    layer = Layer("proj_determinism", packed=True, batch=6, steps=5, hidden=13, proj=6)
+    inputs = cast(make_inputs(layer, torch.float32), torch.float32, layer)
+    grads = random_grads(layer_forward(EMU, layer, inputs, "persistent"), torch.float32)
+
+    def run():
+        forward = layer_forward(EMU, layer, inputs, "persistent")
+        named = flatten(forward, layer_backward(EMU, layer, inputs, forward, grads))
+        named.update(gates=forward[3], c_prev=forward[4], h_prev=forward[5])
+        return named
+
+    assert_bitwise_in_any_block_order(monkeypatch, run, seeds=("5", "6"))
+
+
+def test_persistent_projection_declines_with_reason(monkeypatch):
+    """The cost model's pick at batch 1 is the cluster, whose two barriers per step are cluster.sync; what does not
+    fit is declined with the reason (named with the proj_size), before any launch: W_hh + W_hr beyond 16 SMs'
+    shared memory in a cluster, or beyond the card's in the backward."""
+    assert persistent_plan(1, 64, proj=16)["cluster"]
+    layer = Layer("proj_cluster_too_large", steps=1, batch=1, input_size=1, hidden=1024, proj=512, bidirectional=False)
+    inputs = cast(make_inputs(layer, torch.float32), torch.float32, layer)
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", "cluster")
+    launches = persistent_launches()
+    with pytest.raises(RuntimeError, match="proj_size 512 with batch 1 .* does not fit the forward kernel"):
+        layer_forward(EMU, layer, inputs, "persistent")
+    monkeypatch.delenv("FUSED_LSTM_PERSISTENT_EXCHANGE")
+    emu.set_device_profile("l4")
+    with pytest.raises(RuntimeError, match="proj_size 1000 with batch 64 .* does not fit the backward kernel"):
+        persistent_plan(64, 1024, proj=1000, backward=True)
+    assert persistent_launches() == launches
+
+
+def test_cpu_backward_keeps_declining_projections():
+    """The CPU's fused backward recurrence has no projection: with one, its backward walks the steps (the driver
+    now offers projections to every backend's recurrence_backward)."""
+    # Rows enough for the CPU's fused backward without a projection (test_ops.FUSED_BACKWARD_VARIANT).
+    layer = Layer("cpu_proj", steps=12, batch=6, hidden=20, proj=7, bidirectional=True)
+    _, cpu, reference = run_layer(layer, torch.float32)
+    for name, ref in reference.items():
+        torch.testing.assert_close(cpu[name].double(), ref, atol=1e-5, rtol=1e-4, msg=name)

@@ -63,6 +63,11 @@ CASES = [
     Case("batch_one_long", hidden_size=64, batch=1, steps=40),
     Case("batch_64", input_size=16, hidden_size=96, batch=64, steps=4),
     Case("all_sizes_one", input_size=1, hidden_size=1, batch=1, steps=3),
+    # Projections (proj_size): W_hr on chip too, two grid barriers per step, forward and backward.
+    Case("projection_packed_bidirectional", hidden_size=48, proj_size=20, bidirectional=True, packed=True, batch=6,
+         steps=8),
+    Case("projection_odd_batch_one", input_size=3, hidden_size=33, proj_size=17, batch=1, steps=6),
+    Case("projection_two_layers_batch_40", hidden_size=96, proj_size=32, num_layers=2, batch=40, steps=5),
 ]
 
 
@@ -121,11 +126,10 @@ def test_hidden_size_beyond_the_largest(monkeypatch, dtype: torch.dtype):
 @pytest.mark.parametrize(
     "kwargs, dtype, match",
     [
-        (dict(proj_size=4), torch.float32, "projections"),
         (dict(), torch.float64, "dtype"),
         (dict(batch=65), torch.float32, "batch 65"),
     ],
-    ids=["projection", "float64", "batch_65"],
+    ids=["float64", "batch_65"],
 )
 def test_forced_on_an_unsupported_layer_raises(persistent, kwargs, dtype, match):
     batch = kwargs.pop("batch", 3)
@@ -182,9 +186,11 @@ def test_noncontiguous_weights(monkeypatch, layout: str, dtype: torch.dtype):
                                    msg=lambda m: f"result {index}: {m}")
 
 
+@pytest.mark.parametrize("proj_size", [0, 50])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_reruns_are_bitwise_equal(persistent, dtype: torch.dtype):
-    case = Case("rerun", hidden_size=130, num_layers=2, bidirectional=True, packed=True, batch=11, steps=10)
+def test_reruns_are_bitwise_equal(persistent, dtype: torch.dtype, proj_size: int):
+    case = Case("rerun", hidden_size=130, proj_size=proj_size, num_layers=2, bidirectional=True, packed=True,
+                batch=11, steps=10)
     inputs = make_inputs(case, dtype)
     first, second = (build_and_run(fused_lstm.LSTM, case, inputs, DEVICE, dtype) for _ in range(2))
     for name in first:
@@ -303,3 +309,37 @@ def test_module_argument_forces_either_path(monkeypatch):
         standard = module(x)[0]
     assert launches() == before + 1 and fused_lstm.last_path() == "cuda:standard"
     torch.testing.assert_close(persistent, standard, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("product", ["fma", "mma"])
+def test_projection_product_variants(persistent, monkeypatch, product: str, dtype: torch.dtype):
+    """A projection with either W_hh product (the projection's own product is FMA): both agree with float64 like
+    cuDNN, forward and backward."""
+    if product == "mma" and (torch.cuda.get_device_capability()[0] < 8 or dtype == torch.float32):
+        pytest.skip("tensor cores: sm_80+, and float32 only with TF32 (test_tf32_tensor_cores_when_allowed)")
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", product)
+    compare(CASES[-3], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_projection_in_a_cluster(persistent, monkeypatch, dtype: torch.dtype):
+    """A projection on the Hopper cluster exchange (h' and h through distributed shared memory, two cluster.sync
+    per step), forced, against cuDNN's error; the backward is the grid kernel."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("clusters need sm_90")
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", "cluster")
+    compare(CASES[-2], dtype)
+
+
+def test_sixteen_block_cluster(persistent):
+    """bf16, H = 512, batch 1: W_hh fits 16 SMs' shared memory but not 8, so the cost model's pick is a 16-block
+    (non-portable) cluster wherever the device runs one (H100 / H200 do: 16 is their non-portable size); it agrees
+    with float64 like cuDNN. Elsewhere the plan falls back to the grid, still correct."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("clusters need sm_90")
+    sample = torch.empty(0, device=DEVICE, dtype=torch.bfloat16)
+    units, blocks, _, _, _, cluster, _, _ = torch.ops.fused_lstm.persistent_plan(sample, 1, 512)
+    if any(name in torch.cuda.get_device_name() for name in ("H100", "H200")):
+        assert cluster and (blocks, units) == (16, 32)
+    compare(Case("cluster_16_blocks", input_size=8, hidden_size=512, batch=1, steps=20), torch.bfloat16)

@@ -23,11 +23,14 @@ import fused_lstm
 REGISTERS_PER_SM = 65536
 # Kernel (demangled, as a substring) -> the threads of one block the register budget must allow.
 EXPECTED = {
-    # (product, exchange): FMA or tensor cores on the grid exchange; FMA in a cluster
+    # (product, exchange, projection): FMA or tensor cores on the grid exchange, FMA in a cluster; each with and
+    # without a projection
     **{f"persistent_forward_kernel<{t}, {w}, (fused_lstm::cuda::persistent::Product){p}, "
-       f"(fused_lstm::cuda::persistent::Exchange){e}>": 256
-       for t in ("float", "c10::Half", "c10::BFloat16") for w in ("true", "false") for p, e in ((0, 0), (1, 0), (0, 1))},
-    **{f"persistent_backward_kernel<{t}>": 256 for t in ("float", "c10::Half", "c10::BFloat16")},
+       f"(fused_lstm::cuda::persistent::Exchange){e}, {j}>": 256
+       for t in ("float", "c10::Half", "c10::BFloat16") for w in ("true", "false")
+       for p, e in ((0, 0), (1, 0), (0, 1)) for j in ("false", "true")},
+    **{f"persistent_backward_kernel<{t}, {j}>": 256
+       for t in ("float", "c10::Half", "c10::BFloat16") for j in ("false", "true")},
     **{f"{k}<{t}>": 256 for k in ("step_forward_kernel", "step_backward_kernel")
        for t in ("float", "double", "c10::Half", "c10::BFloat16")},
 }
@@ -110,7 +113,8 @@ def test_report_parser_finds_spills_and_register_overruns():
     usage[next(k for k in usage if "step_forward" in k[0])]["registers"] = 300
     assert any("300 registers" in p for p in budget_violations(usage))
     assert ("persistent_forward_kernel<float, true, (fused_lstm::cuda::persistent::Product)1, "
-            "(fused_lstm::cuda::persistent::Exchange)0> (sm_90)") in missing_kernels(usage)
+            "(fused_lstm::cuda::persistent::Exchange)0, true> (sm_90)") in missing_kernels(usage)
+    assert "persistent_backward_kernel<c10::Half, true> (sm_90)" in missing_kernels(usage)
 
 
 def report_text() -> str:

@@ -135,7 +135,8 @@ class CpuBackend final : public LayerBackend {
     return cpu_vector_kernels() && cpu_recurrence_forward(a);
   }
   bool recurrence_backward(const RecurrenceBackwardArgs& a) const override {
-    return cpu_vector_kernels() && cpu_recurrence_backward(a);
+    // The fused backward has no projection: with one the driver's per-step loop runs.
+    return !a.w_hr.defined() && cpu_vector_kernels() && cpu_recurrence_backward(a);
   }
   std::string path_name(bool whole_recurrence) const override {
     return whole_recurrence ? "cpu:fused-recurrence" : "cpu:per-step";

@@ -152,6 +152,15 @@ inline void set_max_dynamic_shared(const void* kernel, const char* kernel_name, 
 inline int max_active_blocks_per_sm(const void*, LaunchBounds bounds, int threads_per_block, size_t shared_bytes) {
   return emu::max_active_blocks_per_sm({bounds.max_threads, bounds.min_blocks_per_sm}, threads_per_block, shared_bytes);
 }
+// The largest thread-block cluster of `kernel` the device can run with this block shape (0: no clusters, before
+// sm_90), after allowing non-portable sizes (beyond 8 blocks) for it.
+inline int max_cluster_blocks(const void* kernel, const char*, LaunchBounds bounds, int threads_per_block,
+                              size_t shared_bytes) {
+  if (emu::device_profile().major < 9) return 0;
+  emu::allow_nonportable_clusters(kernel);
+  return emu::max_potential_cluster_size(kernel, {bounds.max_threads, bounds.min_blocks_per_sm}, threads_per_block,
+                                         shared_bytes);
+}
 inline cublasHandle_t blas_handle() { return emu::blas_handle(); }
 
 #else
@@ -211,6 +220,23 @@ inline int max_active_blocks_per_sm(const void* kernel, LaunchBounds, int thread
   int blocks = 0;
   check_kernel_call(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads_per_block, shared_bytes),
                     "(occupancy query)");
+  return blocks;
+}
+// The largest thread-block cluster of `kernel` the device can run with this block shape and dynamic shared memory
+// (0: no clusters, before sm_90), after allowing non-portable sizes (beyond 8 blocks, up to 16 on H100 / H200)
+// for it: cudaOccupancyMaxPotentialClusterSize, which accounts for how many SMs a GPC offers this block.
+inline int max_cluster_blocks(const void* kernel, const char* kernel_name, LaunchBounds, int threads_per_block,
+                              size_t shared_bytes) {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (at::cuda::getDeviceProperties(device)->major < 9) return 0;
+  check_kernel_call(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1), kernel_name);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(16);  // the most blocks a cluster may hold; the query ignores any multiple of it
+  config.blockDim = dim3(threads_per_block);
+  config.dynamicSmemBytes = shared_bytes;
+  int blocks = 0;
+  check_kernel_call(cudaOccupancyMaxPotentialClusterSize(&blocks, kernel, &config), kernel_name);
   return blocks;
 }
 inline cublasHandle_t blas_handle() { return at::cuda::getCurrentCUDABlasHandle(); }  // bound to the current stream

@@ -27,6 +27,7 @@ struct DeviceProfile {
   size_t shared_bytes_per_block_optin;  // the most a kernel may opt in to
   size_t shared_bytes_reserved_per_block;  // kept by the system per resident block
   int max_cluster_blocks;             // portable cluster size (0: no clusters before sm_90)
+  int max_nonportable_cluster_blocks; // with cudaFuncAttributeNonPortableClusterSizeAllowed (H100/H200: 16)
 };
 
 // Every profile the emulator knows; the first is the default.
@@ -42,6 +43,17 @@ constexpr size_t kDefaultDynamicSharedBytes = 48 * 1024;
 // profile's opt-in limit, as the driver does.
 void set_max_dynamic_shared(const void* kernel, const char* kernel_name, size_t bytes);
 size_t max_dynamic_shared(const void* kernel);
+
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1): the kernel may be launched
+// in clusters up to the profile's non-portable size (16 on sm_90) instead of the portable 8.
+void allow_nonportable_clusters(const void* kernel);
+// The cluster size the kernel may be launched with under the current profile (portable or non-portable).
+int cluster_limit(const void* kernel);
+// cudaOccupancyMaxPotentialClusterSize: the largest cluster of this kernel the profile can run (0 before sm_90,
+// or when not even one block fits an SM). The model: one cluster spreads over one GPC's SMs, which on an
+// H100 / H200 hold at least 16 blocks of any size that fits an SM, so only the attribute decides.
+int max_potential_cluster_size(const void* kernel, LaunchBounds bounds, int threads_per_block,
+                               size_t dynamic_shared_bytes);
 
 // cudaOccupancyMaxActiveBlocksPerMultiprocessor under the current profile.
 int max_active_blocks_per_sm(LaunchBounds bounds, int threads_per_block, size_t dynamic_shared_bytes);

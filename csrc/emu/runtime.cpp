@@ -274,8 +274,11 @@ void validate(const LaunchConfig& c) {
   if (volume(cl) > 1) {
     TORCH_CHECK(p.max_cluster_blocks > 0, "fused_lstm emulator: launch of '", name, "' with thread-block clusters on ",
                 p.name, " (compute capability ", p.major, ".", p.minor, "): clusters need sm_90 or newer");
-    TORCH_CHECK(static_cast<int>(volume(cl)) <= p.max_cluster_blocks, "fused_lstm emulator: launch of '", name,
-                "' with clusters of ", volume(cl), " blocks (at most ", p.max_cluster_blocks, ")");
+    const int allowed_cluster = cluster_limit(c.kernel);
+    TORCH_CHECK(static_cast<int>(volume(cl)) <= allowed_cluster, "fused_lstm emulator: launch of '", name,
+                "' with clusters of ", volume(cl), " blocks (at most ", allowed_cluster,
+                allowed_cluster < p.max_nonportable_cluster_blocks
+                    ? " without cudaFuncAttributeNonPortableClusterSizeAllowed)" : ")");
     TORCH_CHECK(g.x % cl.x == 0 && g.y % cl.y == 0 && g.z % cl.z == 0, "fused_lstm emulator: launch of '", name,
                 "': the grid is not a whole number of clusters");
   }
@@ -516,14 +519,14 @@ void launch(const LaunchConfig& config, const std::function<void()>& body) {
 // --- Device profiles and occupancy.
 const std::vector<DeviceProfile>& device_profiles() {
   // name, capability, SMs, threads/SM, blocks/SM, registers/SM, shared/SM, shared/block opt-in, reserved,
-  // cluster blocks. Published limits (CUDA C++ Programming Guide, compute capability tables; SM counts of
+  // cluster blocks (portable, non-portable). Published limits (CUDA C++ Programming Guide, compute capability tables; SM counts of
   // each card).
   static const std::vector<DeviceProfile> profiles = {
-      {"h100", 9, 0, 132, 2048, 32, 65536, 233472, 232448, 1024, 8},
-      {"h200", 9, 0, 132, 2048, 32, 65536, 233472, 232448, 1024, 8},
-      {"a100", 8, 0, 108, 2048, 32, 65536, 167936, 166912, 1024, 0},
-      {"rtx3090", 8, 6, 82, 1536, 16, 65536, 102400, 101376, 1024, 0},
-      {"l4", 8, 9, 58, 1536, 24, 65536, 102400, 101376, 1024, 0},
+      {"h100", 9, 0, 132, 2048, 32, 65536, 233472, 232448, 1024, 8, 16},
+      {"h200", 9, 0, 132, 2048, 32, 65536, 233472, 232448, 1024, 8, 16},
+      {"a100", 8, 0, 108, 2048, 32, 65536, 167936, 166912, 1024, 0, 0},
+      {"rtx3090", 8, 6, 82, 1536, 16, 65536, 102400, 101376, 1024, 0, 0},
+      {"l4", 8, 9, 58, 1536, 24, 65536, 102400, 101376, 1024, 0, 0},
   };
   return profiles;
 }
@@ -574,6 +577,34 @@ size_t max_dynamic_shared(const void* kernel) {
   }
   // A profile switch may lower the opt-in limit below an attribute set under another profile.
   return std::min(bytes, device_profile().shared_bytes_per_block_optin);
+}
+
+namespace {
+std::vector<const void*>& nonportable_cluster_kernels() {
+  static std::vector<const void*> kernels;
+  return kernels;
+}
+}  // namespace
+
+void allow_nonportable_clusters(const void* kernel) {
+  for (const void* k : nonportable_cluster_kernels()) {
+    if (k == kernel) return;
+  }
+  nonportable_cluster_kernels().push_back(kernel);
+}
+
+int cluster_limit(const void* kernel) {
+  const DeviceProfile& p = device_profile();
+  for (const void* k : nonportable_cluster_kernels()) {
+    if (k == kernel) return p.max_nonportable_cluster_blocks;
+  }
+  return p.max_cluster_blocks;
+}
+
+int max_potential_cluster_size(const void* kernel, LaunchBounds bounds, int threads_per_block,
+                               size_t dynamic_shared_bytes) {
+  if (max_active_blocks_per_sm(bounds, threads_per_block, dynamic_shared_bytes) < 1) return 0;
+  return cluster_limit(kernel);
 }
 
 int max_active_blocks_per_sm(LaunchBounds bounds, int threads_per_block, size_t dynamic_shared_bytes) {

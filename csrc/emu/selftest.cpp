@@ -89,7 +89,10 @@ __global__ void grid_exchange_kernel(float* buffer, float* out) {
   if (threadIdx.x == 0) out[blockIdx.x] = buffer[(blockIdx.x + 1) % gridDim.x];
 }
 
-// Each block of a cluster reads its neighbour's shared memory through distributed shared memory.
+// Each block of a cluster reads its neighbour's shared memory through distributed shared memory. Two
+// instantiations, so that allowing non-portable cluster sizes for one (an attribute per kernel, kept for the
+// process) leaves the other at the portable limit.
+template <bool kNonPortable>
 __global__ void cluster_exchange_kernel(float* out) {
   FUSED_LSTM_DYNAMIC_SHARED(float, values);
   const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
@@ -183,8 +186,23 @@ const std::map<std::string, std::function<at::Tensor()>>& selftests() {
        }},
       {"cluster_exchange", [] {
          at::Tensor out = nan_filled(8 * 32);
-         gpu::launch("cluster_exchange_kernel", &cluster_exchange_kernel, kBounds, shape(8, 32, 32 * 4, false, 4),
-                     out.data_ptr<float>());
+         gpu::launch("cluster_exchange_kernel", &cluster_exchange_kernel<false>, kBounds,
+                     shape(8, 32, 32 * 4, false, 4), out.data_ptr<float>());
+         return out;
+       }},
+      {"cluster_exchange_16_blocks", [] {  // a non-portable cluster, allowed first (as the persistent plan does)
+         at::Tensor out = nan_filled(16 * 32);
+         const void* kernel = reinterpret_cast<const void*>(&cluster_exchange_kernel<true>);
+         TORCH_CHECK(gpu::max_cluster_blocks(kernel, "cluster_exchange_kernel", kBounds, 32, 32 * 4) == 16,
+                     "fused_lstm emulator: the profile allows no 16-block cluster");
+         gpu::launch("cluster_exchange_kernel", &cluster_exchange_kernel<true>, kBounds,
+                     shape(16, 32, 32 * 4, false, 16), out.data_ptr<float>());
+         return out;
+       }},
+      {"cluster_exchange_16_blocks_not_allowed", [] {  // the same without cudaFuncAttributeNonPortableClusterSizeAllowed
+         at::Tensor out = nan_filled(16 * 32);
+         gpu::launch("cluster_exchange_kernel", &cluster_exchange_kernel<false>, kBounds,
+                     shape(16, 32, 32 * 4, false, 16), out.data_ptr<float>());
          return out;
        }},
       {"atomic_count", [] {

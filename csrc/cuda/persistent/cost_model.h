@@ -64,19 +64,37 @@ inline double persistent_cluster_step_us(int64_t units, int64_t hidden, int64_t 
                                  static_cast<double>(batch) / kSmemFmaPerUsPerSm;
 }
 
+// What a projection (proj_size) adds to a persistent step: a second barrier (the grid's, or in a cluster the
+// cluster's), the staging of h' [N, H] (forward) or dh_total [N, Hout] (backward) from L2 (none in a cluster: h'
+// arrives through distributed shared memory), and the projection product's FMAs per block (forward V x H x N for
+// its V columns of Hout, backward U x Hout x N for its U units).
+inline double persistent_projection_us(double fmas_per_block, double staged_bytes, bool cluster = false) {
+  return (cluster ? kClusterBarrierUs : kGridBarrierUs) + staged_bytes / kL2BytesPerUsPerSm +
+         fmas_per_block / kSmemFmaPerUsPerSm;
+}
+
+// One GEMM of the standard path with an [rows x cols] weight read from L2, at least kMinKernelUs.
+inline double standard_gemm_us(double weight_elements, int64_t batch, int element_size) {
+  return std::max({kMinKernelUs, weight_elements * element_size / kL2BytesPerUs,
+                   weight_elements * static_cast<double>(batch) / kGemmFmaPerUs});
+}
+
 // Predicted microseconds of one step of the standard path: a GEMM [N, K] x [K, 4H] or its backward twin (W_hh,
-// 4H x H, read from L2) and a pointwise kernel, each at least kMinKernelUs, launched back to back.
-inline double standard_step_us(int64_t hidden, int64_t batch, int element_size) {
-  const double w_bytes = 4.0 * static_cast<double>(hidden) * static_cast<double>(hidden) * element_size;
-  const double fmas = 4.0 * static_cast<double>(hidden) * static_cast<double>(hidden) * static_cast<double>(batch);
-  const double gemm = std::max({kMinKernelUs, w_bytes / kL2BytesPerUs, fmas / kGemmFmaPerUs});
-  return std::max(2 * kLaunchUs, gemm + kMinKernelUs);
+// 4H x K with K = Hout = proj, or H without a projection, read from L2) and a pointwise kernel, each at least
+// kMinKernelUs, launched back to back. A projection adds the W_hr GEMM (Hout x H) and one more small kernel
+// (forward: the copy of h into the output; backward: the add of grad_output): four launches per step.
+inline double standard_step_us(int64_t hidden, int64_t batch, int element_size, int64_t proj = 0) {
+  const double h = static_cast<double>(hidden), k = static_cast<double>(proj > 0 ? proj : hidden);
+  double step = standard_gemm_us(4.0 * h * k, batch, element_size) + kMinKernelUs;
+  if (proj > 0) step += standard_gemm_us(h * k, batch, element_size) + kMinKernelUs;
+  return std::max((proj > 0 ? 4 : 2) * kLaunchUs, step);
 }
 
 // Predicted microseconds of a whole direction (T steps) on each path: the persistent kernel also loads W_hh
-// once and pays one launch.
-inline double persistent_total_us(double step_us, int64_t steps, int64_t hidden, int element_size) {
-  const double w_bytes = 4.0 * static_cast<double>(hidden) * static_cast<double>(hidden) * element_size;
+// (and W_hr) once and pays one launch.
+inline double persistent_total_us(double step_us, int64_t steps, int64_t hidden, int element_size, int64_t proj = 0) {
+  const double h = static_cast<double>(hidden), k = static_cast<double>(proj > 0 ? proj : hidden);
+  const double w_bytes = (4.0 * h * k + (proj > 0 ? h * k : 0.0)) * element_size;
   return kLaunchUs + w_bytes / kHbmBytesPerUs + static_cast<double>(steps) * step_us;
 }
 

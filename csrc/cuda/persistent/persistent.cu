@@ -35,6 +35,7 @@ using cuda::persistent::kMaxClusterBlocks;
 using cuda::persistent::kMaxBatch;
 using cuda::persistent::kRowsPerTile;
 using cuda::persistent::kThreads;
+using cuda::persistent::lanes_per_tile;
 using cuda::persistent::MmaTraits;
 using cuda::persistent::Product;
 using cuda::persistent::persistent_backward_kernel;
@@ -52,7 +53,19 @@ const char* kernel_name(Pass pass) {
 }
 
 template <typename scalar_t>
-auto forward_kernel(bool save_workspace, Product product, Exchange exchange) {
+auto forward_kernel(bool save_workspace, Product product, Exchange exchange, bool project) {
+  if (project) {
+    if (exchange == Exchange::Cluster) {  // Fma only (candidate_variants)
+      return save_workspace ? &persistent_forward_kernel<scalar_t, true, Product::Fma, Exchange::Cluster, true>
+                            : &persistent_forward_kernel<scalar_t, false, Product::Fma, Exchange::Cluster, true>;
+    }
+    if (product == Product::Mma) {
+      return save_workspace ? &persistent_forward_kernel<scalar_t, true, Product::Mma, Exchange::Grid, true>
+                            : &persistent_forward_kernel<scalar_t, false, Product::Mma, Exchange::Grid, true>;
+    }
+    return save_workspace ? &persistent_forward_kernel<scalar_t, true, Product::Fma, Exchange::Grid, true>
+                          : &persistent_forward_kernel<scalar_t, false, Product::Fma, Exchange::Grid, true>;
+  }
   if (exchange == Exchange::Cluster) {  // Fma only (candidate_variants)
     return save_workspace ? &persistent_forward_kernel<scalar_t, true, Product::Fma, Exchange::Cluster>
                           : &persistent_forward_kernel<scalar_t, false, Product::Fma, Exchange::Cluster>;
@@ -65,13 +78,19 @@ auto forward_kernel(bool save_workspace, Product product, Exchange exchange) {
                         : &persistent_forward_kernel<scalar_t, false, Product::Fma>;
 }
 
-// The kernel instantiation for a pass, product variant and storage dtype, untyped (for attribute and occupancy
-// queries), or null for a dtype the kernels do not have.
-const void* kernel_for(Pass pass, at::ScalarType dtype, Product product, Exchange exchange) {
-  const auto pick = [pass, product, exchange](auto* tag) -> const void* {
+template <typename scalar_t>
+auto backward_kernel(bool project) {
+  return project ? &persistent_backward_kernel<scalar_t, true> : &persistent_backward_kernel<scalar_t, false>;
+}
+
+// The kernel instantiation for a pass, product variant, projection and storage dtype, untyped (for attribute and
+// occupancy queries), or null for a dtype the kernels do not have.
+const void* kernel_for(Pass pass, at::ScalarType dtype, Product product, Exchange exchange, bool project) {
+  const auto pick = [pass, product, exchange, project](auto* tag) -> const void* {
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
-    if (pass == Pass::Backward) return reinterpret_cast<const void*>(&persistent_backward_kernel<scalar_t>);
-    return reinterpret_cast<const void*>(forward_kernel<scalar_t>(pass == Pass::ForwardTraining, product, exchange));
+    if (pass == Pass::Backward) return reinterpret_cast<const void*>(backward_kernel<scalar_t>(project));
+    return reinterpret_cast<const void*>(
+        forward_kernel<scalar_t>(pass == Pass::ForwardTraining, product, exchange, project));
   };
   switch (dtype) {
     case at::kFloat:
@@ -97,18 +116,26 @@ struct Plan {
                      // (Mma: to its k step)
   int padded_batch;  // N rounded up to the product's row tile (Fma 4, Mma 16)
   size_t smem_bytes;
+  // With a projection (proj_size = Hout > 0): each block's V columns of Hout (forward: of h_t = h'_t @ W_hr^T;
+  // backward: of dh), the projection product's lanes per tile and its padded reduction length (forward H,
+  // backward Hout, rounded up to 16-byte vectors). Without one: V = units_per_block, the rest 0.
+  int outs_per_block = 0;
+  int proj_k_split = 0;
+  int padded_proj_k = 0;
 };
 
 void set_reason(std::string* why_not, const std::string& reason) {
   if (why_not != nullptr) *why_not = reason;
 }
 
-// Shared memory a block of `pass` needs for U units.
+// Shared memory a block of `pass` needs for U units (and, with a projection, V columns of Hout over a padded
+// projection reduction of padded_proj_k; 0 without one).
 size_t pass_shared_bytes(Pass pass, Exchange exchange, int units, int padded_k, int batch, int padded_batch,
-                         int element_size) {
+                         int element_size, int outs = 0, int padded_proj_k = 0) {
   return pass == Pass::Backward
-             ? backward_shared_bytes(units, padded_k, batch, element_size)
-             : forward_shared_bytes(units, padded_k, padded_batch, element_size, exchange == Exchange::Cluster);
+             ? backward_shared_bytes(units, padded_k, batch, element_size, outs, padded_proj_k)
+             : forward_shared_bytes(units, padded_k, padded_batch, element_size, exchange == Exchange::Cluster, outs,
+                                    padded_proj_k);
 }
 
 // The k step of the Mma variant for a dtype (its reduction length is padded to it).
@@ -116,13 +143,16 @@ int mma_k_step(at::ScalarType dtype) {
   return dtype == at::kFloat ? MmaTraits<float>::kStep : MmaTraits<c10::Half>::kStep;
 }
 
-// The launch plan of `pass` for N = batch rows and H = hidden units on `device`, or nullopt (and the reason).
-// The slice size U is the smallest for which ceil(H / U) blocks are co-resident by the occupancy API with
-// the shared memory that U needs: the most blocks, so the most SMs, share the work. Only the pass, the dtype,
-// N and H matter, so this is also what persistent_max_hidden searches over.
+// The launch plan of `pass` for N = batch rows, H = hidden units and a projection to Hout = proj columns (0: none)
+// on `device`, or nullopt (and the reason). The slice size U is the smallest for which ceil(H / U) blocks are
+// co-resident by the occupancy API with the shared memory that U needs: the most blocks, so the most SMs, share
+// the work; with a projection each block also takes V = ceil(Hout / blocks) columns of Hout (W_hr's rows
+// forward, W_hh's columns backward). Only the pass, the dtype, N, H and Hout matter, so this is also what
+// persistent_max_hidden searches over.
 std::optional<Plan> make_plan_for(Pass pass, Product product, Exchange exchange, at::ScalarType dtype, int64_t batch,
-                                  int64_t hidden, c10::DeviceIndex device, std::string* why_not) {
-  const void* kernel = kernel_for(pass, dtype, product, exchange);
+                                  int64_t hidden, int64_t proj, c10::DeviceIndex device, std::string* why_not) {
+  const bool project = proj > 0;
+  const void* kernel = kernel_for(pass, dtype, product, exchange, project);
   if (kernel == nullptr) {
     set_reason(why_not, std::string("dtype ") + c10::toString(dtype) + " (float32, float16 and bfloat16 only)");
     return std::nullopt;
@@ -131,8 +161,8 @@ std::optional<Plan> make_plan_for(Pass pass, Product product, Exchange exchange,
     set_reason(why_not, "batch " + std::to_string(batch) + " (1 to " + std::to_string(kMaxBatch) + " rows)");
     return std::nullopt;
   }
-  if (hidden < 1 || hidden > (1 << 20)) {
-    set_reason(why_not, "hidden size " + std::to_string(hidden));
+  if (hidden < 1 || hidden > (1 << 20) || proj < 0 || proj > hidden) {
+    set_reason(why_not, "hidden size " + std::to_string(hidden) + " with proj_size " + std::to_string(proj));
     return std::nullopt;
   }
   const gpu::DeviceGuard guard(device);
@@ -147,23 +177,32 @@ std::optional<Plan> make_plan_for(Pass pass, Product product, Exchange exchange,
   gpu::set_max_dynamic_shared(kernel, kernel_name(pass), smem_limit);
 
   const int H = static_cast<int>(hidden), N = static_cast<int>(batch);
+  const int HO = project ? static_cast<int>(proj) : H;  // the columns of h, the output and dh
   const int element_size = static_cast<int>(c10::elementSize(dtype));
+  const int vec = 16 / element_size;
   const bool mma = product == Product::Mma;
-  const int K = round_up(pass == Pass::Backward ? 4 * H : H, mma ? mma_k_step(dtype) : 16 / element_size);
+  const int K = round_up(pass == Pass::Backward ? 4 * H : HO, mma ? mma_k_step(dtype) : vec);
+  // The projection product's reduction: forward h' (H), backward dh_total (Hout).
+  const int proj_k = project ? round_up(pass == Pass::Backward ? HO : H, vec) : 0;
   const int n_pad = round_up(N, mma ? 16 : kRowsPerTile);
   // Mma tiles are 16 gate rows: whole groups of 4 units.
   const int unit_step = mma ? 4 : 1;
   const bool cluster = exchange == Exchange::Cluster;
   const int sms = limits.multiprocessors;
   const int blocks_per_sm_by_threads = std::max(1, limits.max_threads_per_sm / kThreads);
-  // A cluster's blocks are few (one per SM of a GPC at most): as many blocks as it allows, never more.
+  // A cluster's blocks are few (one per SM of a GPC at most): as many blocks as it allows, never more (16 with the
+  // non-portable size the plan allows for the cluster kernel; the device's own limit is checked per U below).
   const int64_t most_blocks = cluster ? kMaxClusterBlocks : static_cast<int64_t>(sms) * blocks_per_sm_by_threads;
   const int64_t first_units = round_up(static_cast<int>(std::max<int64_t>(1, (H + most_blocks - 1) / most_blocks)),
                                        unit_step);
+  const auto outs_for = [&](int64_t blocks) { return project ? static_cast<int>((HO + blocks - 1) / blocks) : 0; };
   for (int64_t U = first_units; U < H + unit_step; U += unit_step) {
-    const size_t smem = pass_shared_bytes(pass, exchange, static_cast<int>(U), K, N, n_pad, element_size);
+    const size_t smem = pass_shared_bytes(pass, exchange, static_cast<int>(U), K, N, n_pad, element_size,
+                                          outs_for((H + U - 1) / U), proj_k);
     if (smem > smem_limit) {
-      set_reason(why_not, "hidden size " + std::to_string(H) + " with batch " + std::to_string(N) + " in " +
+      set_reason(why_not, "hidden size " + std::to_string(H) +
+                              (project ? " with proj_size " + std::to_string(HO) : std::string()) + " with batch " +
+                              std::to_string(N) + " in " +
                               c10::toString(dtype) + " does not fit the " +
                               (pass == Pass::Backward ? "backward" : "forward") + " kernel: " + std::to_string(U) +
                               " units per block need " + std::to_string(smem) +
@@ -173,7 +212,11 @@ std::optional<Plan> make_plan_for(Pass pass, Product product, Exchange exchange,
     }
     const int per_sm = gpu::max_active_blocks_per_sm(kernel, kBounds, kThreads, smem);
     const int64_t blocks = (H + U - 1) / U;
-    if (per_sm > 0 && blocks <= (cluster ? most_blocks : static_cast<int64_t>(per_sm) * sms)) {
+    const int64_t co_resident =
+        cluster ? std::min<int64_t>(most_blocks,
+                                    gpu::max_cluster_blocks(kernel, kernel_name(pass), kBounds, kThreads, smem))
+                : static_cast<int64_t>(per_sm) * sms;
+    if (per_sm > 0 && blocks <= co_resident) {
       Plan plan;
       // Spread the units evenly: no more blocks, and no more shared memory per block, than U needs.
       plan.units_per_block = round_up(static_cast<int>((H + blocks - 1) / blocks), unit_step);
@@ -182,10 +225,20 @@ std::optional<Plan> make_plan_for(Pass pass, Product product, Exchange exchange,
       plan.exchange = exchange;
       plan.padded_k = K;
       plan.padded_batch = n_pad;
-      plan.smem_bytes = pass_shared_bytes(pass, exchange, plan.units_per_block, K, N, n_pad, element_size);
-      // Fewer tiles -> more lanes per tile, so small problems still keep several lanes busy per output.
-      const int tiles = plan.units_per_block * (round_up(N, kRowsPerTile) / kRowsPerTile);
-      plan.k_split = tiles <= kThreads / 32 ? 32 : (tiles <= kThreads / 16 ? 16 : 8);
+      plan.outs_per_block = project ? outs_for(plan.blocks) : plan.units_per_block;
+      plan.padded_proj_k = proj_k;
+      plan.smem_bytes = pass_shared_bytes(pass, exchange, plan.units_per_block, K, N, n_pad, element_size,
+                                          project ? plan.outs_per_block : 0, proj_k);
+      // Each product's lanes per tile from its tile count (forward: the W_hh product over the block's units and
+      // the projection over its V columns; backward: the dh product over its dh columns and the projection over
+      // its units). The FMA row products tile the batch as the plan pads it.
+      const int row_tiles = round_up(N, kRowsPerTile) / kRowsPerTile;
+      const bool backward = pass == Pass::Backward;
+      plan.k_split = lanes_per_tile((backward ? plan.outs_per_block : plan.units_per_block) * row_tiles);
+      if (project) {
+        plan.proj_k_split = lanes_per_tile((backward ? plan.units_per_block : plan.outs_per_block) *
+                                           (backward ? row_tiles : n_pad / kRowsPerTile));
+      }
       return plan;
     }
   }
@@ -219,7 +272,9 @@ std::vector<Variant> restricted(std::vector<Variant> variants, const char* name,
 //     for float32 when TF32 is allowed for RNNs (as cuDNN's products would);
 //   - exchanges: Grid always; Cluster in the forward pass on sm_90 and newer, with the Fma product (the cluster
 //     serves the small batches FMAs suit).
-// FUSED_LSTM_PERSISTENT_PRODUCT=fma|mma and FUSED_LSTM_PERSISTENT_EXCHANGE=grid|cluster keep one kind.
+// FUSED_LSTM_PERSISTENT_PRODUCT=fma|mma and FUSED_LSTM_PERSISTENT_EXCHANGE=grid|cluster keep one kind of the
+// forward kernel. The backward kernel has one variant (FMA, grid) and runs it whatever they say, so that a
+// forced forward variant still trains; a value that is not a variant's name is an error in both passes.
 std::vector<std::pair<Product, Exchange>> candidate_variants(Pass pass, at::ScalarType dtype, int compute_major) {
   std::vector<Product> products{Product::Fma};
   if (pass != Pass::Backward && compute_major >= 8 && (dtype != at::kFloat || cuda::rnn_allows_tf32())) {
@@ -230,6 +285,7 @@ std::vector<std::pair<Product, Exchange>> candidate_variants(Pass pass, at::Scal
   products = restricted(products, "FUSED_LSTM_PERSISTENT_PRODUCT", {{"fma", Product::Fma}, {"mma", Product::Mma}});
   exchanges = restricted(exchanges, "FUSED_LSTM_PERSISTENT_EXCHANGE",
                          {{"grid", Exchange::Grid}, {"cluster", Exchange::Cluster}});
+  if (pass == Pass::Backward) return {{Product::Fma, Exchange::Grid}};
   std::vector<std::pair<Product, Exchange>> variants;
   for (const Product product : products) {
     for (const Exchange exchange : exchanges) {
@@ -239,11 +295,12 @@ std::vector<std::pair<Product, Exchange>> candidate_variants(Pass pass, at::Scal
   return variants;
 }
 
-double predicted_step_us(Pass pass, const Plan& plan, int64_t batch, int64_t hidden, int element_size);
+double predicted_step_us(Pass pass, const Plan& plan, int64_t batch, int64_t hidden, int64_t proj, int element_size);
 
-// The launch plan of `pass`: among the variants with a plan, the one the cost model predicts fastest.
-std::optional<Plan> make_plan(Pass pass, at::ScalarType dtype, int64_t batch, int64_t hidden, c10::DeviceIndex device,
-                              std::string* why_not) {
+// The launch plan of `pass` (proj: the projection's size Hout, 0 without one): among the variants with a plan, the
+// one the cost model predicts fastest.
+std::optional<Plan> make_plan(Pass pass, at::ScalarType dtype, int64_t batch, int64_t hidden, int64_t proj,
+                              c10::DeviceIndex device, std::string* why_not) {
   const gpu::DeviceGuard guard(device);
   const std::vector<std::pair<Product, Exchange>> variants =
       candidate_variants(pass, dtype, gpu::device_limits(device).compute_major);
@@ -257,9 +314,9 @@ std::optional<Plan> make_plan(Pass pass, at::ScalarType dtype, int64_t batch, in
   double best_us = 0.0;
   for (const auto& [product, exchange] : variants) {
     std::optional<Plan> plan =
-        make_plan_for(pass, product, exchange, dtype, batch, hidden, device, best ? nullptr : why_not);
+        make_plan_for(pass, product, exchange, dtype, batch, hidden, proj, device, best ? nullptr : why_not);
     if (!plan) continue;
-    const double us = predicted_step_us(pass, *plan, batch, hidden, static_cast<int>(c10::elementSize(dtype)));
+    const double us = predicted_step_us(pass, *plan, batch, hidden, proj, static_cast<int>(c10::elementSize(dtype)));
     if (!best || us < best_us) {
       best = plan;
       best_us = us;
@@ -309,13 +366,18 @@ void fill_lengths(const std::vector<int64_t>& step_rows, int batch, int (&length
 
 template <typename scalar_t>
 void launch_forward(const RecurrenceForwardArgs& a, const Plan& plan, bool save_workspace, CooperativeOrder& order) {
+  const bool project = a.w_hr.defined();
   const int64_t N = a.h_state.size(0), H = a.c_state.size(1), P = plan.padded_k;
+  const int64_t HO = a.h_state.size(1);  // Hout (H without a projection)
   const int64_t T = static_cast<int64_t>(a.step_rows->size());
 
   // The h exchange buffer [2, N, P]: half 0 starts as h0, padding columns stay zero (the kernel's dot
-  // products run over all P columns). Allocated once per call, before the launch.
+  // products run over all P columns). With a projection also h' before W_hr [N, Hr], zeros (the projection
+  // product reads whole row tiles, so every value it may read must be finite). Allocated once per call, before
+  // the launch.
   const Tensor h_exchange = at::zeros({2, N, P}, a.h_state.options());
-  h_exchange[0].narrow(1, 0, H).copy_(a.h_state);
+  h_exchange[0].narrow(1, 0, HO).copy_(a.h_state);
+  const Tensor h_raw = project ? at::zeros({N, plan.padded_proj_k}, a.h_state.options()) : Tensor();
 
   ForwardParams<scalar_t> p;
   p.gates = a.gates.data_ptr<scalar_t>();
@@ -328,9 +390,17 @@ void launch_forward(const RecurrenceForwardArgs& a, const Plan& plan, bool save_
   p.c_prev_saved = save_workspace ? a.c_prev_saved.data_ptr<scalar_t>() : nullptr;
   p.h_prev_saved = save_workspace ? a.h_prev_saved.data_ptr<scalar_t>() : nullptr;
   p.h_exchange = h_exchange.data_ptr<scalar_t>();
+  p.w_hr = project ? a.w_hr.data_ptr<scalar_t>() : nullptr;
+  p.wr_stride_row = project ? a.w_hr.stride(0) : 0;
+  p.wr_stride_col = project ? a.w_hr.stride(1) : 0;
+  p.h_raw = project ? h_raw.data_ptr<scalar_t>() : nullptr;
   p.total_rows = a.gates.size(0);
   p.hidden = static_cast<int>(H);
+  p.out_hidden = static_cast<int>(HO);
   p.padded_hidden = static_cast<int>(P);
+  p.padded_raw = plan.padded_proj_k;
+  p.outs_per_block = plan.outs_per_block;
+  p.proj_k_split = plan.proj_k_split;
   p.batch = static_cast<int>(N);
   p.padded_batch = plan.padded_batch;
   p.units_per_block = plan.units_per_block;
@@ -339,10 +409,10 @@ void launch_forward(const RecurrenceForwardArgs& a, const Plan& plan, bool save_
   p.reverse = a.reverse;
   fill_lengths(*a.step_rows, static_cast<int>(N), p.lengths);
   launch_cooperative(save_workspace ? Pass::ForwardTraining : Pass::Forward,
-                     forward_kernel<scalar_t>(save_workspace, plan.product, plan.exchange), p, plan, order);
+                     forward_kernel<scalar_t>(save_workspace, plan.product, plan.exchange, project), p, plan, order);
 
   // h_n: every row's last h (finished rows were carried forward) is in half T % 2.
-  a.h_state.copy_(h_exchange[T % 2].narrow(1, 0, H));
+  a.h_state.copy_(h_exchange[T % 2].narrow(1, 0, HO));
 }
 
 // The forward plan for `a`, after checking everything about `a` the plan does not cover.
@@ -351,11 +421,9 @@ std::optional<Plan> plan_for(const RecurrenceForwardArgs& a, std::string* why_no
     set_reason(why_not, "tensors not on a CUDA device");
     return std::nullopt;
   }
-  if (a.w_hr.defined()) {
-    set_reason(why_not, "projections (proj_size > 0) are not supported");
-    return std::nullopt;
-  }
+  const bool project = a.w_hr.defined();
   const int64_t N = a.h_state.size(0), H = a.c_state.size(1), R = a.gates.size(0);
+  const int64_t HO = project ? a.w_hr.size(0) : H;  // Hout: the columns of h and the output
   const int64_t T = a.step_rows == nullptr ? 0 : static_cast<int64_t>(a.step_rows->size());
   if (T < 1 || T > INT_MAX || (*a.step_rows)[0] != N) {
     set_reason(why_not, "unexpected steps / batch sizes");
@@ -363,15 +431,16 @@ std::optional<Plan> plan_for(const RecurrenceForwardArgs& a, std::string* why_no
   }
   // The layouts the driver produces; anything else goes to the standard path.
   const bool layouts_ok = a.gates.dim() == 2 && a.gates.size(1) == 4 * H && a.gates.is_contiguous() &&
-                          a.w_hh.dim() == 2 && a.w_hh.size(0) == 4 * H && a.w_hh.size(1) == H &&
-                          a.h_state.dim() == 2 && a.h_state.size(1) == H && a.h_state.is_contiguous() &&
+                          a.w_hh.dim() == 2 && a.w_hh.size(0) == 4 * H && a.w_hh.size(1) == HO &&
+                          (!project || (a.w_hr.dim() == 2 && a.w_hr.size(1) == H)) &&
+                          a.h_state.dim() == 2 && a.h_state.size(1) == HO && a.h_state.is_contiguous() &&
                           a.c_state.dim() == 2 && a.c_state.size(0) == N && a.c_state.is_contiguous() &&
-                          a.output.dim() == 2 && a.output.size(0) == R && a.output.size(1) == H &&
-                          (a.output.stride(1) == 1 || H == 1) &&
+                          a.output.dim() == 2 && a.output.size(0) == R && a.output.size(1) == HO &&
+                          (a.output.stride(1) == 1 || HO == 1) &&
                           (!a.c_prev_saved.defined() || (a.c_prev_saved.is_contiguous() &&
                                                          a.c_prev_saved.numel() == R * H)) &&
                           (!a.h_prev_saved.defined() || (a.h_prev_saved.is_contiguous() &&
-                                                         a.h_prev_saved.numel() == R * H)) &&
+                                                         a.h_prev_saved.numel() == R * HO)) &&
                           a.c_prev_saved.defined() == a.h_prev_saved.defined();
   if (!layouts_ok) {
     set_reason(why_not, "unexpected tensor layouts");
@@ -384,13 +453,18 @@ std::optional<Plan> plan_for(const RecurrenceForwardArgs& a, std::string* why_no
       return std::nullopt;
     }
   }
-  return make_plan(a.c_prev_saved.defined() ? Pass::ForwardTraining : Pass::Forward, dtype, N, H,
+  if (project && (a.w_hr.scalar_type() != dtype || a.w_hr.device() != a.gates.device())) {
+    set_reason(why_not, "tensors of mixed dtypes or devices");
+    return std::nullopt;
+  }
+  return make_plan(a.c_prev_saved.defined() ? Pass::ForwardTraining : Pass::Forward, dtype, N, H, project ? HO : 0,
                    a.gates.device().index(), why_not);
 }
 
 template <typename scalar_t>
 void launch_backward(const RecurrenceBackwardArgs& a, const Plan& plan, CooperativeOrder& order) {
-  const int64_t N = a.dh_state.size(0), H = a.dc_state.size(1);
+  const bool project = a.w_hr.defined();
+  const int64_t N = a.dh_state.size(0), H = a.dc_state.size(1), HO = a.dh_state.size(1);
   BackwardParams<scalar_t> p;
   p.gates = a.gates.data_ptr<scalar_t>();
   p.c_prev = a.c_prev.data_ptr<scalar_t>();
@@ -402,17 +476,26 @@ void launch_backward(const RecurrenceBackwardArgs& a, const Plan& plan, Cooperat
   p.dh_state = a.dh_state.data_ptr<scalar_t>();
   p.dc_state = a.dc_state.data_ptr<scalar_t>();
   p.d_gates = a.d_gates.data_ptr<scalar_t>();
+  p.w_hr = project ? a.w_hr.data_ptr<scalar_t>() : nullptr;
+  p.wr_stride_row = project ? a.w_hr.stride(0) : 0;
+  p.wr_stride_col = project ? a.w_hr.stride(1) : 0;
+  p.dh_total = project ? a.dh_total.data_ptr<scalar_t>() : nullptr;
+  p.h_next = project ? a.h_next.data_ptr<scalar_t>() : nullptr;
   p.total_rows = a.gates.size(0);
   p.hidden = static_cast<int>(H);
+  p.out_hidden = static_cast<int>(HO);
   p.padded_gates = plan.padded_k;
+  p.padded_out = plan.padded_proj_k;
   p.batch = static_cast<int>(N);
   p.units_per_block = plan.units_per_block;
+  p.outs_per_block = plan.outs_per_block;
   p.k_split = plan.k_split;
+  p.proj_k_split = plan.proj_k_split;
   p.steps = static_cast<int>(a.step_rows->size());
   p.reverse = a.reverse;
   p.need_h0_grad = a.need_h0_grad;
   fill_lengths(*a.step_rows, static_cast<int>(N), p.lengths);
-  launch_cooperative(Pass::Backward, &persistent_backward_kernel<scalar_t>, p, plan, order);
+  launch_cooperative(Pass::Backward, backward_kernel<scalar_t>(project), p, plan, order);
 }
 
 // The backward plan for `a`, after checking everything about `a` the plan does not cover.
@@ -421,22 +504,29 @@ std::optional<Plan> plan_for(const RecurrenceBackwardArgs& a, std::string* why_n
     set_reason(why_not, "tensors not on a CUDA device");
     return std::nullopt;
   }
+  const bool project = a.w_hr.defined();
   const int64_t N = a.dh_state.size(0), H = a.dc_state.size(1), R = a.gates.size(0);
+  const int64_t HO = project ? a.w_hr.size(0) : H;  // Hout: the columns of dh and grad_output
   const int64_t T = a.step_rows == nullptr ? 0 : static_cast<int64_t>(a.step_rows->size());
   if (T < 1 || T > INT_MAX || (*a.step_rows)[0] != N) {
     set_reason(why_not, "unexpected steps / batch sizes");
     return std::nullopt;
   }
-  // The layouts the driver produces (no projection: the driver never asks with one).
+  // The layouts the driver produces.
   const bool layouts_ok = a.gates.dim() == 2 && a.gates.size(1) == 4 * H && a.gates.is_contiguous() &&
                           a.c_prev.dim() == 2 && a.c_prev.size(0) == R && a.c_prev.size(1) == H &&
                           a.c_prev.is_contiguous() && a.d_output.dim() == 2 && a.d_output.size(0) == R &&
-                          a.d_output.size(1) == H && (a.d_output.stride(1) == 1 || H == 1) &&
-                          a.w_hh.dim() == 2 && a.w_hh.size(0) == 4 * H && a.w_hh.size(1) == H &&
-                          a.dh_state.dim() == 2 && a.dh_state.size(1) == H && a.dh_state.is_contiguous() &&
+                          a.d_output.size(1) == HO && (a.d_output.stride(1) == 1 || HO == 1) &&
+                          a.w_hh.dim() == 2 && a.w_hh.size(0) == 4 * H && a.w_hh.size(1) == HO &&
+                          a.dh_state.dim() == 2 && a.dh_state.size(1) == HO && a.dh_state.is_contiguous() &&
                           a.dc_state.dim() == 2 && a.dc_state.size(0) == N && a.dc_state.is_contiguous() &&
                           a.d_gates.dim() == 2 && a.d_gates.size(0) == R && a.d_gates.size(1) == 4 * H &&
-                          a.d_gates.is_contiguous();
+                          a.d_gates.is_contiguous() &&
+                          (!project || (a.w_hr.dim() == 2 && a.w_hr.size(1) == H && a.dh_total.defined() &&
+                                        a.dh_total.dim() == 2 && a.dh_total.size(0) == R &&
+                                        a.dh_total.size(1) == HO && a.dh_total.is_contiguous() &&
+                                        a.h_next.defined() && a.h_next.dim() == 2 && a.h_next.size(0) == R &&
+                                        a.h_next.size(1) == H && a.h_next.is_contiguous()));
   if (!layouts_ok) {
     set_reason(why_not, "unexpected tensor layouts");
     return std::nullopt;
@@ -448,31 +538,52 @@ std::optional<Plan> plan_for(const RecurrenceBackwardArgs& a, std::string* why_n
       return std::nullopt;
     }
   }
-  return make_plan(Pass::Backward, dtype, N, H, a.gates.device().index(), why_not);
+  for (const Tensor* t : {&a.w_hr, &a.dh_total, &a.h_next}) {
+    if (project && (t->scalar_type() != dtype || t->device() != a.gates.device())) {
+      set_reason(why_not, "tensors of mixed dtypes or devices");
+      return std::nullopt;
+    }
+  }
+  return make_plan(Pass::Backward, dtype, N, H, project ? HO : 0, a.gates.device().index(), why_not);
 }
 
-// Predicted microseconds of one step of `plan` (cost_model.h).
-double predicted_step_us(Pass pass, const Plan& plan, int64_t batch, int64_t hidden, int element_size) {
+// Predicted microseconds of one step of `plan` (cost_model.h); proj: Hout, or 0 without a projection.
+double predicted_step_us(Pass pass, const Plan& plan, int64_t batch, int64_t hidden, int64_t proj, int element_size) {
   // Fma stages whole 4-row tiles of h (or the backward's d_gates); Mma reads its 16-row padding from shared
   // memory but stages only the real rows.
-  const double staged = static_cast<double>(round_up(static_cast<int>(batch), kRowsPerTile)) * plan.padded_k *
-                        element_size;
+  const double n4 = static_cast<double>(round_up(static_cast<int>(batch), kRowsPerTile));
+  const double staged = n4 * plan.padded_k * element_size;
+  const bool backward = pass == Pass::Backward;
+  // The recurrent product's reduction: forward Hout (W_hh's columns), backward 4H over the block's V dh columns
+  // (persistent_step_us counts 4 x units x k, so k = H there).
+  const int64_t k = backward || proj == 0 ? hidden : proj;
+  const int64_t units = backward ? plan.outs_per_block : plan.units_per_block;
+  double step;
   if (plan.exchange == Exchange::Cluster) {
-    return persistent_cost::persistent_cluster_step_us(plan.units_per_block, hidden, batch);
+    step = persistent_cost::persistent_cluster_step_us(units, k, batch);
+  } else if (plan.product == Product::Mma) {
+    step = persistent_cost::persistent_mma_step_us(units, plan.padded_k, plan.padded_batch, staged, element_size == 4);
+  } else {
+    step = persistent_cost::persistent_step_us(units, k, batch, staged);
   }
-  if (plan.product == Product::Mma) {
-    return persistent_cost::persistent_mma_step_us(plan.units_per_block, plan.padded_k, plan.padded_batch, staged,
-                                                   element_size == 4);
+  if (proj > 0) {
+    // Forward: V columns x H; backward: U units x Hout; staging h' [N, H] or dh_total [N, Hout].
+    const double fmas = static_cast<double>(backward ? plan.units_per_block : plan.outs_per_block) *
+                        static_cast<double>(backward ? proj : hidden) * static_cast<double>(batch);
+    // A cluster exchanges h' through distributed shared memory (nothing staged) and meets at cluster.sync.
+    const bool cluster = plan.exchange == Exchange::Cluster;
+    step += persistent_cost::persistent_projection_us(fmas, cluster ? 0.0 : n4 * plan.padded_proj_k * element_size,
+                                                      cluster);
   }
-  return persistent_cost::persistent_step_us(plan.units_per_block, hidden, batch, staged);
+  return step;
 }
 
 // Predicted microseconds of a whole direction of `steps` steps: {persistent, standard} (cost_model.h).
-std::pair<double, double> predicted_us(Pass pass, const Plan& plan, int64_t batch, int64_t hidden, int64_t steps,
-                                       int element_size) {
-  const double step = predicted_step_us(pass, plan, batch, hidden, element_size);
-  return {persistent_cost::persistent_total_us(step, steps, hidden, element_size),
-          static_cast<double>(steps) * persistent_cost::standard_step_us(hidden, batch, element_size)};
+std::pair<double, double> predicted_us(Pass pass, const Plan& plan, int64_t batch, int64_t hidden, int64_t proj,
+                                       int64_t steps, int element_size) {
+  const double step = predicted_step_us(pass, plan, batch, hidden, proj, element_size);
+  return {persistent_cost::persistent_total_us(step, steps, hidden, element_size, proj),
+          static_cast<double>(steps) * persistent_cost::standard_step_us(hidden, batch, element_size, proj)};
 }
 
 // The Auto decision, shared by both passes: a plan exists and the cost model predicts the persistent kernel
@@ -482,8 +593,9 @@ bool preferred(Pass pass, const Args& a, int64_t batch, int64_t hidden) {
   const std::optional<Plan> plan = plan_for(a, nullptr);
   if (!plan) return false;
   const int64_t steps = static_cast<int64_t>(a.step_rows->size());
+  const int64_t proj = a.w_hr.defined() ? a.w_hr.size(0) : 0;
   const auto [persistent, standard] =
-      predicted_us(pass, *plan, batch, hidden, steps, static_cast<int>(a.gates.element_size()));
+      predicted_us(pass, *plan, batch, hidden, proj, steps, static_cast<int>(a.gates.element_size()));
   return persistent < standard;
 }
 
@@ -575,7 +687,7 @@ int64_t persistent_max_hidden(at::ScalarType dtype, int64_t batch, c10::DeviceIn
   // Support is monotone in H (more units need more shared memory per block or more blocks), so bisect on
   // "a plan exists", from H = 1 up to the first power of two without one.
   const auto fits = [&](int64_t hidden) {
-    return make_plan(backward ? Pass::Backward : Pass::ForwardTraining, dtype, batch, hidden, device, nullptr)
+    return make_plan(backward ? Pass::Backward : Pass::ForwardTraining, dtype, batch, hidden, 0, device, nullptr)
         .has_value();
   };
   if (!fits(1)) return 0;
@@ -602,32 +714,34 @@ TORCH_LIBRARY_FRAGMENT(FUSED_LSTM_GPU_OPS, m) {
         });
   m.def("persistent_launches() -> int", []() { return persistent_launches(); });
   // The launch plan of the forward (training workspace kept) or backward kernel for `batch` rows of `hidden`
-  // units: [units_per_block, blocks, k_split, shared_bytes, tensor_cores (0 Fma, 1 Mma), cluster (0, 1)];
-  // raises the reason when there is none.
-  m.def("persistent_plan(Tensor sample, int batch, int hidden, bool backward=False) -> int[]",
-        [](const at::Tensor& sample, int64_t batch, int64_t hidden, bool backward) {
+  // units (projected to proj_size columns, 0: none): [units_per_block, blocks, k_split, shared_bytes,
+  // tensor_cores (0 Fma, 1 Mma), cluster (0, 1), outs_per_block (V, projection columns per block; U without a
+  // projection), proj_k_split (0 without a projection)]; raises the reason when there is none.
+  m.def("persistent_plan(Tensor sample, int batch, int hidden, bool backward=False, int proj_size=0) -> int[]",
+        [](const at::Tensor& sample, int64_t batch, int64_t hidden, bool backward, int64_t proj_size) {
           TORCH_CHECK(gpu::on_device(sample), "fused_lstm.persistent_plan: sample must be a CUDA tensor");
           std::string why_not;
           const std::optional<Plan> plan = make_plan(backward ? Pass::Backward : Pass::ForwardTraining,
-                                                     sample.scalar_type(), batch, hidden, sample.device().index(),
-                                                     &why_not);
+                                                     sample.scalar_type(), batch, hidden, proj_size,
+                                                     sample.device().index(), &why_not);
           TORCH_CHECK(plan.has_value(), "fused_lstm: no persistent plan: ", why_not);
           return std::vector<int64_t>{plan->units_per_block, plan->blocks, plan->k_split,
                                       static_cast<int64_t>(plan->smem_bytes), plan->product == Product::Mma,
-                                      plan->exchange == Exchange::Cluster};
+                                      plan->exchange == Exchange::Cluster, plan->outs_per_block, plan->proj_k_split};
         });
   // What the cost model (cost_model.h) predicts for a whole direction of `steps` steps, in microseconds:
   // [persistent, standard]; FUSED_LSTM_PERSISTENT=auto takes the persistent kernel when the first is smaller.
-  m.def("persistent_predicted_us(Tensor sample, int batch, int hidden, int steps, bool backward=False) -> float[]",
-        [](const at::Tensor& sample, int64_t batch, int64_t hidden, int64_t steps, bool backward) {
+  m.def("persistent_predicted_us(Tensor sample, int batch, int hidden, int steps, bool backward=False, "
+        "int proj_size=0) -> float[]",
+        [](const at::Tensor& sample, int64_t batch, int64_t hidden, int64_t steps, bool backward, int64_t proj_size) {
           TORCH_CHECK(gpu::on_device(sample), "fused_lstm.persistent_predicted_us: sample must be a CUDA tensor");
           const Pass pass = backward ? Pass::Backward : Pass::ForwardTraining;
           std::string why_not;
-          const std::optional<Plan> plan = make_plan(pass, sample.scalar_type(), batch, hidden,
+          const std::optional<Plan> plan = make_plan(pass, sample.scalar_type(), batch, hidden, proj_size,
                                                      sample.device().index(), &why_not);
           TORCH_CHECK(plan.has_value(), "fused_lstm: no persistent plan: ", why_not);
-          const auto [persistent, standard] =
-              predicted_us(pass, *plan, batch, hidden, steps, static_cast<int>(sample.element_size()));
+          const auto [persistent, standard] = predicted_us(pass, *plan, batch, hidden, proj_size, steps,
+                                                           static_cast<int>(sample.element_size()));
           return std::vector<double>{persistent, standard};
         });
 }

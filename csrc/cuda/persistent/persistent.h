@@ -27,9 +27,10 @@ enum class PersistentMode { Never, Auto, Always };
 PersistentMode persistent_mode();
 
 // Whether the persistent kernel can run this direction's recurrence: CUDA tensors of float32, float16 or
-// bfloat16; no projection (proj_size == 0); 1 <= N <= 64 batch rows; the device supports cooperative
-// launches; and the plan fits: every block's slice of W_hh plus the staged h_{t-1} fit in its shared
-// memory with all blocks of the grid co-resident. When false and why_not is given, *why_not says why.
+// bfloat16; 1 <= N <= 64 batch rows; the device supports cooperative launches; and the plan fits: every
+// block's slice of W_hh (with a projection also its slice of W_hr) plus the staged h_{t-1} fit in its shared
+// memory with all blocks of the grid (or cluster) co-resident. Projections (proj_size) add a second barrier
+// per step. When false and why_not is given, *why_not says why.
 bool persistent_supported(const RecurrenceForwardArgs& a, std::string* why_not);
 
 // The Auto decision: a plan exists and the cost model (cost_model.h) predicts the whole direction faster on
@@ -57,8 +58,8 @@ class CooperativeOrder {
 
 // Runs the recurrence with the persistent kernel on the current stream: same results and side effects as
 // the driver's per-step loop (gates, output, h_state, c_state, c_prev_saved, h_prev_saved). TORCH_CHECKs
-// that persistent_supported holds. Allocates one small exchange buffer [2, N, H] before the launch; no
-// host synchronisation.
+// that persistent_supported holds. Allocates one small exchange buffer [2, N, Hout] (and with a projection
+// [N, H] for h' before W_hr) before the launch; no host synchronisation.
 void persistent_recurrence_forward(const RecurrenceForwardArgs& a, CooperativeOrder& order);
 
 // The whole policy in one call, for LayerBackend::recurrence_forward: runs the persistent kernel and
@@ -68,7 +69,9 @@ bool persistent_try_forward(const RecurrenceForwardArgs& a, CooperativeOrder& or
 
 // The same for the backward recurrence (LayerBackend::recurrence_backward): the persistent backward kernel
 // fuses each step's pointwise backward with its d_gates @ W_hh product, W_hh on chip; the weight gradients
-// stay the driver's GEMMs after the loop. `required`: the op's recurrence was 'persistent'. Same modes and
+// stay the driver's GEMMs after the loop; with a projection it also writes the driver's dh_total and h_next
+// (RecurrenceBackwardArgs), from which the driver computes grad_w_hr. `required`: the op's recurrence was
+// 'persistent'. Same modes and
 // the same Auto heuristic as forward; support as for forward, with its own shared-memory plan (the staged
 // d_gates are [N, 4H], so it supports a smaller H than forward for the same N).
 bool persistent_supported(const RecurrenceBackwardArgs& a, std::string* why_not);

@@ -14,14 +14,16 @@
 //     occupy their own rows of the output, so the next step's writes never touch what a slower block may
 //     still be reading: one barrier per step is enough.
 //
-// Inside a block (kThreads threads): the product's outputs are tiles of one unit x kRowsPerTile batch rows;
-// k_split consecutive lanes share a tile, each summing every k_split-th 16-byte vector of the K = 4H dimension,
-// and a butterfly of warp shuffles adds their partial sums in a fixed order (bitwise reproducible). The cell
+// Inside a block (kThreads threads): the product's outputs are tiles of one unit x kRowsPerTile batch rows
+// (row_product_fma, persistent_common.cuh); k_split consecutive lanes share a tile, each summing every k_split-th
+// 16-byte vector of the K = 4H dimension, and a butterfly of warp shuffles adds their partial sums in a fixed
+// order (bitwise reproducible). With a projection (proj_size) see persistent_backward_kernel below. The cell
 // math is cell_backward from ../../lstm_cell.h, as on every other path. float32 FMAs on storage-dtype values.
 //
 // Included by persistent.cu only.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "../../lstm_cell.h"
@@ -32,79 +34,123 @@ namespace cuda {
 namespace persistent {
 
 // Kernel arguments (one __grid_constant__ struct, as ForwardParams). Tensors in the storage dtype scalar_t.
+// Hout = out_hidden: the projection's size, or H without one.
 template <typename scalar_t>
 struct BackwardParams {
   const scalar_t* gates;     // [R, 4H] contiguous: the saved post-activation gates (i, f, g, o)
   const scalar_t* c_prev;    // [R, H] contiguous: the saved c each row's step started from
-  const scalar_t* d_output;  // [R, H], row stride d_output_stride: this direction's columns of grad_output
+  const scalar_t* d_output;  // [R, Hout], row stride d_output_stride: this direction's columns of grad_output
   int64_t d_output_stride;
-  const scalar_t* w_hh;      // [4H, H], strides (w_stride_row, w_stride_col): the recurrent weight
+  const scalar_t* w_hh;      // [4H, Hout], strides (w_stride_row, w_stride_col): the recurrent weight
   int64_t w_stride_row;
   int64_t w_stride_col;
-  scalar_t* dh_state;        // [N, H] contiguous: grad of h_n in, grad of h0 out
+  const scalar_t* w_hr;      // [Hout, H], strides (wr_stride_row, wr_stride_col), kProject only: the projection
+  int64_t wr_stride_row;
+  int64_t wr_stride_col;
+  scalar_t* dh_state;        // [N, Hout] contiguous: grad of h_n in, grad of h0 out
   scalar_t* dc_state;        // [N, H] contiguous: grad of c_n in, grad of c0 out
   scalar_t* d_gates;         // [R, 4H] contiguous, out: gradients of the pre-activations
+  scalar_t* dh_total;        // [R, Hout] contiguous, out, kProject only: dL/dh after w_hr per row
+  scalar_t* h_next;          // [R, H] contiguous, out, kProject only: the recomputed h' before w_hr per row
   int64_t total_rows;        // R
   int hidden;                // H
-  int padded_gates;          // 4H rounded up to a whole 16-byte vector: the row pitch of both shared matrices
+  int out_hidden;            // Hout
+  int padded_gates;          // K: 4H rounded up to a whole 16-byte vector: the row pitch of w_s (and of the
+                             // staged d_gates)
+  int padded_out;            // Kr: Hout rounded up likewise (kProject): the row pitch of wr_s and the staged dh_total
   int batch;                 // N <= kMaxBatch
-  int units_per_block;       // U
-  int k_split;               // lanes per tile: 8, 16 or 32
+  int units_per_block;       // U: hidden units per block (pointwise backward; rows of wr_s)
+  int outs_per_block;        // V: columns of dh (Hout) per block; U without a projection
+  int k_split;               // lanes per tile of the dh product (d_gates @ W_hh): 8, 16 or 32
+  int proj_k_split;          // lanes per tile of the projection product (dh_total @ W_hr), kProject
   int steps;                 // T
   bool reverse;              // the forward pass walked t = T-1 .. 0 (so this one walks t = 0 .. T-1)
   bool need_h0_grad;         // carry dh back past each sequence's first step (see carried_rows, lstm_layer.h)
   int lengths[kMaxBatch];    // sequence length of batch row b, as in ForwardParams
 };
 
-// Shared memory of one block, in bytes: the transposed W_hh slice [U, K] and the staged d_gates [N_pad, K]
-// (storage dtype, K = padded 4H), then dh and dc of the block's units [N_pad, U] each, in float32.
-inline size_t backward_shared_bytes(int units_per_block, int padded_gates, int batch, size_t element_size) {
+// Shared memory of one block, in bytes: the transposed W_hh slice [V, K], the staging buffer [N_pad, max(K, Kr)]
+// (d_gates, and with a projection also dh_total) and the transposed W_hr slice [U, Kr] (Kr = 0 without a
+// projection) in the storage dtype; then in float32 dh of the block's dh columns [N_pad, V], dc of its units
+// [N_pad, U] and, with a projection, dh' = dh_total @ W_hr of its units [N_pad, U].
+inline size_t backward_shared_bytes(int units_per_block, int padded_gates, int batch, size_t element_size,
+                                    int outs_per_block = 0, int padded_out = 0) {
+  const bool project = padded_out > 0;
   const size_t n_pad = static_cast<size_t>(round_up(batch, kRowsPerTile));
-  return (static_cast<size_t>(units_per_block) + n_pad) * padded_gates * element_size +
-         2 * n_pad * units_per_block * sizeof(float);
+  const size_t u = static_cast<size_t>(units_per_block);
+  const size_t v = project ? static_cast<size_t>(outs_per_block) : u;
+  const size_t staged = n_pad * static_cast<size_t>(std::max(padded_gates, padded_out));
+  return (v * padded_gates + staged + u * padded_out) * element_size + (v + (project ? 2 : 1) * u) * n_pad * sizeof(float);
 }
 
-// Requires a cooperative launch of exactly ceil(H / U) blocks of kThreads threads with
-// backward_shared_bytes(U, K, N, sizeof(scalar_t)) bytes of dynamic shared memory, all co-resident.
+// Stages `rows` rows of `cols` storage elements (row pitch `cols` in global memory, `pitch` in shared memory)
+// through L2 (other SMs wrote them): by 16-byte vectors when the global rows start aligned, else element-wise.
 template <typename scalar_t>
+__device__ __forceinline__ void stage_rows(scalar_t* dst, int pitch, const scalar_t* src, int rows, int cols) {
+  constexpr int V = kVec<scalar_t>;
+  if (cols % V == 0) {
+    const int row_vectors = cols / V;
+    for (int i = threadIdx.x; i < rows * row_vectors; i += kThreads) {
+      const int b = i / row_vectors, v = i - b * row_vectors;
+      reinterpret_cast<uint4*>(dst + b * pitch)[v] =
+          __ldcg(reinterpret_cast<const uint4*>(src + static_cast<int64_t>(b) * cols) + v);
+    }
+  } else {
+    for (int i = threadIdx.x; i < rows * cols; i += kThreads) {
+      const int b = i / cols, k = i - b * cols;
+      copy_through_l2(dst + b * pitch + k, src + static_cast<int64_t>(b) * cols + k);
+    }
+  }
+}
+
+// Requires a cooperative launch of exactly ceil(H / U) blocks of kThreads threads with backward_shared_bytes(U, K,
+// N, sizeof(scalar_t), V, kProject ? Kr : 0) bytes of dynamic shared memory, all co-resident.
+//
+// With a projection (kProject), block k also owns the dh columns [k*V, k*V + V) of Hout (not its units: dh is
+// the gradient of the projected h), and each step has two phases with a grid barrier after each:
+//   (0) for its dh columns and the step's active rows: dh_total = dh + grad_output, written to the op's dh_total
+//       (grad_w_hr needs it, and every block needs all of it); grid barrier;
+//   (1) stage the step's dh_total rows, dh' = dh_total @ W_hr for the block's units (W_hr's columns of those
+//       units on chip), the pointwise backward on dh' (also writing the recomputed h' for grad_w_hr); grid
+//       barrier; then the dh product for its dh columns as without a projection.
+// Phase 0 of step s+1 writes other rows than phase 1 of step s reads, and phase 1 of step s+1 restages only after
+// the barrier that ends phase 0: two barriers per step, no double buffering.
+template <typename scalar_t, bool kProject = false>
 __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm)
     persistent_backward_kernel(const __grid_constant__ BackwardParams<scalar_t> p) {
-  constexpr int V = kVec<scalar_t>;
-  constexpr int RB = kRowsPerTile;
-  const int H = p.hidden, G = 4 * H, K = p.padded_gates, KV = K / V, N = p.batch, U = p.units_per_block;
-  const int n_pad = round_up(N, RB);
-  const int unit0 = blockIdx.x * U;
+  const int H = p.hidden, G = 4 * H, K = p.padded_gates, N = p.batch, U = p.units_per_block;
+  const int HO = kProject ? p.out_hidden : H, Kr = kProject ? p.padded_out : 0;
+  const int V = kProject ? p.outs_per_block : U;
+  const int n_pad = round_up(N, kRowsPerTile);
+  const int unit0 = blockIdx.x * U, out0 = blockIdx.x * V;
+  const int live_units = min(U, H - unit0), live_outs = max(0, min(V, HO - out0));
 
-  // Dynamic shared memory, 16-byte aligned: w_s [U][K], dg_s [n_pad][K], dh_s [n_pad][U], dc_s [n_pad][U].
+  // Dynamic shared memory, 16-byte aligned: w_s [V][K], st_s [n_pad][max(K, Kr)] (staged d_gates at pitch K,
+  // staged dh_total at pitch Kr), wr_s [U][Kr], dh_s [n_pad][V], dc_s [n_pad][U], dhp_s [n_pad][U] (kProject).
   FUSED_LSTM_DYNAMIC_SHARED(uint4, smem);
   scalar_t* w_s = reinterpret_cast<scalar_t*>(smem);
-  scalar_t* dg_s = w_s + U * K;
-  float* dh_s = reinterpret_cast<float*>(dg_s + n_pad * K);
-  float* dc_s = dh_s + n_pad * U;
+  scalar_t* st_s = w_s + V * K;
+  scalar_t* wr_s = st_s + n_pad * max(K, Kr);
+  float* dh_s = reinterpret_cast<float*>(wr_s + U * Kr);
+  float* dc_s = dh_s + n_pad * V;
+  float* dhp_s = dc_s + n_pad * U;
   const scalar_t zero = static_cast<scalar_t>(0.0f);
 
-  // --- Once: row u of w_s is column unit0 + u of W_hh (zero past H, and in the padding columns); dg_s zeroed
-  // (padding columns and rows past N stay zero); dh and dc of the owned units from dh_state / dc_state.
-  for (int i = threadIdx.x; i < U * K; i += kThreads) {
-    const int u = i / K, k = i - u * K;
-    const int unit = unit0 + u;
-    w_s[i] = (unit < H && k < G)
-                 ? p.w_hh[static_cast<int64_t>(k) * p.w_stride_row + static_cast<int64_t>(unit) * p.w_stride_col]
-                 : zero;
+  // --- Once: row j of w_s is column out0 + j of W_hh (zero past Hout, and in the padding columns); row u of wr_s
+  // is column unit0 + u of W_hr; st_s zeroed (padding columns and rows never staged stay finite); dh of the owned
+  // dh columns and dc of the owned units from dh_state / dc_state.
+  load_weight_rows(w_s, V, K, p.w_hh, p.w_stride_col, p.w_stride_row, out0, HO, G);
+  if constexpr (kProject) load_weight_rows(wr_s, U, Kr, p.w_hr, p.wr_stride_col, p.wr_stride_row, unit0, H, HO);
+  for (int i = threadIdx.x; i < n_pad * max(K, Kr); i += kThreads) st_s[i] = zero;
+  for (int i = threadIdx.x; i < n_pad * V; i += kThreads) {
+    const int b = i / V, out = out0 + i % V;
+    dh_s[i] = (b < N && out < HO) ? static_cast<float>(p.dh_state[static_cast<int64_t>(b) * HO + out]) : 0.0f;
   }
-  for (int i = threadIdx.x; i < n_pad * K; i += kThreads) dg_s[i] = zero;
   for (int i = threadIdx.x; i < n_pad * U; i += kThreads) {
     const int b = i / U, unit = unit0 + i % U;
-    const bool owned = b < N && unit < H;
-    dh_s[i] = owned ? static_cast<float>(p.dh_state[static_cast<int64_t>(b) * H + unit]) : 0.0f;
-    dc_s[i] = owned ? static_cast<float>(p.dc_state[static_cast<int64_t>(b) * H + unit]) : 0.0f;
+    dc_s[i] = (b < N && unit < H) ? static_cast<float>(p.dc_state[static_cast<int64_t>(b) * H + unit]) : 0.0f;
   }
   __syncthreads();
-
-  // The product's tiles: one unit x 4 batch rows (persistent_common.cuh).
-  const TileSplit split(p.k_split, U, n_pad);
-  // d_gates rows start 16-byte aligned in global memory when 4H fills whole vectors: stage by vectors then.
-  const bool vector_rows = G % V == 0;
 
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   StepWalk walk(/*walk_descending=*/!p.reverse, N, p.total_rows);
@@ -114,8 +160,28 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
     const int rows = walk.rows;
     const int64_t offset = walk.offset;
 
-    // (1) Pointwise backward of the owned units: dh (from the step after, or grad_h_n) plus this step's output
-    // gradient, and dc, give the four gate gradients of (row, unit) and dc for the step before.
+    if constexpr (kProject) {
+      // (0) dh_total of the owned dh columns: the dh carried from the step after (or grad_h_n) plus this step's
+      // output gradient, rounded to the storage dtype as the per-step path stores it.
+      for (int i = threadIdx.x; i < rows * V; i += kThreads) {
+        const int b = i / V, j = i - b * V;
+        if (j >= live_outs) continue;
+        const int64_t row = offset + b;
+        const float total = dh_s[b * V + j] + static_cast<float>(p.d_output[row * p.d_output_stride + out0 + j]);
+        p.dh_total[row * HO + out0 + j] = static_cast<scalar_t>(total);
+      }
+      grid.sync();  // the step's dh_total complete in every column
+      stage_rows(st_s, Kr, p.dh_total + offset * HO, rows, HO);
+      __syncthreads();
+      // dh' [rows, U] = dh_total @ W_hr's columns of the owned units.
+      row_product_fma<scalar_t>(wr_s, st_s, U, live_units, Kr, n_pad, rows, p.proj_k_split,
+                                [&](int u, int b, float sum) { dhp_s[b * U + u] = sum; });
+      __syncthreads();  // dhp_s complete; st_s free to be restaged
+    }
+
+    // (1) Pointwise backward of the owned units: dh (kProject: dh' through the projection; else the dh carried
+    // from the step after, or grad_h_n, plus this step's output gradient), and dc, give the four gate gradients
+    // of (row, unit) and dc for the step before.
     for (int i = threadIdx.x; i < rows * U; i += kThreads) {
       const int b = i / U, u = i - b * U, unit = unit0 + u;
       if (unit >= H) continue;
@@ -123,7 +189,8 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
       const scalar_t* g = p.gates + row * G + unit;
       const Gates<float> gate{static_cast<float>(g[0]), static_cast<float>(g[H]), static_cast<float>(g[2 * H]),
                               static_cast<float>(g[3 * H])};
-      const float dh = dh_s[b * U + u] + static_cast<float>(p.d_output[row * p.d_output_stride + unit]);
+      const float dh = kProject ? dhp_s[b * U + u]
+                                : dh_s[b * V + u] + static_cast<float>(p.d_output[row * p.d_output_stride + unit]);
       float dc_prev, h_next;
       const GateGrads<float> grad = cell_backward<float>(gate, static_cast<float>(p.c_prev[row * H + unit]), dh,
                                                          dc_s[b * U + u], &dc_prev, &h_next);
@@ -133,6 +200,7 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
       dg[2 * H] = static_cast<scalar_t>(grad.g);
       dg[3 * H] = static_cast<scalar_t>(grad.o);
       dc_s[b * U + u] = dc_prev;
+      if constexpr (kProject) p.h_next[row * H + unit] = static_cast<scalar_t>(h_next);
     }
     // Publishes this step's d_gates columns to every block (grid.sync fences memory at device scope).
     grid.sync();
@@ -141,71 +209,26 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
     const int carried = p.need_h0_grad ? rows
                         : !p.reverse  ? (t > 0 ? rows : 0)
                                       : (t + 1 < p.steps ? rows_at(t + 1, p.lengths, N) : 0);
-    // Stage those rows' d_gates, through L2 (other SMs wrote them). Rows of tiles past `carried` keep stale
-    // but finite values; their sums are computed and dropped.
-    const scalar_t* dg_step = p.d_gates + offset * G;
-    if (vector_rows) {
-      const int row_vectors = G / V;
-      for (int i = threadIdx.x; i < carried * row_vectors; i += kThreads) {
-        const int b = i / row_vectors, v = i - b * row_vectors;
-        reinterpret_cast<uint4*>(dg_s + b * K)[v] = __ldcg(reinterpret_cast<const uint4*>(dg_step + b * G) + v);
-      }
-    } else {
-      for (int i = threadIdx.x; i < carried * G; i += kThreads) {
-        const int b = i / G, k = i - b * G;
-        copy_through_l2(dg_s + b * K + k, dg_step + static_cast<int64_t>(b) * G + k);
-      }
-    }
+    // Stage those rows' d_gates. Rows of tiles past `carried` keep stale but finite values; their sums are
+    // computed and dropped.
+    stage_rows(st_s, K, p.d_gates + offset * G, carried, G);
     __syncthreads();
-
-    for (int pass = 0; pass < split.passes; ++pass) {
-      const int tile = split.tile(pass);
-      const int u = split.unit(tile);
-      const int b0 = split.first_row(tile);
-      const bool tile_live = tile < split.tiles && unit0 + u < H;
-      const int kslice = split.kslice;
-      float acc[RB];
-#pragma unroll
-      for (int r = 0; r < RB; ++r) acc[r] = 0.0f;
-      if (tile_live && b0 < carried) {
-        const uint4* w_vec = reinterpret_cast<const uint4*>(w_s + u * K);
-        const uint4* dg_vec = reinterpret_cast<const uint4*>(dg_s + b0 * K);
-        for (int kv = kslice; kv < KV; kv += split.k_split) {
-          float w[V];
-          unpack<scalar_t>(w_vec[kv], w);
-#pragma unroll
-          for (int r = 0; r < RB; ++r) {
-            float d[V];
-            unpack<scalar_t>(dg_vec[r * KV + kv], d);
-#pragma unroll
-            for (int e = 0; e < V; ++e) acc[r] = fmaf(w[e], d[e], acc[r]);
-          }
-        }
-      }
-      for (int lane_mask = split.k_split / 2; lane_mask > 0; lane_mask /= 2) {
-#pragma unroll
-        for (int r = 0; r < RB; ++r) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], lane_mask);
-      }
-      const int b = b0 + kslice;
-      if (tile_live && kslice < RB && b < carried) {
-        // Select with compile-time indices so acc stays in registers.
-        float sum = acc[0];
-#pragma unroll
-        for (int r = 1; r < RB; ++r) sum = kslice == r ? acc[r] : sum;
-        dh_s[b * U + u] = sum;
-      }
-    }
-    // dh_s complete before the next step's pointwise pass reads it; dg_s free to be restaged.
+    row_product_fma<scalar_t>(w_s, st_s, V, live_outs, K, n_pad, carried, p.k_split,
+                              [&](int j, int b, float sum) { dh_s[b * V + j] = sum; });
+    // dh_s complete before the next step reads it; st_s free to be restaged.
     __syncthreads();
     walk.leave();
   }
 
-  // grad_h0 and grad_c0 of the owned units (rows that never carried keep what they were given or reached).
+  // grad_h0 of the owned dh columns and grad_c0 of the owned units (rows that never carried keep what they were
+  // given or reached).
+  for (int i = threadIdx.x; i < N * V; i += kThreads) {
+    const int b = i / V, out = out0 + i % V;
+    if (out < HO) p.dh_state[static_cast<int64_t>(b) * HO + out] = static_cast<scalar_t>(dh_s[i]);
+  }
   for (int i = threadIdx.x; i < N * U; i += kThreads) {
     const int b = i / U, unit = unit0 + i % U;
-    if (unit >= H) continue;
-    p.dh_state[static_cast<int64_t>(b) * H + unit] = static_cast<scalar_t>(dh_s[i]);  // i = b * U + u
-    p.dc_state[static_cast<int64_t>(b) * H + unit] = static_cast<scalar_t>(dc_s[i]);
+    if (unit < H) p.dc_state[static_cast<int64_t>(b) * H + unit] = static_cast<scalar_t>(dc_s[i]);
   }
 }
 

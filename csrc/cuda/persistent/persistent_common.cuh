@@ -116,6 +116,82 @@ struct TileSplit {
   __device__ int first_row(int tile) const { return (tile % row_tiles) * kRowsPerTile; }
 };
 
+// out[u][b] = sum over k of w_s[u, k] * x_s[b, k] (float32 FMAs on storage-dtype values) for the weight rows
+// u < live_units and the batch rows b < rows, handed to store(u, b, sum); w_s holds `units` rows, x_s n_pad rows,
+// both of pitch K (a whole number of 16-byte vectors, padding columns zero in w_s). Tiles are one weight row x
+// kRowsPerTile batch rows shared by k_split lanes (TileSplit); rows of a live tile at or past `rows` are summed
+// over whatever x_s holds there (finite values: staged earlier or zeroed) and dropped. The order of every sum
+// is fixed, so results are bitwise reproducible. Used by the backward's dh product and by the projection
+// products (forward h' @ W_hr^T, backward dh @ W_hr).
+template <typename scalar_t, typename Store>
+__device__ __forceinline__ void row_product_fma(const scalar_t* w_s, const scalar_t* x_s, int units, int live_units,
+                                                int K, int n_pad, int rows, int k_split, Store store) {
+  constexpr int V = kVec<scalar_t>;
+  constexpr int RB = kRowsPerTile;
+  const int KV = K / V;
+  const TileSplit split(k_split, units, n_pad);
+  const int kslice = split.kslice;
+  for (int pass = 0; pass < split.passes; ++pass) {
+    const int tile = split.tile(pass);
+    const int u = split.unit(tile);
+    const int b0 = split.first_row(tile);
+    const bool tile_live = tile < split.tiles && u < live_units;
+    float acc[RB];
+#pragma unroll
+    for (int r = 0; r < RB; ++r) acc[r] = 0.0f;
+    if (tile_live && b0 < rows) {
+      const uint4* w_vec = reinterpret_cast<const uint4*>(w_s + u * K);
+      const uint4* x_vec = reinterpret_cast<const uint4*>(x_s + b0 * K);
+      for (int kv = kslice; kv < KV; kv += split.k_split) {
+        float w[V];
+        unpack<scalar_t>(w_vec[kv], w);
+#pragma unroll
+        for (int r = 0; r < RB; ++r) {
+          float x[V];
+          unpack<scalar_t>(x_vec[r * KV + kv], x);
+#pragma unroll
+          for (int e = 0; e < V; ++e) acc[r] = fmaf(w[e], x[e], acc[r]);
+        }
+      }
+    }
+    // Butterfly over the tile's k_split lanes (warp-aligned groups; every lane runs every pass).
+    for (int lane_mask = split.k_split / 2; lane_mask > 0; lane_mask /= 2) {
+#pragma unroll
+      for (int r = 0; r < RB; ++r) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], lane_mask);
+    }
+    const int b = b0 + kslice;
+    if (tile_live && kslice < RB && b < rows) {
+      // Select with compile-time indices so acc stays in registers.
+      float sum = acc[0];
+#pragma unroll
+      for (int r = 1; r < RB; ++r) sum = kslice == r ? acc[r] : sum;
+      store(u, b, sum);
+    }
+  }
+}
+
+// Copies a weight slice into shared memory, once per launch: dst[r][k] (row pitch `pitch`) = src[first + r][k],
+// where src is addressed as src[row * row_stride + k * k_stride] (swap the strides to take columns as rows), zero
+// for rows at or past `rows_total`, and for k at or past `k_total` (the padding columns the products run over).
+template <typename scalar_t>
+__device__ __forceinline__ void load_weight_rows(scalar_t* dst, int rows, int pitch, const scalar_t* src,
+                                                 int64_t row_stride, int64_t k_stride, int first, int rows_total,
+                                                 int k_total) {
+  const scalar_t zero = static_cast<scalar_t>(0.0f);
+  for (int i = threadIdx.x; i < rows * pitch; i += kThreads) {
+    const int r = i / pitch, k = i - r * pitch;
+    dst[i] = (first + r < rows_total && k < k_total)
+                 ? src[static_cast<int64_t>(first + r) * row_stride + static_cast<int64_t>(k) * k_stride]
+                 : zero;
+  }
+}
+
+// Lanes per tile for a product of `tiles` tiles: fewer tiles -> more lanes each, so small problems still keep
+// several lanes busy per output.
+__host__ __device__ constexpr int lanes_per_tile(int tiles) {
+  return tiles <= kThreads / 32 ? 32 : (tiles <= kThreads / 16 ? 16 : 8);
+}
+
 // Rows with a length above t: the active rows of step t.
 __device__ __forceinline__ int rows_at(int t, const int* lengths, int batch) {
   int rows = 0;

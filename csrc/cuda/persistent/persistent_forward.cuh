@@ -45,16 +45,24 @@ struct ForwardParams {
   const scalar_t* w_hh;        // [4H, H], strides (w_stride_row, w_stride_col): the recurrent weight
   int64_t w_stride_row;
   int64_t w_stride_col;
+  const scalar_t* w_hr;        // [Hout, H], strides (wr_stride_row, wr_stride_col), kProject only: the projection
+  int64_t wr_stride_row;
+  int64_t wr_stride_col;
   scalar_t* c_state;           // [N, H] contiguous: c0 in, c_n out
-  scalar_t* output;            // [R, H], row stride output_stride: receives h_t of each active row
+  scalar_t* output;            // [R, Hout], row stride output_stride: receives h_t of each active row
   int64_t output_stride;
   scalar_t* c_prev_saved;      // [R, H] contiguous, or unused (kSaveWorkspace false): c each row started from
-  scalar_t* h_prev_saved;      // [R, H] contiguous, or unused: h each row started from
-  scalar_t* h_exchange;        // [2, N, padded_hidden]: h0 in half 0 (columns >= H zero), h_T in half T % 2
+  scalar_t* h_prev_saved;      // [R, Hout] contiguous, or unused: h each row started from
+  scalar_t* h_exchange;        // [2, N, padded_hidden]: h0 in half 0 (columns >= Hout zero), h_T in half T % 2
+  scalar_t* h_raw;             // [N, padded_raw], kProject only: h'_t before W_hr (one buffer; finite from the start)
   int64_t total_rows;          // R = sum of the sequence lengths
   int hidden;                  // H
-  int padded_hidden;           // P: H rounded up to a whole 16-byte vector (Mma: to the k step): the row pitch
-                               // of h_exchange and of both shared-memory matrices; padding columns hold zeros
+  int out_hidden;              // Hout: the projection's size, or H without one (the columns of h and the output)
+  int padded_hidden;           // P: Hout rounded up to a whole 16-byte vector (Mma: to the k step): the row pitch
+                               // of h_exchange, w_s and the staged h; padding columns hold zeros
+  int padded_raw;              // Hr: H rounded up to a whole 16-byte vector (kProject): the pitch of h_raw and wr_s
+  int outs_per_block;          // V (kProject): the columns of h_t = h'_t @ W_hr^T a block computes
+  int proj_k_split;            // lanes per tile of the projection product (kProject)
   int batch;                   // N <= kMaxBatch
   int padded_batch;            // N_pad: N rounded up to kRowsPerTile (Fma) or 16 (Mma)
   int units_per_block;         // U
@@ -76,16 +84,28 @@ enum class Product { Fma, Mma };
 //            memory, double-buffered) and the cluster meets at cluster.sync, a third of a grid barrier's
 //            cost: nothing is staged from L2.
 enum class Exchange { Grid, Cluster };
-// Portable cluster size (more needs cudaFuncAttributeNonPortableClusterSizeAllowed).
-constexpr int kMaxClusterBlocks = 8;
+// The most blocks a cluster may hold: 16 on sm_90 with cudaFuncAttributeNonPortableClusterSizeAllowed (8 is the
+// portable size); the plan asks the device how many it can run (gpu::max_cluster_blocks) and takes at most that.
+constexpr int kMaxClusterBlocks = 16;
 
-// Shared memory of one block, in bytes: the W_hh slice [4U, P] and h_{t-1} [N_pad, P] (two of them for the
-// Cluster exchange's double buffer) in the storage dtype, the step's products [4U, N_pad] and the cell state
-// [N_pad, U] in float32.
+// Shared memory of one block, in bytes: the W_hh slice [4U, P] and the staging buffer (h_{t-1} [N_pad, P], two
+// of them for the Cluster exchange's double buffer; with a projection on the Grid exchange [N_pad, max(P, Hr)],
+// since it also stages h'_t [N, Hr]; on the Cluster exchange a buffer of its own, [N_pad, Hr], that every block
+// writes its h'_t columns into) in the storage dtype, the step's products [4U, N_pad] and the cell state
+// [N_pad, U] in float32, then the W_hr slice [V, Hr] in the storage dtype (projection only: padded_raw > 0).
+__host__ __device__ inline size_t forward_staged_elements(int padded_hidden, int padded_batch, bool cluster,
+                                                          int padded_raw) {
+  const size_t n_pad = static_cast<size_t>(padded_batch), p = static_cast<size_t>(padded_hidden);
+  const size_t raw = static_cast<size_t>(padded_raw);
+  if (cluster) return n_pad * (2 * p + raw);
+  return n_pad * (raw > p ? raw : p);
+}
 inline size_t forward_shared_bytes(int units_per_block, int padded_hidden, int padded_batch, size_t element_size,
-                                   bool cluster = false) {
+                                   bool cluster = false, int outs_per_block = 0, int padded_raw = 0) {
   const size_t u = static_cast<size_t>(units_per_block), n_pad = static_cast<size_t>(padded_batch);
-  return (4 * u + (cluster ? 2 : 1) * n_pad) * padded_hidden * element_size + (4 * u * n_pad + n_pad * u) * sizeof(float);
+  return (4 * u * padded_hidden + forward_staged_elements(padded_hidden, padded_batch, cluster, padded_raw) +
+          static_cast<size_t>(outs_per_block) * padded_raw) * element_size +
+         (4 * u * n_pad + n_pad * u) * sizeof(float);
 }
 
 // The Mma variant's fragment shape for a storage dtype: its k step and the element type WMMA loads.
@@ -236,38 +256,62 @@ __device__ __forceinline__ void step_barrier() {
 
 // The kernel. Template flags are compile-time so their branches vanish: kSaveWorkspace writes
 // c_prev_saved / h_prev_saved (training); kProduct picks the product's variant and kExchange how blocks share
-// h_t; packed and dense input share one code path through lengths[]. Requires exactly ceil(H / U) blocks of
-// kThreads threads with forward_shared_bytes(U, P, N_pad, sizeof(scalar_t), Cluster) bytes of dynamic shared
-// memory, all co-resident: a cooperative launch (Grid) or one cluster of that many blocks (Cluster).
-template <typename scalar_t, bool kSaveWorkspace, Product kProduct, Exchange kExchange = Exchange::Grid>
+// h_t; kProject adds the projection (proj_size, below); packed and dense input share one code path through
+// lengths[]. Requires exactly ceil(H / U) blocks of kThreads threads with forward_shared_bytes(U, P, N_pad,
+// sizeof(scalar_t), Cluster, V, kProject ? Hr : 0) bytes of dynamic shared memory, all co-resident: a cooperative
+// launch (Grid) or one cluster of that many blocks (Cluster).
+//
+// With a projection (W_hr [Hout, H]) h_t = h'_t @ W_hr^T, where h'_t = o * tanh(c_t) is what the pointwise pass
+// makes. The exchange carries h_t (Hout columns: K = Hout for the W_hh product), and each step has two phases
+// with a barrier after each:
+//   (1) as without a projection, but the pointwise pass publishes h'_t of the block's units instead of h_t: into
+//       the global buffer h_raw [N, H] (Grid) or into every block's shared copy of it (Cluster); barrier;
+//   (2) every block stages h'_t [rows, H] (Grid; in a cluster it is already in shared memory) and computes its V
+//       columns [k*V, k*V + V) of h_t from its W_hr rows (on chip, [V, H]), publishing them like h_t without a
+//       projection, and writing the output (row_product_fma); rows past their sequence carry h_t; barrier.
+// h'_t needs one buffer: phase 1 of step s+1 writes it only after the barrier that ends phase 2 of step s.
+template <typename scalar_t, bool kSaveWorkspace, Product kProduct, Exchange kExchange = Exchange::Grid,
+          bool kProject = false>
 __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm)
     persistent_forward_kernel(const __grid_constant__ ForwardParams<scalar_t> p) {
   constexpr bool kCluster = kExchange == Exchange::Cluster;
   constexpr int RB = kRowsPerTile;
   const int H = p.hidden, P = p.padded_hidden, KV = P / kVec<scalar_t>, N = p.batch, U = p.units_per_block;
+  const int HO = kProject ? p.out_hidden : H;
   const int n_pad = p.padded_batch;
   const int unit0 = blockIdx.x * U;
 
-  // Dynamic shared memory, 16-byte aligned (declared as uint4): w_s [4U][P], h_s [1 or 2][n_pad][P],
-  // pre_s [4U][n_pad], c_s [n_pad][U]. P * sizeof(scalar_t) is a multiple of 16 (Mma: 32), so rows start aligned.
+  // Dynamic shared memory, 16-byte aligned (declared as uint4): w_s [4U][P], h_s [1 or 2][n_pad][P] (kProject:
+  // Grid [n_pad][max(P, Hr)], also staging h'_t at pitch Hr; Cluster [2][n_pad][P] then hr_s [n_pad][Hr]),
+  // pre_s [4U][n_pad], c_s [n_pad][U], wr_s [V][Hr] (kProject). P * sizeof(scalar_t) is a multiple of 16 (Mma:
+  // 32), so rows start aligned.
   FUSED_LSTM_DYNAMIC_SHARED(uint4, smem);
+  const int staged_elements =
+      static_cast<int>(forward_staged_elements(P, n_pad, kCluster, kProject ? p.padded_raw : 0));
   scalar_t* w_s = reinterpret_cast<scalar_t*>(smem);
   scalar_t* h_s = w_s + 4 * U * P;
-  float* pre_s = reinterpret_cast<float*>(h_s + (kCluster ? 2 : 1) * n_pad * P);
+  float* pre_s = reinterpret_cast<float*>(h_s + staged_elements);
   float* c_s = pre_s + 4 * U * n_pad;
+  scalar_t* wr_s = reinterpret_cast<scalar_t*>(c_s + n_pad * U);
+  scalar_t* hr_s = h_s + (kCluster ? 2 * n_pad * P : 0);  // where phase 2 reads h'_t (kProject)
   const scalar_t zero = static_cast<scalar_t>(0.0f);
 
   // --- Once: this block's W_hh rows (row 4u + g of w_s is gate g of unit unit0 + u), zero padding columns
-  // and rows past H; h_s zeroed (rows >= N stay zero for good, so tiles that straddle N compute on zeros);
-  // c of the owned units from c_state.
+  // and rows past H; h_s zeroed (without a projection rows >= N stay zero for good, so tiles that straddle N
+  // compute on zeros; with one they hold staged h' values, finite, whose sums are dropped); c of the owned units
+  // from c_state; kProject: row j of wr_s is row out0 + j of W_hr.
   for (int i = threadIdx.x; i < 4 * U * P; i += kThreads) {
     const int row = i / P, k = i - row * P;
     const int unit = unit0 + row / 4, gate = row % 4;
-    w_s[i] = (unit < H && k < H)
+    w_s[i] = (unit < H && k < HO)
                  ? p.w_hh[static_cast<int64_t>(gate * H + unit) * p.w_stride_row + static_cast<int64_t>(k) * p.w_stride_col]
                  : zero;
   }
-  for (int i = threadIdx.x; i < (kCluster ? 2 : 1) * n_pad * P; i += kThreads) h_s[i] = zero;
+  if constexpr (kProject) {
+    load_weight_rows(wr_s, p.outs_per_block, p.padded_raw, p.w_hr, p.wr_stride_row, p.wr_stride_col,
+                     static_cast<int>(blockIdx.x) * p.outs_per_block, HO, H);
+  }
+  for (int i = threadIdx.x; i < staged_elements; i += kThreads) h_s[i] = zero;
   for (int i = threadIdx.x; i < n_pad * U; i += kThreads) {
     const int b = i / U, unit = unit0 + i % U;
     c_s[i] = (b < N && unit < H) ? static_cast<float>(p.c_state[static_cast<int64_t>(b) * H + unit]) : 0.0f;
@@ -319,7 +363,9 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
       const int b = i / U, u = i - b * U, unit = unit0 + u;
       if (unit >= H) continue;
       if (b >= rows) {
-        if constexpr (kCluster) {
+        if constexpr (kProject) {
+          // h_t is carried in phase 2 (its columns are not this block's units).
+        } else if constexpr (kCluster) {
           publish_h<scalar_t, kExchange>(h_next, h_next_s, b * P + unit, h_cur_s[b * P + unit]);
         } else {
           copy_through_l2(h_next + b * P + unit, h_cur + b * P + unit);
@@ -341,11 +387,50 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
       gate_row[3 * H] = static_cast<scalar_t>(gate.o);
       *c_cell = c_next;
       const scalar_t h_stored = static_cast<scalar_t>(h_t);
-      publish_h<scalar_t, kExchange>(h_next, h_next_s, b * P + unit, h_stored);
-      p.output[row * p.output_stride + unit] = h_stored;
+      if constexpr (kSaveWorkspace) p.c_prev_saved[row * H + unit] = static_cast<scalar_t>(c);
+      if constexpr (kProject) {
+        publish_h<scalar_t, kExchange>(p.h_raw, hr_s, b * p.padded_raw + unit, h_stored);  // h'_t, for phase 2
+      } else {
+        publish_h<scalar_t, kExchange>(h_next, h_next_s, b * P + unit, h_stored);
+        p.output[row * p.output_stride + unit] = h_stored;
+        if constexpr (kSaveWorkspace) p.h_prev_saved[row * H + unit] = h_cur_s[b * P + unit];  // staged or held
+      }
+    }
+    if constexpr (kProject) {
+      // Phase 2: h_t = h'_t @ W_hr^T for this block's columns [out0, out0 + V) of Hout.
+      const int V = p.outs_per_block, Hr = p.padded_raw, out0 = blockIdx.x * V;
+      const int live_outs = max(0, min(V, HO - out0));
       if constexpr (kSaveWorkspace) {
-        p.c_prev_saved[row * H + unit] = static_cast<scalar_t>(c);
-        p.h_prev_saved[row * H + unit] = h_cur_s[b * P + unit];  // staged or held: b < rows
+        // h_{t-1} of the active rows, from the staged copy (b < rows), before phase 2 restages h_s.
+        for (int i = threadIdx.x; i < rows * V; i += kThreads) {
+          const int b = i / V, j = i - b * V;
+          if (j < live_outs) p.h_prev_saved[(offset + b) * HO + out0 + j] = h_cur_s[b * P + out0 + j];
+        }
+      }
+      step_barrier<kExchange>();  // h'_t of every unit published (h_raw, or every block's hr_s)
+      if constexpr (!kCluster) {
+        // Stage h'_t of the rows any tile reads (whole tiles, clipped at N), through L2: other SMs wrote it.
+        const int raw_vectors = min(N, round_up(rows, RB)) * (Hr / kVec<scalar_t>);
+        for (int i = threadIdx.x; i < raw_vectors; i += kThreads) {
+          reinterpret_cast<uint4*>(h_s)[i] = __ldcg(reinterpret_cast<const uint4*>(p.h_raw) + i);
+        }
+        __syncthreads();
+      }
+      row_product_fma<scalar_t>(wr_s, hr_s, V, live_outs, Hr, n_pad, rows, p.proj_k_split,
+                                [&](int j, int b, float sum) {
+                                  const scalar_t h_stored = static_cast<scalar_t>(sum);
+                                  publish_h<scalar_t, kExchange>(h_next, h_next_s, b * P + out0 + j, h_stored);
+                                  p.output[(offset + b) * p.output_stride + out0 + j] = h_stored;
+                                });
+      // Rows past their sequence keep their h: carried into the half the next step reads.
+      for (int i = threadIdx.x; i < (N - rows) * V; i += kThreads) {
+        const int b = rows + i / V, j = i % V;
+        if (j >= live_outs) continue;
+        if constexpr (kCluster) {
+          publish_h<scalar_t, kExchange>(h_next, h_next_s, b * P + out0 + j, h_cur_s[b * P + out0 + j]);
+        } else {
+          copy_through_l2(h_next + b * P + out0 + j, h_cur + b * P + out0 + j);
+        }
       }
     }
     // Publishes this step's h_t columns to every block and guarantees everyone finished reading h_{t-1},
@@ -354,11 +439,13 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
     walk.leave();
   }
   if constexpr (kCluster) {
-    // h_n of the owned units into the exchange half T % 2, where the host code reads it as for Grid.
+    // h_n of the owned columns (kProject: of Hout, else the owned units) into the exchange half T % 2, where the
+    // host code reads it as for Grid.
     const int last = p.steps & 1;
-    for (int i = threadIdx.x; i < N * U; i += kThreads) {
-      const int b = i / U, unit = unit0 + i % U;
-      if (unit < H) p.h_exchange[static_cast<int64_t>(last) * N * P + b * P + unit] = h_s[last * n_pad * P + b * P + unit];
+    const int cols = kProject ? p.outs_per_block : U, col0 = blockIdx.x * cols;
+    for (int i = threadIdx.x; i < N * cols; i += kThreads) {
+      const int b = i / cols, col = col0 + i % cols;
+      if (col < HO) p.h_exchange[static_cast<int64_t>(last) * N * P + b * P + col] = h_s[last * n_pad * P + b * P + col];
     }
   }
 
