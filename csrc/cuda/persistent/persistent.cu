@@ -83,25 +83,25 @@ auto backward_kernel(bool project) {
   return project ? &persistent_backward_kernel<scalar_t, true> : &persistent_backward_kernel<scalar_t, false>;
 }
 
+// The storage dtypes the persistent kernels are built for: AT_DISPATCH over float32, float16 and bfloat16 (any
+// other dtype throws; plans decline it first, see kernel_for).
+#define FUSED_LSTM_DISPATCH_PERSISTENT_TYPES(TYPE, NAME, ...)                                      \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                          \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                       \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
 // The kernel instantiation for a pass, product variant, projection and storage dtype, untyped (for attribute and
 // occupancy queries), or null for a dtype the kernels do not have.
 const void* kernel_for(Pass pass, at::ScalarType dtype, Product product, Exchange exchange, bool project) {
-  const auto pick = [pass, product, exchange, project](auto* tag) -> const void* {
-    using scalar_t = std::remove_pointer_t<decltype(tag)>;
-    if (pass == Pass::Backward) return reinterpret_cast<const void*>(backward_kernel<scalar_t>(project));
-    return reinterpret_cast<const void*>(
-        forward_kernel<scalar_t>(pass == Pass::ForwardTraining, product, exchange, project));
-  };
-  switch (dtype) {
-    case at::kFloat:
-      return pick(static_cast<float*>(nullptr));
-    case at::kHalf:
-      return pick(static_cast<c10::Half*>(nullptr));
-    case at::kBFloat16:
-      return pick(static_cast<c10::BFloat16*>(nullptr));
-    default:
-      return nullptr;
-  }
+  if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) return nullptr;
+  const void* kernel = nullptr;
+  FUSED_LSTM_DISPATCH_PERSISTENT_TYPES(dtype, "fused_lstm_persistent_kernel_for", [&] {
+    kernel = pass == Pass::Backward
+                 ? reinterpret_cast<const void*>(backward_kernel<scalar_t>(project))
+                 : reinterpret_cast<const void*>(
+                       forward_kernel<scalar_t>(pass == Pass::ForwardTraining, product, exchange, project));
+  });
+  return kernel;
 }
 
 // How one call runs: U units per block, `blocks` blocks (all co-resident), the product's variant and, for
@@ -644,12 +644,8 @@ void persistent_recurrence_forward(const RecurrenceForwardArgs& a, CooperativeOr
               " (set FUSED_LSTM_PERSISTENT=auto or 0 to use the standard path)");
   const gpu::DeviceGuard guard(a.gates.device());
   const bool save_workspace = a.c_prev_saved.defined();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.gates.scalar_type(), "fused_lstm_persistent_forward", [&] {
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      TORCH_CHECK(false, "fused_lstm: persistent kernel: no float64 kernel");  // plan_for declines it first
-    } else {
-      launch_forward<scalar_t>(a, *plan, save_workspace, order);
-    }
+  FUSED_LSTM_DISPATCH_PERSISTENT_TYPES(a.gates.scalar_type(), "fused_lstm_persistent_forward", [&] {
+    launch_forward<scalar_t>(a, *plan, save_workspace, order);
   });
 }
 
@@ -669,12 +665,8 @@ void persistent_recurrence_backward(const RecurrenceBackwardArgs& a, Cooperative
   TORCH_CHECK(plan.has_value(), "fused_lstm: the persistent CUDA backward kernel cannot run this layer: ", why_not,
               " (set FUSED_LSTM_PERSISTENT=auto or 0 to use the standard path)");
   const gpu::DeviceGuard guard(a.gates.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.gates.scalar_type(), "fused_lstm_persistent_backward", [&] {
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      TORCH_CHECK(false, "fused_lstm: persistent kernel: no float64 kernel");  // plan_for declines it first
-    } else {
-      launch_backward<scalar_t>(a, *plan, order);
-    }
+  FUSED_LSTM_DISPATCH_PERSISTENT_TYPES(a.gates.scalar_type(), "fused_lstm_persistent_backward", [&] {
+    launch_backward<scalar_t>(a, *plan, order);
   });
 }
 
