@@ -103,4 +103,18 @@ constexpr int64_t kRowSplitMinBatch = 32;
 constexpr int64_t kRowSplitMinRowsPerThread = 16;
 constexpr int64_t kRowSplitL2Multiple = 1;
 
+// ---- The bfloat16 forward recurrence (bf16_recurrence.cpp) ----
+
+// W_hh is packed with its reduction (Hout) padded to a multiple of this: one AMX tile row is 32 bfloat16 (64
+// bytes), and vdpbf16ps reads pairs. The padding is zeros in W_hh and in h, so it adds nothing.
+constexpr int64_t kBf16PackedDepthMultiple = 32;
+// Rows per AMX tile: the tile multiplies this many rows whatever the batch (padding rows are zeros).
+constexpr int64_t kAmxTileRows = 16;
+// Rows per vdpbf16ps register tile: 4 accumulators (the 64 columns of a panel) per row, plus 4 panel vectors
+// and a broadcast, within AVX-512's 32 registers.
+constexpr int64_t kDpbf16RowTile = 6;
+// Batches below this take the vdpbf16ps kernel even where AMX runs: an AMX tile computes 16 rows whatever
+// the batch, so at a few rows it does 16/N times the work of vdpbf16ps for the same weights read.
+constexpr int64_t kAmxMinBatch = 4;
+
 }  // namespace fused_lstm::cpu_limits

@@ -1,0 +1,358 @@
+// The bfloat16 forward recurrence (bf16_recurrence.h). Per call, W_hh [4H, Hout] is packed once into one
+// panel per 16-unit block, in VNNI pairs: panel ub holds, for each pair p of the reduction and each of its 64
+// columns c = q * 16 + l (gate q of unit ub * 16 + l), the two bfloat16 W_hh[q H + unit][2p], [2p + 1] side by
+// side. That one layout serves both product kernels:
+//   - AMX: an A tile is 16 rows of h by 32 k (64 bytes a row), a B tile 16 pairs by the 16 columns of one gate
+//     (its rows 256 bytes apart in the panel), and a block's four gates are four C tiles of 16 x 16 float32;
+//   - vdpbf16ps: per pair, a 32-bit broadcast of h's two bfloat16 against four 64-byte panel vectors.
+// h lives in two bfloat16 buffers (h_{t-1} read by everyone, h_t written), rows padded so a 16-row tile never
+// reads past them and the reduction padded with zeros like W_hh. The team splits the hidden units (one barrier
+// per step) or the batch rows (none), as the float32 recurrence does (recurrence_cpu.cpp); the planner decides
+// (cpu_plan.h, plan_bf16_forward).
+#include "bf16_recurrence.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstring>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define FUSED_LSTM_BF16_KERNELS 1
+#endif
+
+#include "cpu_limits.h"
+#include "cpu_plan.h"
+#include "simd_math.h"
+
+namespace fused_lstm {
+
+#if FUSED_LSTM_BF16_KERNELS
+namespace {
+
+// Everything below runs only where cpu_features.cpp found AVX512-BF16 (and, for the AMX kernel, AMX-BF16 with
+// the OS's permission); the AMX instructions are only ever issued by AmxProduct.
+#define FUSED_LSTM_BF16_TARGET __attribute__((target("arch=x86-64-v4,avx512bf16,amx-tile,amx-bf16")))
+
+constexpr int64_t kPanel = 4 * kGroup;             // columns per panel: the 4 gates of 16 units
+constexpr int64_t kTileRows = cpu_limits::kAmxTileRows;
+constexpr int64_t kTileDepth = 32;                  // bfloat16 per AMX tile row (64 bytes)
+constexpr int64_t kPanelPairStride = 2 * kPanel;    // bfloat16 per pair of the reduction in a panel
+
+// What every thread of the team reads. Row r of a buffer with row stride s is at base + r * s.
+struct Team {
+  int64_t N, H, Hout, Kp;       // Kp: Hout padded to kBf16PackedDepthMultiple (the packed reduction)
+  int64_t blocks, h_rows;       // 16-unit blocks; rows of each h buffer (N and a tile's padding)
+  int64_t steps;
+  bool reverse, split_rows;
+  int64_t row_tile;
+  const std::vector<int64_t>* step_rows;
+  const std::vector<int64_t>* step_offset;
+  const uint16_t* w_hh;   // [4H, Hout]
+  uint16_t* packed;       // [blocks][Kp / 2][64][2]
+  uint16_t* h_buf;        // [2][h_rows][Kp]: h_{t-1} and h_t, swapped every step
+  float* c;               // [N, H] float32 cell state
+  uint16_t* gates;        // [R, 4H]: input projection + bias in, post-activation gates out
+  uint16_t* output;       // [R, Hout], row stride output_stride
+  int64_t output_stride;
+  uint16_t* c_prev_saved;  // [R, H] or null
+  uint16_t* h_prev_saved;  // [R, Hout] or null
+  int64_t* final_parity;
+};
+
+// Packs blocks [block_begin, block_end) of W_hh (layout above), 32 k of a block at a time so that the 64 rows'
+// scattered pair writes land in 4 KB that stays in L1.
+FUSED_LSTM_BF16_TARGET void pack_vnni_blocks(const Team& t, int64_t block_begin, int64_t block_end) {
+  for (int64_t ub = block_begin; ub < block_end; ++ub) {
+    uint16_t* panel = t.packed + ub * t.Kp * kPanel;
+    for (int64_t k0 = 0; k0 < t.Kp; k0 += kTileDepth) {
+      for (int64_t c = 0; c < kPanel; ++c) {
+        const int64_t q = c / kGroup, unit = ub * kGroup + c % kGroup;
+        const uint16_t* row = unit < t.H ? t.w_hh + (q * t.H + unit) * t.Hout : nullptr;
+        for (int64_t k = k0; k < k0 + kTileDepth; ++k) {
+          panel[(k / 2) * kPanelPairStride + c * 2 + k % 2] = row && k < t.Hout ? row[k] : 0;
+        }
+      }
+    }
+  }
+}
+
+// bfloat16 -> float32 is exact: the bits shifted up.
+FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE vec<16> widen(__m256i bf16) {
+  return reinterpret_cast<vec<16>>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
+}
+
+// float32 -> bfloat16 rounded to nearest even, NaN to the quiet NaN 0x7fc0: c10::BFloat16's conversion, bit
+// for bit (vcvtneps2bf16 would flush denormals), so that what we write equals what the per-step loop writes
+// for the same float32 value.
+FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE __m256i narrow(vec<16> x) {
+  const __m512i bits = reinterpret_cast<__m512i>(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(reinterpret_cast<__m512>(x), reinterpret_cast<__m512>(x), _CMP_UNORD_Q);
+  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc00000));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+
+// The pointwise step of row b (of this step's rows, which start at input row row0) for the units of block ub,
+// from the block's product acc [64] (gate q's 16 units at acc + 16 q): as forward_span (step_spans.h) with the
+// cell state in float32.
+FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE void pointwise(const Team& t, int64_t row0, int64_t b, int64_t ub,
+                                                               const float* acc, const uint16_t* h_cur,
+                                                               uint16_t* h_next) {
+  const int64_t H = t.H, u0 = ub * kGroup, n = std::min(kGroup, H - u0);
+  const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+  const int64_t row = row0 + b;
+  uint16_t* g = t.gates + row * 4 * H + u0;
+  vec<16> pre[4];
+  for (int64_t q = 0; q < 4; ++q) pre[q] = load<16>(acc + q * kGroup) + widen(_mm256_maskz_loadu_epi16(m, g + q * H));
+  float* c = t.c + b * H + u0;
+  const vec<16> c_prev = reinterpret_cast<vec<16>>(_mm512_maskz_loadu_ps(m, c));
+  if (t.c_prev_saved) _mm256_mask_storeu_epi16(t.c_prev_saved + row * H + u0, m, narrow(c_prev));
+  if (t.h_prev_saved) {
+    _mm256_mask_storeu_epi16(t.h_prev_saved + row * t.Hout + u0, m, _mm256_maskz_loadu_epi16(m, h_cur + b * t.Kp + u0));
+  }
+  vec<16> c_next, h;
+  const Gates<vec<16>> gate =
+      cell_forward<vec<16>, VectorActivations<16>>(pre[0], pre[1], pre[2], pre[3], c_prev, &c_next, &h);
+  _mm256_mask_storeu_epi16(g, m, narrow(gate.i));
+  _mm256_mask_storeu_epi16(g + H, m, narrow(gate.f));
+  _mm256_mask_storeu_epi16(g + 2 * H, m, narrow(gate.g));
+  _mm256_mask_storeu_epi16(g + 3 * H, m, narrow(gate.o));
+  _mm512_mask_storeu_ps(c, m, reinterpret_cast<__m512>(c_next));
+  const __m256i h_bf16 = narrow(h);
+  _mm256_mask_storeu_epi16(h_next + b * t.Kp + u0, m, h_bf16);
+  _mm256_mask_storeu_epi16(t.output + row * t.output_stride + u0, m, h_bf16);
+}
+
+// The product of up to 16 rows of h (row stride Kp) with one block's panel on AMX tiles: tiles 0-3 accumulate
+// the four gates, tile 4 holds the rows' 32 k, tiles 5-7 rotate through the panel's B tiles. Always 16 rows:
+// the rows past `rows` are padding or other rows, and their results are not read (a tile's rows are
+// independent).
+struct AmxProduct {
+  static constexpr int64_t kRowTile = kTileRows;
+
+  struct alignas(64) TileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t bytes_per_row[16] = {};
+    uint8_t rows[16] = {};
+  };
+  FUSED_LSTM_BF16_TARGET static void begin() {
+    TileConfig config;
+    for (int i = 0; i < 8; ++i) {
+      config.rows[i] = kTileRows;
+      config.bytes_per_row[i] = 64;
+    }
+    _tile_loadconfig(&config);
+  }
+  FUSED_LSTM_BF16_TARGET static void end() { _tile_release(); }
+
+  FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE static void block(const uint16_t* h, int64_t Kp, int64_t /*rows*/,
+                                                                    const uint16_t* panel, float* out) {
+    constexpr int64_t kPanelRowBytes = kPanelPairStride * 2;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k0 = 0; k0 < Kp; k0 += kTileDepth) {
+      const uint16_t* b = panel + (k0 / 2) * kPanelPairStride;
+      _tile_loadd(4, h + k0, Kp * 2);
+      _tile_loadd(5, b, kPanelRowBytes);
+      _tile_loadd(6, b + 2 * kGroup, kPanelRowBytes);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_loadd(7, b + 4 * kGroup, kPanelRowBytes);
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_loadd(5, b + 6 * kGroup, kPanelRowBytes);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+    _tile_stored(0, out, kPanel * 4);
+    _tile_stored(1, out + kGroup, kPanel * 4);
+    _tile_stored(2, out + 2 * kGroup, kPanel * 4);
+    _tile_stored(3, out + 3 * kGroup, kPanel * 4);
+  }
+};
+
+// The same with vdpbf16ps for up to kDpbf16RowTile rows: R x 4 accumulators in registers.
+struct Dpbf16Product {
+  static constexpr int64_t kRowTile = cpu_limits::kDpbf16RowTile;
+  static void begin() {}
+  static void end() {}
+
+  template <int R>
+  FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE static void rows_block(const uint16_t* h, int64_t Kp,
+                                                                         const uint16_t* panel, float* out) {
+    __m512 acc[R][4];
+    for (int r = 0; r < R; ++r) {
+      for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_setzero_ps();
+    }
+    for (int64_t p = 0; p < Kp / 2; ++p) {
+      const uint16_t* b = panel + p * kPanelPairStride;
+      __m512bh w[4];
+      for (int q = 0; q < 4; ++q) w[q] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + q * 2 * kGroup));
+      for (int r = 0; r < R; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, h + r * Kp + 2 * p, sizeof(pair));
+        const __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+        for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_dpbf16_ps(acc[r][q], x, w[q]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int q = 0; q < 4; ++q) _mm512_storeu_ps(out + r * kPanel + q * kGroup, acc[r][q]);
+    }
+  }
+
+  FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE static void block(const uint16_t* h, int64_t Kp, int64_t rows,
+                                                                    const uint16_t* panel, float* out) {
+    static_assert(kRowTile == 6, "one case per row count below");
+    switch (rows) {
+      case 1: rows_block<1>(h, Kp, panel, out); break;
+      case 2: rows_block<2>(h, Kp, panel, out); break;
+      case 3: rows_block<3>(h, Kp, panel, out); break;
+      case 4: rows_block<4>(h, Kp, panel, out); break;
+      case 5: rows_block<5>(h, Kp, panel, out); break;
+      default: rows_block<6>(h, Kp, panel, out); break;
+    }
+  }
+};
+
+// One thread's whole sequence: it packs its share of the blocks, then per step runs the product and the
+// pointwise step of its blocks for its rows (all rows when the team splits units), carries the rows of
+// finished sequences into the next h buffer and meets the team at the step's barrier (none when it splits
+// rows: its sequences depend on nothing another thread writes).
+template <class Product>
+FUSED_LSTM_BF16_TARGET void thread_sequence(const Team& t, int64_t thread, int64_t team) {
+  const int64_t pack_begin = t.blocks * thread / team, pack_end = t.blocks * (thread + 1) / team;
+  pack_vnni_blocks(t, pack_begin, pack_end);
+  if (t.split_rows) {
+#pragma omp barrier
+  }
+  const int64_t block_begin = t.split_rows ? 0 : pack_begin, block_end = t.split_rows ? t.blocks : pack_end;
+  const int64_t unit_begin = block_begin * kGroup, unit_end = std::min(t.H, block_end * kGroup);
+  const int64_t tiles = (t.N + t.row_tile - 1) / t.row_tile;
+  const int64_t own_begin = t.split_rows ? std::min(t.N, tiles * thread / team * t.row_tile) : 0;
+  const int64_t own_end = t.split_rows ? std::min(t.N, tiles * (thread + 1) / team * t.row_tile) : t.N;
+  const int64_t h_size = t.h_rows * t.Kp;
+  alignas(64) float acc[kTileRows * kPanel];
+  Product::begin();
+  int64_t parity = 0;
+  for (int64_t step = 0; step < t.steps; ++step) {
+    const int64_t time = t.reverse ? t.steps - 1 - step : step;
+    const int64_t rows = (*t.step_rows)[time], row0 = (*t.step_offset)[time];
+    if (rows == 0) continue;  // the same on every thread, so the barriers stay matched
+    const uint16_t* h_cur = t.h_buf + parity * h_size;
+    uint16_t* h_next = t.h_buf + (1 - parity) * h_size;
+    const int64_t r0 = std::min(rows, own_begin), r1 = std::min(rows, own_end);
+    for (int64_t ub = block_begin; ub < block_end && r1 > r0; ++ub) {
+      const uint16_t* panel = t.packed + ub * t.Kp * kPanel;
+      for (int64_t tile = r0; tile < r1; tile += Product::kRowTile) {
+        const int64_t tile_rows = std::min(Product::kRowTile, r1 - tile);
+        Product::block(h_cur + tile * t.Kp, t.Kp, tile_rows, panel, acc);
+        for (int64_t b = 0; b < tile_rows; ++b) pointwise(t, row0, tile + b, ub, acc + b * kPanel, h_cur, h_next);
+      }
+    }
+    // Rows not active this step keep their state: carry them into the buffer that becomes current.
+    for (int64_t b = std::max(rows, own_begin); b < own_end; ++b) {
+      std::copy(h_cur + b * t.Kp + unit_begin, h_cur + b * t.Kp + unit_end, h_next + b * t.Kp + unit_begin);
+    }
+    parity = 1 - parity;
+    if (!t.split_rows) {
+#pragma omp barrier
+    }
+  }
+  Product::end();
+  if (thread == 0) *t.final_parity = parity;
+}
+
+std::pair<int64_t, int64_t> thread_in_team() {
+#ifdef _OPENMP
+  return {omp_get_thread_num(), omp_get_num_threads()};
+#else
+  return {0, 1};
+#endif
+}
+
+}  // namespace
+
+const char* cpu_bf16_recurrence_forward(const RecurrenceForwardArgs& a) {
+  if (a.h_state.scalar_type() != at::kBFloat16 || !a.projected) return nullptr;
+  cpu_plan::ForwardShape shape;
+  shape.batch = a.h_state.size(0);
+  shape.hidden = a.c_state.size(1);
+  shape.out_hidden = a.h_state.size(1);
+  shape.input_size = a.input.size(1);
+  shape.rows = a.input.size(0);
+  shape.float32 = false;
+  shape.bfloat16 = true;
+  shape.projection = a.w_hr.defined();
+  shape.required = a.required;
+  const cpu_plan::Bf16ForwardPlan plan = cpu_plan::plan_bf16_forward(shape, cpu_plan::this_machine());
+  TORCH_CHECK(plan.fused || !a.required, "fused_lstm: recurrence='persistent' on the CPU cannot run this bfloat16 "
+              "layer: ", plan.reason);
+  if (!plan.fused) return nullptr;
+  const int64_t N = shape.batch, H = shape.hidden, Hout = shape.out_hidden, Kp = plan.packed_depth;
+  const int64_t blocks = (H + kGroup - 1) / kGroup;
+  const auto opts = a.h_state.options();
+  const at::Tensor w_hh = a.w_hh.contiguous();
+  at::Tensor packed = at::empty({blocks * Kp * kPanel}, opts);
+  // Zeros past N rows and Hout columns: the product reads them (a tile's padding) and they must add nothing.
+  const int64_t h_rows = N + kTileRows;
+  at::Tensor h_buffers = at::zeros({2, h_rows, Kp}, opts);
+  h_buffers[0].narrow(0, 0, N).narrow(1, 0, Hout).copy_(a.h_state);
+  at::Tensor c_state = a.c_state.to(at::kFloat).contiguous();
+  int64_t final_parity = 0;
+  auto bits = [](const at::Tensor& tensor) { return reinterpret_cast<uint16_t*>(tensor.data_ptr()); };
+
+  Team t;
+  t.N = N;
+  t.H = H;
+  t.Hout = Hout;
+  t.Kp = Kp;
+  t.blocks = blocks;
+  t.h_rows = h_rows;
+  t.steps = static_cast<int64_t>(a.step_rows->size());
+  t.reverse = a.reverse;
+  t.split_rows = plan.split_rows;
+  t.row_tile = plan.row_tile;
+  t.step_rows = a.step_rows;
+  t.step_offset = a.step_offset;
+  t.w_hh = bits(w_hh);
+  t.packed = bits(packed);
+  t.h_buf = bits(h_buffers);
+  t.c = c_state.data_ptr<float>();
+  t.gates = bits(a.gates);
+  t.output = bits(a.output);
+  t.output_stride = a.output.stride(0);
+  t.c_prev_saved = a.c_prev_saved.defined() ? bits(a.c_prev_saved) : nullptr;
+  t.h_prev_saved = a.h_prev_saved.defined() ? bits(a.h_prev_saved) : nullptr;
+  t.final_parity = &final_parity;
+  const bool amx = plan.kernel == CpuBf16Kernels::amx;
+
+#pragma omp parallel num_threads(static_cast<int>(plan.threads))
+  {
+    const auto [thread, team] = thread_in_team();
+    if (amx) {
+      thread_sequence<AmxProduct>(t, thread, team);
+    } else {
+      thread_sequence<Dpbf16Product>(t, thread, team);
+    }
+  }
+  a.h_state.copy_(h_buffers[final_parity].narrow(0, 0, N).narrow(1, 0, Hout));
+  a.c_state.copy_(c_state);
+  return cpu_bf16_kernels_name(plan.kernel);
+}
+
+#else  // no kernels built: cpu_features.cpp never reports AVX512-BF16 here
+
+const char* cpu_bf16_recurrence_forward(const RecurrenceForwardArgs& a) {
+  TORCH_CHECK(!a.required, "fused_lstm: recurrence='persistent' on the CPU cannot run bfloat16 with this build");
+  return nullptr;
+}
+
+#endif
+
+}  // namespace fused_lstm
