@@ -64,21 +64,29 @@ struct Team {
   int64_t* final_parity;
 };
 
-// Packs blocks [block_begin, block_end) of W_hh (layout above), 32 k of a block at a time so that the 64 rows'
-// scattered pair writes land in 4 KB that stays in L1.
-FUSED_LSTM_BF16_TARGET void pack_vnni_blocks(const Team& t, int64_t block_begin, int64_t block_end) {
-  for (int64_t ub = block_begin; ub < block_end; ++ub) {
-    uint16_t* panel = t.packed + ub * t.Kp * kPanel;
-    for (int64_t k0 = 0; k0 < t.Kp; k0 += kTileDepth) {
+// Packs panels [panel_begin, panel_end) of a right operand B [K, 64 * panels] into VNNI pairs (layout above):
+// at(k, panel, c) gives B's element (k, 64 panel + c) as bfloat16 bits, zero past B's sizes. 32 k of a panel
+// at a time, so that the 64 columns' scattered pair writes land in 4 KB that stays in L1.
+template <class At>
+FUSED_LSTM_ALWAYS_INLINE void pack_vnni_panels(const At& at, int64_t Kp, uint16_t* packed, int64_t panel_begin,
+                                               int64_t panel_end) {
+  for (int64_t p = panel_begin; p < panel_end; ++p) {
+    uint16_t* panel = packed + p * Kp * kPanel;
+    for (int64_t k0 = 0; k0 < Kp; k0 += kTileDepth) {
       for (int64_t c = 0; c < kPanel; ++c) {
-        const int64_t q = c / kGroup, unit = ub * kGroup + c % kGroup;
-        const uint16_t* row = unit < t.H ? t.w_hh + (q * t.H + unit) * t.Hout : nullptr;
-        for (int64_t k = k0; k < k0 + kTileDepth; ++k) {
-          panel[(k / 2) * kPanelPairStride + c * 2 + k % 2] = row && k < t.Hout ? row[k] : 0;
-        }
+        for (int64_t k = k0; k < k0 + kTileDepth; ++k) panel[(k / 2) * kPanelPairStride + c * 2 + k % 2] = at(k, p, c);
       }
     }
   }
+}
+
+// The forward's B = W_hh^T: panel ub holds the four gates of units ub * 16 + [0, 16).
+void pack_forward_blocks(const Team& t, int64_t block_begin, int64_t block_end) {
+  const auto at = [&](int64_t k, int64_t ub, int64_t c) -> uint16_t {
+    const int64_t q = c / kGroup, unit = ub * kGroup + c % kGroup;
+    return unit < t.H && k < t.Hout ? t.w_hh[(q * t.H + unit) * t.Hout + k] : 0;
+  };
+  pack_vnni_panels(at, t.Kp, t.packed, block_begin, block_end);
 }
 
 // bfloat16 -> float32 is exact: the bits shifted up.
@@ -151,8 +159,8 @@ struct AmxProduct {
   }
   FUSED_LSTM_BF16_TARGET static void end() { _tile_release(); }
 
-  FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE static void block(const uint16_t* h, int64_t Kp, int64_t /*rows*/,
-                                                                    const uint16_t* panel, float* out) {
+  FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE static void block(const uint16_t* a, int64_t a_stride, int64_t Kp,
+                                                                    int64_t /*rows*/, const uint16_t* panel, float* out) {
     constexpr int64_t kPanelRowBytes = kPanelPairStride * 2;
     _tile_zero(0);
     _tile_zero(1);
@@ -160,7 +168,7 @@ struct AmxProduct {
     _tile_zero(3);
     for (int64_t k0 = 0; k0 < Kp; k0 += kTileDepth) {
       const uint16_t* b = panel + (k0 / 2) * kPanelPairStride;
-      _tile_loadd(4, h + k0, Kp * 2);
+      _tile_loadd(4, a + k0, a_stride * 2);
       _tile_loadd(5, b, kPanelRowBytes);
       _tile_loadd(6, b + 2 * kGroup, kPanelRowBytes);
       _tile_dpbf16ps(0, 4, 5);
@@ -184,8 +192,8 @@ struct Dpbf16Product {
   static void end() {}
 
   template <int R>
-  FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE static void rows_block(const uint16_t* h, int64_t Kp,
-                                                                         const uint16_t* panel, float* out) {
+  FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE static void rows_block(const uint16_t* a, int64_t a_stride,
+                                                                         int64_t Kp, const uint16_t* panel, float* out) {
     __m512 acc[R][4];
     for (int r = 0; r < R; ++r) {
       for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_setzero_ps();
@@ -196,7 +204,7 @@ struct Dpbf16Product {
       for (int q = 0; q < 4; ++q) w[q] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + q * 2 * kGroup));
       for (int r = 0; r < R; ++r) {
         int32_t pair;
-        std::memcpy(&pair, h + r * Kp + 2 * p, sizeof(pair));
+        std::memcpy(&pair, a + r * a_stride + 2 * p, sizeof(pair));
         const __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
         for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_dpbf16_ps(acc[r][q], x, w[q]);
       }
@@ -206,16 +214,16 @@ struct Dpbf16Product {
     }
   }
 
-  FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE static void block(const uint16_t* h, int64_t Kp, int64_t rows,
-                                                                    const uint16_t* panel, float* out) {
+  FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE static void block(const uint16_t* a, int64_t a_stride, int64_t Kp,
+                                                                    int64_t rows, const uint16_t* panel, float* out) {
     static_assert(kRowTile == 6, "one case per row count below");
     switch (rows) {
-      case 1: rows_block<1>(h, Kp, panel, out); break;
-      case 2: rows_block<2>(h, Kp, panel, out); break;
-      case 3: rows_block<3>(h, Kp, panel, out); break;
-      case 4: rows_block<4>(h, Kp, panel, out); break;
-      case 5: rows_block<5>(h, Kp, panel, out); break;
-      default: rows_block<6>(h, Kp, panel, out); break;
+      case 1: rows_block<1>(a, a_stride, Kp, panel, out); break;
+      case 2: rows_block<2>(a, a_stride, Kp, panel, out); break;
+      case 3: rows_block<3>(a, a_stride, Kp, panel, out); break;
+      case 4: rows_block<4>(a, a_stride, Kp, panel, out); break;
+      case 5: rows_block<5>(a, a_stride, Kp, panel, out); break;
+      default: rows_block<6>(a, a_stride, Kp, panel, out); break;
     }
   }
 };
@@ -227,7 +235,7 @@ struct Dpbf16Product {
 template <class Product>
 FUSED_LSTM_BF16_TARGET void thread_sequence(const Team& t, int64_t thread, int64_t team) {
   const int64_t pack_begin = t.blocks * thread / team, pack_end = t.blocks * (thread + 1) / team;
-  pack_vnni_blocks(t, pack_begin, pack_end);
+  pack_forward_blocks(t, pack_begin, pack_end);
   if (t.split_rows) {
 #pragma omp barrier
   }
@@ -251,7 +259,7 @@ FUSED_LSTM_BF16_TARGET void thread_sequence(const Team& t, int64_t thread, int64
       const uint16_t* panel = t.packed + ub * t.Kp * kPanel;
       for (int64_t tile = r0; tile < r1; tile += Product::kRowTile) {
         const int64_t tile_rows = std::min(Product::kRowTile, r1 - tile);
-        Product::block(h_cur + tile * t.Kp, t.Kp, tile_rows, panel, acc);
+        Product::block(h_cur + tile * t.Kp, t.Kp, t.Kp, tile_rows, panel, acc);
         for (int64_t b = 0; b < tile_rows; ++b) pointwise(t, row0, tile + b, ub, acc + b * kPanel, h_cur, h_next);
       }
     }
@@ -266,6 +274,102 @@ FUSED_LSTM_BF16_TARGET void thread_sequence(const Team& t, int64_t thread, int64
   }
   Product::end();
   if (thread == 0) *t.final_parity = parity;
+}
+
+// What every thread of a backward team reads.
+struct BackwardTeam {
+  int64_t N, H, K4p;        // K4p: 4H padded to kBf16PackedDepthMultiple (the packed reduction)
+  int64_t panels, dg_rows;  // 64-unit panels of dh; rows of each d_gates buffer (N and a tile's padding)
+  int64_t steps;
+  bool reverse, need_h0_grad;
+  const std::vector<int64_t>* step_rows;
+  const std::vector<int64_t>* step_offset;
+  const uint16_t* w_hh;      // [4H, H]
+  uint16_t* packed;          // [panels][K4p / 2][64][2]
+  const uint16_t* gates;     // [R, 4H] saved post-activation gates
+  const uint16_t* c_prev;    // [R, H]
+  const uint16_t* d_output;  // [R, H], row stride d_output_stride
+  int64_t d_output_stride;
+  float* dh;                 // [N, H] float32
+  float* dc;                 // [N, H] float32
+  uint16_t* d_gates;         // [R, 4H] out
+  uint16_t* dg_buf;          // [2][dg_rows][K4p]: this step's d_gates rows, zero past 4H, for the product
+};
+
+// The backward's B = W_hh [4H, H]: panel p holds units p * 64 + [0, 64).
+void pack_backward_panels(const BackwardTeam& t, int64_t panel_begin, int64_t panel_end) {
+  const auto at = [&](int64_t k, int64_t p, int64_t c) -> uint16_t {
+    const int64_t unit = p * kPanel + c;
+    return unit < t.H && k < 4 * t.H ? t.w_hh[k * t.H + unit] : 0;
+  };
+  pack_vnni_panels(at, t.K4p, t.packed, panel_begin, panel_end);
+}
+
+// The pointwise backward of row b (input row row0 + b) for units [u0, u0 + n), n <= 16: as backward_span
+// (step_spans.h) with dh and dc in float32; d_gates goes to the workspace and to this step's product rows.
+FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE void pointwise_backward(const BackwardTeam& t, int64_t row0, int64_t b,
+                                                                        int64_t u0, int64_t n, uint16_t* dg_rows) {
+  const int64_t H = t.H, row = row0 + b;
+  const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+  const uint16_t* g = t.gates + row * 4 * H + u0;
+  const Gates<vec<16>> gate{widen(_mm256_maskz_loadu_epi16(m, g)), widen(_mm256_maskz_loadu_epi16(m, g + H)),
+                            widen(_mm256_maskz_loadu_epi16(m, g + 2 * H)),
+                            widen(_mm256_maskz_loadu_epi16(m, g + 3 * H))};
+  const vec<16> c_prev = widen(_mm256_maskz_loadu_epi16(m, t.c_prev + row * H + u0));
+  float* dh = t.dh + b * H + u0;
+  float* dc = t.dc + b * H + u0;
+  const vec<16> dh_total = reinterpret_cast<vec<16>>(_mm512_maskz_loadu_ps(m, dh)) +
+                           widen(_mm256_maskz_loadu_epi16(m, t.d_output + row * t.d_output_stride + u0));
+  vec<16> dc_prev, h;
+  const GateGrads<vec<16>> grad = cell_backward<vec<16>, VectorActivations<16>>(
+      gate, c_prev, dh_total, reinterpret_cast<vec<16>>(_mm512_maskz_loadu_ps(m, dc)), &dc_prev, &h);
+  _mm512_mask_storeu_ps(dc, m, reinterpret_cast<__m512>(dc_prev));
+  const vec<16> grads[4] = {grad.i, grad.f, grad.g, grad.o};
+  for (int64_t q = 0; q < 4; ++q) {
+    const __m256i bits = narrow(grads[q]);
+    _mm256_mask_storeu_epi16(t.d_gates + row * 4 * H + q * H + u0, m, bits);
+    _mm256_mask_storeu_epi16(dg_rows + b * t.K4p + q * H + u0, m, bits);
+  }
+}
+
+// One thread's backward sequence: it owns 64-unit panels; per step it runs the pointwise backward of its units,
+// meets the team (the product needs every unit's d_gates), then computes its columns of dh = d_gates @ W_hh,
+// exactly the units its next pointwise step reads. The d_gates rows of the product alternate between two
+// buffers: the next step's pointwise writes one while a slower thread may still multiply the other.
+template <class Product>
+FUSED_LSTM_BF16_TARGET void thread_backward(const BackwardTeam& t, int64_t thread, int64_t team) {
+  const int64_t panel_begin = t.panels * thread / team, panel_end = t.panels * (thread + 1) / team;
+  pack_backward_panels(t, panel_begin, panel_end);
+  const int64_t unit_begin = panel_begin * kPanel, unit_end = std::min(t.H, panel_end * kPanel);
+  alignas(64) float acc[kTileRows * kPanel];
+  Product::begin();
+  int64_t parity = 0;
+  for (int64_t step = 0; step < t.steps; ++step) {
+    const int64_t time = t.reverse ? step : t.steps - 1 - step;
+    const int64_t rows = (*t.step_rows)[time], row0 = (*t.step_offset)[time];
+    if (rows == 0) continue;  // the same on every thread, so the barriers stay matched
+    uint16_t* dg_rows = t.dg_buf + parity * t.dg_rows * t.K4p;
+    for (int64_t b = 0; b < rows; ++b) {
+      for (int64_t u0 = unit_begin; u0 < unit_end; u0 += kGroup) {
+        pointwise_backward(t, row0, b, u0, std::min(kGroup, unit_end - u0), dg_rows);
+      }
+    }
+    const int64_t carried = carried_rows(*t.step_rows, time, t.reverse, t.need_h0_grad);
+    if (carried == 0) continue;  // the same on every thread: no product, no barrier, the buffer stays
+#pragma omp barrier
+    for (int64_t p = panel_begin; p < panel_end; ++p) {
+      const int64_t columns = std::min(kPanel, t.H - p * kPanel);
+      for (int64_t tile = 0; tile < carried; tile += Product::kRowTile) {
+        const int64_t tile_rows = std::min(Product::kRowTile, carried - tile);
+        Product::block(dg_rows + tile * t.K4p, t.K4p, t.K4p, tile_rows, t.packed + p * t.K4p * kPanel, acc);
+        for (int64_t b = 0; b < tile_rows; ++b) {
+          std::copy(acc + b * kPanel, acc + b * kPanel + columns, t.dh + (tile + b) * t.H + p * kPanel);
+        }
+      }
+    }
+    parity = 1 - parity;
+  }
+  Product::end();
 }
 
 std::pair<int64_t, int64_t> thread_in_team() {
@@ -346,12 +450,68 @@ const char* cpu_bf16_recurrence_forward(const RecurrenceForwardArgs& a) {
   return cpu_bf16_kernels_name(plan.kernel);
 }
 
+const char* cpu_bf16_recurrence_backward(const RecurrenceBackwardArgs& a) {
+  if (a.gates.scalar_type() != at::kBFloat16) return nullptr;
+  const int64_t N = a.dh_state.size(0), H = a.dc_state.size(1);
+  const cpu_plan::Bf16BackwardPlan plan =
+      cpu_plan::plan_bf16_backward(N, H, a.gates.size(0), /*projection=*/false, cpu_plan::this_machine());
+  if (!plan.fused) return nullptr;
+  const auto opts = a.gates.options();
+  const at::Tensor w_hh = a.w_hh.contiguous();
+  const int64_t K4p = plan.packed_depth, panels = (H + kPanel - 1) / kPanel;
+  at::Tensor packed = at::empty({panels * K4p * kPanel}, opts);
+  const int64_t dg_rows = N + kTileRows;
+  // Zeros past 4H columns: the product reads them and they must add nothing.
+  at::Tensor dg_buffers = at::zeros({2, dg_rows, K4p}, opts);
+  at::Tensor dh = a.dh_state.to(at::kFloat).contiguous();
+  at::Tensor dc = a.dc_state.to(at::kFloat).contiguous();
+  auto bits = [](const at::Tensor& tensor) { return reinterpret_cast<uint16_t*>(tensor.data_ptr()); };
+
+  BackwardTeam t;
+  t.N = N;
+  t.H = H;
+  t.K4p = K4p;
+  t.panels = panels;
+  t.dg_rows = dg_rows;
+  t.steps = static_cast<int64_t>(a.step_rows->size());
+  t.reverse = a.reverse;
+  t.need_h0_grad = a.need_h0_grad;
+  t.step_rows = a.step_rows;
+  t.step_offset = a.step_offset;
+  t.w_hh = bits(w_hh);
+  t.packed = bits(packed);
+  t.gates = bits(a.gates);
+  t.c_prev = bits(a.c_prev);
+  t.d_output = bits(a.d_output);
+  t.d_output_stride = a.d_output.stride(0);
+  t.dh = dh.data_ptr<float>();
+  t.dc = dc.data_ptr<float>();
+  t.d_gates = bits(a.d_gates);
+  t.dg_buf = bits(dg_buffers);
+  const bool amx = plan.kernel == CpuBf16Kernels::amx;
+
+#pragma omp parallel num_threads(static_cast<int>(plan.threads))
+  {
+    const auto [thread, team] = thread_in_team();
+    if (amx) {
+      thread_backward<AmxProduct>(t, thread, team);
+    } else {
+      thread_backward<Dpbf16Product>(t, thread, team);
+    }
+  }
+  a.dh_state.copy_(dh);
+  a.dc_state.copy_(dc);
+  return cpu_bf16_kernels_name(plan.kernel);
+}
+
 #else  // no kernels built: cpu_features.cpp never reports AVX512-BF16 here
 
 const char* cpu_bf16_recurrence_forward(const RecurrenceForwardArgs& a) {
   TORCH_CHECK(!a.required, "fused_lstm: recurrence='persistent' on the CPU cannot run bfloat16 with this build");
   return nullptr;
 }
+
+const char* cpu_bf16_recurrence_backward(const RecurrenceBackwardArgs&) { return nullptr; }
 
 #endif
 

@@ -16,4 +16,8 @@ namespace fused_lstm {
 // driver runs its per-step loop.
 const char* cpu_bf16_recurrence_forward(const RecurrenceForwardArgs& args);
 
+// The backward time loop of one bfloat16 direction likewise: dh and dc in float32 inside the call, d_gates
+// written in bfloat16 (the driver's weight-gradient GEMMs read it) and multiplied by W_hh packed once.
+const char* cpu_bf16_recurrence_backward(const RecurrenceBackwardArgs& args);
+
 }  // namespace fused_lstm

@@ -316,6 +316,24 @@ Bf16ForwardPlan plan_bf16_forward(const ForwardShape& s, const Machine& m) {
   return plan;
 }
 
+Bf16BackwardPlan plan_bf16_backward(int64_t N, int64_t H, int64_t R, bool projection, const Machine& m) {
+  Bf16BackwardPlan plan;
+  if (projection || m.bf16_kernels == CpuBf16Kernels::aten || R < limits::kMinRecurrenceRows) {
+    plan.reason = projection ? "proj_size: the per-step loop"
+                  : m.bf16_kernels == CpuBf16Kernels::aten
+                      ? "this CPU has no AVX512-BF16 (or the avx512 kernels are not in use): the per-step loop"
+                      : "too few rows in the sequence to repay packing W_hh: the per-step loop";
+    return plan;
+  }
+  plan.fused = true;
+  const bool amx = m.bf16_kernels == CpuBf16Kernels::amx && N >= limits::kAmxMinBatch;
+  plan.kernel = amx ? CpuBf16Kernels::amx : CpuBf16Kernels::avx512_bf16;
+  plan.packed_depth = ceil_div(4 * H, limits::kBf16PackedDepthMultiple) * limits::kBf16PackedDepthMultiple;
+  plan.threads = team_size(H, H, N, ceil_div(H, 4 * kGroup), m);
+  plan.reason = "bfloat16 backward recurrence: threads own 64-unit panels of dh, one barrier per step";
+  return plan;
+}
+
 BackwardPlan plan_backward(int64_t N, int64_t H, int64_t R, bool float32, bool projection, bool vector_kernels,
                            const Machine& m) {
   BackwardPlan plan;

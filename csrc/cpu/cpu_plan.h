@@ -164,6 +164,17 @@ struct Bf16ForwardPlan {
 };
 Bf16ForwardPlan plan_bf16_forward(const ForwardShape& shape, const Machine& m);
 
+// One bfloat16 backward recurrence direction (bf16_recurrence.cpp): W_hh packed into VNNI pairs of 64 units, each
+// thread owning whole panels of dh = d_gates @ W_hh, one barrier per step (as plan_backward's float32 one).
+struct Bf16BackwardPlan {
+  bool fused = false;
+  CpuBf16Kernels kernel = CpuBf16Kernels::aten;
+  int64_t packed_depth = 0;  // 4H padded to kBf16PackedDepthMultiple
+  int64_t threads = 1;
+  const char* reason = "";
+};
+Bf16BackwardPlan plan_bf16_backward(int64_t batch, int64_t hidden, int64_t rows, bool projection, const Machine& m);
+
 // One backward recurrence direction (never with projections: those take the per-step loop).
 struct BackwardPlan {
   bool fused = false;

@@ -171,6 +171,7 @@ class CpuBackend final : public LayerBackend {
     return cpu_vector_kernels() && cpu_recurrence_forward(a);
   }
   bool recurrence_backward(const RecurrenceBackwardArgs& a) const override {
+    if (a.gates.scalar_type() == at::kBFloat16) return cpu_bf16_recurrence_backward(a) != nullptr;
     return cpu_vector_kernels() && cpu_recurrence_backward(a);
   }
   std::string path_name(bool whole_recurrence) const override {
