@@ -56,7 +56,9 @@ struct Team {
   uint16_t* packed;       // [blocks][Kp / 2][64][2]
   uint16_t* h_buf;        // [2][h_rows][Kp]: h_{t-1} and h_t, swapped every step
   float* c;               // [N, H] float32 cell state
-  uint16_t* gates;        // [R, 4H]: input projection + bias in, post-activation gates out
+  uint16_t* gates;        // [R, 4H]: input projection in, post-activation gates out (when save_gates)
+  bool save_gates;        // training: the backward reads the post-activation gates
+  const float* bias;      // [4H] b_ih + b_hh in float32, or null
   uint16_t* output;       // [R, Hout], row stride output_stride
   int64_t output_stride;
   uint16_t* c_prev_saved;  // [R, H] or null
@@ -64,29 +66,29 @@ struct Team {
   int64_t* final_parity;
 };
 
-// Packs panels [panel_begin, panel_end) of a right operand B [K, 64 * panels] into VNNI pairs (layout above):
-// at(k, panel, c) gives B's element (k, 64 panel + c) as bfloat16 bits, zero past B's sizes. 32 k of a panel
-// at a time, so that the 64 columns' scattered pair writes land in 4 KB that stays in L1.
-template <class At>
-FUSED_LSTM_ALWAYS_INLINE void pack_vnni_panels(const At& at, int64_t Kp, uint16_t* packed, int64_t panel_begin,
-                                               int64_t panel_end) {
-  for (int64_t p = panel_begin; p < panel_end; ++p) {
-    uint16_t* panel = packed + p * Kp * kPanel;
-    for (int64_t k0 = 0; k0 < Kp; k0 += kTileDepth) {
-      for (int64_t c = 0; c < kPanel; ++c) {
-        for (int64_t k = k0; k < k0 + kTileDepth; ++k) panel[(k / 2) * kPanelPairStride + c * 2 + k % 2] = at(k, p, c);
+// The forward's B = W_hh^T: panel ub holds the four gates of units ub * 16 + [0, 16). Per gate and 32 k: the 16
+// units' rows of W_hh, 16 pairs each, transposed as 16 x 16 dwords, give the 16 B rows of those pairs.
+FUSED_LSTM_BF16_TARGET void pack_forward_blocks(const Team& t, int64_t block_begin, int64_t block_end) {
+  for (int64_t ub = block_begin; ub < block_end; ++ub) {
+    uint16_t* panel = t.packed + ub * t.Kp * kPanel;
+    for (int64_t k0 = 0; k0 < t.Kp; k0 += kTileDepth) {
+      const int64_t depth = std::clamp<int64_t>(t.Hout - k0, 0, kTileDepth);
+      const __mmask32 valid = depth == kTileDepth ? ~__mmask32{0} : (__mmask32{1} << depth) - 1;
+      for (int64_t q = 0; q < 4; ++q) {
+        vec<16> rows[kGroup];
+        for (int64_t l = 0; l < kGroup; ++l) {
+          const int64_t unit = ub * kGroup + l;
+          rows[l] = unit < t.H ? reinterpret_cast<vec<16>>(
+                                     _mm512_maskz_loadu_epi16(valid, t.w_hh + (q * t.H + unit) * t.Hout + k0))
+                               : vec<16>{};
+        }
+        transpose<16>(rows);
+        for (int64_t p = 0; p < kTileDepth / 2; ++p) {
+          store<16>(reinterpret_cast<float*>(panel + (k0 / 2 + p) * kPanelPairStride + q * 2 * kGroup), rows[p]);
+        }
       }
     }
   }
-}
-
-// The forward's B = W_hh^T: panel ub holds the four gates of units ub * 16 + [0, 16).
-void pack_forward_blocks(const Team& t, int64_t block_begin, int64_t block_end) {
-  const auto at = [&](int64_t k, int64_t ub, int64_t c) -> uint16_t {
-    const int64_t q = c / kGroup, unit = ub * kGroup + c % kGroup;
-    return unit < t.H && k < t.Hout ? t.w_hh[(q * t.H + unit) * t.Hout + k] : 0;
-  };
-  pack_vnni_panels(at, t.Kp, t.packed, block_begin, block_end);
 }
 
 // bfloat16 -> float32 is exact: the bits shifted up.
@@ -118,6 +120,9 @@ FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE void pointwise(const Team& t, in
   uint16_t* g = t.gates + row * 4 * H + u0;
   vec<16> pre[4];
   for (int64_t q = 0; q < 4; ++q) pre[q] = load<16>(acc + q * kGroup) + widen(_mm256_maskz_loadu_epi16(m, g + q * H));
+  if (t.bias) {
+    for (int64_t q = 0; q < 4; ++q) pre[q] += reinterpret_cast<vec<16>>(_mm512_maskz_loadu_ps(m, t.bias + q * H + u0));
+  }
   float* c = t.c + b * H + u0;
   const vec<16> c_prev = reinterpret_cast<vec<16>>(_mm512_maskz_loadu_ps(m, c));
   if (t.c_prev_saved) _mm256_mask_storeu_epi16(t.c_prev_saved + row * H + u0, m, narrow(c_prev));
@@ -127,10 +132,12 @@ FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE void pointwise(const Team& t, in
   vec<16> c_next, h;
   const Gates<vec<16>> gate =
       cell_forward<vec<16>, VectorActivations<16>>(pre[0], pre[1], pre[2], pre[3], c_prev, &c_next, &h);
-  _mm256_mask_storeu_epi16(g, m, narrow(gate.i));
-  _mm256_mask_storeu_epi16(g + H, m, narrow(gate.f));
-  _mm256_mask_storeu_epi16(g + 2 * H, m, narrow(gate.g));
-  _mm256_mask_storeu_epi16(g + 3 * H, m, narrow(gate.o));
+  if (t.save_gates) {
+    _mm256_mask_storeu_epi16(g, m, narrow(gate.i));
+    _mm256_mask_storeu_epi16(g + H, m, narrow(gate.f));
+    _mm256_mask_storeu_epi16(g + 2 * H, m, narrow(gate.g));
+    _mm256_mask_storeu_epi16(g + 3 * H, m, narrow(gate.o));
+  }
   _mm512_mask_storeu_ps(c, m, reinterpret_cast<__m512>(c_next));
   const __m256i h_bf16 = narrow(h);
   _mm256_mask_storeu_epi16(h_next + b * t.Kp + u0, m, h_bf16);
@@ -256,7 +263,7 @@ FUSED_LSTM_BF16_TARGET void thread_sequence(const Team& t, int64_t thread, int64
     uint16_t* h_next = t.h_buf + (1 - parity) * h_size;
     const int64_t r0 = std::min(rows, own_begin), r1 = std::min(rows, own_end);
     for (int64_t ub = block_begin; ub < block_end && r1 > r0; ++ub) {
-      const uint16_t* panel = t.packed + ub * t.Kp * kPanel;
+      const uint16_t* panel = t.packed + ub * t.Kp * kPanel;  // read once from L2 per step, for every tile
       for (int64_t tile = r0; tile < r1; tile += Product::kRowTile) {
         const int64_t tile_rows = std::min(Product::kRowTile, r1 - tile);
         Product::block(h_cur + tile * t.Kp, t.Kp, t.Kp, tile_rows, panel, acc);
@@ -296,13 +303,24 @@ struct BackwardTeam {
   uint16_t* dg_buf;          // [2][dg_rows][K4p]: this step's d_gates rows, zero past 4H, for the product
 };
 
-// The backward's B = W_hh [4H, H]: panel p holds units p * 64 + [0, 64).
-void pack_backward_panels(const BackwardTeam& t, int64_t panel_begin, int64_t panel_end) {
-  const auto at = [&](int64_t k, int64_t p, int64_t c) -> uint16_t {
-    const int64_t unit = p * kPanel + c;
-    return unit < t.H && k < 4 * t.H ? t.w_hh[k * t.H + unit] : 0;
-  };
-  pack_vnni_panels(at, t.K4p, t.packed, panel_begin, panel_end);
+// The backward's B = W_hh [4H, H]: panel p holds units p * 64 + [0, 64). Per pair of rows k, k + 1 and 16
+// units: their bfloat16 interleaved (one dword per unit) is one 64-byte row of a B tile.
+FUSED_LSTM_BF16_TARGET void pack_backward_panels(const BackwardTeam& t, int64_t panel_begin, int64_t panel_end) {
+  const int64_t K = 4 * t.H;
+  for (int64_t p = panel_begin; p < panel_end; ++p) {
+    uint16_t* panel = t.packed + p * t.K4p * kPanel;
+    for (int64_t k = 0; k < t.K4p; k += 2) {
+      for (int64_t g = 0; g < 4; ++g) {
+        const int64_t u0 = p * kPanel + g * kGroup, n = std::clamp<int64_t>(t.H - u0, 0, kGroup);
+        const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+        const __m256i even = k < K ? _mm256_maskz_loadu_epi16(m, t.w_hh + k * t.H + u0) : _mm256_setzero_si256();
+        const __m256i odd = k + 1 < K ? _mm256_maskz_loadu_epi16(m, t.w_hh + (k + 1) * t.H + u0) : _mm256_setzero_si256();
+        const __m512i pairs = _mm512_or_si512(_mm512_cvtepu16_epi32(even),
+                                              _mm512_slli_epi32(_mm512_cvtepu16_epi32(odd), 16));
+        _mm512_storeu_si512(panel + (k / 2) * kPanelPairStride + g * 2 * kGroup, pairs);
+      }
+    }
+  }
 }
 
 // The pointwise backward of row b (input row row0 + b) for units [u0, u0 + n), n <= 16: as backward_span
@@ -383,7 +401,7 @@ std::pair<int64_t, int64_t> thread_in_team() {
 }  // namespace
 
 const char* cpu_bf16_recurrence_forward(const RecurrenceForwardArgs& a) {
-  if (a.h_state.scalar_type() != at::kBFloat16 || !a.projected) return nullptr;
+  if (a.h_state.scalar_type() != at::kBFloat16) return nullptr;
   cpu_plan::ForwardShape shape;
   shape.batch = a.h_state.size(0);
   shape.hidden = a.c_state.size(1);
@@ -401,6 +419,15 @@ const char* cpu_bf16_recurrence_forward(const RecurrenceForwardArgs& a) {
   const int64_t N = shape.batch, H = shape.hidden, Hout = shape.out_hidden, Kp = plan.packed_depth;
   const int64_t blocks = (H + kGroup - 1) / kGroup;
   const auto opts = a.h_state.options();
+  // The input projection, offered first (a.projected false): ATen's GEMM (oneDNN, on AMX where the CPU has it)
+  // without the bias, which the pointwise step adds in float32. addmm with the bias would first copy it into
+  // every row of gates, as much memory traffic as the product itself.
+  at::Tensor gates = a.gates.defined() ? a.gates : at::empty({shape.rows, 4 * H}, opts);
+  at::Tensor bias;
+  if (!a.projected) {
+    at::mm_out(gates, a.input, a.w_ih.t());
+    if (a.bias.defined()) bias = a.bias.to(at::kFloat).contiguous();
+  }
   const at::Tensor w_hh = a.w_hh.contiguous();
   at::Tensor packed = at::empty({blocks * Kp * kPanel}, opts);
   // Zeros past N rows and Hout columns: the product reads them (a tile's padding) and they must add nothing.
@@ -428,7 +455,9 @@ const char* cpu_bf16_recurrence_forward(const RecurrenceForwardArgs& a) {
   t.packed = bits(packed);
   t.h_buf = bits(h_buffers);
   t.c = c_state.data_ptr<float>();
-  t.gates = bits(a.gates);
+  t.gates = bits(gates);
+  t.save_gates = a.gates.defined();
+  t.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
   t.output = bits(a.output);
   t.output_stride = a.output.stride(0);
   t.c_prev_saved = a.c_prev_saved.defined() ? bits(a.c_prev_saved) : nullptr;
