@@ -56,14 +56,15 @@ struct Team {
   uint16_t* packed;       // [blocks][Kp / 2][64][2]
   uint16_t* h_buf;        // [2][h_rows][Kp]: h_{t-1} and h_t, swapped every step
   float* c;               // [N, H] float32 cell state
-  uint16_t* gates;        // [R, 4H]: input projection in, post-activation gates out (when save_gates)
+  uint16_t* gates;        // [rows of this chunk, 4H]: input projection in, post-activation gates out (save_gates)
+  int64_t gates_origin;   // the input row whose gates are gates[0]
   bool save_gates;        // training: the backward reads the post-activation gates
   const float* bias;      // [4H] b_ih + b_hh in float32, or null
   uint16_t* output;       // [R, Hout], row stride output_stride
   int64_t output_stride;
   uint16_t* c_prev_saved;  // [R, H] or null
   uint16_t* h_prev_saved;  // [R, Hout] or null
-  int64_t* final_parity;
+  int64_t parity;         // which h buffer holds h_{t-1} when a chunk of steps starts
 };
 
 // The forward's B = W_hh^T: panel ub holds the four gates of units ub * 16 + [0, 16). Per gate and 32 k: the 16
@@ -117,7 +118,7 @@ FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE void pointwise(const Team& t, in
   const int64_t H = t.H, u0 = ub * kGroup, n = std::min(kGroup, H - u0);
   const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
   const int64_t row = row0 + b;
-  uint16_t* g = t.gates + row * 4 * H + u0;
+  uint16_t* g = t.gates + (row - t.gates_origin) * 4 * H + u0;
   vec<16> pre[4];
   for (int64_t q = 0; q < 4; ++q) pre[q] = load<16>(acc + q * kGroup) + widen(_mm256_maskz_loadu_epi16(m, g + q * H));
   if (t.bias) {
@@ -240,11 +241,14 @@ struct Dpbf16Product {
 // finished sequences into the next h buffer and meets the team at the step's barrier (none when it splits
 // rows: its sequences depend on nothing another thread writes).
 template <class Product>
-FUSED_LSTM_BF16_TARGET void thread_sequence(const Team& t, int64_t thread, int64_t team) {
+FUSED_LSTM_BF16_TARGET void thread_sequence(Team& t, int64_t thread, int64_t team, int64_t step_begin,
+                                            int64_t step_end) {
   const int64_t pack_begin = t.blocks * thread / team, pack_end = t.blocks * (thread + 1) / team;
-  pack_forward_blocks(t, pack_begin, pack_end);
-  if (t.split_rows) {
+  if (step_begin == 0) {
+    pack_forward_blocks(t, pack_begin, pack_end);
+    if (t.split_rows) {
 #pragma omp barrier
+    }
   }
   const int64_t block_begin = t.split_rows ? 0 : pack_begin, block_end = t.split_rows ? t.blocks : pack_end;
   const int64_t unit_begin = block_begin * kGroup, unit_end = std::min(t.H, block_end * kGroup);
@@ -254,8 +258,8 @@ FUSED_LSTM_BF16_TARGET void thread_sequence(const Team& t, int64_t thread, int64
   const int64_t h_size = t.h_rows * t.Kp;
   alignas(64) float acc[kTileRows * kPanel];
   Product::begin();
-  int64_t parity = 0;
-  for (int64_t step = 0; step < t.steps; ++step) {
+  int64_t parity = t.parity;
+  for (int64_t step = step_begin; step < step_end; ++step) {
     const int64_t time = t.reverse ? t.steps - 1 - step : step;
     const int64_t rows = (*t.step_rows)[time], row0 = (*t.step_offset)[time];
     if (rows == 0) continue;  // the same on every thread, so the barriers stay matched
@@ -267,7 +271,11 @@ FUSED_LSTM_BF16_TARGET void thread_sequence(const Team& t, int64_t thread, int64
       for (int64_t tile = r0; tile < r1; tile += Product::kRowTile) {
         const int64_t tile_rows = std::min(Product::kRowTile, r1 - tile);
         Product::block(h_cur + tile * t.Kp, t.Kp, t.Kp, tile_rows, panel, acc);
-        for (int64_t b = 0; b < tile_rows; ++b) pointwise(t, row0, tile + b, ub, acc + b * kPanel, h_cur, h_next);
+        for (int64_t b = 0; b < tile_rows; ++b) {
+          const uint16_t* ahead = t.gates + (row0 + tile + b + cpu_limits::kBf16PrefetchRows - t.gates_origin) * 4 * t.H;
+          for (int64_t q = 0; q < 4; ++q) _mm_prefetch(ahead + q * t.H + ub * kGroup, _MM_HINT_T0);
+          pointwise(t, row0, tile + b, ub, acc + b * kPanel, h_cur, h_next);
+        }
       }
     }
     // Rows not active this step keep their state: carry them into the buffer that becomes current.
@@ -280,7 +288,8 @@ FUSED_LSTM_BF16_TARGET void thread_sequence(const Team& t, int64_t thread, int64
     }
   }
   Product::end();
-  if (thread == 0) *t.final_parity = parity;
+#pragma omp barrier
+  if (thread == 0) t.parity = parity;  // read when the next region starts
 }
 
 // What every thread of a backward team reads.
@@ -419,15 +428,17 @@ const char* cpu_bf16_recurrence_forward(const RecurrenceForwardArgs& a) {
   const int64_t N = shape.batch, H = shape.hidden, Hout = shape.out_hidden, Kp = plan.packed_depth;
   const int64_t blocks = (H + kGroup - 1) / kGroup;
   const auto opts = a.h_state.options();
-  // The input projection, offered first (a.projected false): ATen's GEMM (oneDNN, on AMX where the CPU has it)
-  // without the bias, which the pointwise step adds in float32. addmm with the bias would first copy it into
-  // every row of gates, as much memory traffic as the product itself.
-  at::Tensor gates = a.gates.defined() ? a.gates : at::empty({shape.rows, 4 * H}, opts);
-  at::Tensor bias;
-  if (!a.projected) {
-    at::mm_out(gates, a.input, a.w_ih.t());
-    if (a.bias.defined()) bias = a.bias.to(at::kFloat).contiguous();
-  }
+  // The input projection, offered first (a.projected false; declined once projected, which only a declined
+  // offer leads to): ATen's GEMM (oneDNN, on AMX where the CPU has it) without the bias, which the pointwise step
+  // adds in float32 (addmm would first copy the bias into every row, as much memory traffic as the product),
+  // for chunks of plan.chunk_steps steps, each just before the team runs them: the chunk's gates are still in
+  // cache, and in inference one chunk's buffer serves them all (no workspace of every step to fault in).
+  if (a.projected) return nullptr;
+  const bool save_gates = a.gates.defined();
+  const int64_t steps = static_cast<int64_t>(a.step_rows->size()), chunk_steps = plan.chunk_steps;
+  at::Tensor chunk_buffer = save_gates ? at::Tensor() : at::empty({std::min(shape.rows, chunk_steps * N), 4 * H}, opts);
+  const at::Tensor bias = a.bias.defined() ? a.bias.to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor w_ih_t = a.w_ih.t();
   const at::Tensor w_hh = a.w_hh.contiguous();
   at::Tensor packed = at::empty({blocks * Kp * kPanel}, opts);
   // Zeros past N rows and Hout columns: the product reads them (a tile's padding) and they must add nothing.
@@ -435,7 +446,6 @@ const char* cpu_bf16_recurrence_forward(const RecurrenceForwardArgs& a) {
   at::Tensor h_buffers = at::zeros({2, h_rows, Kp}, opts);
   h_buffers[0].narrow(0, 0, N).narrow(1, 0, Hout).copy_(a.h_state);
   at::Tensor c_state = a.c_state.to(at::kFloat).contiguous();
-  int64_t final_parity = 0;
   auto bits = [](const at::Tensor& tensor) { return reinterpret_cast<uint16_t*>(tensor.data_ptr()); };
 
   Team t;
@@ -445,7 +455,7 @@ const char* cpu_bf16_recurrence_forward(const RecurrenceForwardArgs& a) {
   t.Kp = Kp;
   t.blocks = blocks;
   t.h_rows = h_rows;
-  t.steps = static_cast<int64_t>(a.step_rows->size());
+  t.steps = steps;
   t.reverse = a.reverse;
   t.split_rows = plan.split_rows;
   t.row_tile = plan.row_tile;
@@ -455,26 +465,37 @@ const char* cpu_bf16_recurrence_forward(const RecurrenceForwardArgs& a) {
   t.packed = bits(packed);
   t.h_buf = bits(h_buffers);
   t.c = c_state.data_ptr<float>();
-  t.gates = bits(gates);
-  t.save_gates = a.gates.defined();
+  t.save_gates = save_gates;
   t.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
   t.output = bits(a.output);
   t.output_stride = a.output.stride(0);
   t.c_prev_saved = a.c_prev_saved.defined() ? bits(a.c_prev_saved) : nullptr;
   t.h_prev_saved = a.h_prev_saved.defined() ? bits(a.h_prev_saved) : nullptr;
-  t.final_parity = &final_parity;
+  t.parity = 0;
   const bool amx = plan.kernel == CpuBf16Kernels::amx;
 
+  for (int64_t step_begin = 0; step_begin < steps; step_begin += chunk_steps) {
+    const int64_t step_end = std::min(steps, step_begin + chunk_steps);
+    // The chunk's steps cover one contiguous range of input rows (rows are stored step by step).
+    const int64_t t_low = a.reverse ? steps - step_end : step_begin;
+    const int64_t t_high = a.reverse ? steps - 1 - step_begin : step_end - 1;
+    const int64_t row_begin = (*a.step_offset)[t_low];
+    const int64_t chunk_rows = (*a.step_offset)[t_high] + (*a.step_rows)[t_high] - row_begin;
+    at::Tensor gates = save_gates ? a.gates.narrow(0, row_begin, chunk_rows) : chunk_buffer.narrow(0, 0, chunk_rows);
+    at::mm_out(gates, a.input.narrow(0, row_begin, chunk_rows), w_ih_t);
+    t.gates = bits(gates);
+    t.gates_origin = row_begin;
 #pragma omp parallel num_threads(static_cast<int>(plan.threads))
-  {
-    const auto [thread, team] = thread_in_team();
-    if (amx) {
-      thread_sequence<AmxProduct>(t, thread, team);
-    } else {
-      thread_sequence<Dpbf16Product>(t, thread, team);
+    {
+      const auto [thread, team] = thread_in_team();
+      if (amx) {
+        thread_sequence<AmxProduct>(t, thread, team, step_begin, step_end);
+      } else {
+        thread_sequence<Dpbf16Product>(t, thread, team, step_begin, step_end);
+      }
     }
   }
-  a.h_state.copy_(h_buffers[final_parity].narrow(0, 0, N).narrow(1, 0, Hout));
+  a.h_state.copy_(h_buffers[t.parity].narrow(0, 0, N).narrow(1, 0, Hout));
   a.c_state.copy_(c_state);
   return cpu_bf16_kernels_name(plan.kernel);
 }

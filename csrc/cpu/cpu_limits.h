@@ -116,5 +116,14 @@ constexpr int64_t kDpbf16RowTile = 6;
 // Batches below this take the vdpbf16ps kernel even where AMX runs: an AMX tile computes 16 rows whatever
 // the batch, so at a few rows it does 16/N times the work of vdpbf16ps for the same weights read.
 constexpr int64_t kAmxMinBatch = 4;
+// The input projection runs in chunks of steps whose bfloat16 gates take at most 1 / kBf16ProjectionL2Divisor of
+// one core's L2, just before the team runs them, so that the pointwise step finds them in cache ...
+constexpr int64_t kBf16ProjectionL2Divisor = 2;
+// ... but of at least this many rows: oneDNN's bfloat16 GEMM reorders W_ih on every call, and [R, H] @ [H, 4H]
+// in chunks of 1024 / 512 / 128 rows took 1.1x / 1.3x / 2x the time of one call (H = 512 and 1024, R = 3200).
+constexpr int64_t kBf16MinProjectionChunkRows = 1024;
+// The pointwise step prefetches the gates of the row this many rows ahead (they are 8H bytes apart, too far for
+// the hardware's stride prefetcher from H = 256 on).
+constexpr int64_t kBf16PrefetchRows = 4;
 
 }  // namespace fused_lstm::cpu_limits

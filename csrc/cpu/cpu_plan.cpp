@@ -310,6 +310,9 @@ Bf16ForwardPlan plan_bf16_forward(const ForwardShape& s, const Machine& m) {
       N / std::max(limits::kRowSplitMinRowsPerThread, plan.row_tile), 1, m.threads);
   plan.split_rows = N >= limits::kRowSplitMinBatch && weights <= row_split_max_weight_bytes(m) && row_team >= unit_team;
   plan.threads = plan.split_rows ? row_team : unit_team;
+  const int64_t step_gate_bytes = std::max<int64_t>(1, N * 4 * H * 2);
+  plan.chunk_steps = std::max({int64_t{1}, m.l2_bytes / limits::kBf16ProjectionL2Divisor / step_gate_bytes,
+                               ceil_div(limits::kBf16MinProjectionChunkRows, std::max<int64_t>(1, N))});
   plan.reason = plan.split_rows ? "bfloat16, packed W_hh fits one core's L2 and the batch is large: threads split "
                                   "the batch"
                                 : "bfloat16, threads split hidden units, a barrier per step";

@@ -159,6 +159,7 @@ struct Bf16ForwardPlan {
   bool split_rows = false;
   int64_t row_tile = 1;        // rows per product tile: a row split cuts the batch at multiples of it
   int64_t packed_depth = 0;    // Hout padded to kBf16PackedDepthMultiple
+  int64_t chunk_steps = 1;     // steps per chunk of the input projection (ATen's GEMM between team runs)
   int64_t threads = 1;
   const char* reason = "";
 };

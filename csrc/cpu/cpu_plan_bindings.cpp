@@ -79,6 +79,8 @@ void register_cpu_plan_bindings(py::module_& m) {
     d["amx_tile_rows"] = limits::kAmxTileRows;
     d["dpbf16_row_tile"] = limits::kDpbf16RowTile;
     d["amx_min_batch"] = limits::kAmxMinBatch;
+    d["bf16_projection_l2_divisor"] = limits::kBf16ProjectionL2Divisor;
+    d["bf16_min_projection_chunk_rows"] = limits::kBf16MinProjectionChunkRows;
     // From the caches:
     d["usable_l3_bytes"] = usable_l3_bytes(mach);
     d["fused_projection_max_slice_bytes"] = fused_projection_max_slice_bytes(mach);
@@ -182,6 +184,7 @@ void register_cpu_plan_bindings(py::module_& m) {
           d["split_rows"] = p.split_rows;
           d["row_tile"] = p.row_tile;
           d["packed_depth"] = p.packed_depth;
+          d["chunk_steps"] = p.chunk_steps;
           d["threads"] = p.threads;
           d["reason"] = p.reason;
           return d;
