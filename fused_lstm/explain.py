@@ -114,7 +114,8 @@ def _layer_plan(step_rows: List[int], I: int, H: int, Hout: int, D: int, dtype: 
                 products.plan(fwd["products"], "input projection x @ W_ih^T", ("w_ih^T", d), R, I, 4 * H, (I, 1),
                               (1, I))
                 fwd["path"] = f"fused recurrence, bfloat16 {plan['kernel']}"
-                fwd["reason"] = f"{plan['reason']}; {plan['threads']} threads"
+                fwd["reason"] = (f"{plan['reason']}; {plan['threads']} threads, input projection in chunks of "
+                                 f"{plan['chunk_steps']} steps")
                 directions.append({"forward": fwd})
                 continue
         elif recurrence != "standard":

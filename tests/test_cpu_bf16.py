@@ -161,6 +161,28 @@ def test_training_gradients_within_torch_error(steps, batch, input_size, hidden,
         assert_error_within_torch(a, b, e, f"gradient {i}")
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_projection_in_several_chunks(training, bf16_kernel, poisoned_empty):
+    """The input projection runs in chunks of steps (cpu_plan.h, chunk_steps): forward and reversed, packed."""
+    T, N, I, H = 40, 64, 16, 256
+    plan = _C.cpu_plan_bf16_forward(N, H, I, T * N)
+    if plan["chunk_steps"] >= T:
+        pytest.skip(f"this CPU's L2 takes all {T} steps in one chunk ({plan})")
+    ref, ours = lstm_pair(I, H, bidirectional=True, dtype=torch.float32, init_scale=None)
+    ours.requires_grad_(training)
+    x = torch.randn(T, N, I)
+    lengths = torch.randint(1, T + 1, (N,))
+    lengths[0] = T
+    with torch.set_grad_enabled(training), torch.autocast("cpu", dtype=torch.bfloat16):
+        mine = run(ours, x, None, lengths)
+        assert fused_lstm.last_path() == "cpu:fused-recurrence:" + plan["kernel"]
+        theirs = run(ref, x, None, lengths)
+    with torch.no_grad():
+        _, _, exact = float64_run(ours, x, None, lengths)
+    for name, a, b, e in zip(("output", "h_n", "c_n"), mine, theirs, exact):
+        assert_error_within_torch(a, b, e, name)
+
+
 @pytest.mark.parametrize("need_workspace", [True, False])
 def test_workspace_as_the_per_step_loop_writes_it(need_workspace, bf16_kernel, poisoned_empty):
     """The layer op called directly: the fused recurrence's outputs and workspace (gates, c_prev, h_prev) agree
