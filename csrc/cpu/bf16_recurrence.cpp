@@ -27,6 +27,7 @@
 
 #include "cpu_limits.h"
 #include "cpu_plan.h"
+#include "recurrence_team.h"
 #include "simd_math.h"
 
 namespace fused_lstm {
@@ -236,10 +237,9 @@ struct Dpbf16Product {
   }
 };
 
-// One thread's whole sequence: it packs its share of the blocks, then per step runs the product and the
-// pointwise step of its blocks for its rows (all rows when the team splits units), carries the rows of
-// finished sequences into the next h buffer and meets the team at the step's barrier (none when it splits
-// rows: its sequences depend on nothing another thread writes).
+// One thread's steps [step_begin, step_end) (one chunk of the input projection): on the first chunk it packs its
+// share of the blocks; per step it runs the product and the pointwise step of its blocks for its rows (all rows
+// when the team splits units), in the team's walk (recurrence_team.h).
 template <class Product>
 FUSED_LSTM_BF16_TARGET void thread_sequence(Team& t, int64_t thread, int64_t team, int64_t step_begin,
                                             int64_t step_end) {
@@ -255,38 +255,39 @@ FUSED_LSTM_BF16_TARGET void thread_sequence(Team& t, int64_t thread, int64_t tea
   const int64_t tiles = (t.N + t.row_tile - 1) / t.row_tile;
   const int64_t own_begin = t.split_rows ? std::min(t.N, tiles * thread / team * t.row_tile) : 0;
   const int64_t own_end = t.split_rows ? std::min(t.N, tiles * (thread + 1) / team * t.row_tile) : t.N;
-  const int64_t h_size = t.h_rows * t.Kp;
+  TeamWalk<uint16_t> walk;
+  walk.steps = t.steps;
+  walk.reverse = t.reverse;
+  walk.split_rows = t.split_rows;
+  walk.step_rows = t.step_rows;
+  walk.step_offset = t.step_offset;
+  walk.own_rows_begin = own_begin;
+  walk.own_rows_end = own_end;
+  walk.unit_begin = unit_begin;
+  walk.unit_end = unit_end;
+  walk.h_buf = t.h_buf;
+  walk.h_size = t.h_rows * t.Kp;
+  walk.h_stride = t.Kp;
   alignas(64) float acc[kTileRows * kPanel];
   Product::begin();
-  int64_t parity = t.parity;
-  for (int64_t step = step_begin; step < step_end; ++step) {
-    const int64_t time = t.reverse ? t.steps - 1 - step : step;
-    const int64_t rows = (*t.step_rows)[time], row0 = (*t.step_offset)[time];
-    if (rows == 0) continue;  // the same on every thread, so the barriers stay matched
-    const uint16_t* h_cur = t.h_buf + parity * h_size;
-    uint16_t* h_next = t.h_buf + (1 - parity) * h_size;
-    const int64_t r0 = std::min(rows, own_begin), r1 = std::min(rows, own_end);
-    for (int64_t ub = block_begin; ub < block_end && r1 > r0; ++ub) {
-      const uint16_t* panel = t.packed + ub * t.Kp * kPanel;  // read once from L2 per step, for every tile
-      for (int64_t tile = r0; tile < r1; tile += Product::kRowTile) {
-        const int64_t tile_rows = std::min(Product::kRowTile, r1 - tile);
-        Product::block(h_cur + tile * t.Kp, t.Kp, t.Kp, tile_rows, panel, acc);
-        for (int64_t b = 0; b < tile_rows; ++b) {
-          const uint16_t* ahead = t.gates + (row0 + tile + b + cpu_limits::kBf16PrefetchRows - t.gates_origin) * 4 * t.H;
-          for (int64_t q = 0; q < 4; ++q) _mm_prefetch(ahead + q * t.H + ub * kGroup, _MM_HINT_T0);
-          pointwise(t, row0, tile + b, ub, acc + b * kPanel, h_cur, h_next);
+  const int64_t parity = walk_steps(
+      walk, t.parity, step_begin, step_end, [](int64_t, int64_t) {},
+      [&](int64_t, int64_t row0, int64_t r0, int64_t r1, const uint16_t* h_cur, uint16_t* h_next)
+          FUSED_LSTM_BF16_TARGET {
+        for (int64_t ub = block_begin; ub < block_end && r1 > r0; ++ub) {
+          const uint16_t* panel = t.packed + ub * t.Kp * kPanel;  // read once from L2 per step, for every tile
+          for (int64_t tile = r0; tile < r1; tile += Product::kRowTile) {
+            const int64_t tile_rows = std::min(Product::kRowTile, r1 - tile);
+            Product::block(h_cur + tile * t.Kp, t.Kp, t.Kp, tile_rows, panel, acc);
+            for (int64_t b = 0; b < tile_rows; ++b) {
+              const uint16_t* ahead =
+                  t.gates + (row0 + tile + b + cpu_limits::kBf16PrefetchRows - t.gates_origin) * 4 * t.H;
+              for (int64_t q = 0; q < 4; ++q) _mm_prefetch(ahead + q * t.H + ub * kGroup, _MM_HINT_T0);
+              pointwise(t, row0, tile + b, ub, acc + b * kPanel, h_cur, h_next);
+            }
+          }
         }
-      }
-    }
-    // Rows not active this step keep their state: carry them into the buffer that becomes current.
-    for (int64_t b = std::max(rows, own_begin); b < own_end; ++b) {
-      std::copy(h_cur + b * t.Kp + unit_begin, h_cur + b * t.Kp + unit_end, h_next + b * t.Kp + unit_begin);
-    }
-    parity = 1 - parity;
-    if (!t.split_rows) {
-#pragma omp barrier
-    }
-  }
+      });
   Product::end();
 #pragma omp barrier
   if (thread == 0) t.parity = parity;  // read when the next region starts
