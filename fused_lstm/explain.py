@@ -151,10 +151,16 @@ def _layer_plan(step_rows: List[int], I: int, H: int, Hout: int, D: int, dtype: 
     for d in range(D):
         reverse = d == 1
         bwd: Dict[str, Any] = {"products": []}
-        plan = _C.cpu_plan_backward(N, H, R, float32=float32, projection=projection, vector_kernels=vector_kernels,
-                                    machine=machine)
+        if dtype == torch.bfloat16:  # csrc/cpu/bf16_recurrence.h
+            plan = _C.cpu_plan_bf16_backward(N, H, R, projection=projection, machine=machine)
+        else:
+            plan = _C.cpu_plan_backward(N, H, R, float32=float32, projection=projection,
+                                        vector_kernels=vector_kernels, machine=machine)
         bwd["recurrence"] = plan
-        if plan["fused"]:
+        if plan["fused"] and dtype == torch.bfloat16:
+            bwd["path"] = f"fused backward recurrence, bfloat16 {plan['kernel']}"
+            bwd["reason"] = f"{plan['reason']}; {plan['threads']} threads"
+        elif plan["fused"]:
             bwd["path"] = "fused backward recurrence"
             bwd["reason"] = f"{plan['reason']}; {plan['threads']} threads, {plan['k_chunks']} k chunks"
         else:

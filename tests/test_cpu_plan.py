@@ -367,6 +367,17 @@ def test_bf16_forward_kernel_follows_the_cpu_and_the_batch(machine):
     assert bf16_forward(1, 64, 64, rows=1, machine=overrides, required=True)["fused"]
 
 
+def test_bf16_backward_plan(machine):
+    overrides, full, limits = machine
+    plan = _C.cpu_plan_bf16_backward(8, 100, 400, machine=dict(overrides or {}, bf16_kernels="amx"))
+    assert plan["fused"] and plan["kernel"] == "amx" and plan["packed_depth"] == 416
+    assert 1 <= plan["threads"] <= min(full["threads"], ceil_div(100, 64))
+    assert not _C.cpu_plan_bf16_backward(8, 100, 400, machine=dict(overrides or {}, bf16_kernels="aten"))["fused"]
+    assert not _C.cpu_plan_bf16_backward(8, 100, 400, projection=True, machine=overrides)["fused"]
+    assert _C.cpu_plan_bf16_backward(limits["amx_min_batch"] - 1, 100, 400,
+                                     machine=dict(overrides or {}, bf16_kernels="amx"))["kernel"] == "avx512_bf16"
+
+
 @pytest.mark.parametrize("hidden", [16, 37, 100, 512, 1030])
 def test_bf16_forward_packed_depth_and_threads(machine, hidden):
     overrides, full, limits = machine
@@ -391,6 +402,9 @@ def test_explain_under_autocast_names_the_bf16_kernel(N):
         module(x)
     fwd = plan["layers"][0]["directions"][1]["forward"]
     assert "torch.bfloat16" in plan["shape"] and "bfloat16" in str(plan)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bwd = fused_lstm.explain(module, x.requires_grad_())["layers"][0]["directions"][0]["backward"]
+    assert bwd["path"] == f"fused backward recurrence, bfloat16 {bwd['recurrence']['kernel']}"
     kernel = fwd["recurrence"]["kernel"]
     assert fwd["path"] == f"fused recurrence, bfloat16 {kernel}"
     assert fused_lstm.last_path() == f"cpu:fused-recurrence:{kernel}"

@@ -194,6 +194,21 @@ void register_cpu_plan_bindings(py::module_& m) {
         py::arg("machine") = py::none(),
         "The CPU planner's bfloat16 forward recurrence of one direction (cpu_plan.h, plan_bf16_forward)");
 
+  m.def("cpu_plan_bf16_backward",
+        [](int64_t batch, int64_t hidden, int64_t rows, bool projection, const py::object& machine) {
+          const Bf16BackwardPlan p = plan_bf16_backward(batch, hidden, rows, projection, machine_from(machine));
+          py::dict d;
+          d["fused"] = p.fused;
+          d["kernel"] = cpu_bf16_kernels_name(p.kernel);
+          d["packed_depth"] = p.packed_depth;
+          d["threads"] = p.threads;
+          d["reason"] = p.reason;
+          return d;
+        },
+        py::arg("batch"), py::arg("hidden"), py::arg("rows"), py::kw_only(), py::arg("projection") = false,
+        py::arg("machine") = py::none(),
+        "The CPU planner's bfloat16 backward recurrence of one direction (cpu_plan.h, plan_bf16_backward)");
+
   m.def(
       "_set_cpu_bf16_kernels",
       [](const std::string& name) {
