@@ -308,7 +308,8 @@ Bf16ForwardPlan plan_bf16_forward(const ForwardShape& s, const Machine& m) {
   const int64_t unit_team = team_size(H, Hout, N, ceil_div(H, kGroup), m);
   const int64_t row_team = std::clamp<int64_t>(
       N / std::max(limits::kRowSplitMinRowsPerThread, plan.row_tile), 1, m.threads);
-  plan.split_rows = N >= limits::kRowSplitMinBatch && weights <= row_split_max_weight_bytes(m) && row_team >= unit_team;
+  plan.split_rows = N >= limits::kRowSplitMinBatch && weights <= m.l2_bytes / limits::kBf16RowSplitL2Divisor &&
+                    row_team >= unit_team;
   plan.threads = plan.split_rows ? row_team : unit_team;
   const int64_t step_gate_bytes = std::max<int64_t>(1, N * 4 * H * 2);
   plan.chunk_steps = std::max({int64_t{1}, m.l2_bytes / limits::kBf16ProjectionL2Divisor / step_gate_bytes,

@@ -80,6 +80,7 @@ void register_cpu_plan_bindings(py::module_& m) {
     d["dpbf16_row_tile"] = limits::kDpbf16RowTile;
     d["amx_min_batch"] = limits::kAmxMinBatch;
     d["bf16_projection_l2_divisor"] = limits::kBf16ProjectionL2Divisor;
+    d["bf16_row_split_l2_divisor"] = limits::kBf16RowSplitL2Divisor;
     d["bf16_min_projection_chunk_rows"] = limits::kBf16MinProjectionChunkRows;
     // From the caches:
     d["usable_l3_bytes"] = usable_l3_bytes(mach);
