@@ -177,10 +177,14 @@ def test_projection_in_several_chunks(training, bf16_kernel, poisoned_empty):
         mine = run(ours, x, None, lengths)
         assert fused_lstm.last_path() == "cpu:fused-recurrence:" + plan["kernel"]
         theirs = run(ref, x, None, lengths)
-    with torch.no_grad():
-        _, _, exact = float64_run(ours, x, None, lengths)
+    twin, x64, exact = float64_run(ours, x, None, lengths)
     for name, a, b, e in zip(("output", "h_n", "c_n"), mine, theirs, exact):
         assert_error_within_torch(a, b, e, name)
+    if training:  # the backward recurrence over 64 rows: AMX's two-tile blocks
+        grad_out = torch.randn_like(exact[0]) * (torch.arange(T)[:, None] < lengths[None, :]).unsqueeze(-1)
+        grads = [torch.autograd.grad((out.double() * grad_out).sum(), module.weight_hh_l0)[0]
+                 for out, module in ((mine[0], ours), (theirs[0], ref), (exact[0], twin))]
+        assert_error_within_torch(*grads, "weight_hh_l0 gradient")
 
 
 @pytest.mark.parametrize("need_workspace", [True, False])

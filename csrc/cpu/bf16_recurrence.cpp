@@ -168,9 +168,41 @@ struct AmxProduct {
   }
   FUSED_LSTM_BF16_TARGET static void end() { _tile_release(); }
 
+  // Rows per block() call when `left` rows remain: two tiles while 32 remain (each B tile then serves two
+  // row tiles: half the panel reads from L2 per product), else one.
+  static int64_t rows_per_block(int64_t left) { return left >= 2 * kTileRows ? 2 * kTileRows : std::min(kTileRows, left); }
+
+  // out [rows][64] = a's rows [rows][Kp] @ panel; rows is 32 (two row tiles) or at most 16 (one tile: its rows
+  // past `rows` read padding or other rows, and their results are not read).
   FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE static void block(const uint16_t* a, int64_t a_stride, int64_t Kp,
-                                                                    int64_t /*rows*/, const uint16_t* panel, float* out) {
-    constexpr int64_t kPanelRowBytes = kPanelPairStride * 2;
+                                                                    int64_t rows, const uint16_t* panel, float* out) {
+    constexpr int64_t kPanelRowBytes = kPanelPairStride * 2, kOutRowBytes = kPanel * 4;
+    if (rows > kTileRows) {
+      // Two passes of two gates: C tiles 0-1 the first row tile's, 2-3 the second's, A tiles 4-5, B tiles 6-7.
+      const uint16_t* a1 = a + kTileRows * a_stride;
+      for (int64_t q = 0; q < 4; q += 2) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t k0 = 0; k0 < Kp; k0 += kTileDepth) {
+          const uint16_t* b = panel + (k0 / 2) * kPanelPairStride + q * 2 * kGroup;
+          _tile_loadd(4, a + k0, a_stride * 2);
+          _tile_loadd(6, b, kPanelRowBytes);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_loadd(7, b + 2 * kGroup, kPanelRowBytes);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_loadd(5, a1 + k0, a_stride * 2);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, out + q * kGroup, kOutRowBytes);
+        _tile_stored(1, out + (q + 1) * kGroup, kOutRowBytes);
+        _tile_stored(2, out + kTileRows * kPanel + q * kGroup, kOutRowBytes);
+        _tile_stored(3, out + kTileRows * kPanel + (q + 1) * kGroup, kOutRowBytes);
+      }
+      return;
+    }
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
@@ -187,16 +219,17 @@ struct AmxProduct {
       _tile_dpbf16ps(2, 4, 7);
       _tile_dpbf16ps(3, 4, 5);
     }
-    _tile_stored(0, out, kPanel * 4);
-    _tile_stored(1, out + kGroup, kPanel * 4);
-    _tile_stored(2, out + 2 * kGroup, kPanel * 4);
-    _tile_stored(3, out + 3 * kGroup, kPanel * 4);
+    _tile_stored(0, out, kOutRowBytes);
+    _tile_stored(1, out + kGroup, kOutRowBytes);
+    _tile_stored(2, out + 2 * kGroup, kOutRowBytes);
+    _tile_stored(3, out + 3 * kGroup, kOutRowBytes);
   }
 };
 
 // The same with vdpbf16ps for up to kDpbf16RowTile rows: R x 4 accumulators in registers.
 struct Dpbf16Product {
   static constexpr int64_t kRowTile = cpu_limits::kDpbf16RowTile;
+  static int64_t rows_per_block(int64_t left) { return std::min(kRowTile, left); }
   static void begin() {}
   static void end() {}
 
@@ -268,7 +301,7 @@ FUSED_LSTM_BF16_TARGET void thread_sequence(Team& t, int64_t thread, int64_t tea
   walk.h_buf = t.h_buf;
   walk.h_size = t.h_rows * t.Kp;
   walk.h_stride = t.Kp;
-  alignas(64) float acc[kTileRows * kPanel];
+  alignas(64) float acc[2 * kTileRows * kPanel];  // a product block's rows (AmxProduct: up to two tiles)
   Product::begin();
   const int64_t parity = walk_steps(
       walk, t.parity, step_begin, step_end, [](int64_t, int64_t) {},
@@ -276,8 +309,8 @@ FUSED_LSTM_BF16_TARGET void thread_sequence(Team& t, int64_t thread, int64_t tea
           FUSED_LSTM_BF16_TARGET {
         for (int64_t ub = block_begin; ub < block_end && r1 > r0; ++ub) {
           const uint16_t* panel = t.packed + ub * t.Kp * kPanel;  // read once from L2 per step, for every tile
-          for (int64_t tile = r0; tile < r1; tile += Product::kRowTile) {
-            const int64_t tile_rows = std::min(Product::kRowTile, r1 - tile);
+          for (int64_t tile = r0, tile_rows = 0; tile < r1; tile += tile_rows) {
+            tile_rows = Product::rows_per_block(r1 - tile);
             Product::block(h_cur + tile * t.Kp, t.Kp, t.Kp, tile_rows, panel, acc);
             for (int64_t b = 0; b < tile_rows; ++b) {
               const uint16_t* ahead =
@@ -369,7 +402,7 @@ FUSED_LSTM_BF16_TARGET void thread_backward(const BackwardTeam& t, int64_t threa
   const int64_t panel_begin = t.panels * thread / team, panel_end = t.panels * (thread + 1) / team;
   pack_backward_panels(t, panel_begin, panel_end);
   const int64_t unit_begin = panel_begin * kPanel, unit_end = std::min(t.H, panel_end * kPanel);
-  alignas(64) float acc[kTileRows * kPanel];
+  alignas(64) float acc[2 * kTileRows * kPanel];  // a product block's rows (AmxProduct: up to two tiles)
   Product::begin();
   int64_t parity = 0;
   for (int64_t step = 0; step < t.steps; ++step) {
@@ -387,8 +420,8 @@ FUSED_LSTM_BF16_TARGET void thread_backward(const BackwardTeam& t, int64_t threa
 #pragma omp barrier
     for (int64_t p = panel_begin; p < panel_end; ++p) {
       const int64_t columns = std::min(kPanel, t.H - p * kPanel);
-      for (int64_t tile = 0; tile < carried; tile += Product::kRowTile) {
-        const int64_t tile_rows = std::min(Product::kRowTile, carried - tile);
+      for (int64_t tile = 0, tile_rows = 0; tile < carried; tile += tile_rows) {
+        tile_rows = Product::rows_per_block(carried - tile);
         Product::block(dg_rows + tile * t.K4p, t.K4p, t.K4p, tile_rows, t.packed + p * t.K4p * kPanel, acc);
         for (int64_t b = 0; b < tile_rows; ++b) {
           std::copy(acc + b * kPanel, acc + b * kPanel + columns, t.dh + (tile + b) * t.H + p * kPanel);
