@@ -45,6 +45,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     // Which CPU float32 kernels this process runs (csrc/cpu/cpu_features.h).
     info["cpu_kernels"] = fused_lstm::cpu_kernels_name(fused_lstm::cpu_kernels());
     info["cpu_kernels_supported"] = fused_lstm::cpu_kernels_name(fused_lstm::supported_cpu_kernels());
+    info["cpu_bf16_kernels"] = fused_lstm::cpu_bf16_kernels_name(fused_lstm::cpu_bf16_kernels());
     return info;
   });
   m.def(

@@ -56,5 +56,7 @@ def build_info() -> Dict[str, Any]:
 
 def last_path() -> str:
     """The kernel path the last layer computed on this thread took: ``"cpu:fused-recurrence"`` (float32),
-    ``"cpu:per-step"``, ``"cuda:standard"`` or ``"cuda:persistent"``; ``""`` before the first call."""
+    ``"cpu:fused-recurrence:amx"`` or ``"cpu:fused-recurrence:avx512_bf16"`` (bfloat16, e.g. under autocast: the
+    product kernel), ``"cpu:per-step"``, ``"cuda:standard"`` or ``"cuda:persistent"``; ``""`` before the first
+    call."""
     return _last_path()

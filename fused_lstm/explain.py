@@ -27,7 +27,8 @@ class Plan(dict):
 
     def __str__(self) -> str:
         m = self["machine"]
-        lines = [f"fused_lstm CPU plan: {m['kernels']} kernels, {m['threads']} threads, L2 {m['l2_bytes'] >> 10} KiB "
+        lines = [f"fused_lstm CPU plan: {m['kernels']} kernels (bfloat16: {m.get('bf16_kernels', 'aten')}), "
+                 f"{m['threads']} threads, L2 {m['l2_bytes'] >> 10} KiB "
                  f"({m['l2_source']}), L3 {m['l3_bytes'] >> 10} KiB ({m['l3_source']}); {self['shape']}"]
         for layer in self["layers"]:
             lines.append(f"layer {layer['layer']}: {layer['shape']}")
@@ -92,10 +93,11 @@ def _carried_rows(step_rows: List[int], t: int, reverse: bool, need_h0_grad: boo
     return step_rows[t + 1] if t + 1 < len(step_rows) else 0
 
 
-def _layer_plan(step_rows: List[int], I: int, H: int, Hout: int, D: int, float32: bool, projection: bool,
+def _layer_plan(step_rows: List[int], I: int, H: int, Hout: int, D: int, dtype: torch.dtype, projection: bool,
                 recurrence: str, training: bool, need_input_grad: bool, need_weight_grads: bool,
                 need_h0_grad: bool, vector_kernels: bool, machine: Optional[Dict[str, int]]) -> Dict[str, Any]:
     N, R, T = step_rows[0], sum(step_rows), len(step_rows)
+    float32 = dtype == torch.float32
     products = _Products(vector_kernels and float32, machine)
     directions: List[Dict[str, Any]] = []
     for d in range(D):
@@ -103,7 +105,20 @@ def _layer_plan(step_rows: List[int], I: int, H: int, Hout: int, D: int, float32
         order = list(range(T - 1, -1, -1)) if reverse else list(range(T))
         fwd: Dict[str, Any] = {"products": []}
         plan = None
-        if recurrence != "standard":
+        if recurrence != "standard" and dtype == torch.bfloat16:
+            # csrc/cpu/bf16_recurrence.h: after the driver's input projection, W_hh packed into VNNI pairs.
+            plan = _C.cpu_plan_bf16_forward(N, H, I, R, out_hidden=Hout, projection=projection,
+                                            required=recurrence == "persistent", machine=machine)
+            fwd["recurrence"] = plan
+            if plan["fused"]:
+                products.plan(fwd["products"], "input projection x @ W_ih^T", ("w_ih^T", d), R, I, 4 * H, (I, 1),
+                              (1, I))
+                fwd["path"] = f"fused recurrence, bfloat16 {plan['kernel']}"
+                fwd["reason"] = (f"{plan['reason']}; {plan['threads']} threads, input projection in chunks of "
+                                 f"{plan['chunk_steps']} steps")
+                directions.append({"forward": fwd})
+                continue
+        elif recurrence != "standard":
             plan = _C.cpu_plan_forward(N, H, I, R, out_hidden=Hout, float32=float32, projection=projection,
                                        vector_kernels=vector_kernels, required=recurrence == "persistent",
                                        machine=machine)
@@ -136,10 +151,16 @@ def _layer_plan(step_rows: List[int], I: int, H: int, Hout: int, D: int, float32
     for d in range(D):
         reverse = d == 1
         bwd: Dict[str, Any] = {"products": []}
-        plan = _C.cpu_plan_backward(N, H, R, float32=float32, projection=projection, vector_kernels=vector_kernels,
-                                    machine=machine)
+        if dtype == torch.bfloat16:  # csrc/cpu/bf16_recurrence.h
+            plan = _C.cpu_plan_bf16_backward(N, H, R, projection=projection, machine=machine)
+        else:
+            plan = _C.cpu_plan_backward(N, H, R, float32=float32, projection=projection,
+                                        vector_kernels=vector_kernels, machine=machine)
         bwd["recurrence"] = plan
-        if plan["fused"]:
+        if plan["fused"] and dtype == torch.bfloat16:
+            bwd["path"] = f"fused backward recurrence, bfloat16 {plan['kernel']}"
+            bwd["reason"] = f"{plan['reason']}; {plan['threads']} threads"
+        elif plan["fused"]:
             bwd["path"] = "fused backward recurrence"
             bwd["reason"] = f"{plan['reason']}; {plan['threads']} threads, {plan['k_chunks']} k chunks"
         else:
@@ -187,6 +208,20 @@ def _needs_grad(tensors: Sequence[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def _cpu_autocast_enabled() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
+def _cpu_autocast_dtype() -> torch.dtype:
+    try:
+        return torch.get_autocast_dtype("cpu")
+    except AttributeError:  # torch < 2.4
+        return torch.get_autocast_cpu_dtype()
+
+
 def explain(module: torch.nn.Module, input, hx=None, *, machine: Optional[Dict[str, int]] = None) -> Plan:
     """What ``module(input, hx)`` would run on the CPU: per layer and direction, the forward path (fused
     recurrence, packed or with W_hh read in place, and its thread split and projection schedule; or the
@@ -217,14 +252,17 @@ def explain(module: torch.nn.Module, input, hx=None, *, machine: Optional[Dict[s
     D = 2 if module.bidirectional else 1
     H = module.hidden_size
     Hout = module.proj_size or H
-    float32 = data.dtype == torch.float32
+    # Under autocast the module's float32 weights and input reach the op in the autocast dtype.
+    dtype = data.dtype
+    if device_type == "cpu" and dtype == torch.float32 and _cpu_autocast_enabled():
+        dtype = _cpu_autocast_dtype()
     recurrence = getattr(module, "recurrence", "auto")
     weights = list(module._flat_weights)
     per_layer = len(weights) // module.num_layers
     states = [t for t in (hx or ()) if isinstance(t, Tensor)]
     training = _needs_grad([data, *states, *weights])
     plan["shape"] = (f"T={len(step_rows)}, N={step_rows[0] if step_rows else 0}, rows={sum(step_rows)}, "
-                     f"{data.dtype}, {'training' if training else 'inference'}, recurrence={recurrence!r}")
+                     f"{dtype}, {'training' if training else 'inference'}, recurrence={recurrence!r}")
     if device_type != "cpu":
         plan["note"] = f"input on {device_type}: explain covers the CPU planner only"
         return plan
@@ -234,7 +272,7 @@ def explain(module: torch.nn.Module, input, hx=None, *, machine: Optional[Dict[s
         I = module.input_size if layer == 0 else D * Hout
         layer_weights = weights[layer * per_layer:(layer + 1) * per_layer]
         need_weight_grads = _needs_grad(layer_weights)
-        entry = _layer_plan(step_rows, I, H, Hout, D, float32, module.proj_size > 0, recurrence, training,
+        entry = _layer_plan(step_rows, I, H, Hout, D, dtype, module.proj_size > 0, recurrence, training,
                             need_input_grad=input_grad, need_weight_grads=need_weight_grads,
                             need_h0_grad=_needs_grad(states), vector_kernels=vector_kernels, machine=machine)
         entry["layer"] = layer

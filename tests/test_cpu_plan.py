@@ -343,3 +343,69 @@ def test_explain_packed_sequence_and_other_machines():
     assert "training" in plan["shape"]
     with pytest.raises(TypeError):
         fused_lstm.explain(torch.nn.GRU(8, 8), torch.randn(3, 2, 8))
+
+
+# ---- bfloat16 (csrc/cpu/bf16_recurrence.h) ----
+
+def bf16_forward(batch, hidden, input_size, rows=None, machine=None, kernels="amx", **kw):
+    machine = dict(machine or {}, bf16_kernels=kernels)
+    return _C.cpu_plan_bf16_forward(batch, hidden, input_size, rows if rows is not None else 50 * batch,
+                                    machine=machine, **kw)
+
+
+def test_bf16_forward_kernel_follows_the_cpu_and_the_batch(machine):
+    overrides, _, limits = machine
+    small = limits["amx_min_batch"]
+    assert not bf16_forward(8, 64, 64, machine=overrides, kernels="aten")["fused"]
+    assert bf16_forward(8, 64, 64, machine=overrides, kernels="avx512_bf16")["kernel"] == "avx512_bf16"
+    assert bf16_forward(small, 64, 64, machine=overrides)["kernel"] == "amx"
+    plan = bf16_forward(small - 1, 64, 64, machine=overrides)
+    assert plan["kernel"] == "avx512_bf16" and plan["row_tile"] == 1
+    assert bf16_forward(small, 64, 64, machine=overrides)["row_tile"] == limits["amx_tile_rows"]
+    assert not bf16_forward(8, 64, 64, machine=overrides, projection=True, out_hidden=32)["fused"]
+    assert not bf16_forward(1, 64, 64, rows=limits["min_recurrence_rows"] - 1, machine=overrides)["fused"]
+    assert bf16_forward(1, 64, 64, rows=1, machine=overrides, required=True)["fused"]
+
+
+def test_bf16_backward_plan(machine):
+    overrides, full, limits = machine
+    plan = _C.cpu_plan_bf16_backward(8, 100, 400, machine=dict(overrides or {}, bf16_kernels="amx"))
+    assert plan["fused"] and plan["kernel"] == "amx" and plan["packed_depth"] == 416
+    assert 1 <= plan["threads"] <= min(full["threads"], ceil_div(100, 64))
+    assert not _C.cpu_plan_bf16_backward(8, 100, 400, machine=dict(overrides or {}, bf16_kernels="aten"))["fused"]
+    assert not _C.cpu_plan_bf16_backward(8, 100, 400, projection=True, machine=overrides)["fused"]
+    assert _C.cpu_plan_bf16_backward(limits["amx_min_batch"] - 1, 100, 400,
+                                     machine=dict(overrides or {}, bf16_kernels="amx"))["kernel"] == "avx512_bf16"
+
+
+@pytest.mark.parametrize("hidden", [16, 37, 100, 512, 1030])
+def test_bf16_forward_packed_depth_and_threads(machine, hidden):
+    overrides, full, limits = machine
+    for batch in (1, 8, 64, 200):
+        plan = bf16_forward(batch, hidden, 32, machine=overrides)
+        multiple = limits["bf16_packed_depth_multiple"]
+        assert plan["packed_depth"] % multiple == 0 and hidden <= plan["packed_depth"] < hidden + multiple
+        assert 1 <= plan["threads"] <= min(full["threads"], ceil_div(hidden, 16) if not plan["split_rows"] else batch)
+        packed = 4 * ceil_div(hidden, 16) * 16 * plan["packed_depth"] * 2
+        if plan["split_rows"]:
+            assert batch >= limits["row_split_min_batch"]
+            assert packed <= full["l2_bytes"] // limits["bf16_row_split_l2_divisor"]
+
+
+@pytest.mark.skipif("amx" not in _C._supported_cpu_bf16_kernels() and "avx512_bf16" not in
+                    _C._supported_cpu_bf16_kernels(), reason="this CPU has no AVX512-BF16")
+@pytest.mark.parametrize("N", [1, 8])
+def test_explain_under_autocast_names_the_bf16_kernel(N):
+    module = fused_lstm.LSTM(16, 32, bidirectional=True)
+    x = torch.randn(20, N, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plan = fused_lstm.explain(module, x)
+        module(x)
+    fwd = plan["layers"][0]["directions"][1]["forward"]
+    assert "torch.bfloat16" in plan["shape"] and "bfloat16" in str(plan)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bwd = fused_lstm.explain(module, x.requires_grad_())["layers"][0]["directions"][0]["backward"]
+    assert bwd["path"] == f"fused backward recurrence, bfloat16 {bwd['recurrence']['kernel']}"
+    kernel = fwd["recurrence"]["kernel"]
+    assert fwd["path"] == f"fused recurrence, bfloat16 {kernel}"
+    assert fused_lstm.last_path() == f"cpu:fused-recurrence:{kernel}"

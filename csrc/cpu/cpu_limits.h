@@ -103,4 +103,33 @@ constexpr int64_t kRowSplitMinBatch = 32;
 constexpr int64_t kRowSplitMinRowsPerThread = 16;
 constexpr int64_t kRowSplitL2Multiple = 1;
 
+// ---- The bfloat16 forward recurrence (bf16_recurrence.cpp) ----
+
+// W_hh is packed with its reduction (Hout) padded to a multiple of this: one AMX tile row is 32 bfloat16 (64
+// bytes), and vdpbf16ps reads pairs. The padding is zeros in W_hh and in h, so it adds nothing.
+constexpr int64_t kBf16PackedDepthMultiple = 32;
+// Rows per AMX tile: the tile multiplies this many rows whatever the batch (padding rows are zeros).
+constexpr int64_t kAmxTileRows = 16;
+// Rows per vdpbf16ps register tile: 4 accumulators (the 64 columns of a panel) per row, plus 4 panel vectors
+// and a broadcast, within AVX-512's 32 registers.
+constexpr int64_t kDpbf16RowTile = 6;
+// Batches below this take the vdpbf16ps kernel even where AMX runs: an AMX tile computes 16 rows whatever
+// the batch, so at a few rows it does 16/N times the work of vdpbf16ps for the same weights read. At 4 rows
+// AMX already took 0.67 / 7.6 ms against vdpbf16ps' 0.88 / 10.3 (T = 50, H = 128 / 512, one Xeon core); below,
+// unmeasured, vdpbf16ps is kept.
+constexpr int64_t kAmxMinBatch = 4;
+// bfloat16 splits the batch rows (as kRowSplit* above) only while the packed W_hh takes at most 1 /
+// kBf16RowSplitL2Divisor of one core's L2: each thread streams all of it every step next to its rows' gates, and
+// at exactly one L2 (H = 512) the units split ran 3% faster (16.4 against 17.0 ms, N = 64, 2 Xeon cores).
+constexpr int64_t kBf16RowSplitL2Divisor = 2;
+// The input projection runs in chunks of steps whose bfloat16 gates take at most 1 / kBf16ProjectionL2Divisor of
+// one core's L2, just before the team runs them, so that the pointwise step finds them in cache ...
+constexpr int64_t kBf16ProjectionL2Divisor = 2;
+// ... but of at least this many rows: oneDNN's bfloat16 GEMM reorders W_ih on every call, and [R, H] @ [H, 4H]
+// in chunks of 1024 / 512 / 128 rows took 1.1x / 1.3x / 2x the time of one call (H = 512 and 1024, R = 3200).
+constexpr int64_t kBf16MinProjectionChunkRows = 1024;
+// The pointwise step prefetches the gates of the row this many rows ahead (they are 8H bytes apart, too far for
+// the hardware's stride prefetcher from H = 256 on).
+constexpr int64_t kBf16PrefetchRows = 4;
+
 }  // namespace fused_lstm::cpu_limits

@@ -84,6 +84,7 @@ Machine this_machine() {
   m.row_tile = with_selected_isa([](auto isa) -> int64_t { return decltype(isa)::kRowTile; });
   m.l2_bytes = cpu_caches().l2_bytes;
   m.l3_bytes = cpu_caches().l3_bytes;
+  m.bf16_kernels = cpu_bf16_kernels();
   return m;
 }
 
@@ -281,6 +282,59 @@ ForwardPlan plan_forward(const ForwardShape& s, const Machine& m) {
                     ? "packed, threads split hidden units; a thread's W_ih + W_hh share fits half its L2: "
                       "projection fused per step"
                     : "packed, threads split hidden units; projection in chunks of steps";
+  return plan;
+}
+
+Bf16ForwardPlan plan_bf16_forward(const ForwardShape& s, const Machine& m) {
+  Bf16ForwardPlan plan;
+  const int64_t N = s.batch, H = s.hidden, Hout = s.out_hidden;
+  if (!s.bfloat16 || s.projection || m.bf16_kernels == CpuBf16Kernels::aten) {
+    plan.reason = !s.bfloat16     ? "not bfloat16"
+                  : s.projection ? "proj_size: the per-step loop (the fused recurrence has no w_hr)"
+                                 : "this CPU has no AVX512-BF16 (or the avx512 kernels are not in use): the "
+                                   "per-step loop with ATen's GEMMs";
+    return plan;
+  }
+  if (s.rows < limits::kMinRecurrenceRows && !s.required) {
+    plan.reason = "too few rows in the sequence to repay packing: the per-step loop";
+    return plan;
+  }
+  plan.fused = true;
+  const bool amx = m.bf16_kernels == CpuBf16Kernels::amx && N >= limits::kAmxMinBatch;
+  plan.kernel = amx ? CpuBf16Kernels::amx : CpuBf16Kernels::avx512_bf16;
+  plan.row_tile = amx ? limits::kAmxTileRows : 1;
+  plan.packed_depth = ceil_div(Hout, limits::kBf16PackedDepthMultiple) * limits::kBf16PackedDepthMultiple;
+  const int64_t weights = 4 * ceil_div(H, kGroup) * kGroup * plan.packed_depth * 2;  // packed bfloat16 W_hh
+  const int64_t unit_team = team_size(H, Hout, N, ceil_div(H, kGroup), m);
+  const int64_t row_team = std::clamp<int64_t>(
+      N / std::max(limits::kRowSplitMinRowsPerThread, plan.row_tile), 1, m.threads);
+  plan.split_rows = N >= limits::kRowSplitMinBatch && weights <= m.l2_bytes / limits::kBf16RowSplitL2Divisor &&
+                    row_team >= unit_team;
+  plan.threads = plan.split_rows ? row_team : unit_team;
+  const int64_t step_gate_bytes = std::max<int64_t>(1, N * 4 * H * 2);
+  plan.chunk_steps = std::max({int64_t{1}, m.l2_bytes / limits::kBf16ProjectionL2Divisor / step_gate_bytes,
+                               ceil_div(limits::kBf16MinProjectionChunkRows, std::max<int64_t>(1, N))});
+  plan.reason = plan.split_rows ? "bfloat16, packed W_hh fits one core's L2 and the batch is large: threads split "
+                                  "the batch"
+                                : "bfloat16, threads split hidden units, a barrier per step";
+  return plan;
+}
+
+Bf16BackwardPlan plan_bf16_backward(int64_t N, int64_t H, int64_t R, bool projection, const Machine& m) {
+  Bf16BackwardPlan plan;
+  if (projection || m.bf16_kernels == CpuBf16Kernels::aten || R < limits::kMinRecurrenceRows) {
+    plan.reason = projection ? "proj_size: the per-step loop"
+                  : m.bf16_kernels == CpuBf16Kernels::aten
+                      ? "this CPU has no AVX512-BF16 (or the avx512 kernels are not in use): the per-step loop"
+                      : "too few rows in the sequence to repay packing W_hh: the per-step loop";
+    return plan;
+  }
+  plan.fused = true;
+  const bool amx = m.bf16_kernels == CpuBf16Kernels::amx && N >= limits::kAmxMinBatch;
+  plan.kernel = amx ? CpuBf16Kernels::amx : CpuBf16Kernels::avx512_bf16;
+  plan.packed_depth = ceil_div(4 * H, limits::kBf16PackedDepthMultiple) * limits::kBf16PackedDepthMultiple;
+  plan.threads = team_size(H, H, N, ceil_div(H, 4 * kGroup), m);
+  plan.reason = "bfloat16 backward recurrence: threads own 64-unit panels of dh, one barrier per step";
   return plan;
 }
 

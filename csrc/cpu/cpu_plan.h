@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "cpu_features.h"
+
 namespace fused_lstm::cpu_plan {
 
 // Bytes of one float32.
@@ -18,6 +20,7 @@ struct Machine {
   int64_t row_tile = 6;  // rows per packed-panel register tile of the kernels in use (simd.h, kRowTile)
   int64_t l2_bytes = 0;  // one core's L2
   int64_t l3_bytes = 0;  // the L3 a core shares with the others
+  CpuBf16Kernels bf16_kernels = CpuBf16Kernels::aten;  // the best bfloat16 product kernel the call may use
 };
 
 // The CPU's caches, read once per process: sysconf(_SC_LEVEL2_CACHE_SIZE / _SC_LEVEL3_CACHE_SIZE), else
@@ -126,6 +129,7 @@ int64_t team_size(int64_t H, int64_t K, int64_t N, int64_t slices, const Machine
 struct ForwardShape {
   int64_t batch = 0, hidden = 0, out_hidden = 0, input_size = 0, rows = 0;
   bool float32 = true;
+  bool bfloat16 = false;        // bfloat16 storage (autocast): plan_bf16_forward
   bool projection = false;      // proj_size (w_hr): the per-step loop, always
   bool vector_kernels = true;   // the CPU runs fused_lstm's kernels (cpu_features.h)
   bool required = false;        // recurrence='persistent': the fused recurrence or an error
@@ -145,6 +149,32 @@ struct ForwardPlan {
   const char* reason = "";
 };
 ForwardPlan plan_forward(const ForwardShape& shape, const Machine& m);
+
+// One bfloat16 forward recurrence direction (bf16_recurrence.cpp): the driver projects the input (ATen's
+// GEMM), the recurrence packs W_hh into VNNI pairs and runs h_{t-1} @ W_hh^T with `kernel` and the pointwise step
+// in float32, threads splitting the hidden units (a barrier per step) or the batch rows (none).
+struct Bf16ForwardPlan {
+  bool fused = false;
+  CpuBf16Kernels kernel = CpuBf16Kernels::aten;  // amx or avx512_bf16 when fused
+  bool split_rows = false;
+  int64_t row_tile = 1;        // rows per product tile: a row split cuts the batch at multiples of it
+  int64_t packed_depth = 0;    // Hout padded to kBf16PackedDepthMultiple
+  int64_t chunk_steps = 1;     // steps per chunk of the input projection (ATen's GEMM between team runs)
+  int64_t threads = 1;
+  const char* reason = "";
+};
+Bf16ForwardPlan plan_bf16_forward(const ForwardShape& shape, const Machine& m);
+
+// One bfloat16 backward recurrence direction (bf16_recurrence.cpp): W_hh packed into VNNI pairs of 64 units, each
+// thread owning whole panels of dh = d_gates @ W_hh, one barrier per step (as plan_backward's float32 one).
+struct Bf16BackwardPlan {
+  bool fused = false;
+  CpuBf16Kernels kernel = CpuBf16Kernels::aten;
+  int64_t packed_depth = 0;  // 4H padded to kBf16PackedDepthMultiple
+  int64_t threads = 1;
+  const char* reason = "";
+};
+Bf16BackwardPlan plan_bf16_backward(int64_t batch, int64_t hidden, int64_t rows, bool projection, const Machine& m);
 
 // One backward recurrence direction (never with projections: those take the per-step loop).
 struct BackwardPlan {

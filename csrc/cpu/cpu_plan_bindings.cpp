@@ -18,13 +18,18 @@ Machine machine_from(const py::object& overrides) {
   const py::dict d = overrides.cast<py::dict>();
   for (const auto& item : d) {
     const std::string key = item.first.cast<std::string>();
+    if (key == "bf16_kernels") {
+      m.bf16_kernels = cpu_bf16_kernels_from_name(item.second.cast<std::string>().c_str());
+      continue;
+    }
     const int64_t value = item.second.cast<int64_t>();
     TORCH_CHECK(value > 0, "fused_lstm: machine['", key, "'] must be positive, got ", value);
     if (key == "threads") m.threads = value;
     else if (key == "row_tile") m.row_tile = value;
     else if (key == "l2_bytes") m.l2_bytes = value;
     else if (key == "l3_bytes") m.l3_bytes = value;
-    else TORCH_CHECK(false, "fused_lstm: unknown machine key '", key, "' (threads, row_tile, l2_bytes, l3_bytes)");
+    else TORCH_CHECK(false, "fused_lstm: unknown machine key '", key, "' (threads, row_tile, l2_bytes, l3_bytes, "
+                "bf16_kernels)");
   }
   return m;
 }
@@ -35,6 +40,7 @@ py::dict machine_dict(const Machine& m) {
   d["row_tile"] = m.row_tile;
   d["l2_bytes"] = m.l2_bytes;
   d["l3_bytes"] = m.l3_bytes;
+  d["bf16_kernels"] = cpu_bf16_kernels_name(m.bf16_kernels);
   return d;
 }
 
@@ -69,6 +75,13 @@ void register_cpu_plan_bindings(py::module_& m) {
     d["row_split_min_batch"] = limits::kRowSplitMinBatch;
     d["row_split_min_rows_per_thread"] = limits::kRowSplitMinRowsPerThread;
     d["flops_per_thread"] = limits::kFlopsPerThread;
+    d["bf16_packed_depth_multiple"] = limits::kBf16PackedDepthMultiple;
+    d["amx_tile_rows"] = limits::kAmxTileRows;
+    d["dpbf16_row_tile"] = limits::kDpbf16RowTile;
+    d["amx_min_batch"] = limits::kAmxMinBatch;
+    d["bf16_projection_l2_divisor"] = limits::kBf16ProjectionL2Divisor;
+    d["bf16_row_split_l2_divisor"] = limits::kBf16RowSplitL2Divisor;
+    d["bf16_min_projection_chunk_rows"] = limits::kBf16MinProjectionChunkRows;
     // From the caches:
     d["usable_l3_bytes"] = usable_l3_bytes(mach);
     d["fused_projection_max_slice_bytes"] = fused_projection_max_slice_bytes(mach);
@@ -151,6 +164,62 @@ void register_cpu_plan_bindings(py::module_& m) {
         py::arg("out_hidden") = 0, py::arg("float32") = true, py::arg("projection") = false,
         py::arg("vector_kernels") = true, py::arg("required") = false, py::arg("machine") = py::none(),
         "The CPU planner's forward recurrence of one direction (cpu_plan.h, plan_forward)");
+
+  m.def("cpu_plan_bf16_forward",
+        [](int64_t batch, int64_t hidden, int64_t input_size, int64_t rows, int64_t out_hidden, bool projection,
+           bool required, const py::object& machine) {
+          ForwardShape s;
+          s.batch = batch;
+          s.hidden = hidden;
+          s.out_hidden = out_hidden > 0 ? out_hidden : hidden;
+          s.input_size = input_size;
+          s.rows = rows;
+          s.float32 = false;
+          s.bfloat16 = true;
+          s.projection = projection;
+          s.required = required;
+          const Bf16ForwardPlan p = plan_bf16_forward(s, machine_from(machine));
+          py::dict d;
+          d["fused"] = p.fused;
+          d["kernel"] = cpu_bf16_kernels_name(p.kernel);
+          d["split_rows"] = p.split_rows;
+          d["row_tile"] = p.row_tile;
+          d["packed_depth"] = p.packed_depth;
+          d["chunk_steps"] = p.chunk_steps;
+          d["threads"] = p.threads;
+          d["reason"] = p.reason;
+          return d;
+        },
+        py::arg("batch"), py::arg("hidden"), py::arg("input_size"), py::arg("rows"), py::kw_only(),
+        py::arg("out_hidden") = 0, py::arg("projection") = false, py::arg("required") = false,
+        py::arg("machine") = py::none(),
+        "The CPU planner's bfloat16 forward recurrence of one direction (cpu_plan.h, plan_bf16_forward)");
+
+  m.def("cpu_plan_bf16_backward",
+        [](int64_t batch, int64_t hidden, int64_t rows, bool projection, const py::object& machine) {
+          const Bf16BackwardPlan p = plan_bf16_backward(batch, hidden, rows, projection, machine_from(machine));
+          py::dict d;
+          d["fused"] = p.fused;
+          d["kernel"] = cpu_bf16_kernels_name(p.kernel);
+          d["packed_depth"] = p.packed_depth;
+          d["threads"] = p.threads;
+          d["reason"] = p.reason;
+          return d;
+        },
+        py::arg("batch"), py::arg("hidden"), py::arg("rows"), py::kw_only(), py::arg("projection") = false,
+        py::arg("machine") = py::none(),
+        "The CPU planner's bfloat16 backward recurrence of one direction (cpu_plan.h, plan_bf16_backward)");
+
+  m.def(
+      "_set_cpu_bf16_kernels",
+      [](const std::string& name) {
+        return std::string(cpu_bf16_kernels_name(set_cpu_bf16_kernels(cpu_bf16_kernels_from_name(name.c_str()))));
+      },
+      py::arg("name"),
+      "Selects the bfloat16 recurrence's product kernel: 'amx', 'avx512_bf16' or 'aten' (csrc/cpu/cpu_features.h), "
+      "any this CPU supports; returns the previous selection. For tests and measurements.");
+  m.def("_supported_cpu_bf16_kernels", &supported_cpu_bf16_kernel_names,
+        "The bfloat16 product kernels this CPU can run, for _set_cpu_bf16_kernels.");
 
   m.def("cpu_plan_backward",
         [](int64_t batch, int64_t hidden, int64_t rows, bool float32, bool projection, bool vector_kernels,

@@ -15,6 +15,7 @@
 
 #include "../cell_step.h"
 #include "../lstm_layer.h"
+#include "bf16_recurrence.h"
 #include "cpu_features.h"
 #include "cpu_limits.h"
 #include "cpu_plan.h"
@@ -130,16 +131,24 @@ class CpuBackend final : public LayerBackend {
   // The fused recurrences need the vector kernels (cpu_features.h); without them the driver's per-step loop
   // runs.
   bool recurrence_forward(const RecurrenceForwardArgs& a) const override {
+    if (a.h_state.scalar_type() == at::kBFloat16) {  // its own kernels (bf16_recurrence.h)
+      const char* kernel = cpu_bf16_recurrence_forward(a);
+      if (kernel) bf16_kernel_ = kernel;
+      return kernel != nullptr;
+    }
     TORCH_CHECK(cpu_vector_kernels() || !a.required, "fused_lstm: recurrence='persistent' on the CPU needs a CPU "
                 "with AVX2 and FMA (x86-64-v3) or AVX-512; use recurrence='auto' or 'standard' on this one");
     return cpu_vector_kernels() && cpu_recurrence_forward(a);
   }
   bool recurrence_backward(const RecurrenceBackwardArgs& a) const override {
-    // The fused backward has no projection: with one the driver's per-step loop runs.
-    return !a.w_hr.defined() && cpu_vector_kernels() && cpu_recurrence_backward(a);
+    // The fused backward recurrences have no projection: with one the driver's per-step loop runs.
+    if (a.w_hr.defined()) return false;
+    if (a.gates.scalar_type() == at::kBFloat16) return cpu_bf16_recurrence_backward(a) != nullptr;
+    return cpu_vector_kernels() && cpu_recurrence_backward(a);
   }
   std::string path_name(bool whole_recurrence) const override {
-    return whole_recurrence ? "cpu:fused-recurrence" : "cpu:per-step";
+    if (!whole_recurrence) return "cpu:per-step";
+    return bf16_kernel_ ? std::string("cpu:fused-recurrence:") + bf16_kernel_ : "cpu:fused-recurrence";
   }
 
  private:
@@ -167,6 +176,8 @@ class CpuBackend final : public LayerBackend {
   mutable std::deque<std::pair<OperandKey, PackedMatrix>> packed_;
   // The distinct operands this call has read in place so far.
   mutable std::vector<OperandKey> in_place_;
+  // The product kernel of the bfloat16 recurrence, if one ran in this call (for path_name).
+  mutable const char* bf16_kernel_ = nullptr;
 };
 
 }  // namespace

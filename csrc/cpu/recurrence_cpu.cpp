@@ -26,6 +26,7 @@
 #include "cpu_plan.h"
 #include "dot_gemm.h"
 #include "packed_gemm.h"
+#include "recurrence_team.h"
 #include "step_spans.h"
 
 namespace fused_lstm {
@@ -237,11 +238,21 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
     const int64_t unit_begin = block_begin * kGroup, unit_end = std::min(H, block_end * kGroup);
     const int64_t own_rows_begin = split_rows ? N * thread / team : 0;  // batch rows this thread runs
     const int64_t own_rows_end = split_rows ? N * (thread + 1) / team : N;
-    int64_t parity = 0;
+    TeamWalk<float> walk;
+    walk.steps = steps;
+    walk.reverse = a.reverse;
+    walk.split_rows = split_rows;
+    walk.step_rows = a.step_rows;
+    walk.step_offset = a.step_offset;
+    walk.own_rows_begin = own_rows_begin;
+    walk.own_rows_end = own_rows_end;
+    walk.unit_begin = unit_begin;
+    walk.unit_end = unit_end;
+    walk.h_buf = h_buf;
+    walk.h_size = N * Hout;
+    walk.h_stride = Hout;
     int64_t gates_origin = 0;  // the input row whose gates are gates[0]
-    for (int64_t step = 0; step < steps; ++step) {
-      const int64_t t = a.reverse ? steps - 1 - step : step;
-      const int64_t rows = (*a.step_rows)[t], row0 = (*a.step_offset)[t];
+    const auto at_step = [&](int64_t step, int64_t t) {
       if (owns_projection && !per_step_projection && step % chunk_steps == 0) {
         // The chunk's steps cover one contiguous range of input rows (rows are stored step by step).
         const int64_t last = std::min(steps, step + chunk_steps) - 1;
@@ -253,11 +264,10 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
                                   gates + (chunk_begin - gates_origin) * 4 * H, H, chunk_end - chunk_begin,
                                   block_begin, block_end);
       }
-      if (rows == 0) continue;  // the same on every thread, so the barriers stay matched
+    };
+    const auto run_step = [&](int64_t /*rows*/, int64_t row0, int64_t r0, int64_t r1, const float* h_cur,
+                              float* h_next) {
       if (per_step_projection && !a.gates.defined()) gates_origin = row0;
-      float* h_cur = h_buf + parity * N * Hout;
-      float* h_next = h_buf + (1 - parity) * N * Hout;
-      const int64_t r0 = std::min(rows, own_rows_begin), r1 = std::min(rows, own_rows_end);  // active own rows
       if (r1 > r0) {
         const StepForwardArgs s = StepForwardArgs{
             .dtype = at::kFloat,
@@ -286,16 +296,8 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
           run_kernel<ThreadStep>(s, projection, packed_ptr, w_hh_layout, block_begin, block_end);
         }
       }
-      // Rows not active this step keep their state: carry them into the buffer that becomes current.
-      for (int64_t b = std::max(rows, own_rows_begin); b < own_rows_end; ++b) {
-        std::copy(h_cur + b * Hout + unit_begin, h_cur + b * Hout + unit_end, h_next + b * Hout + unit_begin);
-      }
-      parity = 1 - parity;
-      // Split by rows, a thread's sequences depend on nothing the others write: no barrier at all.
-      if (!split_rows) {
-#pragma omp barrier
-      }
-    }
+    };
+    const int64_t parity = walk_steps(walk, 0, 0, steps, at_step, run_step);
     if (thread == 0) final_buffer = parity;
   }
   a.h_state.copy_(h_buffers[final_buffer]);

@@ -1,0 +1,56 @@
+// The time walk one member of a forward recurrence's OpenMP team runs, shared by the float32 recurrence
+// (recurrence_cpu.cpp) and the bfloat16 one (bf16_recurrence.cpp), which differ in what a step computes. h is
+// double-buffered (every thread reads all of h_{t-1} while others write h_t); the team splits the hidden units
+// (a barrier per step) or the batch rows (none: a thread's sequences depend on nothing another writes).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace fused_lstm {
+
+// One thread's share of the walk. Element type T: the h buffers' (float or bfloat16 bits).
+template <typename T>
+struct TeamWalk {
+  int64_t steps = 0;
+  bool reverse = false;     // walk time from T-1 down to 0
+  bool split_rows = false;  // the team splits the batch rows: no barrier per step
+  const std::vector<int64_t>* step_rows = nullptr;    // [T] active rows per step
+  const std::vector<int64_t>* step_offset = nullptr;  // [T] first row of each step
+  int64_t own_rows_begin = 0, own_rows_end = 0;       // batch rows this thread runs
+  int64_t unit_begin = 0, unit_end = 0;               // the h columns this thread writes
+  T* h_buf = nullptr;                                 // [2][h_size]: h_{t-1} and h_t, swapped every step
+  int64_t h_size = 0, h_stride = 0;                   // elements per buffer and per batch row
+};
+
+// Walks steps [step_begin, step_end) from buffer `parity` and returns the parity after them. For every step,
+// at_step(step, time) first (also for steps without rows); then for steps with rows,
+// run_step(rows, row0, r0, r1, h_cur, h_next): the step's `rows` active rows start at input row row0, this
+// thread computes rows [r0, r1) of them (r1 <= r0 when none) and its units. The walk then carries the thread's
+// rows that are not active (finished sequences) into the buffer that becomes current and meets the team.
+template <typename T, typename AtStep, typename RunStep>
+inline __attribute__((always_inline)) int64_t walk_steps(const TeamWalk<T>& w, int64_t parity, int64_t step_begin,
+                                                         int64_t step_end, AtStep&& at_step, RunStep&& run_step) {
+  for (int64_t step = step_begin; step < step_end; ++step) {
+    const int64_t time = w.reverse ? w.steps - 1 - step : step;
+    at_step(step, time);
+    const int64_t rows = (*w.step_rows)[time], row0 = (*w.step_offset)[time];
+    if (rows == 0) continue;  // the same on every thread, so the barriers stay matched
+    T* h_cur = w.h_buf + parity * w.h_size;
+    T* h_next = w.h_buf + (1 - parity) * w.h_size;
+    run_step(rows, row0, std::min(rows, w.own_rows_begin), std::min(rows, w.own_rows_end),
+             static_cast<const T*>(h_cur), h_next);
+    for (int64_t b = std::max(rows, w.own_rows_begin); b < w.own_rows_end; ++b) {
+      std::copy(h_cur + b * w.h_stride + w.unit_begin, h_cur + b * w.h_stride + w.unit_end,
+                h_next + b * w.h_stride + w.unit_begin);
+    }
+    parity = 1 - parity;
+    if (!w.split_rows) {
+#pragma omp barrier
+    }
+  }
+  return parity;
+}
+
+}  // namespace fused_lstm

@@ -1,0 +1,236 @@
+"""bfloat16 on the CPU (autocast's dtype there): the fused recurrence (csrc/cpu/bf16_recurrence.h) with each product
+kernel this CPU has, forced in turn (AMX tiles, vdpbf16ps); a kernel whose instructions the CPU lacks skips. Each
+case runs an fp32 module under torch.autocast, as users do, against a float64 run of the same bfloat16-rounded
+arguments: our error at most 2x torch.nn.LSTM's own under the same autocast, plus a floor of a fraction of a
+bfloat16 ulp. The driver's buffers come out of at::empty filled with NaN (deterministic mode), so an element the
+kernel never writes shows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import fused_lstm
+from fused_lstm import _C, reference
+
+from conftest import lstm_pair
+
+SUPPORTED = _C._supported_cpu_bf16_kernels()
+BF16_EPS = torch.finfo(torch.bfloat16).eps
+
+
+@pytest.fixture(params=["amx", "avx512_bf16"])
+def bf16_kernel(request):
+    """Each bfloat16 product kernel in turn, where this CPU has its instructions (cpu_features.h)."""
+    if request.param not in SUPPORTED:
+        pytest.skip(f"this CPU has no {request.param} (supports {SUPPORTED})")
+    previous_f32 = _C._set_cpu_kernels("avx512")
+    previous = _C._set_cpu_bf16_kernels(request.param)
+    assert fused_lstm.build_info()["cpu_bf16_kernels"] == request.param
+    yield request.param
+    _C._set_cpu_bf16_kernels(previous)
+    _C._set_cpu_kernels(previous_f32)
+
+
+@pytest.fixture
+def poisoned_empty():
+    """at::empty fills with NaN while this is active."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(was)
+
+
+def expected_kernel(kernel, batch, hidden, input_size, rows):
+    plan = _C.cpu_plan_bf16_forward(batch, hidden, input_size, rows)
+    assert plan["fused"], plan["reason"]
+    assert plan["kernel"] == kernel or (kernel == "amx" and plan["kernel"] == "avx512_bf16"), plan
+    return plan["kernel"]
+
+
+def assert_error_within_torch(mine, theirs, exact, what):
+    """RMS error at most 2x torch's plus 1/16 bfloat16 ulp of the magnitude; the largest at most 2x torch's plus
+    one ulp (one element's error is noisier than the RMS: a single rounding of a bfloat16 output either way)."""
+    mine, theirs, exact = mine.detach().double(), theirs.detach().double(), exact.detach().double()
+    magnitude = max(1.0, exact.abs().max().item())
+    rms = lambda t: (t - exact).pow(2).mean().sqrt().item()  # noqa: E731
+    largest = lambda t: (t - exact).abs().max().item()  # noqa: E731
+    assert torch.isfinite(mine).all(), (what, "non-finite: an element was never written")
+    assert rms(mine) <= 2 * rms(theirs) + BF16_EPS / 16 * magnitude, (what, "rms", rms(mine), rms(theirs))
+    assert largest(mine) <= 2 * largest(theirs) + BF16_EPS * magnitude, (what, "max", largest(mine), largest(theirs))
+
+
+def rounded(t):
+    return t.detach().to(torch.bfloat16).double()
+
+
+def float64_run(module, x, hx, lengths):
+    """torch.nn.LSTM in float64 on the bfloat16-rounded weights, input and state: what autocast hands both."""
+    twin = torch.nn.LSTM(module.input_size, module.hidden_size, num_layers=module.num_layers,
+                         bidirectional=module.bidirectional, dtype=torch.float64)
+    with torch.no_grad():
+        for mine, theirs in zip(module._flat_weights, twin._flat_weights):
+            theirs.copy_(rounded(mine))
+    x64 = rounded(x).requires_grad_(x.requires_grad)
+    hx64 = tuple(rounded(s) for s in hx) if hx is not None else None
+    return twin, x64, run(twin, x64, hx64, lengths)
+
+
+def run(module, x, hx, lengths):
+    """(output padded [T, N, D H], h_n, c_n) of module on x, packed when lengths is given."""
+    inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if lengths is not None else x
+    out, (h, c) = module(inp, hx)
+    if lengths is not None:
+        out = pad_packed_sequence(out, total_length=x.size(0))[0]
+    return out, h, c
+
+
+CASES = [
+    # steps, batch, input, hidden, layers, bidirectional, packed, h0
+    (12, 8, 32, 64, 1, False, False, False),
+    (20, 1, 20, 37, 1, False, False, True),
+    (7, 17, 33, 70, 1, True, False, False),
+    (10, 17, 24, 48, 2, True, True, True),
+    (8, 5, 16, 16, 2, False, True, False),
+    (6, 40, 64, 130, 1, False, False, True),
+]
+
+
+@pytest.mark.parametrize("steps,batch,input_size,hidden,layers,bidirectional,packed,h0", CASES)
+def test_inference_within_torch_error(steps, batch, input_size, hidden, layers, bidirectional, packed, h0, bf16_kernel,
+                                      poisoned_empty):
+    ref, ours = lstm_pair(input_size, hidden, num_layers=layers, bidirectional=bidirectional, dtype=torch.float32,
+                          init_scale=None)
+    D = 2 if bidirectional else 1
+    x = torch.randn(steps, batch, input_size)
+    hx = tuple(torch.randn(D * layers, batch, hidden) for _ in range(2)) if h0 else None
+    lengths = torch.randint(1, steps + 1, (batch,)) if packed else None
+    if lengths is not None:
+        lengths[0] = steps
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mine = run(ours, x, hx, lengths)
+        path = fused_lstm.last_path()
+        theirs = run(ref, x, hx, lengths)
+    rows = int(lengths.sum()) if lengths is not None else steps * batch
+    assert path == "cpu:fused-recurrence:" + expected_kernel(bf16_kernel, batch, hidden, input_size, rows)
+    with torch.no_grad():
+        _, _, exact = float64_run(ours, x, hx, lengths)
+    for name, a, b, e in zip(("output", "h_n", "c_n"), mine, theirs, exact):
+        assert a.dtype == torch.bfloat16
+        assert_error_within_torch(a, b, e, name)
+
+
+@pytest.mark.parametrize("steps,batch,input_size,hidden,layers,bidirectional,packed,h0", [CASES[0], CASES[3]])
+def test_training_gradients_within_torch_error(steps, batch, input_size, hidden, layers, bidirectional, packed, h0,
+                                               bf16_kernel):
+    """Training under autocast: the forward keeps the workspace the backward reads (post-activation gates,
+    c_prev, h_prev in bfloat16); the gradients reach the float32 parameters."""
+    ref, ours = lstm_pair(input_size, hidden, num_layers=layers, bidirectional=bidirectional, dtype=torch.float32,
+                          init_scale=None)
+    D = 2 if bidirectional else 1
+    x = torch.randn(steps, batch, input_size)
+    hx = tuple(torch.randn(D * layers, batch, hidden) for _ in range(2)) if h0 else None
+    lengths = torch.randint(1, steps + 1, (batch,)) if packed else None
+    if lengths is not None:
+        lengths[0] = steps
+    grad_out = torch.randn(steps, batch, D * hidden)
+    if lengths is not None:  # padding gets no gradient (pad_packed_sequence fills it with zeros)
+        grad_out *= (torch.arange(steps)[:, None] < lengths[None, :]).unsqueeze(-1)
+
+    def grads(module, x, hx, autocast):
+        x = x.detach().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, h, c = run(module, x, hx, lengths)
+        (out.double() * grad_out.double()).sum().add(h.double().sum()).backward()
+        result = [x.grad] + [p.grad for p in module._flat_weights]
+        module.zero_grad()
+        return result, out
+
+    mine, out = grads(ours, x, hx, True)
+    path = fused_lstm.last_path()
+    theirs, _ = grads(ref, x, hx, True)
+    twin, _, _ = float64_run(ours, x, hx, lengths)
+    exact, _ = grads(twin, rounded(x), tuple(rounded(s) for s in hx) if hx is not None else None, False)
+    rows = int(lengths.sum()) if lengths is not None else steps * batch
+    assert path == "cpu:fused-recurrence:" + expected_kernel(bf16_kernel, batch, hidden, input_size, rows)
+    assert out.dtype == torch.bfloat16
+    for i, (a, b, e) in enumerate(zip(mine, theirs, exact)):
+        assert a.dtype == torch.float32
+        assert_error_within_torch(a, b, e, f"gradient {i}")
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_projection_in_several_chunks(training, bf16_kernel, poisoned_empty):
+    """The input projection runs in chunks of steps (cpu_plan.h, chunk_steps): forward and reversed, packed."""
+    T, N, I, H = 40, 64, 16, 256
+    plan = _C.cpu_plan_bf16_forward(N, H, I, T * N)
+    if plan["chunk_steps"] >= T:
+        pytest.skip(f"this CPU's L2 takes all {T} steps in one chunk ({plan})")
+    ref, ours = lstm_pair(I, H, bidirectional=True, dtype=torch.float32, init_scale=None)
+    ours.requires_grad_(training)
+    x = torch.randn(T, N, I)
+    lengths = torch.randint(1, T + 1, (N,))
+    lengths[0] = T
+    with torch.set_grad_enabled(training), torch.autocast("cpu", dtype=torch.bfloat16):
+        mine = run(ours, x, None, lengths)
+        assert fused_lstm.last_path() == "cpu:fused-recurrence:" + plan["kernel"]
+        theirs = run(ref, x, None, lengths)
+    twin, x64, exact = float64_run(ours, x, None, lengths)
+    for name, a, b, e in zip(("output", "h_n", "c_n"), mine, theirs, exact):
+        assert_error_within_torch(a, b, e, name)
+    if training:  # the backward recurrence over 64 rows: AMX's two-tile blocks
+        grad_out = torch.randn_like(exact[0]) * (torch.arange(T)[:, None] < lengths[None, :]).unsqueeze(-1)
+        grads = [torch.autograd.grad((out.double() * grad_out).sum(), module.weight_hh_l0)[0]
+                 for out, module in ((mine[0], ours), (theirs[0], ref), (exact[0], twin))]
+        assert_error_within_torch(*grads, "weight_hh_l0 gradient")
+
+
+@pytest.mark.parametrize("need_workspace", [True, False])
+def test_workspace_as_the_per_step_loop_writes_it(need_workspace, bf16_kernel, poisoned_empty):
+    """The layer op called directly: the fused recurrence's outputs and workspace (gates, c_prev, h_prev) agree
+    with the per-step loop's (recurrence='standard') to bfloat16 rounding, every element written."""
+    T, N, I, H = 9, 19, 24, 40
+    x = torch.randn(T, N, I, dtype=torch.bfloat16)
+    h0, c0 = (torch.randn(1, N, H, dtype=torch.bfloat16) for _ in range(2))
+    weights = [(torch.rand(*shape) - 0.5).bfloat16() for shape in ((4 * H, I), (4 * H, H), (4 * H,), (4 * H,))]
+    call = lambda recurrence: torch.ops.fused_lstm.lstm_layer(  # noqa: E731
+        x, None, h0, c0, weights, True, False, False, need_workspace, recurrence)
+    fused = call("auto")
+    assert fused_lstm.last_path().startswith("cpu:fused-recurrence:")
+    per_step = call("standard")
+    assert fused_lstm.last_path() == "cpu:per-step"
+    for name, a, b in zip(("output", "h_n", "c_n", "gates", "c_prev", "h_prev"), fused, per_step):
+        assert a.dtype == torch.bfloat16 and a.shape == b.shape, name
+        assert torch.isfinite(a).all(), name
+        # The per-step loop rounds c and the pre-activations to bfloat16 every step, the fused recurrence does
+        # not: a few bfloat16 ulps apart after 9 steps.
+        torch.testing.assert_close(a.float(), b.float(), atol=6 * BF16_EPS, rtol=6 * BF16_EPS, msg=name)
+
+
+def test_recurrence_persistent_runs_bfloat16(bf16_kernel):
+    lstm = fused_lstm.LSTM(3, 4, recurrence="persistent")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        lstm(torch.randn(1, 1, 3))  # below the automatic threshold
+    assert fused_lstm.last_path() == "cpu:fused-recurrence:avx512_bf16"  # one row: vdpbf16ps even on AMX
+
+
+def test_aten_bfloat16_kernel_takes_the_per_step_loop():
+    previous = _C._set_cpu_bf16_kernels("aten")
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            fused_lstm.LSTM(8, 16)(torch.randn(5, 4, 8))
+        assert fused_lstm.last_path() == "cpu:per-step"
+        assert not _C.cpu_plan_bf16_forward(4, 16, 8, 20)["fused"]
+    finally:
+        _C._set_cpu_bf16_kernels(previous)
+
+
+def test_kernel_selection_names_and_errors():
+    assert SUPPORTED[0] == "aten" and set(SUPPORTED) <= {"aten", "avx512_bf16", "amx"}
+    with pytest.raises(ValueError, match="unknown CPU bfloat16 kernel"):
+        _C._set_cpu_bf16_kernels("sse")
+    for kernel in {"avx512_bf16", "amx"} - set(SUPPORTED):
+        with pytest.raises(RuntimeError, match="cannot run"):
+            _C._set_cpu_bf16_kernels(kernel)
