@@ -166,6 +166,45 @@ def test_gate_refuses_wrong_gradients_only_when_training() -> None:
     assert not {"output", "h_n", "c_n"} & bad
 
 
+class HalfOffLSTM(torch.nn.LSTM):
+    """Wrong only in bf16 / fp16, as a half-precision baseline can be: its output is offset by 0.2 there."""
+
+    offset = 0.2
+
+    def forward(self, input: Any, hx: Any = None) -> Any:  # noqa: A002
+        out, state = super().forward(input, hx)
+        return (out + self.offset if out.dtype in (torch.bfloat16, torch.float16) else out), state
+
+
+class HalfUnderLSTM(HalfOffLSTM):
+    """Wrong the other way in bf16 / fp16."""
+
+    offset = -0.2
+
+
+def _gate_against(reference: torch.nn.Module, candidate: torch.nn.Module, dtype: str, grads: bool) -> Any:
+    candidate.load_state_dict(reference.state_dict())
+    reference, candidate = reference.to(DTYPES[dtype]), candidate.to(DTYPES[dtype])
+    inputs = draw_inputs(TINY, DTYPES[dtype], CPU, 1)
+    return check_pair(reference, candidate, inputs[0], grads, tolerance_for(dtype, CPU))
+
+
+@pytest.mark.parametrize("grads", [False, True], ids=["infer", "train"])
+def test_gate_judges_half_precision_against_float64_when_torch_is_off(grads: bool) -> None:
+    shape = TINY
+    # torch off in bf16, the candidate exact: passes, and says which tensor was judged against float64.
+    gate = _gate_against(HalfOffLSTM(shape.I, shape.H), torch.nn.LSTM(shape.I, shape.H), "bf16", grads)
+    assert gate.ok, gate.summary()
+    assert gate.arbitrated.startswith("judged vs float64") and "output" in gate.arbitrated
+    assert "0.2" in gate.arbitrated
+    # Both off: still a mismatch.
+    gate = _gate_against(HalfOffLSTM(shape.I, shape.H), HalfUnderLSTM(shape.I, shape.H), "bf16", grads)
+    assert not gate.ok and "output" in gate.summary()
+    # float32 never arbitrates: the candidate must match torch.
+    gate = _gate_against(torch.nn.LSTM(shape.I, shape.H), OffsetLSTM(shape.I, shape.H), "fp32", grads)
+    assert not gate.ok and gate.arbitrated == ""
+
+
 def test_compare_flags_nan_shape_and_dtype() -> None:
     tol = Tolerance(1e-4, 1e-4)
     ref = torch.ones(3)
@@ -500,7 +539,7 @@ def _imported_roots(path: Path) -> List[Optional[str]]:
 
 
 def test_benchmark_package_depends_only_on_torch_matplotlib_stdlib() -> None:
-    stdlib = {"__future__", "argparse", "collections", "csv", "dataclasses", "datetime", "gc", "importlib",
+    stdlib = {"__future__", "argparse", "collections", "copy", "csv", "dataclasses", "datetime", "gc", "importlib",
               "json", "math", "os", "pathlib", "platform", "random", "re", "signal", "statistics", "subprocess", "sys",
               "time", "typing"}
     allowed = stdlib | {"torch", "matplotlib", "numpy", None}

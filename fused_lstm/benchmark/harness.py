@@ -208,7 +208,7 @@ def _fill(row: Result, gate: GateResult, reference: torch.nn.Module, candidate: 
     flops = mode_flops(row.shape, row.mode)
     row.fused_tflops = tflops(flops, cand_stats.median_ms)
     row.torch_tflops = tflops(flops, ref_stats.median_ms)
-    row.status = "ok"
+    row.status, row.message = "ok", gate.arbitrated
 
 
 def _set_times(row: Result, prefix: str, stats: Stats) -> None:

@@ -30,7 +30,8 @@ def _num(value: Optional[float], fmt: str) -> str:
 
 def _status(r: Result) -> str:
     if r.status == "ok":
-        return "ok, noisy: rerun" if r.noisy else "ok"
+        ok = f"ok ({r.message})" if r.message else "ok"
+        return f"{ok}, noisy: rerun" if r.noisy else ok
     return f"{r.status.upper()}: {r.message}"
 
 
