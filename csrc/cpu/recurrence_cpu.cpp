@@ -265,7 +265,7 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
                                   block_begin, block_end);
       }
     };
-    const auto run_step = [&](int64_t /*rows*/, int64_t row0, int64_t r0, int64_t r1, const float* h_cur,
+    const auto run_step = [&](int64_t rows, int64_t row0, int64_t r0, int64_t r1, const float* h_cur,
                               float* h_next) {
       if (per_step_projection && !a.gates.defined()) gates_origin = row0;
       if (r1 > r0) {
@@ -276,7 +276,7 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
             .out_hidden = Hout,
             .gates = {gates + (row0 - gates_origin) * 4 * H, 4 * H},
             .c_state = {c_state, H},
-            .h_state = {h_cur, Hout},
+            .h_state = {const_cast<float*>(h_cur), Hout},  // read only
             .h_next = {h_next, Hout},
             .output = {output + row0 * output_stride, output_stride},
             .c_prev_saved = {c_prev ? c_prev + row0 * H : nullptr, H},
