@@ -98,9 +98,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("steps,batch,input_size,hidden,layers,bidirectional,packed,h0", CASES)
-def test_inference_within_torch_error(steps, batch, input_size, hidden, layers, bidirectional, packed, h0, bf16_kernel,
-                                      poisoned_empty):
+def draw_case(steps, batch, input_size, hidden, layers, bidirectional, packed, h0):
+    """float32 torch.nn.LSTM and fused_lstm.LSTM with the same weights, fresh input [T, N, I], h0/c0 or None, and
+    lengths (the first one full) or None; also D, the number of directions."""
     ref, ours = lstm_pair(input_size, hidden, num_layers=layers, bidirectional=bidirectional, dtype=torch.float32,
                           init_scale=None)
     D = 2 if bidirectional else 1
@@ -109,6 +109,13 @@ def test_inference_within_torch_error(steps, batch, input_size, hidden, layers, 
     lengths = torch.randint(1, steps + 1, (batch,)) if packed else None
     if lengths is not None:
         lengths[0] = steps
+    return ref, ours, D, x, hx, lengths
+
+
+@pytest.mark.parametrize("steps,batch,input_size,hidden,layers,bidirectional,packed,h0", CASES)
+def test_inference_within_torch_error(steps, batch, input_size, hidden, layers, bidirectional, packed, h0, bf16_kernel,
+                                      poisoned_empty):
+    ref, ours, D, x, hx, lengths = draw_case(steps, batch, input_size, hidden, layers, bidirectional, packed, h0)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         mine = run(ours, x, hx, lengths)
         path = fused_lstm.last_path()
@@ -127,14 +134,7 @@ def test_training_gradients_within_torch_error(steps, batch, input_size, hidden,
                                                bf16_kernel):
     """Training under autocast: the forward keeps the workspace the backward reads (post-activation gates,
     c_prev, h_prev in bfloat16); the gradients reach the float32 parameters."""
-    ref, ours = lstm_pair(input_size, hidden, num_layers=layers, bidirectional=bidirectional, dtype=torch.float32,
-                          init_scale=None)
-    D = 2 if bidirectional else 1
-    x = torch.randn(steps, batch, input_size)
-    hx = tuple(torch.randn(D * layers, batch, hidden) for _ in range(2)) if h0 else None
-    lengths = torch.randint(1, steps + 1, (batch,)) if packed else None
-    if lengths is not None:
-        lengths[0] = steps
+    ref, ours, D, x, hx, lengths = draw_case(steps, batch, input_size, hidden, layers, bidirectional, packed, h0)
     grad_out = torch.randn(steps, batch, D * hidden)
     if lengths is not None:  # padding gets no gradient (pad_packed_sequence fills it with zeros)
         grad_out *= (torch.arange(steps)[:, None] < lengths[None, :]).unsqueeze(-1)

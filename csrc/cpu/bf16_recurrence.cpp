@@ -288,19 +288,8 @@ FUSED_LSTM_BF16_TARGET void thread_sequence(Team& t, int64_t thread, int64_t tea
   const int64_t tiles = (t.N + t.row_tile - 1) / t.row_tile;
   const int64_t own_begin = t.split_rows ? std::min(t.N, tiles * thread / team * t.row_tile) : 0;
   const int64_t own_end = t.split_rows ? std::min(t.N, tiles * (thread + 1) / team * t.row_tile) : t.N;
-  TeamWalk<uint16_t> walk;
-  walk.steps = t.steps;
-  walk.reverse = t.reverse;
-  walk.split_rows = t.split_rows;
-  walk.step_rows = t.step_rows;
-  walk.step_offset = t.step_offset;
-  walk.own_rows_begin = own_begin;
-  walk.own_rows_end = own_end;
-  walk.unit_begin = unit_begin;
-  walk.unit_end = unit_end;
-  walk.h_buf = t.h_buf;
-  walk.h_size = t.h_rows * t.Kp;
-  walk.h_stride = t.Kp;
+  const TeamWalk<uint16_t> walk(t.step_rows, t.step_offset, t.reverse, t.split_rows, {own_begin, own_end},
+                                {unit_begin, unit_end}, t.h_buf, t.h_rows * t.Kp, t.Kp);
   alignas(64) float acc[2 * kTileRows * kPanel];  // a product block's rows (AmxProduct: up to two tiles)
   Product::begin();
   const int64_t parity = walk_steps(
@@ -433,14 +422,6 @@ FUSED_LSTM_BF16_TARGET void thread_backward(const BackwardTeam& t, int64_t threa
   Product::end();
 }
 
-std::pair<int64_t, int64_t> thread_in_team() {
-#ifdef _OPENMP
-  return {omp_get_thread_num(), omp_get_num_threads()};
-#else
-  return {0, 1};
-#endif
-}
-
 }  // namespace
 
 const char* cpu_bf16_recurrence_forward(const RecurrenceForwardArgs& a) {
@@ -482,30 +463,18 @@ const char* cpu_bf16_recurrence_forward(const RecurrenceForwardArgs& a) {
   at::Tensor c_state = a.c_state.to(at::kFloat).contiguous();
   auto bits = [](const at::Tensor& tensor) { return reinterpret_cast<uint16_t*>(tensor.data_ptr()); };
 
-  Team t;
-  t.N = N;
-  t.H = H;
-  t.Hout = Hout;
-  t.Kp = Kp;
-  t.blocks = blocks;
-  t.h_rows = h_rows;
-  t.steps = steps;
-  t.reverse = a.reverse;
-  t.split_rows = plan.split_rows;
-  t.row_tile = plan.row_tile;
-  t.step_rows = a.step_rows;
-  t.step_offset = a.step_offset;
-  t.w_hh = bits(w_hh);
-  t.packed = bits(packed);
-  t.h_buf = bits(h_buffers);
-  t.c = c_state.data_ptr<float>();
-  t.save_gates = save_gates;
-  t.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  t.output = bits(a.output);
-  t.output_stride = a.output.stride(0);
-  t.c_prev_saved = a.c_prev_saved.defined() ? bits(a.c_prev_saved) : nullptr;
-  t.h_prev_saved = a.h_prev_saved.defined() ? bits(a.h_prev_saved) : nullptr;
-  t.parity = 0;
+  Team t{
+      .N = N, .H = H, .Hout = Hout, .Kp = Kp, .blocks = blocks, .h_rows = h_rows, .steps = steps,
+      .reverse = a.reverse, .split_rows = plan.split_rows, .row_tile = plan.row_tile,
+      .step_rows = a.step_rows, .step_offset = a.step_offset,
+      .w_hh = bits(w_hh), .packed = bits(packed), .h_buf = bits(h_buffers), .c = c_state.data_ptr<float>(),
+      .gates = nullptr, .gates_origin = 0, .save_gates = save_gates,
+      .bias = bias.defined() ? bias.data_ptr<float>() : nullptr,
+      .output = bits(a.output), .output_stride = a.output.stride(0),
+      .c_prev_saved = a.c_prev_saved.defined() ? bits(a.c_prev_saved) : nullptr,
+      .h_prev_saved = a.h_prev_saved.defined() ? bits(a.h_prev_saved) : nullptr,
+      .parity = 0,
+  };
   const bool amx = plan.kernel == CpuBf16Kernels::amx;
 
   for (int64_t step_begin = 0; step_begin < steps; step_begin += chunk_steps) {
@@ -551,27 +520,14 @@ const char* cpu_bf16_recurrence_backward(const RecurrenceBackwardArgs& a) {
   at::Tensor dc = a.dc_state.to(at::kFloat).contiguous();
   auto bits = [](const at::Tensor& tensor) { return reinterpret_cast<uint16_t*>(tensor.data_ptr()); };
 
-  BackwardTeam t;
-  t.N = N;
-  t.H = H;
-  t.K4p = K4p;
-  t.panels = panels;
-  t.dg_rows = dg_rows;
-  t.steps = static_cast<int64_t>(a.step_rows->size());
-  t.reverse = a.reverse;
-  t.need_h0_grad = a.need_h0_grad;
-  t.step_rows = a.step_rows;
-  t.step_offset = a.step_offset;
-  t.w_hh = bits(w_hh);
-  t.packed = bits(packed);
-  t.gates = bits(a.gates);
-  t.c_prev = bits(a.c_prev);
-  t.d_output = bits(a.d_output);
-  t.d_output_stride = a.d_output.stride(0);
-  t.dh = dh.data_ptr<float>();
-  t.dc = dc.data_ptr<float>();
-  t.d_gates = bits(a.d_gates);
-  t.dg_buf = bits(dg_buffers);
+  const BackwardTeam t{
+      .N = N, .H = H, .K4p = K4p, .panels = panels, .dg_rows = dg_rows,
+      .steps = static_cast<int64_t>(a.step_rows->size()), .reverse = a.reverse, .need_h0_grad = a.need_h0_grad,
+      .step_rows = a.step_rows, .step_offset = a.step_offset, .w_hh = bits(w_hh), .packed = bits(packed),
+      .gates = bits(a.gates), .c_prev = bits(a.c_prev),
+      .d_output = bits(a.d_output), .d_output_stride = a.d_output.stride(0),
+      .dh = dh.data_ptr<float>(), .dc = dc.data_ptr<float>(), .d_gates = bits(a.d_gates), .dg_buf = bits(dg_buffers),
+  };
   const bool amx = plan.kernel == CpuBf16Kernels::amx;
 
 #pragma omp parallel num_threads(static_cast<int>(plan.threads))

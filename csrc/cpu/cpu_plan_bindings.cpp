@@ -34,6 +34,20 @@ Machine machine_from(const py::object& overrides) {
   return m;
 }
 
+// The forward recurrence shape the planner bindings' arguments describe (out_hidden 0: no projection).
+ForwardShape forward_shape(int64_t batch, int64_t hidden, int64_t input_size, int64_t rows, int64_t out_hidden,
+                           bool projection, bool required) {
+  ForwardShape s;
+  s.batch = batch;
+  s.hidden = hidden;
+  s.out_hidden = out_hidden > 0 ? out_hidden : hidden;
+  s.input_size = input_size;
+  s.rows = rows;
+  s.projection = projection;
+  s.required = required;
+  return s;
+}
+
 py::dict machine_dict(const Machine& m) {
   py::dict d;
   d["threads"] = m.threads;
@@ -139,16 +153,9 @@ void register_cpu_plan_bindings(py::module_& m) {
   m.def("cpu_plan_forward",
         [](int64_t batch, int64_t hidden, int64_t input_size, int64_t rows, int64_t out_hidden, bool float32,
            bool projection, bool vector_kernels, bool required, const py::object& machine) {
-          ForwardShape s;
-          s.batch = batch;
-          s.hidden = hidden;
-          s.out_hidden = out_hidden > 0 ? out_hidden : hidden;
-          s.input_size = input_size;
-          s.rows = rows;
+          ForwardShape s = forward_shape(batch, hidden, input_size, rows, out_hidden, projection, required);
           s.float32 = float32;
-          s.projection = projection;
           s.vector_kernels = vector_kernels;
-          s.required = required;
           const ForwardPlan p = plan_forward(s, machine_from(machine));
           py::dict d;
           d["fused"] = p.fused;
@@ -168,16 +175,9 @@ void register_cpu_plan_bindings(py::module_& m) {
   m.def("cpu_plan_bf16_forward",
         [](int64_t batch, int64_t hidden, int64_t input_size, int64_t rows, int64_t out_hidden, bool projection,
            bool required, const py::object& machine) {
-          ForwardShape s;
-          s.batch = batch;
-          s.hidden = hidden;
-          s.out_hidden = out_hidden > 0 ? out_hidden : hidden;
-          s.input_size = input_size;
-          s.rows = rows;
+          ForwardShape s = forward_shape(batch, hidden, input_size, rows, out_hidden, projection, required);
           s.float32 = false;
           s.bfloat16 = true;
-          s.projection = projection;
-          s.required = required;
           const Bf16ForwardPlan p = plan_bf16_forward(s, machine_from(machine));
           py::dict d;
           d["fused"] = p.fused;

@@ -149,15 +149,6 @@ struct ProjectBlocks {
   }
 };
 
-// (this thread's index, the team's size) inside an OpenMP parallel region.
-std::pair<int64_t, int64_t> thread_in_team() {
-#ifdef _OPENMP
-  return {omp_get_thread_num(), omp_get_num_threads()};
-#else
-  return {0, 1};
-#endif
-}
-
 // The pointwise backward of units [unit_begin, unit_end) for every row of the step.
 struct PointwiseBackwardUnits {
   template <typename Isa>
@@ -238,19 +229,8 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
     const int64_t unit_begin = block_begin * kGroup, unit_end = std::min(H, block_end * kGroup);
     const int64_t own_rows_begin = split_rows ? N * thread / team : 0;  // batch rows this thread runs
     const int64_t own_rows_end = split_rows ? N * (thread + 1) / team : N;
-    TeamWalk<float> walk;
-    walk.steps = steps;
-    walk.reverse = a.reverse;
-    walk.split_rows = split_rows;
-    walk.step_rows = a.step_rows;
-    walk.step_offset = a.step_offset;
-    walk.own_rows_begin = own_rows_begin;
-    walk.own_rows_end = own_rows_end;
-    walk.unit_begin = unit_begin;
-    walk.unit_end = unit_end;
-    walk.h_buf = h_buf;
-    walk.h_size = N * Hout;
-    walk.h_stride = Hout;
+    const TeamWalk<float> walk(a.step_rows, a.step_offset, a.reverse, split_rows, {own_rows_begin, own_rows_end},
+                               {unit_begin, unit_end}, h_buf, N * Hout, Hout);
     int64_t gates_origin = 0;  // the input row whose gates are gates[0]
     const auto at_step = [&](int64_t step, int64_t t) {
       if (owns_projection && !per_step_projection && step % chunk_steps == 0) {

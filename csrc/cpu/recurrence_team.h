@@ -6,22 +6,45 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace fused_lstm {
+
+// (this thread's index, the team's size) inside an OpenMP parallel region.
+inline std::pair<int64_t, int64_t> thread_in_team() {
+#ifdef _OPENMP
+  return {omp_get_thread_num(), omp_get_num_threads()};
+#else
+  return {0, 1};
+#endif
+}
 
 // One thread's share of the walk. Element type T: the h buffers' (float or bfloat16 bits).
 template <typename T>
 struct TeamWalk {
-  int64_t steps = 0;
-  bool reverse = false;     // walk time from T-1 down to 0
-  bool split_rows = false;  // the team splits the batch rows: no barrier per step
-  const std::vector<int64_t>* step_rows = nullptr;    // [T] active rows per step
-  const std::vector<int64_t>* step_offset = nullptr;  // [T] first row of each step
-  int64_t own_rows_begin = 0, own_rows_end = 0;       // batch rows this thread runs
-  int64_t unit_begin = 0, unit_end = 0;               // the h columns this thread writes
-  T* h_buf = nullptr;                                 // [2][h_size]: h_{t-1} and h_t, swapped every step
-  int64_t h_size = 0, h_stride = 0;                   // elements per buffer and per batch row
+  // The sequence (step tables as in RecurrenceForwardArgs), how the team splits it, this thread's share and the
+  // two h buffers.
+  TeamWalk(const std::vector<int64_t>* step_rows, const std::vector<int64_t>* step_offset, bool reverse,
+           bool split_rows, std::pair<int64_t, int64_t> own_rows, std::pair<int64_t, int64_t> units, T* h_buf,
+           int64_t h_size, int64_t h_stride)
+      : steps(static_cast<int64_t>(step_rows->size())), reverse(reverse), split_rows(split_rows),
+        step_rows(step_rows), step_offset(step_offset), own_rows_begin(own_rows.first),
+        own_rows_end(own_rows.second), unit_begin(units.first), unit_end(units.second), h_buf(h_buf),
+        h_size(h_size), h_stride(h_stride) {}
+  int64_t steps;
+  bool reverse;     // walk time from T-1 down to 0
+  bool split_rows;  // the team splits the batch rows: no barrier per step
+  const std::vector<int64_t>* step_rows;    // [T] active rows per step
+  const std::vector<int64_t>* step_offset;  // [T] first row of each step
+  int64_t own_rows_begin, own_rows_end;     // batch rows this thread runs
+  int64_t unit_begin, unit_end;             // the h columns this thread writes
+  T* h_buf;                                 // [2][h_size]: h_{t-1} and h_t, swapped every step
+  int64_t h_size, h_stride;                 // elements per buffer and per batch row
 };
 
 // Walks steps [step_begin, step_end) from buffer `parity` and returns the parity after them. For every step,
