@@ -417,8 +417,9 @@ def test_bfloat16_products_with_few_rows_read_w_in_place():
     assert product(1, 37, 148, **w)["kernel"] == "bf16_dot"
     assert product(switch - 1, 128, 512, **w)["kernel"] == "bf16_dot"
     assert product(switch, 128, 512, **w)["kernel"] == "aten"  # ATen's AMX GEMM repays its per-call cost
+    assert product(8, 512, 2048, **w)["kernel"] == "aten"  # 8M multiply-adds: so does a large W
     # d_gates @ W and d_gates^T @ x (b's rows contiguous): b read in place while the multiply-adds are few.
-    macs = _C.cpu_kernel_limits()["max_bf16_rowmajor_macs"]
+    macs = _C.cpu_kernel_limits()["max_bf16_small_product_macs"]
     b = dict(vector_kernels=False, bf16_dot_kernels=True)
     assert product(1, 512, 128, **b)["kernel"] == "bf16_rowmajor"
     t = dict(a_rows_contiguous=False, a_transposed=True)

@@ -114,10 +114,11 @@ const char* name(ProductKernel kernel) {
 ProductPlan plan_product(const ProductShape& s) {
   ProductPlan plan;
   if (s.bf16_dot_kernels && s.rows > 0) {
-    if (s.b_is_w_transposed && s.a_rows_contiguous && s.rows < limits::kMaxBf16DotRows) {
+    const bool small = s.rows * s.depth * s.cols < limits::kMaxBf16SmallProductMacs;
+    if (small && s.b_is_w_transposed && s.a_rows_contiguous && s.rows < limits::kMaxBf16DotRows) {
       plan.kernel = ProductKernel::bf16_dot;
       plan.reason = "bfloat16, few rows against W^T: W read in place with vdpbf16ps (ATen's per-call cost dominates)";
-    } else if (s.b_rows_contiguous && s.rows * s.depth * s.cols < limits::kMaxBf16RowMajorMacs) {
+    } else if (small && s.b_rows_contiguous) {
       plan.kernel = ProductKernel::bf16_rowmajor;
       plan.reason = "bfloat16, few multiply-adds: b's rows read in place (ATen's per-call cost dominates)";
     } else {

@@ -50,7 +50,7 @@ int64_t packed_bytes(int64_t K, int64_t cols);
 
 enum class ProductKernel {
   aten,      // ATen's GEMM (float16, strided outputs, no vector kernels, small products with strided b)
-  bf16_dot,  // bfloat16, few rows, b = W^T read in place with vdpbf16ps (bf16_dot_gemm.h)
+  bf16_dot,  // bfloat16, few rows and multiply-adds, b = W^T read in place with vdpbf16ps (bf16_dot_gemm.h)
   bf16_rowmajor,  // bfloat16, few multiply-adds, b's rows read in place, float32 FMAs (bf16_dot_gemm.h)
   dot,       // b = W^T read in place, dot products along W's rows (dot_gemm.h)
   rowmajor,  // b read in place as panel rows (packed_gemm.h, rowmajor_matmul)

@@ -62,7 +62,7 @@ void register_cpu_plan_bindings(py::module_& m) {
     py::dict d;
     d["max_in_place_rows"] = limits::kMaxInPlaceRows;
     d["max_bf16_dot_rows"] = limits::kMaxBf16DotRows;
-    d["max_bf16_rowmajor_macs"] = limits::kMaxBf16RowMajorMacs;
+    d["max_bf16_small_product_macs"] = limits::kMaxBf16SmallProductMacs;
     d["max_in_place_rows_large_weight"] = limits::kMaxInPlaceRowsLargeWeight;
     d["large_weight_bytes"] = limits::kLargeWeightBytes;
     d["min_packed_rows"] = limits::kMinPackedRows;
