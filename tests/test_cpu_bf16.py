@@ -234,3 +234,72 @@ def test_kernel_selection_names_and_errors():
     for kernel in {"avx512_bf16", "amx"} - set(SUPPORTED):
         with pytest.raises(RuntimeError, match="cannot run"):
             _C._set_cpu_bf16_kernels(kernel)
+
+
+@pytest.fixture(params=["bf16_dot", "aten"])
+def cell_products(request):
+    """The bfloat16 cell's W^T products on fused_lstm's vdpbf16ps kernel (bf16_dot_gemm.h; any bfloat16 kernel
+    selection but aten enables it) or forced onto ATen's addmm."""
+    kernel = "avx512_bf16" if request.param == "bf16_dot" else "aten"
+    if kernel not in SUPPORTED:
+        pytest.skip(f"this CPU has no {kernel} (supports {SUPPORTED})")
+    previous_f32 = _C._set_cpu_kernels("avx512") if kernel != "aten" else None
+    previous = _C._set_cpu_bf16_kernels(kernel)
+    yield request.param
+    _C._set_cpu_bf16_kernels(previous)
+    if previous_f32 is not None:
+        _C._set_cpu_kernels(previous_f32)
+
+
+def cell_runs(batch, input_size, hidden, bias):
+    """(ours, torch's, float64's) outputs and gradients of one LSTMCell step under autocast, on the same
+    bfloat16-rounded weights, input and state."""
+    torch.manual_seed(batch * 1000 + hidden)
+    ref = torch.nn.LSTMCell(input_size, hidden, bias=bias)
+    ours = fused_lstm.LSTMCell(input_size, hidden, bias=bias)
+    ours.load_state_dict(ref.state_dict())
+    exact = torch.nn.LSTMCell(input_size, hidden, bias=bias, dtype=torch.float64)
+    with torch.no_grad():
+        for p, q in zip(ref.parameters(), exact.parameters()):
+            q.copy_(rounded(p))
+    x, h, c = torch.randn(batch, input_size), torch.randn(batch, hidden), torch.randn(batch, hidden)
+    grad_h, grad_c = torch.randn(batch, hidden), torch.randn(batch, hidden)
+    results = []
+    for module, cast in ((ours, True), (ref, True), (exact, False)):
+        args = [(rounded(t) if not cast else t.clone()).requires_grad_() for t in (x, h, c)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
+            h1, c1 = module(args[0], (args[1], args[2]))
+        torch.autograd.backward([h1, c1], [grad_h.to(h1.dtype), grad_c.to(c1.dtype)])
+        results.append([h1, c1] + [a.grad for a in args] + [p.grad for p in module.parameters()])
+    return results
+
+
+@pytest.mark.parametrize("batch,input_size,hidden", [(1, 37, 37), (17, 20, 37), (8, 128, 128), (3, 64, 96)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cell_within_torch_error(batch, input_size, hidden, bias, cell_products, poisoned_empty):
+    mine, theirs, exact = cell_runs(batch, input_size, hidden, bias)
+    names = ["h_1", "c_1", "grad_input", "grad_h0", "grad_c0", "grad_w_ih", "grad_w_hh", "grad_b_ih", "grad_b_hh"]
+    for name, m, t, e in zip(names, mine, theirs, exact):
+        assert_error_within_torch(m, t, e, (cell_products, name))
+
+
+def test_cell_products_agree_with_aten():
+    """The vdpbf16ps products against ATen's addmm on the same bfloat16 operands: both sum in float32 and round
+    once, so they differ by at most a bfloat16 ulp where the float32 sums' order tips a rounding."""
+    if "avx512_bf16" not in SUPPORTED:
+        pytest.skip(f"this CPU has no avx512_bf16 (supports {SUPPORTED})")
+    torch.manual_seed(0)
+    ins = [t.to(torch.bfloat16) for t in (torch.randn(17, 45), torch.randn(17, 37), torch.randn(17, 37),
+                                          torch.randn(148, 45), torch.randn(148, 37), torch.randn(148),
+                                          torch.randn(148))]
+    runs = {}
+    for kernel in ("avx512_bf16", "aten"):
+        previous_f32 = _C._set_cpu_kernels("avx512")
+        previous = _C._set_cpu_bf16_kernels(kernel)
+        try:
+            runs[kernel] = torch.ops.fused_lstm.lstm_cell(*ins)
+        finally:
+            _C._set_cpu_bf16_kernels(previous)
+            _C._set_cpu_kernels(previous_f32)
+    for mine, aten in zip(runs["avx512_bf16"], runs["aten"]):
+        assert torch.allclose(mine.float(), aten.float(), rtol=2 * BF16_EPS, atol=2 * BF16_EPS)

@@ -409,3 +409,21 @@ def test_explain_under_autocast_names_the_bf16_kernel(N):
     kernel = fwd["recurrence"]["kernel"]
     assert fwd["path"] == f"fused recurrence, bfloat16 {kernel}"
     assert fused_lstm.last_path() == f"cpu:fused-recurrence:{kernel}"
+
+
+def test_bfloat16_products_with_few_rows_read_w_in_place():
+    switch = _C.cpu_kernel_limits()["max_bf16_dot_rows"]
+    w = dict(vector_kernels=False, bf16_dot_kernels=True, b_is_w_transposed=True, b_rows_contiguous=False)
+    assert product(1, 37, 148, **w)["kernel"] == "bf16_dot"
+    assert product(switch - 1, 128, 512, **w)["kernel"] == "bf16_dot"
+    assert product(switch, 128, 512, **w)["kernel"] == "aten"  # ATen's AMX GEMM repays its per-call cost
+    assert product(8, 512, 2048, **w)["kernel"] == "aten"  # 8M multiply-adds: so does a large W
+    # d_gates @ W and d_gates^T @ x (b's rows contiguous): b read in place while the multiply-adds are few.
+    macs = _C.cpu_kernel_limits()["max_bf16_small_product_macs"]
+    b = dict(vector_kernels=False, bf16_dot_kernels=True)
+    assert product(1, 512, 128, **b)["kernel"] == "bf16_rowmajor"
+    t = dict(a_rows_contiguous=False, a_transposed=True)
+    assert product(512, 1, 128, **b, **t)["kernel"] == "bf16_rowmajor"
+    assert product(macs // (512 * 128), 512, 128, **b)["kernel"] == "aten"
+    assert product(16, 512, 128, b_rows_contiguous=False, **b)["kernel"] == "aten"
+    assert product(1, 128, 512, vector_kernels=False, b_is_w_transposed=True)["kernel"] == "aten"

@@ -66,6 +66,13 @@ constexpr int64_t kRowMajorMinChunkFlops = int64_t{256} << 10;
 constexpr int64_t kDotBlock = 64;
 // ... with at least this many multiply-adds per parallel chunk: waking a thread costs a few µs.
 constexpr int64_t kDotMinChunkMacs = int64_t{1} << 18;
+// bfloat16 products of fused_lstm's own kernels (bf16_dot_gemm.h) while they have fewer multiply-adds than this
+// (about ATen's per-call cost, ~30 µs at N = 1 from oneDNN reordering W, in float32 FMAs on one core); more go to
+// ATen, whose AMX GEMM repays that cost. Measured on a 2-core Xeon (AMX), one thread, T = 50 cell loops: at
+// N = 8, H = 512 (8M multiply-adds a product) the in-place kernels lost to ATen, at N = 1, H = 512 (1M) tied.
+constexpr int64_t kMaxBf16SmallProductMacs = int64_t{1} << 21;
+// ... and, against W^T (vdpbf16ps), fewer rows than this.
+constexpr int64_t kMaxBf16DotRows = 16;
 // The per-step pointwise spans (all dtypes): at least this many elements (row x unit) per parallel chunk.
 constexpr int64_t kPointwiseGrain = 4096;
 

@@ -103,6 +103,8 @@ int64_t packed_bytes(int64_t K, int64_t cols) { return ceil_div(cols, 4 * kGroup
 const char* name(ProductKernel kernel) {
   switch (kernel) {
     case ProductKernel::dot: return "dot";
+    case ProductKernel::bf16_dot: return "bf16_dot";
+    case ProductKernel::bf16_rowmajor: return "bf16_rowmajor";
     case ProductKernel::rowmajor: return "rowmajor";
     case ProductKernel::packed: return "packed";
     default: return "aten";
@@ -111,6 +113,19 @@ const char* name(ProductKernel kernel) {
 
 ProductPlan plan_product(const ProductShape& s) {
   ProductPlan plan;
+  if (s.bf16_dot_kernels && s.rows > 0) {
+    const bool small = s.rows * s.depth * s.cols < limits::kMaxBf16SmallProductMacs;
+    if (small && s.b_is_w_transposed && s.a_rows_contiguous && s.rows < limits::kMaxBf16DotRows) {
+      plan.kernel = ProductKernel::bf16_dot;
+      plan.reason = "bfloat16, few rows against W^T: W read in place with vdpbf16ps (ATen's per-call cost dominates)";
+    } else if (small && s.b_rows_contiguous) {
+      plan.kernel = ProductKernel::bf16_rowmajor;
+      plan.reason = "bfloat16, few multiply-adds: b's rows read in place (ATen's per-call cost dominates)";
+    } else {
+      plan.reason = "bfloat16 with many rows or multiply-adds: ATen";
+    }
+    return plan;
+  }
   if (!s.vector_kernels || s.rows == 0) {
     plan.reason = "not float32 with unit-stride output on a CPU with the vector kernels (or no rows): ATen";
     return plan;

@@ -75,6 +75,8 @@ void register_cpu_plan_bindings(py::module_& m) {
     const Machine mach = machine_from(machine);
     py::dict d;
     d["max_in_place_rows"] = limits::kMaxInPlaceRows;
+    d["max_bf16_dot_rows"] = limits::kMaxBf16DotRows;
+    d["max_bf16_small_product_macs"] = limits::kMaxBf16SmallProductMacs;
     d["max_in_place_rows_large_weight"] = limits::kMaxInPlaceRowsLargeWeight;
     d["large_weight_bytes"] = limits::kLargeWeightBytes;
     d["min_packed_rows"] = limits::kMinPackedRows;
@@ -110,7 +112,7 @@ void register_cpu_plan_bindings(py::module_& m) {
   m.def("cpu_plan_product",
         [](int64_t rows, int64_t depth, int64_t cols, bool vector_kernels, bool a_rows_contiguous, bool a_transposed,
            bool b_is_w_transposed, bool b_rows_contiguous, bool b_packed_before, bool b_in_place_before,
-           const py::object& machine) {
+           bool bf16_dot_kernels, const py::object& machine) {
           ProductShape s;
           s.rows = rows;
           s.depth = depth;
@@ -122,6 +124,7 @@ void register_cpu_plan_bindings(py::module_& m) {
           s.b_rows_contiguous = b_rows_contiguous;
           s.b_packed_before = b_packed_before;
           s.b_in_place_before = b_in_place_before;
+          s.bf16_dot_kernels = bf16_dot_kernels;
           const ProductPlan plan = plan_product(s);
           const Machine mach = machine_from(machine);
           py::dict d;
@@ -135,8 +138,8 @@ void register_cpu_plan_bindings(py::module_& m) {
             d["grain"] = p.grain;
             d["rows_per_task"] = p.rows_per_task;
             d["schedule_reason"] = p.reason;
-          } else if (plan.kernel == ProductKernel::rowmajor || plan.kernel == ProductKernel::dot) {
-            const TaskGrid g = plan.kernel == ProductKernel::dot ? plan_dot_product(rows, depth, cols)
+          } else if (plan.kernel != ProductKernel::aten) {
+            const TaskGrid g = plan.kernel != ProductKernel::rowmajor ? plan_dot_product(rows, depth, cols)
                                                                  : plan_rowmajor_product(rows, depth, cols);
             d["tasks"] = g.tasks;
             d["grain"] = g.grain;
@@ -146,7 +149,7 @@ void register_cpu_plan_bindings(py::module_& m) {
         py::arg("rows"), py::arg("depth"), py::arg("cols"), py::kw_only(), py::arg("vector_kernels") = true,
         py::arg("a_rows_contiguous") = true, py::arg("a_transposed") = false, py::arg("b_is_w_transposed") = false,
         py::arg("b_rows_contiguous") = true, py::arg("b_packed_before") = false, py::arg("b_in_place_before") = false,
-        py::arg("machine") = py::none(),
+        py::arg("bf16_dot_kernels") = false, py::arg("machine") = py::none(),
         "The CPU planner's choice for one product out[rows, cols] (+)= a[rows, depth] @ b (cpu_plan.h, "
         "plan_product; for packed products also plan_packed_product's schedule)");
 

@@ -15,6 +15,7 @@
 
 #include "../cell_step.h"
 #include "../lstm_layer.h"
+#include "bf16_dot_gemm.h"
 #include "bf16_recurrence.h"
 #include "cpu_features.h"
 #include "cpu_limits.h"
@@ -95,6 +96,8 @@ class CpuBackend final : public LayerBackend {
     shape.depth = a.size(1);
     shape.cols = b.size(1);
     shape.vector_kernels = out.scalar_type() == at::kFloat && out.stride(1) == 1 && cpu_vector_kernels();
+    shape.bf16_dot_kernels = out.scalar_type() == at::kBFloat16 && a.scalar_type() == at::kBFloat16 &&
+                             out.stride(1) == 1 && cpu_bf16_kernels() != CpuBf16Kernels::aten;
     shape.a_rows_contiguous = a.stride(1) == 1;
     shape.a_transposed = a.stride(0) == 1;
     shape.b_is_w_transposed = b.stride(0) == 1;
@@ -106,6 +109,8 @@ class CpuBackend final : public LayerBackend {
     if (plan.first_in_place_use) in_place_.push_back(key);
     switch (plan.kernel) {
       case cpu_plan::ProductKernel::dot: dot_matmul(out, a, b.t(), accumulate, bias); return;
+      case cpu_plan::ProductKernel::bf16_dot: bf16_dot_matmul(out, a, b.t(), accumulate, bias); return;
+      case cpu_plan::ProductKernel::bf16_rowmajor: bf16_rowmajor_matmul(out, a, b, accumulate, bias); return;
       case cpu_plan::ProductKernel::rowmajor: rowmajor_matmul(out, a, b, accumulate, bias); return;
       case cpu_plan::ProductKernel::packed: packed_matmul(out, a, cached ? *cached : pack(key, b), accumulate, bias); return;
       case cpu_plan::ProductKernel::aten: LayerBackend::matmul(out, a, b, accumulate, bias); return;

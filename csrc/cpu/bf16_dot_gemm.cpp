@@ -1,0 +1,245 @@
+#include "bf16_dot_gemm.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define FUSED_LSTM_BF16_DOT_KERNEL 1
+#endif
+
+#include "cpu_limits.h"
+#include "cpu_plan.h"
+#include "simd.h"
+
+namespace fused_lstm {
+
+#if FUSED_LSTM_BF16_DOT_KERNEL
+namespace {
+
+// Everything here runs only where cpu_features.cpp found AVX512-BF16 (the planner checks cpu_bf16_kernels()).
+#define FUSED_LSTM_BF16_DOT_TARGET __attribute__((target("arch=x86-64-v4,avx512bf16")))
+
+constexpr int kTileRows = 4;  // rows of a per tile (x kTileCols rows of W: 16 accumulators, 4 W vectors, 1 a)
+constexpr int kTileCols = 4;
+constexpr int64_t kPairsPerVector = 32;  // bfloat16 per zmm: 16 pairs, one float32 lane each
+
+// Bits of a bfloat16 as the float32 it stands for (exact).
+FUSED_LSTM_ALWAYS_INLINE float bf16_bits_to_float(uint16_t bits) {
+  const uint32_t wide = uint32_t{bits} << 16;
+  float f;
+  std::memcpy(&f, &wide, sizeof(f));
+  return f;
+}
+
+// Rows x Cols outputs: out[r, c] (+)= bias[c] + sum_k a[r, k] * w[c, k]. Each accumulator lane sums one k pair of
+// every 32 k; the lanes are added at the end. The last K mod 32 k are read with a masked load (zeros past K).
+template <int Rows, int Cols>
+FUSED_LSTM_BF16_DOT_TARGET FUSED_LSTM_ALWAYS_INLINE void bf16_dot_tile(
+    const uint16_t* a, int64_t a_rs, const uint16_t* w, int64_t w_rs, int64_t K, uint16_t* out, int64_t out_rs,
+    bool accumulate, const uint16_t* bias) {
+  __m512 acc[Rows][Cols];
+  for (int r = 0; r < Rows; ++r) {
+    for (int c = 0; c < Cols; ++c) acc[r][c] = _mm512_setzero_ps();
+  }
+  int64_t k = 0;
+  for (; k + kPairsPerVector <= K; k += kPairsPerVector) {
+    __m512bh wv[Cols];
+    for (int c = 0; c < Cols; ++c) wv[c] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + c * w_rs + k));
+    for (int r = 0; r < Rows; ++r) {
+      const __m512bh av = reinterpret_cast<__m512bh>(_mm512_loadu_si512(a + r * a_rs + k));
+      for (int c = 0; c < Cols; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], av, wv[c]);
+    }
+  }
+  if (k < K) {
+    const __mmask32 mask = (__mmask32{1} << (K - k)) - 1;  // K - k < 32
+    __m512bh wv[Cols];
+    for (int c = 0; c < Cols; ++c) {
+      wv[c] = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(mask, w + c * w_rs + k));
+    }
+    for (int r = 0; r < Rows; ++r) {
+      const __m512bh av = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(mask, a + r * a_rs + k));
+      for (int c = 0; c < Cols; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], av, wv[c]);
+    }
+  }
+  for (int r = 0; r < Rows; ++r) {
+    uint16_t* o = out + r * out_rs;
+    for (int c = 0; c < Cols; ++c) {
+      float sum = _mm512_reduce_add_ps(acc[r][c]);
+      if (accumulate) {
+        sum += bf16_bits_to_float(o[c]);
+      } else if (bias) {
+        sum += bf16_bits_to_float(bias[c]);
+      }
+      o[c] = c10::BFloat16(sum).x;  // round to nearest even
+    }
+  }
+}
+
+// bf16_dot_tile<.., Cols> over `rows` rows in tiles of kTileRows (the remainder with a smaller tile).
+template <int Cols>
+FUSED_LSTM_BF16_DOT_TARGET FUSED_LSTM_ALWAYS_INLINE void bf16_dot_rows(
+    const uint16_t* a, int64_t a_rs, const uint16_t* w, int64_t w_rs, int64_t K, uint16_t* out, int64_t out_rs,
+    bool accumulate, const uint16_t* bias, int64_t rows) {
+  static_assert(kTileRows == 4, "one case per remainder below");
+  int64_t r = 0;
+  for (; r + kTileRows <= rows; r += kTileRows) {
+    bf16_dot_tile<kTileRows, Cols>(a + r * a_rs, a_rs, w, w_rs, K, out + r * out_rs, out_rs, accumulate, bias);
+  }
+  a += r * a_rs;
+  out += r * out_rs;
+  switch (rows - r) {
+    case 1: bf16_dot_tile<1, Cols>(a, a_rs, w, w_rs, K, out, out_rs, accumulate, bias); break;
+    case 2: bf16_dot_tile<2, Cols>(a, a_rs, w, w_rs, K, out, out_rs, accumulate, bias); break;
+    case 3: bf16_dot_tile<3, Cols>(a, a_rs, w, w_rs, K, out, out_rs, accumulate, bias); break;
+    default: break;
+  }
+}
+
+// A rows x cols block: each W tile (kTileCols rows of W) stays in L1 while every row tile of a passes over it.
+FUSED_LSTM_BF16_DOT_TARGET void bf16_dot_block(const uint16_t* a, int64_t a_rs, const uint16_t* w, int64_t w_rs,
+                                               int64_t K, uint16_t* out, int64_t out_rs, bool accumulate,
+                                               const uint16_t* bias, int64_t rows, int64_t cols) {
+  int64_t c = 0;
+  for (; c + kTileCols <= cols; c += kTileCols) {
+    bf16_dot_rows<kTileCols>(a, a_rs, w + c * w_rs, w_rs, K, out + c, out_rs, accumulate, bias ? bias + c : nullptr,
+                             rows);
+  }
+  for (; c < cols; ++c) {
+    bf16_dot_rows<1>(a, a_rs, w + c * w_rs, w_rs, K, out + c, out_rs, accumulate, bias ? bias + c : nullptr, rows);
+  }
+}
+
+// 16 bfloat16 (the lanes of mask; zero elsewhere) as float32: the bits shifted into a float's high half.
+FUSED_LSTM_BF16_DOT_TARGET FUSED_LSTM_ALWAYS_INLINE __m512 load_bf16_as_float(const uint16_t* p, __mmask16 mask) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+// Rows x (up to kRowPanel) outputs of out (+)= bias + a @ b, b's rows read in place: per k, a[r, k] broadcast
+// against b[k, c0 .. c0 + 64) widened to float32, float32 FMAs. vlanes: the 16-column vectors of this panel.
+template <int Rows>
+FUSED_LSTM_BF16_DOT_TARGET FUSED_LSTM_ALWAYS_INLINE void bf16_rowmajor_tile(
+    const uint16_t* a, int64_t a_rs, int64_t a_cs, const uint16_t* b, int64_t b_rs, int64_t K, uint16_t* out,
+    int64_t out_rs, bool accumulate, const uint16_t* bias, const __mmask16* masks) {
+  __m512 acc[Rows][4];
+  for (int r = 0; r < Rows; ++r) {
+    for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 bv[4];
+    for (int q = 0; q < 4; ++q) bv[q] = load_bf16_as_float(b + k * b_rs + q * 16, masks[q]);
+    for (int r = 0; r < Rows; ++r) {
+      const __m512 av = _mm512_set1_ps(bf16_bits_to_float(a[r * a_rs + k * a_cs]));
+      for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_fmadd_ps(av, bv[q], acc[r][q]);
+    }
+  }
+  for (int r = 0; r < Rows; ++r) {
+    uint16_t* o = out + r * out_rs;
+    for (int q = 0; q < 4; ++q) {
+      __m512 sum = acc[r][q];
+      if (accumulate) {
+        sum = _mm512_add_ps(sum, load_bf16_as_float(o + q * 16, masks[q]));
+      } else if (bias) {
+        sum = _mm512_add_ps(sum, load_bf16_as_float(bias + q * 16, masks[q]));
+      }
+      // vcvtneps2bf16: to nearest even, as c10::BFloat16 (it also flushes float32 denormals to zero).
+      _mm256_mask_storeu_epi16(o + q * 16, masks[q], reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(sum)));
+    }
+  }
+}
+
+// A rows x cols block in panels of 64 columns, each panel's rows of b streamed once per 4 rows of a.
+FUSED_LSTM_BF16_DOT_TARGET void bf16_rowmajor_block(const uint16_t* a, int64_t a_rs, int64_t a_cs, const uint16_t* b,
+                                                    int64_t b_rs, int64_t K, uint16_t* out, int64_t out_rs,
+                                                    bool accumulate, const uint16_t* bias, int64_t rows, int64_t cols) {
+  for (int64_t c = 0; c < cols; c += 64) {
+    __mmask16 masks[4];
+    for (int q = 0; q < 4; ++q) {
+      const int64_t left = std::clamp<int64_t>(cols - c - q * 16, 0, 16);
+      masks[q] = static_cast<__mmask16>((uint32_t{1} << left) - 1);
+    }
+    const uint16_t* bc = b + c;
+    uint16_t* oc = out + c;
+    const uint16_t* biasc = bias ? bias + c : nullptr;
+    int64_t r = 0;
+    for (; r + kTileRows <= rows; r += kTileRows) {
+      bf16_rowmajor_tile<kTileRows>(a + r * a_rs, a_rs, a_cs, bc, b_rs, K, oc + r * out_rs, out_rs, accumulate, biasc,
+                                    masks);
+    }
+    const uint16_t* ar = a + r * a_rs;
+    uint16_t* orow = oc + r * out_rs;
+    switch (rows - r) {
+      case 1: bf16_rowmajor_tile<1>(ar, a_rs, a_cs, bc, b_rs, K, orow, out_rs, accumulate, biasc, masks); break;
+      case 2: bf16_rowmajor_tile<2>(ar, a_rs, a_cs, bc, b_rs, K, orow, out_rs, accumulate, biasc, masks); break;
+      case 3: bf16_rowmajor_tile<3>(ar, a_rs, a_cs, bc, b_rs, K, orow, out_rs, accumulate, biasc, masks); break;
+      default: break;
+    }
+  }
+}
+
+const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>()); }
+
+}  // namespace
+
+void bf16_dot_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w, bool accumulate,
+                     const at::Tensor& bias) {
+  TORCH_INTERNAL_ASSERT(cpu_bf16_kernels() != CpuBf16Kernels::aten, "fused_lstm: bf16_dot_matmul needs AVX512-BF16");
+  const int64_t M = a.size(0), Nc = w.size(0), K = a.size(1);
+  if (M == 0 || Nc == 0) return;
+  const uint16_t* bias_ptr = bias.defined() && !accumulate ? bits(bias) : nullptr;
+  const uint16_t* a_ptr = bits(a);
+  const uint16_t* w_ptr = bits(w);
+  uint16_t* out_ptr = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t a_rs = a.stride(0), w_rs = w.stride(0), out_rs = out.stride(0);
+  // The float32 dot kernel's blocks and thread split (cpu_plan.h, plan_dot_product).
+  constexpr int64_t kBlock = cpu_limits::kDotBlock;
+  const int64_t col_blocks = (Nc + kBlock - 1) / kBlock;
+  const cpu_plan::TaskGrid grid = cpu_plan::plan_dot_product(M, K, Nc);
+  at::parallel_for(0, grid.tasks, grid.grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r0 = task / col_blocks * kBlock, c0 = task % col_blocks * kBlock;
+      bf16_dot_block(a_ptr + r0 * a_rs, a_rs, w_ptr + c0 * w_rs, w_rs, K, out_ptr + r0 * out_rs + c0, out_rs,
+                     accumulate, bias_ptr ? bias_ptr + c0 : nullptr, std::min(kBlock, M - r0),
+                     std::min(kBlock, Nc - c0));
+    }
+  });
+}
+
+void bf16_rowmajor_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+                          const at::Tensor& bias) {
+  TORCH_INTERNAL_ASSERT(cpu_bf16_kernels() != CpuBf16Kernels::aten, "fused_lstm: bf16_rowmajor_matmul needs AVX512");
+  const int64_t M = a.size(0), Nc = b.size(1), K = a.size(1);
+  if (M == 0 || Nc == 0) return;
+  const uint16_t* bias_ptr = bias.defined() && !accumulate ? bits(bias) : nullptr;
+  const uint16_t* a_ptr = bits(a);
+  const uint16_t* b_ptr = bits(b);
+  uint16_t* out_ptr = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t a_rs = a.stride(0), a_cs = a.stride(1), b_rs = b.stride(0), out_rs = out.stride(0);
+  constexpr int64_t kBlock = cpu_limits::kDotBlock;
+  const int64_t col_blocks = (Nc + kBlock - 1) / kBlock;
+  const cpu_plan::TaskGrid grid = cpu_plan::plan_dot_product(M, K, Nc);
+  at::parallel_for(0, grid.tasks, grid.grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r0 = task / col_blocks * kBlock, c0 = task % col_blocks * kBlock;
+      bf16_rowmajor_block(a_ptr + r0 * a_rs, a_rs, a_cs, b_ptr + c0, b_rs, K, out_ptr + r0 * out_rs + c0, out_rs,
+                          accumulate, bias_ptr ? bias_ptr + c0 : nullptr, std::min(kBlock, M - r0),
+                          std::min(kBlock, Nc - c0));
+    }
+  });
+}
+
+#else  // no GCC x86-64: cpu_bf16_kernels() is aten, so the planner never picks this
+
+void bf16_dot_matmul(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, const at::Tensor&) {
+  TORCH_CHECK(false, "fused_lstm: bf16_dot_matmul is built only for x86-64 with GCC");
+}
+void bf16_rowmajor_matmul(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, const at::Tensor&) {
+  TORCH_CHECK(false, "fused_lstm: bf16_rowmajor_matmul is built only for x86-64 with GCC");
+}
+
+#endif
+
+}  // namespace fused_lstm
