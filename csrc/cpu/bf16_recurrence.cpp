@@ -422,6 +422,9 @@ FUSED_LSTM_BF16_TARGET void thread_backward(const BackwardTeam& t, int64_t threa
   Product::end();
 }
 
+// A bfloat16 tensor's storage as raw 16-bit words, as the kernels address it.
+uint16_t* bits(const at::Tensor& tensor) { return reinterpret_cast<uint16_t*>(tensor.data_ptr()); }
+
 }  // namespace
 
 const char* cpu_bf16_recurrence_forward(const RecurrenceForwardArgs& a) {
@@ -461,7 +464,6 @@ const char* cpu_bf16_recurrence_forward(const RecurrenceForwardArgs& a) {
   at::Tensor h_buffers = at::zeros({2, h_rows, Kp}, opts);
   h_buffers[0].narrow(0, 0, N).narrow(1, 0, Hout).copy_(a.h_state);
   at::Tensor c_state = a.c_state.to(at::kFloat).contiguous();
-  auto bits = [](const at::Tensor& tensor) { return reinterpret_cast<uint16_t*>(tensor.data_ptr()); };
 
   Team t{
       .N = N, .H = H, .Hout = Hout, .Kp = Kp, .blocks = blocks, .h_rows = h_rows, .steps = steps,
@@ -518,7 +520,6 @@ const char* cpu_bf16_recurrence_backward(const RecurrenceBackwardArgs& a) {
   at::Tensor dg_buffers = at::zeros({2, dg_rows, K4p}, opts);
   at::Tensor dh = a.dh_state.to(at::kFloat).contiguous();
   at::Tensor dc = a.dc_state.to(at::kFloat).contiguous();
-  auto bits = [](const at::Tensor& tensor) { return reinterpret_cast<uint16_t*>(tensor.data_ptr()); };
 
   const BackwardTeam t{
       .N = N, .H = H, .K4p = K4p, .panels = panels, .dg_rows = dg_rows,
