@@ -873,4 +873,6 @@ def test_cpu_backward_keeps_declining_projections():
     layer = Layer("cpu_proj", steps=12, batch=6, hidden=20, proj=7, bidirectional=True)
     _, cpu, reference = run_layer(layer, torch.float32)
     for name, ref in reference.items():
-        torch.testing.assert_close(cpu[name].double(), ref, atol=1e-5, rtol=1e-4, msg=name)
+        # float32 against float64, scaled by the tensor's size (reading [R, H] buffers as [R, Hout] is off by O(1)).
+        err = (cpu[name].double() - ref).abs().max().item()
+        assert err <= 1e-4 * max(1.0, ref.abs().max().item()), (name, err)
