@@ -592,8 +592,9 @@ class _CellFunction(torch.autograd.Function):
 # Under torch.autocast (CUDA or CPU) the layer and the cell run in the autocast dtype, float16 or bfloat16, as
 # torch.nn.LSTM does: every floating-point tensor argument on that device but float64 (input, states,
 # weights, whatever mix of float32 and 16-bit) is cast to torch.get_autocast_dtype(device), then the op runs
-# with autocast off. (torch.library.register_autocast casts to one dtype fixed at registration.)
-_autocast_library = torch.library.Library("fused_lstm", "IMPL")
+# with autocast off. Eager calls take the C++ kernels of csrc/autocast.cpp, whose casts use torch's autocast
+# weight cache; these are their twins for the Python dispatcher (compile, export), which traces the casts.
+# (torch.library.register_autocast casts to one dtype fixed at registration.)
 
 
 def _autocast_cast(value, device_type: str, dtype: torch.dtype):
@@ -607,18 +608,15 @@ def _autocast_cast(value, device_type: str, dtype: torch.dtype):
 
 def _register_autocast(name: str, device_type: str) -> None:
     op = getattr(torch.ops.fused_lstm, name).default
-    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-    dispatch_key = getattr(torch._C.DispatchKey, key)
+    dispatch_key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
 
     def run_in_autocast_dtype(*args):
         dtype = torch.get_autocast_dtype(device_type)
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(dispatch_key)):
             return op(*_autocast_cast(args, device_type, dtype))
 
-    if op.has_kernel_for_dispatch_key(dispatch_key):  # the Python dispatcher's (compile, export)
-        op.py_kernels.pop(dispatch_key)
+    op.py_kernels.pop(dispatch_key, None)  # a reload's
     op.py_impl(dispatch_key)(run_in_autocast_dtype)
-    _autocast_library.impl(name, lambda _keyset, *args: run_in_autocast_dtype(*args), key, with_keyset=True)
 
 
 for _device_type in ("cpu", "cuda"):

@@ -96,3 +96,85 @@ def test_linear_then_lstm_trains_under_autocast(device, dtype):
         for got, want in zip(grads, results[0][1]):
             scale = max(1.0, want.abs().max().item())
             torch.testing.assert_close(got / scale, want / scale, atol=0.1, rtol=0.1)
+
+
+class _CastCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the dtype casts of tensors of the given shapes that reach the dispatcher (autocast's casts do)."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.shapes, self.casts = {tuple(s) for s in shapes}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) in self.shapes:
+            self.casts += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _cell_loop(cell, xs, dtype):
+    h = c = torch.zeros(xs.size(1), cell.hidden_size)
+    outputs = []
+    with torch.autocast("cpu", dtype=dtype):
+        for x in xs:
+            h, c = cell(x, (h, c))
+            outputs.append(h)
+    return torch.stack(outputs)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_cell_loop_casts_each_weight_once_per_autocast_region(grad):
+    """A loop of LSTMCell steps under autocast casts each float32 parameter once per autocast region, through
+    torch's own autocast cache, as torch.nn.LSTMCell does (an uncached cast of W_ih and W_hh each step costs
+    about as much as a bfloat16 step at H=512)."""
+    steps, counts = 5, []
+    for cls in (torch.nn.LSTMCell, fused_lstm.LSTMCell):
+        cell = cls(7, 12)
+        counter = _CastCounter([p.shape for p in cell.parameters()])
+        with torch.set_grad_enabled(grad), counter:
+            _cell_loop(cell, torch.randn(steps, 3, 7), torch.bfloat16)
+        counts.append(counter.casts)
+    assert counts[1] == 4, counts  # W_ih, W_hh, b_ih, b_hh: once each, not once per step
+    assert counts[0] == counts[1], counts
+
+
+def test_cached_casts_follow_weight_updates_between_regions():
+    """The cache lives for one autocast region: an optimizer step between two regions is seen by the second
+    (outputs and gradients against torch.nn.LSTMCell doing the same)."""
+    torch_cell = torch.nn.LSTMCell(6, 10)
+    ours = fused_lstm.LSTMCell(6, 10)
+    ours.load_state_dict(torch_cell.state_dict())
+    xs = torch.randn(4, 3, 6)
+    results = []
+    for cell in (torch_cell, ours):
+        optimizer = torch.optim.SGD(cell.parameters(), lr=0.5)
+        runs = []
+        for _ in range(2):
+            optimizer.zero_grad()
+            out = _cell_loop(cell, xs, torch.bfloat16)
+            out.float().pow(2).sum().backward()
+            runs.append((out.float(), [p.grad.clone() for p in cell.parameters()]))
+            optimizer.step()
+        results.append(runs)
+    first, second = results[1]
+    assert not torch.equal(first[0], second[0])  # the update changed what the second region computed
+    for (got_out, got_grads), (want_out, want_grads) in zip(results[1], results[0]):
+        torch.testing.assert_close(got_out, want_out, **_tolerance(torch.bfloat16))
+        for got, want in zip(got_grads, want_grads):
+            scale = max(1.0, want.abs().max().item())
+            torch.testing.assert_close(got / scale, want / scale, atol=0.1, rtol=0.1)
+
+
+def test_autocast_inside_compiled_function():
+    """torch.compile traces the casts through the ops' Python-dispatcher autocast kernels (one graph): same dtype
+    and values as eager."""
+    lstm = fused_lstm.LSTM(5, 6)
+    x = torch.randn(4, 3, 5)
+
+    def run(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return lstm(x)[0]
+
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")(x)
+    eager = run(x)
+    assert compiled.dtype == eager.dtype == torch.bfloat16
+    torch.testing.assert_close(compiled, eager)
