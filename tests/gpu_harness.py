@@ -184,8 +184,8 @@ def check_against_reference(ours: Dict[str, torch.Tensor], theirs: Dict[str, tor
 
 
 class fp32_precision:
-    """Sets whether cuDNN RNNs (and so fused_lstm's cuBLAS calls, which follow the same switch) may use TF32;
-    the persistent kernel itself always multiplies in FP32."""
+    """Sets whether cuDNN RNNs (and so fused_lstm's cuBLAS calls and the persistent kernels' float32 tensor-core
+    variant, which follow the same switch) may use TF32."""
 
     def __init__(self, allow_tf32: bool) -> None:
         self.allow_tf32 = allow_tf32

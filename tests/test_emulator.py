@@ -523,24 +523,56 @@ def test_persistent_environment_switch(monkeypatch):
 
 # --- The persistent backward kernel.
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+BACKWARD_VARIANTS = [(torch.float32, "fma"), (torch.float16, "fma"), (torch.bfloat16, "fma"),
+                     (torch.float16, "mma"), (torch.bfloat16, "mma")]
+
+
+@pytest.mark.parametrize("dtype, product", BACKWARD_VARIANTS, ids=str)
 @pytest.mark.parametrize("layer", PERSISTENT_LAYERS, ids=lambda c: c.name)
-def test_persistent_backward(layer: Layer, dtype: torch.dtype, monkeypatch):
+def test_persistent_backward(layer: Layer, dtype: torch.dtype, product: str, monkeypatch):
     """The cooperative backward kernel (pointwise backward and d_gates @ W_hh fused per step, dh and dc kept on
-    chip) on the persistent forward's workspace: every gradient against the CPU path and float64."""
+    chip; the product on FMAs or tensor cores, 16 dh columns a block) on the persistent forward's workspace: every
+    gradient against the CPU path and float64."""
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT", "1")
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", product)
+    plan = persistent_plan(layer.batch, layer.hidden, dtype, backward=True)
+    assert plan["tensor_cores"] == (product == "mma")
+    assert plan["units_per_block"] % (16 if product == "mma" else 1) == 0
     before = persistent_launches()
     emulated, cpu, reference = run_layer(layer, dtype, recurrence="persistent")
     check_rule(emulated, cpu, reference, dtype)
     assert persistent_launches() == before + 2 * layer.directions  # forward and backward
 
 
+@pytest.mark.parametrize("layer", [PERSISTENT_LAYERS[1], PERSISTENT_LAYERS[3]], ids=lambda c: c.name)
+def test_persistent_backward_tf32_tensor_cores(layer: Layer, monkeypatch):
+    """float32's backward takes the tensor cores only when TF32 is allowed for RNNs: gradients then carry TF32's
+    error, above strict FP32's and within 1e-2 of their magnitude."""
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT", "1")
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", "mma")
+    with pytest.raises(RuntimeError, match="leave no variant"):
+        persistent_plan(layer.batch, layer.hidden, backward=True)
+    torch.backends.cudnn.allow_tf32 = True
+    assert persistent_plan(layer.batch, layer.hidden, backward=True)["tensor_cores"]
+    emulated, cpu, reference = run_layer(layer, torch.float32, recurrence="persistent")
+    assert emu.last_path() == "cuda:persistent"
+    for name in [n for n in reference if n.startswith("grad") and reference[n].numel()]:
+        err = (emulated[name].double() - reference[name]).abs().max().item()
+        assert err < 1e-2 * max(1.0, reference[name].abs().max().item()), (name, err)
+    assert max((emulated[n].double() - reference[n]).abs().max().item() for n in ("grad_input", "grad_h0")) > 1e-6
+
+
+@pytest.mark.parametrize("product", ["fma", "mma"])
 @pytest.mark.parametrize("proj", [0, 5])
 @pytest.mark.parametrize("need_h0_grad", [True, False])
 @pytest.mark.parametrize("packed", [False, True])
-def test_persistent_backward_h0_grad_flag(need_h0_grad: bool, packed: bool, proj: int, monkeypatch):
+def test_persistent_backward_h0_grad_flag(need_h0_grad: bool, packed: bool, proj: int, product: str, monkeypatch):
     """Without h0's gradient the kernel skips each sequence's last product, as the driver's loop does: every
-    other gradient matches the standard path's (with and without a projection)."""
+    other gradient matches the standard path's (with and without a projection; FMA or TF32 tensor cores, the
+    standard path's products in TF32 too)."""
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", product)
+    torch.backends.cudnn.allow_tf32 = product == "mma"
+    tolerance = dict(atol=2e-6, rtol=1e-5) if product == "fma" else dict(atol=1e-2, rtol=1e-2)
     layer = Layer("flag", packed=packed, batch=5, steps=5, proj=proj)
     inputs = cast(make_inputs(layer, torch.float32), torch.float32, layer)
     forward = layer_forward(EMU, layer, inputs)
@@ -554,22 +586,25 @@ def test_persistent_backward_h0_grad_flag(need_h0_grad: bool, packed: bool, proj
                           inputs["h0"], inputs["c0"], inputs["weights"], layer.biases, bool(proj),
                           layer.bidirectional, gates, c_prev, h_prev, True, True, need_h0_grad))
     (gi_p, gh_p, gc_p, gw_p), (gi_s, gh_s, gc_s, gw_s) = results
-    torch.testing.assert_close(gi_p, gi_s, atol=2e-6, rtol=1e-5)
-    torch.testing.assert_close(gc_p, gc_s, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(gi_p, gi_s, **tolerance)
+    torch.testing.assert_close(gc_p, gc_s, **tolerance)
     for a, b in zip(gw_p, gw_s):
-        torch.testing.assert_close(a, b, atol=5e-6, rtol=1e-5)
+        torch.testing.assert_close(a, b, **(tolerance if product == "mma" else dict(atol=5e-6, rtol=1e-5)))
     assert gh_p.numel() == gh_s.numel() == (inputs["h0"].numel() if need_h0_grad else 0)
     if need_h0_grad:
-        torch.testing.assert_close(gh_p, gh_s, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(gh_p, gh_s, **tolerance)
 
 
-def test_persistent_backward_bitwise_across_runs_and_block_orders(monkeypatch):
-    """Gradients are bitwise equal run to run and whatever order the blocks run in."""
+@pytest.mark.parametrize("dtype, product", [(torch.float32, "fma"), (torch.bfloat16, "mma")], ids=str)
+def test_persistent_backward_bitwise_across_runs_and_block_orders(monkeypatch, dtype, product):
+    """Gradients are bitwise equal run to run and whatever order the blocks run in (hidden 40: three blocks of
+    16 dh columns for tensor cores, the last one part padding)."""
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT", "1")
-    layer = Layer("determinism", packed=True, batch=6, steps=5, hidden=21)
-    inputs = cast(make_inputs(layer, torch.float32), torch.float32, layer)
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", product)
+    layer = Layer("determinism", packed=True, batch=6, steps=5, hidden=21 if product == "fma" else 40)
+    inputs = cast(make_inputs(layer, dtype), dtype, layer)
     forward = layer_forward(EMU, layer, inputs, "persistent")
-    grads = random_grads(forward, torch.float32)
+    grads = random_grads(forward, dtype)
     assert_bitwise_in_any_block_order(
         monkeypatch, lambda: flatten(forward, layer_backward(EMU, layer, inputs, forward, grads)), seeds=("3", "4"))
 
@@ -592,6 +627,21 @@ def test_persistent_backward_plan_branches(profile, batch, hidden, k_split, unit
     layer = Layer("plan", steps=2, batch=batch, input_size=2, hidden=hidden, bidirectional=False)
     emulated, cpu, reference = run_layer(layer, torch.float32, recurrence="persistent")
     check_rule(emulated, cpu, reference, torch.float32)
+
+
+@pytest.mark.parametrize("batch, tensor_cores", [(1, False), (16, True)])
+def test_persistent_backward_product_by_cost_model(batch, tensor_cores, monkeypatch):
+    """Unforced, the backward plan takes the product the cost model predicts faster (bf16, H=512, H100 profile):
+    FMAs at batch 1, tensor cores at batch 16 with 16 dh columns a block. Forced tensor cores that do not fit
+    (16 rows of W_hh's 4H columns plus 16 staged rows of d_gates, bf16 H=1024: 256 KB) are declined with the
+    reason."""
+    plan = persistent_plan(batch, 512, torch.bfloat16, backward=True)
+    assert plan["tensor_cores"] == tensor_cores
+    if tensor_cores:
+        assert (plan["units_per_block"], plan["blocks"]) == (16, 32)
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", "mma")
+    with pytest.raises(RuntimeError, match="does not fit the backward kernel"):
+        persistent_plan(batch, 1024, torch.bfloat16, backward=True)
 
 
 @pytest.mark.parametrize("profile", ["h100", "l4"])
@@ -792,13 +842,17 @@ def test_persistent_projection_forward(layer: Layer, dtype: torch.dtype, product
     assert persistent_launches() == before + layer.directions
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype, product", BACKWARD_VARIANTS, ids=str)
 @pytest.mark.parametrize("layer", PROJECTION_LAYERS, ids=lambda c: c.name)
-def test_persistent_projection_backward(layer: Layer, dtype: torch.dtype, monkeypatch):
+def test_persistent_projection_backward(layer: Layer, dtype: torch.dtype, product: str, monkeypatch):
     """The persistent backward with a projection (dh_total, dh' = dh_total @ W_hr and the pointwise backward in
-    one phase, the d_gates @ W_hh product for each block's dh columns in the other) on the persistent forward's
-    workspace: every gradient, grad_w_hr included, against the CPU path and float64."""
+    one phase, the d_gates @ W_hh product for each block's dh columns in the other, on FMAs or on tensor cores
+    with the V columns padded to 16) on the persistent forward's workspace: every gradient, grad_w_hr included,
+    against the CPU path and float64."""
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT", "1")
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", product)
+    assert persistent_plan(layer.batch, layer.hidden, dtype, proj=layer.proj, backward=True)["tensor_cores"] == (
+        product == "mma")
     before = persistent_launches()
     emulated, cpu, reference = run_layer(layer, dtype, recurrence="persistent")
     check_rule(emulated, cpu, reference, dtype)

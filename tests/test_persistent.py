@@ -228,7 +228,7 @@ def test_auto_mode_follows_the_cost_model(monkeypatch, batch, hidden, steps):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[7]], ids=lambda c: c.name)
 def test_product_variants(persistent, monkeypatch, case: Case, dtype: torch.dtype, product: str):
-    """Each product variant of the forward kernel (FMAs, or tensor cores through WMMA), forced by
+    """Each product variant of the forward and backward kernels (FMAs, or tensor cores through WMMA), forced by
     FUSED_LSTM_PERSISTENT_PRODUCT, against cuDNN's error (tests/test_emulator.py runs the same on the CPU)."""
     if product == "mma" and torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("the tensor-core variant needs sm_80")
@@ -248,17 +248,18 @@ def test_cluster_exchange(persistent, monkeypatch, case: Case, dtype: torch.dtyp
 
 
 def test_tf32_tensor_cores_when_allowed(persistent, monkeypatch):
-    """float32 takes the tensor-core variant only with TF32 allowed; its error is then TF32-sized."""
+    """float32 takes the tensor-core variant (forward and backward) only with TF32 allowed; its error, gradients
+    included, is then TF32-sized."""
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("the tensor-core variant needs sm_80")
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", "mma")
     case = CASES[7]
     inputs = make_inputs(case, torch.float32)
     with fp32_precision(allow_tf32=True):
-        reference = build_and_run(nn.LSTM, case, inputs, "cpu", torch.float64, backward=False)
+        reference = build_and_run(nn.LSTM, case, inputs, "cpu", torch.float64, backward=True)
         before = launches()
-        ours = build_and_run(fused_lstm.LSTM, case, inputs, DEVICE, torch.float32, backward=False)
-    assert launches() - before == kernel_launches(case)
+        ours = build_and_run(fused_lstm.LSTM, case, inputs, DEVICE, torch.float32, backward=True)
+    assert launches() - before == kernel_launches(case, backward=True)
     for name, ref in reference.items():
         err = (ours[name].double().cpu() - ref).abs().max().item()
         assert err < 1e-2 * max(1.0, ref.abs().max().item()), (name, err)
@@ -314,8 +315,8 @@ def test_module_argument_forces_either_path(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("product", ["fma", "mma"])
 def test_projection_product_variants(persistent, monkeypatch, product: str, dtype: torch.dtype):
-    """A projection with either W_hh product (the projection's own product is FMA): both agree with float64 like
-    cuDNN, forward and backward."""
+    """A projection with either W_hh product in both kernels (the projection's own product is FMA): both agree with
+    float64 like cuDNN, forward and backward."""
     if product == "mma" and (torch.cuda.get_device_capability()[0] < 8 or dtype == torch.float32):
         pytest.skip("tensor cores: sm_80+, and float32 only with TF32 (test_tf32_tensor_cores_when_allowed)")
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", product)

@@ -49,10 +49,11 @@ inline double persistent_step_us(int64_t units, int64_t hidden, int64_t batch, d
   return kGridBarrierUs + staged_bytes / kL2BytesPerUsPerSm + fmas_per_block / kSmemFmaPerUsPerSm;
 }
 
-// The same on tensor cores: the product covers the padded tile (4U x K x N_pad16 products).
-inline double persistent_mma_step_us(int64_t units, int64_t padded_k, int64_t padded_batch, double staged_bytes,
+// The same on tensor cores: the product covers the padded tiles, rows x K x N_pad16 products (forward rows = 4U
+// gate rows; backward the block's dh columns padded to 16).
+inline double persistent_mma_step_us(int64_t rows, int64_t padded_k, int64_t padded_batch, double staged_bytes,
                                      bool tf32) {
-  const double products = 4.0 * static_cast<double>(units) * static_cast<double>(padded_k) *
+  const double products = static_cast<double>(rows) * static_cast<double>(padded_k) *
                           static_cast<double>(padded_batch);
   return kGridBarrierUs + staged_bytes / kL2BytesPerUsPerSm + products / (kSmemMmaPerUsPerSm / (tf32 ? 2 : 1));
 }

@@ -26,6 +26,7 @@ namespace fused_lstm {
 namespace {
 
 using cuda::persistent::backward_shared_bytes;
+using cuda::persistent::backward_weight_rows;
 using cuda::persistent::BackwardParams;
 using cuda::persistent::forward_shared_bytes;
 using cuda::persistent::ForwardParams;
@@ -79,7 +80,11 @@ auto forward_kernel(bool save_workspace, Product product, Exchange exchange, boo
 }
 
 template <typename scalar_t>
-auto backward_kernel(bool project) {
+auto backward_kernel(Product product, bool project) {
+  if (product == Product::Mma) {
+    return project ? &persistent_backward_kernel<scalar_t, true, Product::Mma>
+                   : &persistent_backward_kernel<scalar_t, false, Product::Mma>;
+  }
   return project ? &persistent_backward_kernel<scalar_t, true> : &persistent_backward_kernel<scalar_t, false>;
 }
 
@@ -97,7 +102,7 @@ const void* kernel_for(Pass pass, at::ScalarType dtype, Product product, Exchang
   const void* kernel = nullptr;
   FUSED_LSTM_DISPATCH_PERSISTENT_TYPES(dtype, "fused_lstm_persistent_kernel_for", [&] {
     kernel = pass == Pass::Backward
-                 ? reinterpret_cast<const void*>(backward_kernel<scalar_t>(project))
+                 ? reinterpret_cast<const void*>(backward_kernel<scalar_t>(product, project))
                  : reinterpret_cast<const void*>(
                        forward_kernel<scalar_t>(pass == Pass::ForwardTraining, product, exchange, project));
   });
@@ -130,10 +135,10 @@ void set_reason(std::string* why_not, const std::string& reason) {
 
 // Shared memory a block of `pass` needs for U units (and, with a projection, V columns of Hout over a padded
 // projection reduction of padded_proj_k; 0 without one).
-size_t pass_shared_bytes(Pass pass, Exchange exchange, int units, int padded_k, int batch, int padded_batch,
+size_t pass_shared_bytes(Pass pass, Product product, Exchange exchange, int units, int padded_k, int padded_batch,
                          int element_size, int outs = 0, int padded_proj_k = 0) {
   return pass == Pass::Backward
-             ? backward_shared_bytes(units, padded_k, batch, element_size, outs, padded_proj_k)
+             ? backward_shared_bytes(units, padded_k, padded_batch, element_size, outs, padded_proj_k, product)
              : forward_shared_bytes(units, padded_k, padded_batch, element_size, exchange == Exchange::Cluster, outs,
                                     padded_proj_k);
 }
@@ -185,8 +190,9 @@ std::optional<Plan> make_plan_for(Pass pass, Product product, Exchange exchange,
   // The projection product's reduction: forward h' (H), backward dh_total (Hout).
   const int proj_k = project ? round_up(pass == Pass::Backward ? HO : H, vec) : 0;
   const int n_pad = round_up(N, mma ? 16 : kRowsPerTile);
-  // Mma tiles are 16 gate rows: whole groups of 4 units.
-  const int unit_step = mma ? 4 : 1;
+  // Mma tiles are 16 rows: forward, 16 gate rows (whole groups of 4 units); backward without a projection, 16 dh
+  // columns (the block's units; with a projection the kernel pads its V columns of Hout to 16).
+  const int unit_step = !mma ? 1 : pass != Pass::Backward ? 4 : project ? 1 : 16;
   const bool cluster = exchange == Exchange::Cluster;
   const int sms = limits.multiprocessors;
   const int blocks_per_sm_by_threads = std::max(1, limits.max_threads_per_sm / kThreads);
@@ -197,7 +203,7 @@ std::optional<Plan> make_plan_for(Pass pass, Product product, Exchange exchange,
                                        unit_step);
   const auto outs_for = [&](int64_t blocks) { return project ? static_cast<int>((HO + blocks - 1) / blocks) : 0; };
   for (int64_t U = first_units; U < H + unit_step; U += unit_step) {
-    const size_t smem = pass_shared_bytes(pass, exchange, static_cast<int>(U), K, N, n_pad, element_size,
+    const size_t smem = pass_shared_bytes(pass, product, exchange, static_cast<int>(U), K, n_pad, element_size,
                                           outs_for((H + U - 1) / U), proj_k);
     if (smem > smem_limit) {
       set_reason(why_not, "hidden size " + std::to_string(H) +
@@ -227,7 +233,7 @@ std::optional<Plan> make_plan_for(Pass pass, Product product, Exchange exchange,
       plan.padded_batch = n_pad;
       plan.outs_per_block = project ? outs_for(plan.blocks) : plan.units_per_block;
       plan.padded_proj_k = proj_k;
-      plan.smem_bytes = pass_shared_bytes(pass, exchange, plan.units_per_block, K, N, n_pad, element_size,
+      plan.smem_bytes = pass_shared_bytes(pass, product, exchange, plan.units_per_block, K, n_pad, element_size,
                                           project ? plan.outs_per_block : 0, proj_k);
       // Each product's lanes per tile from its tile count (forward: the W_hh product over the block's units and
       // the projection over its V columns; backward: the dh product over its dh columns and the projection over
@@ -268,24 +274,22 @@ std::vector<Variant> restricted(std::vector<Variant> variants, const char* name,
 }
 
 // The variants of a pass on a device, as (product, exchange) pairs:
-//   - products: Fma always; Mma (tensor cores) in the forward pass on sm_80 and newer, for fp16 and bf16, and
-//     for float32 when TF32 is allowed for RNNs (as cuDNN's products would);
+//   - products: Fma always; Mma (tensor cores) on sm_80 and newer, for fp16 and bf16, and for float32 when TF32
+//     is allowed for RNNs (as cuDNN's products would);
 //   - exchanges: Grid always; Cluster in the forward pass on sm_90 and newer, with the Fma product (the cluster
 //     serves the small batches FMAs suit).
-// FUSED_LSTM_PERSISTENT_PRODUCT=fma|mma and FUSED_LSTM_PERSISTENT_EXCHANGE=grid|cluster keep one kind of the
-// forward kernel. The backward kernel has one variant (FMA, grid) and runs it whatever they say, so that a
-// forced forward variant still trains; a value that is not a variant's name is an error in both passes.
+// FUSED_LSTM_PERSISTENT_PRODUCT=fma|mma keeps one product in both passes; FUSED_LSTM_PERSISTENT_EXCHANGE=
+// grid|cluster keeps one exchange of the forward kernel (the backward kernel has the grid only and keeps it, so
+// that a forced forward exchange still trains); a value that is not a variant's name is an error in both passes.
 std::vector<std::pair<Product, Exchange>> candidate_variants(Pass pass, at::ScalarType dtype, int compute_major) {
   std::vector<Product> products{Product::Fma};
-  if (pass != Pass::Backward && compute_major >= 8 && (dtype != at::kFloat || cuda::rnn_allows_tf32())) {
-    products.push_back(Product::Mma);
-  }
+  if (compute_major >= 8 && (dtype != at::kFloat || cuda::rnn_allows_tf32())) products.push_back(Product::Mma);
   std::vector<Exchange> exchanges{Exchange::Grid};
   if (pass != Pass::Backward && compute_major >= 9) exchanges.push_back(Exchange::Cluster);
   products = restricted(products, "FUSED_LSTM_PERSISTENT_PRODUCT", {{"fma", Product::Fma}, {"mma", Product::Mma}});
   exchanges = restricted(exchanges, "FUSED_LSTM_PERSISTENT_EXCHANGE",
                          {{"grid", Exchange::Grid}, {"cluster", Exchange::Cluster}});
-  if (pass == Pass::Backward) return {{Product::Fma, Exchange::Grid}};
+  if (pass == Pass::Backward) exchanges = {Exchange::Grid};
   std::vector<std::pair<Product, Exchange>> variants;
   for (const Product product : products) {
     for (const Exchange exchange : exchanges) {
@@ -306,7 +310,7 @@ std::optional<Plan> make_plan(Pass pass, at::ScalarType dtype, int64_t batch, in
       candidate_variants(pass, dtype, gpu::device_limits(device).compute_major);
   if (variants.empty()) {
     set_reason(why_not, "FUSED_LSTM_PERSISTENT_PRODUCT / FUSED_LSTM_PERSISTENT_EXCHANGE leave no variant for this "
-                        "pass, dtype and device (tensor cores: the forward pass on sm_80+, float32 only with "
+                        "pass, dtype and device (tensor cores: sm_80+, float32 only with "
                         "torch.backends.cudnn.allow_tf32; clusters: the forward pass with FMAs on sm_90+)");
     return std::nullopt;
   }
@@ -487,6 +491,7 @@ void launch_backward(const RecurrenceBackwardArgs& a, const Plan& plan, Cooperat
   p.padded_gates = plan.padded_k;
   p.padded_out = plan.padded_proj_k;
   p.batch = static_cast<int>(N);
+  p.padded_batch = plan.padded_batch;
   p.units_per_block = plan.units_per_block;
   p.outs_per_block = plan.outs_per_block;
   p.k_split = plan.k_split;
@@ -495,7 +500,7 @@ void launch_backward(const RecurrenceBackwardArgs& a, const Plan& plan, Cooperat
   p.reverse = a.reverse;
   p.need_h0_grad = a.need_h0_grad;
   fill_lengths(*a.step_rows, static_cast<int>(N), p.lengths);
-  launch_cooperative(Pass::Backward, backward_kernel<scalar_t>(project), p, plan, order);
+  launch_cooperative(Pass::Backward, backward_kernel<scalar_t>(plan.product, project), p, plan, order);
 }
 
 // The backward plan for `a`, after checking everything about `a` the plan does not cover.
@@ -562,7 +567,8 @@ double predicted_step_us(Pass pass, const Plan& plan, int64_t batch, int64_t hid
   if (plan.exchange == Exchange::Cluster) {
     step = persistent_cost::persistent_cluster_step_us(units, k, batch);
   } else if (plan.product == Product::Mma) {
-    step = persistent_cost::persistent_mma_step_us(units, plan.padded_k, plan.padded_batch, staged, element_size == 4);
+    const int64_t rows = backward ? backward_weight_rows(plan.outs_per_block, Product::Mma) : 4 * units;
+    step = persistent_cost::persistent_mma_step_us(rows, plan.padded_k, plan.padded_batch, staged, element_size == 4);
   } else {
     step = persistent_cost::persistent_step_us(units, k, batch, staged);
   }

@@ -14,11 +14,17 @@
 //     occupy their own rows of the output, so the next step's writes never touch what a slower block may
 //     still be reading: one barrier per step is enough.
 //
-// Inside a block (kThreads threads): the product's outputs are tiles of one unit x kRowsPerTile batch rows
-// (row_product_fma, persistent_common.cuh); k_split consecutive lanes share a tile, each summing every k_split-th
-// 16-byte vector of the K = 4H dimension, and a butterfly of warp shuffles adds their partial sums in a fixed
-// order (bitwise reproducible). With a projection (proj_size) see persistent_backward_kernel below. The cell
-// math is cell_backward from ../../lstm_cell.h, as on every other path. float32 FMAs on storage-dtype values.
+// Inside a block (kThreads threads) the dh product comes in the forward's two variants (Product), chosen by the
+// plan's cost model:
+//   - Fma: tiles of one dh column x kRowsPerTile batch rows (row_product_fma, persistent_common.cuh); k_split
+//     consecutive lanes share a tile, each summing every k_split-th 16-byte vector of the K = 4H dimension, and a
+//     butterfly of warp shuffles adds their partial sums in a fixed order. float32 FMAs on storage-dtype values.
+//   - Mma: tensor cores (product_mma: WMMA, m16n16k16 for fp16 / bf16, TF32 m16n16k8 for float32 when TF32 is
+//     allowed), the block's dh columns padded to 16 and the batch to 16, into a float32 buffer from which the
+//     carried rows are copied.
+// Both are bitwise reproducible. With a projection (proj_size) see persistent_backward_kernel below; its own
+// product (dh_total @ W_hr) is Fma in both. The cell math is cell_backward from ../../lstm_cell.h, as on every
+// other path.
 //
 // Included by persistent.cu only.
 #pragma once
@@ -59,6 +65,7 @@ struct BackwardParams {
                              // staged d_gates)
   int padded_out;            // Kr: Hout rounded up likewise (kProject): the row pitch of wr_s and the staged dh_total
   int batch;                 // N <= kMaxBatch
+  int padded_batch;          // N_pad: N rounded up to kRowsPerTile (Fma) or 16 (Mma): the rows of the staging buffer
   int units_per_block;       // U: hidden units per block (pointwise backward; rows of wr_s)
   int outs_per_block;        // V: columns of dh (Hout) per block; U without a projection
   int k_split;               // lanes per tile of the dh product (d_gates @ W_hh): 8, 16 or 32
@@ -69,18 +76,27 @@ struct BackwardParams {
   int lengths[kMaxBatch];    // sequence length of batch row b, as in ForwardParams
 };
 
-// Shared memory of one block, in bytes: the transposed W_hh slice [V, K], the staging buffer [N_pad, max(K, Kr)]
-// (d_gates, and with a projection also dh_total) and the transposed W_hr slice [U, Kr] (Kr = 0 without a
-// projection) in the storage dtype; then in float32 dh of the block's dh columns [N_pad, V], dc of its units
-// [N_pad, U] and, with a projection, dh' = dh_total @ W_hr of its units [N_pad, U].
-inline size_t backward_shared_bytes(int units_per_block, int padded_gates, int batch, size_t element_size,
-                                    int outs_per_block = 0, int padded_out = 0) {
+// Rows of the W_hh slice in shared memory: the block's V dh columns, padded to whole 16-row tiles for Mma.
+__host__ __device__ constexpr int backward_weight_rows(int outs_per_block, Product product) {
+  return product == Product::Mma ? round_up(outs_per_block, 16) : outs_per_block;
+}
+
+// Shared memory of one block, in bytes: the transposed W_hh slice [Vw, K] (Vw = backward_weight_rows(V)), the
+// staging buffer [N_pad, max(K, Kr)] (d_gates, and with a projection also dh_total), in float32 the Mma product's
+// output [Vw, N_pad] (Mma only), the transposed W_hr slice [U, Kr] (Kr = 0 without a projection) in the storage
+// dtype; then in float32 dh of the block's dh columns [N_pad, V], dc of its units [N_pad, U] and, with a
+// projection, dh' = dh_total @ W_hr of its units [N_pad, U]. Every part starts 32-byte aligned for Mma.
+inline size_t backward_shared_bytes(int units_per_block, int padded_gates, int padded_batch, size_t element_size,
+                                    int outs_per_block = 0, int padded_out = 0, Product product = Product::Fma) {
   const bool project = padded_out > 0;
-  const size_t n_pad = static_cast<size_t>(round_up(batch, kRowsPerTile));
+  const size_t n_pad = static_cast<size_t>(padded_batch);
   const size_t u = static_cast<size_t>(units_per_block);
-  const size_t v = project ? static_cast<size_t>(outs_per_block) : u;
+  const int v = project ? outs_per_block : units_per_block;
+  const size_t w_rows = static_cast<size_t>(backward_weight_rows(v, product));
   const size_t staged = n_pad * static_cast<size_t>(std::max(padded_gates, padded_out));
-  return (v * padded_gates + staged + u * padded_out) * element_size + (v + (project ? 2 : 1) * u) * n_pad * sizeof(float);
+  const size_t mma_out = product == Product::Mma ? w_rows * n_pad : 0;
+  return (w_rows * padded_gates + staged + u * padded_out) * element_size +
+         (mma_out + (static_cast<size_t>(v) + (project ? 2 : 1) * u) * n_pad) * sizeof(float);
 }
 
 // Stages `rows` rows of `cols` storage elements (row pitch `cols` in global memory, `pitch` in shared memory)
@@ -104,7 +120,8 @@ __device__ __forceinline__ void stage_rows(scalar_t* dst, int pitch, const scala
 }
 
 // Requires a cooperative launch of exactly ceil(H / U) blocks of kThreads threads with backward_shared_bytes(U, K,
-// N, sizeof(scalar_t), V, kProject ? Kr : 0) bytes of dynamic shared memory, all co-resident.
+// N_pad, sizeof(scalar_t), V, kProject ? Kr : 0, kProduct) bytes of dynamic shared memory, all co-resident; for
+// Mma, K a multiple of the k step and N_pad of 16.
 //
 // With a projection (kProject), block k also owns the dh columns [k*V, k*V + V) of Hout (not its units: dh is
 // the gradient of the projected h), and each step has two phases with a grid barrier after each:
@@ -115,31 +132,37 @@ __device__ __forceinline__ void stage_rows(scalar_t* dst, int pitch, const scala
 //       barrier; then the dh product for its dh columns as without a projection.
 // Phase 0 of step s+1 writes other rows than phase 1 of step s reads, and phase 1 of step s+1 restages only after
 // the barrier that ends phase 0: two barriers per step, no double buffering.
-template <typename scalar_t, bool kProject = false>
+template <typename scalar_t, bool kProject = false, Product kProduct = Product::Fma>
 __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm)
     persistent_backward_kernel(const __grid_constant__ BackwardParams<scalar_t> p) {
+  constexpr bool kMma = kProduct == Product::Mma;
   const int H = p.hidden, G = 4 * H, K = p.padded_gates, N = p.batch, U = p.units_per_block;
   const int HO = kProject ? p.out_hidden : H, Kr = kProject ? p.padded_out : 0;
   const int V = kProject ? p.outs_per_block : U;
-  const int n_pad = round_up(N, kRowsPerTile);
+  const int w_rows = backward_weight_rows(V, kProduct);
+  const int n_pad = p.padded_batch;
+  const int fma_rows = round_up(N, kRowsPerTile);  // the rows the FMA products tile
   const int unit0 = blockIdx.x * U, out0 = blockIdx.x * V;
   const int live_units = min(U, H - unit0), live_outs = max(0, min(V, HO - out0));
 
-  // Dynamic shared memory, 16-byte aligned: w_s [V][K], st_s [n_pad][max(K, Kr)] (staged d_gates at pitch K,
-  // staged dh_total at pitch Kr), wr_s [U][Kr], dh_s [n_pad][V], dc_s [n_pad][U], dhp_s [n_pad][U] (kProject).
+  // Dynamic shared memory, 16-byte aligned: w_s [w_rows][K], st_s [n_pad][max(K, Kr)] (staged d_gates at pitch K,
+  // staged dh_total at pitch Kr), out_s [w_rows][n_pad] (Mma), wr_s [U][Kr], dh_s [n_pad][V], dc_s [n_pad][U],
+  // dhp_s [n_pad][U] (kProject). For Mma, K * sizeof(scalar_t) and n_pad are multiples of 32 bytes and of 16, so
+  // w_s, st_s and out_s start 32-byte aligned.
   FUSED_LSTM_DYNAMIC_SHARED(uint4, smem);
   scalar_t* w_s = reinterpret_cast<scalar_t*>(smem);
-  scalar_t* st_s = w_s + V * K;
-  scalar_t* wr_s = st_s + n_pad * max(K, Kr);
+  scalar_t* st_s = w_s + w_rows * K;
+  float* out_s = reinterpret_cast<float*>(st_s + n_pad * max(K, Kr));
+  scalar_t* wr_s = reinterpret_cast<scalar_t*>(out_s + (kMma ? w_rows * n_pad : 0));
   float* dh_s = reinterpret_cast<float*>(wr_s + U * Kr);
   float* dc_s = dh_s + n_pad * V;
   float* dhp_s = dc_s + n_pad * U;
   const scalar_t zero = static_cast<scalar_t>(0.0f);
 
-  // --- Once: row j of w_s is column out0 + j of W_hh (zero past Hout, and in the padding columns); row u of wr_s
+  // --- Once: row j of w_s is column out0 + j of W_hh (zero past Hout and past V, and in the padding columns); row u of wr_s
   // is column unit0 + u of W_hr; st_s zeroed (padding columns and rows never staged stay finite); dh of the owned
   // dh columns and dc of the owned units from dh_state / dc_state.
-  load_weight_rows(w_s, V, K, p.w_hh, p.w_stride_col, p.w_stride_row, out0, HO, G);
+  load_weight_rows(w_s, w_rows, K, p.w_hh, p.w_stride_col, p.w_stride_row, out0, min(HO, out0 + V), G);
   if constexpr (kProject) load_weight_rows(wr_s, U, Kr, p.w_hr, p.wr_stride_col, p.wr_stride_row, unit0, H, HO);
   for (int i = threadIdx.x; i < n_pad * max(K, Kr); i += kThreads) st_s[i] = zero;
   for (int i = threadIdx.x; i < n_pad * V; i += kThreads) {
@@ -174,7 +197,7 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
       stage_rows(st_s, Kr, p.dh_total + offset * HO, rows, HO);
       __syncthreads();
       // dh' [rows, U] = dh_total @ W_hr's columns of the owned units.
-      row_product_fma<scalar_t>(wr_s, st_s, U, live_units, Kr, n_pad, rows, p.proj_k_split,
+      row_product_fma<scalar_t>(wr_s, st_s, U, live_units, Kr, fma_rows, rows, p.proj_k_split,
                                 [&](int u, int b, float sum) { dhp_s[b * U + u] = sum; });
       __syncthreads();  // dhp_s complete; st_s free to be restaged
     }
@@ -213,8 +236,17 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
     // computed and dropped.
     stage_rows(st_s, K, p.d_gates + offset * G, carried, G);
     __syncthreads();
-    row_product_fma<scalar_t>(w_s, st_s, V, live_outs, K, n_pad, carried, p.k_split,
-                              [&](int j, int b, float sum) { dh_s[b * V + j] = sum; });
+    if constexpr (kMma) {
+      product_mma<scalar_t>(w_s, w_rows, st_s, K, out_s, n_pad);
+      __syncthreads();  // out_s complete
+      for (int i = threadIdx.x; i < carried * V; i += kThreads) {
+        const int b = i / V, j = i - b * V;
+        if (j < live_outs) dh_s[b * V + j] = out_s[j * n_pad + b];
+      }
+    } else {
+      row_product_fma<scalar_t>(w_s, st_s, V, live_outs, K, fma_rows, carried, p.k_split,
+                                [&](int j, int b, float sum) { dh_s[b * V + j] = sum; });
+    }
     // dh_s complete before the next step reads it; st_s free to be restaged.
     __syncthreads();
     walk.leave();

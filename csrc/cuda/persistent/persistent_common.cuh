@@ -116,6 +116,63 @@ struct TileSplit {
   __device__ int first_row(int tile) const { return (tile % row_tiles) * kRowsPerTile; }
 };
 
+// How a block computes a step's recurrent product (forward: h @ W_hh^T; backward: d_gates @ W_hh): float32 FMAs
+// or tensor cores.
+enum class Product { Fma, Mma };
+
+// The Mma variant's fragment shape for a storage dtype: its k step and the element type WMMA loads.
+template <typename scalar_t>
+struct MmaTraits {
+  static constexpr int kStep = 16;
+  using element = std::conditional_t<std::is_same_v<scalar_t, c10::Half>, __half, __nv_bfloat16>;
+  using fragment_type = element;
+};
+template <>
+struct MmaTraits<float> {
+  static constexpr int kStep = 8;
+  using element = float;
+  using fragment_type = nvcuda::wmma::precision::tf32;
+};
+
+// The tensor-core product (the Mma variant): out_s[M, N_pad] (row pitch N_pad) = w_s[M, P] @ x_s[N_pad, P]^T, each
+// warp computing 16 x 16 tiles over P in k steps, float32 accumulation. Forward: M = 4U gate rows against the
+// staged h; backward: M = the dh columns (padded to 16) against the staged d_gates. Requires M and N_pad multiples
+// of 16, P a multiple of the k step, and 32-byte aligned shared matrices (the plans' padding and the kernels'
+// shared layouts provide them). Every output of the padded tiles is written.
+template <typename scalar_t>
+__device__ __forceinline__ void product_mma(const scalar_t* w_s, int m_rows, const scalar_t* x_s, int P, float* out_s,
+                                            int n_pad) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // bf16 and TF32 fragments need sm_80; the plan never picks this variant below it
+#else
+  namespace wmma = nvcuda::wmma;
+  using Traits = MmaTraits<scalar_t>;
+  using element = typename Traits::element;
+  constexpr int KS = Traits::kStep;
+  const element* w = reinterpret_cast<const element*>(w_s);
+  const element* x = reinterpret_cast<const element*>(x_s);
+  const int m_tiles = m_rows / 16, n_tiles = n_pad / 16;
+  // Whole warps take whole tiles, so every lane of a warp makes the same collective calls.
+  for (int tile = threadIdx.x / 32; tile < m_tiles * n_tiles; tile += kThreads / 32) {
+    const int m = tile / n_tiles, n = tile - m * n_tiles;
+    wmma::fragment<wmma::accumulator, 16, 16, KS, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+    for (int k = 0; k < P; k += KS) {
+      wmma::fragment<wmma::matrix_a, 16, 16, KS, typename Traits::fragment_type, wmma::row_major> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, KS, typename Traits::fragment_type, wmma::col_major> b;
+      wmma::load_matrix_sync(a, w + m * 16 * P + k, P);  // 16 weight rows x KS
+      wmma::load_matrix_sync(b, x + n * 16 * P + k, P);  // x^T: KS x 16 batch rows, column-major
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        for (int i = 0; i < a.num_elements; ++i) a.x[i] = wmma::__float_to_tf32(a.x[i]);
+        for (int i = 0; i < b.num_elements; ++i) b.x[i] = wmma::__float_to_tf32(b.x[i]);
+      }
+      wmma::mma_sync(acc, a, b, acc);
+    }
+    wmma::store_matrix_sync(out_s + m * 16 * n_pad + n * 16, acc, n_pad, wmma::mem_row_major);
+  }
+#endif
+}
+
 // out[u][b] = sum over k of w_s[u, k] * x_s[b, k] (float32 FMAs on storage-dtype values) for the weight rows
 // u < live_units and the batch rows b < rows, handed to store(u, b, sum); w_s holds `units` rows, x_s n_pad rows,
 // both of pitch K (a whole number of 16-byte vectors, padding columns zero in w_s). Tiles are one weight row x

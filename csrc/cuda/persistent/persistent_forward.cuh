@@ -73,9 +73,6 @@ struct ForwardParams {
                                // row b is active at step t iff t < lengths[b]
 };
 
-// How a block computes a step's recurrent product.
-enum class Product { Fma, Mma };
-
 // How the blocks exchange h_t and meet each step:
 //   Grid:    a cooperative grid of any size; h_t through a global exchange buffer (read through L2) and one
 //            grid.sync per step.
@@ -107,20 +104,6 @@ inline size_t forward_shared_bytes(int units_per_block, int padded_hidden, int p
           static_cast<size_t>(outs_per_block) * padded_raw) * element_size +
          (4 * u * n_pad + n_pad * u) * sizeof(float);
 }
-
-// The Mma variant's fragment shape for a storage dtype: its k step and the element type WMMA loads.
-template <typename scalar_t>
-struct MmaTraits {
-  static constexpr int kStep = 16;
-  using element = std::conditional_t<std::is_same_v<scalar_t, c10::Half>, __half, __nv_bfloat16>;
-  using fragment_type = element;
-};
-template <>
-struct MmaTraits<float> {
-  static constexpr int kStep = 8;
-  using element = float;
-  using fragment_type = nvcuda::wmma::precision::tf32;
-};
 
 // pre_s[4U, N_pad] (row 4u + g: gate g of local unit u; row pitch N_pad) = w_s[4U, P] @ h_s[N_pad, P]^T by
 // float32 FMAs, for the tiles with a row below `rows` (the others are not read this step).
@@ -184,43 +167,6 @@ __device__ __forceinline__ void product_fma(const scalar_t* w_s, const scalar_t*
       }
     }
   }
-}
-
-// The same product on tensor cores: each warp computes 16 x 16 tiles of pre_s over P in k steps. Requires
-// 4U and N_pad multiples of 16, P a multiple of the k step, and 32-byte aligned shared matrices (the plan's
-// padding and forward_shared_bytes' layout provide them).
-template <typename scalar_t>
-__device__ __forceinline__ void product_mma(const scalar_t* w_s, const scalar_t* h_s, float* pre_s, int U, int P,
-                                            int n_pad) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  __trap();  // bf16 and TF32 fragments need sm_80; the plan never picks this variant below it
-#else
-  namespace wmma = nvcuda::wmma;
-  using Traits = MmaTraits<scalar_t>;
-  using element = typename Traits::element;
-  constexpr int KS = Traits::kStep;
-  const element* w = reinterpret_cast<const element*>(w_s);
-  const element* h = reinterpret_cast<const element*>(h_s);
-  const int m_tiles = 4 * U / 16, n_tiles = n_pad / 16;
-  // Whole warps take whole tiles, so every lane of a warp makes the same collective calls.
-  for (int tile = threadIdx.x / 32; tile < m_tiles * n_tiles; tile += kThreads / 32) {
-    const int m = tile / n_tiles, n = tile - m * n_tiles;
-    wmma::fragment<wmma::accumulator, 16, 16, KS, float> acc;
-    wmma::fill_fragment(acc, 0.0f);
-    for (int k = 0; k < P; k += KS) {
-      wmma::fragment<wmma::matrix_a, 16, 16, KS, typename Traits::fragment_type, wmma::row_major> a;
-      wmma::fragment<wmma::matrix_b, 16, 16, KS, typename Traits::fragment_type, wmma::col_major> b;
-      wmma::load_matrix_sync(a, w + m * 16 * P + k, P);  // W rows: 16 gate rows x KS
-      wmma::load_matrix_sync(b, h + n * 16 * P + k, P);  // h^T: KS x 16 batch rows, column-major
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        for (int i = 0; i < a.num_elements; ++i) a.x[i] = wmma::__float_to_tf32(a.x[i]);
-        for (int i = 0; i < b.num_elements; ++i) b.x[i] = wmma::__float_to_tf32(b.x[i]);
-      }
-      wmma::mma_sync(acc, a, b, acc);
-    }
-    wmma::store_matrix_sync(pre_s + m * 16 * n_pad + n * 16, acc, n_pad, wmma::mem_row_major);
-  }
-#endif
 }
 
 // Writes one element of h_t (row b, hidden unit `unit`) where the next step reads it: the global exchange half
@@ -350,7 +296,7 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
     }
 
     if constexpr (kProduct == Product::Mma) {
-      product_mma<scalar_t>(w_s, h_cur_s, pre_s, U, P, n_pad);
+      product_mma<scalar_t>(w_s, 4 * U, h_cur_s, P, pre_s, n_pad);
     } else {
       product_fma<scalar_t>(w_s, h_cur_s, pre_s, U, P, n_pad, rows, p.k_split);
     }
