@@ -34,10 +34,10 @@ from fused_lstm.benchmark.gate import TOLERANCES, Tolerance, check_pair, compare
 from fused_lstm.benchmark.harness import BenchmarkConfig, Job, Result, plan_jobs, run_benchmark  # noqa: E402
 from fused_lstm.benchmark.inputs import build_pair, draw_inputs  # noqa: E402
 from fused_lstm.benchmark.shapes import (  # noqa: E402
-    DTYPES, MODES, PRESETS, Case, Shape, parse_shape, select_cases,
+    AUTOCAST_DTYPES, DTYPES, MODES, PRESETS, Case, Shape, parse_shape, select_cases,
 )
 from fused_lstm.benchmark.timing import Stats, TimingConfig, measure_interleaved  # noqa: E402
-from fused_lstm.benchmark.workloads import Workload  # noqa: E402
+from fused_lstm.benchmark.workloads import Workload, backward, forward  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 
@@ -255,6 +255,24 @@ def test_all_modes_are_timed(candidate: str) -> None:
         assert r.torch_algo == "cpu"
 
 
+@pytest.mark.parametrize("shape", [TINY, Shape(6, 3, 5, 8, cell=True)], ids=["lstm", "cell"])
+def test_autocast_precision_runs_float32_modules_under_autocast(shape: Shape) -> None:
+    """autocast-bf16: float32 weights and inputs, both modules under torch.autocast("cpu", bfloat16), so outputs
+    are bf16 and gradients float32; the fused candidate passes the gate and the row is timed and named so."""
+    reference, candidate = build_pair(shape, DTYPES["autocast-bf16"], CPU, resolve_candidate("fused"),
+                                      autocast=AUTOCAST_DTYPES["autocast-bf16"])
+    inputs = draw_inputs(shape, DTYPES["autocast-bf16"], CPU, 1)
+    assert all(p.dtype == torch.float32 for p in candidate.parameters()) and inputs[0].leaf.dtype == torch.float32
+    outputs = forward(candidate, inputs[0])
+    assert all(o.dtype == torch.bfloat16 for o in outputs)
+    assert all(g.dtype == torch.float32 for g in backward(outputs, inputs[0], tuple(candidate.parameters())))
+    assert check_pair(reference, candidate, inputs[0], True, tolerance_for("autocast-bf16", CPU), autocast=True).ok
+    rows = run_benchmark([Job(shape, "test", "autocast-bf16", ("infer", "train"))], resolve_candidate("fused"),
+                         BenchmarkConfig(CPU, FAST))
+    assert [(r.dtype, r.status) for r in rows] == [("autocast-bf16", "ok")] * 2
+    assert all(r.fused_path.startswith("cpu:") for r in rows)
+
+
 def test_fused_path_column_reports_last_path() -> None:
     assert _run(PathLSTM, [TINY], ["infer"])[0].fused_path == "test-path"
     assert last_path(torch.nn.LSTM(2, 3)) is None
@@ -270,12 +288,18 @@ def test_plan_jobs_overrides_and_cpu_dtypes() -> None:
     assert all(j.modes == ("train", "fwd", "bwd") for j in jobs if j.group == "deepbench-train")
     gpu = PRESETS["gpu"]
     cuda_jobs = plan_jobs(gpu.cases, gpu.modes, gpu.dtypes, torch.device("cuda"))
-    assert len(cuda_jobs) == 3 * len(gpu.cases) and {j.dtype for j in cuda_jobs} == set(DTYPES)
+    assert len(cuda_jobs) == 3 * len(gpu.cases) and {j.dtype for j in cuda_jobs} == {"fp32", "bf16", "fp16"}
     forced = plan_jobs(full.cases[:2], full.modes, full.dtypes, CPU, modes=("bwd", "infer"))
     assert [j.modes for j in forced] == [("infer", "bwd")] * 4
     cpu = PRESETS["cpu"]
-    bf16_jobs = [j for j in plan_jobs(cpu.cases, cpu.modes, cpu.dtypes, CPU) if j.dtype == "bf16"]
+    cpu_jobs = plan_jobs(cpu.cases, cpu.modes, cpu.dtypes, CPU)
+    bf16_jobs = [j for j in cpu_jobs if j.dtype == "bf16"]
     assert len(bf16_jobs) == 12 and all(j.group == "sweep-bf16" and j.modes == ("infer", "train") for j in bf16_jobs)
+    # Under bf16 autocast: the same sweep, and the LSTMCell loops of the fp32 rows.
+    autocast_jobs = [j for j in cpu_jobs if j.dtype == "autocast-bf16"]
+    fp32_cells = {j.shape for j in cpu_jobs if j.dtype == "fp32" and j.shape.cell}
+    assert {j.shape for j in autocast_jobs} == {j.shape for j in bf16_jobs} | fp32_cells
+    assert all(j.modes == ("infer", "train") for j in autocast_jobs)
 
 
 # --- timing -----------------------------------------------------------------------------------
@@ -352,7 +376,7 @@ def test_quick_preset_is_small() -> None:
 def test_gpu_and_full_presets_contain_the_issue_shapes() -> None:
     gpu, full = PRESETS["gpu"], PRESETS["full"]
     classic = Shape(100, 64, 512, 512)
-    assert any(c.shape == classic and set(c.dtypes or gpu.dtypes) == set(DTYPES) for c in gpu.cases)
+    assert any(c.shape == classic and set(c.dtypes or gpu.dtypes) == {"fp32", "bf16", "fp16"} for c in gpu.cases)
     assert {(c.shape.N, c.shape.H) for c in gpu.cases if c.group == "sweep"} == {
         (n, h) for n in (1, 8, 64) for h in (256, 512, 1024)}
     assert any(c.shape.packed for c in gpu.cases)
@@ -503,6 +527,7 @@ def test_list_prints_plan(capsys: pytest.CaptureFixture) -> None:
 
 @pytest.mark.parametrize("args,message", [
     (["--device", "cpu", "--dtypes", "fp32,fp16"], "fp16 is only benchmarked on CUDA"),
+    (["--device", "cpu", "--dtypes", "autocast-fp16"], "fp16 is only benchmarked on CUDA"),
     (["--shape", "1,2,3"], "expected T,N,I,H"),
     (["--modes", "infer,sideways"], "unknown mode sideways"),
     (["--dtypes", "fp8"], "unknown dtype fp8"),

@@ -100,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma list of " + ", ".join(f"{m} ({MODE_HELP[m]})" for m in MODES)
                            + "; default: the preset's")
     what.add_argument("--dtypes", type=_arg_type(lambda s: parse_names(s, tuple(DTYPES), "dtype")),
-                      help="comma list of fp32, bf16, fp16 (fp16 needs CUDA); default: the "
-                           "preset's, fp32 and bf16 only on CPU")
+                      help="comma list of fp32, bf16, fp16 (modules and inputs in that dtype), autocast-bf16, "
+                           "autocast-fp16 (float32 modules and inputs under torch.autocast in that dtype); fp16 "
+                           "needs CUDA; default: the preset's, less fp16 on CPU")
     what.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                       help="where to run; auto = cuda if available, else cpu")
     what.add_argument("--candidate", default="fused",

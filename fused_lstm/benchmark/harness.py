@@ -18,7 +18,7 @@ from .candidates import CandidateFactory, last_path
 from .flops import mode_flops, tflops
 from .gate import GateResult, Tolerance, check_pair, tolerance_for
 from .inputs import InputSet, build_pair, draw_inputs
-from .shapes import CPU_DTYPES, DATA_INPUT_MODES, DTYPES, GRAD_MODES, MODES, Case, Shape
+from .shapes import AUTOCAST_DTYPES, CPU_DTYPES, DATA_INPUT_MODES, DTYPES, GRAD_MODES, MODES, Case, Shape, compute_dtype
 from .timing import Stats, TimingConfig, measure_interleaved
 from .workloads import make_workload
 
@@ -159,21 +159,23 @@ def _base(job: Job, mode: str, device: torch.device) -> Result:
     s = job.shape
     return Result(job.group, s.T, s.N, s.I, s.H, s.layers, s.bidirectional, s.packed, s.proj_size, s.cell,
                   job.dtype, mode, "error", gflop=mode_flops(s, mode) / 1e9,
-                  torch_algo=baseline_algo(s, DTYPES[job.dtype], mode, device))
+                  torch_algo=baseline_algo(s, compute_dtype(job.dtype), mode, device))
 
 
 def _run_job(job: Job, factory: CandidateFactory, config: BenchmarkConfig) -> List[Result]:
     device, dtype = config.device, DTYPES[job.dtype]
     rows = {m: _base(job, m, device) for m in job.modes}
     try:
-        reference, candidate = build_pair(job.shape, dtype, device, factory, config.seed)
+        reference, candidate = build_pair(job.shape, dtype, device, factory, config.seed,
+                                          autocast=AUTOCAST_DTYPES.get(job.dtype))
         inputs = draw_inputs(job.shape, dtype, device, config.timing.n_inputs, config.seed + 1)
         tol = tolerance_for(job.dtype, device, config.tolerance)
         gates: Dict[Tuple[bool, bool], GateResult] = {}
         for mode in job.modes:
             kind = (mode in GRAD_MODES, mode in DATA_INPUT_MODES)  # (gradients, of the weights only)
             if kind not in gates:
-                gates[kind] = check_pair(reference, candidate, inputs[0], kind[0], tol, data_input=kind[1])
+                gates[kind] = check_pair(reference, candidate, inputs[0], kind[0], tol, data_input=kind[1],
+                                         autocast=job.dtype in AUTOCAST_DTYPES)
             _fill(rows[mode], gates[kind], reference, candidate, inputs, config)
     except Exception as exc:  # keep going: record the failure against the remaining modes
         for row in rows.values():

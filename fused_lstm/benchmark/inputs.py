@@ -50,6 +50,25 @@ class CellLoop(torch.nn.Module):
         return last_path(self.cell)
 
 
+class UnderAutocast(torch.nn.Module):
+    """Runs ``inner`` (float32 weights, float32 input) under ``torch.autocast`` of its device in ``dtype``, as a
+    mixed-precision model does; called and answering like ``inner``. Gradients are taken outside the autocast
+    region, as torch recommends."""
+
+    def __init__(self, inner: torch.nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.inner, self.dtype = inner, dtype
+
+    def forward(self, x: LstmInput, hx: Tuple[torch.Tensor, torch.Tensor]):
+        data = x.data if isinstance(x, PackedSequence) else x
+        with torch.autocast(data.device.type, dtype=self.dtype):
+            return self.inner(x, hx)
+
+    def last_path(self) -> Optional[str]:
+        """The path the inner module's package reports (see :func:`.candidates.last_path`)."""
+        return last_path(self.inner)
+
+
 def as_data(inp: InputSet) -> InputSet:
     """The same call with the input as data: detached, so that no gradient is taken for it."""
     leaf = inp.leaf.detach()
@@ -57,10 +76,11 @@ def as_data(inp: InputSet) -> InputSet:
     return InputSet(x, leaf, inp.hx, inp.grad_outputs)
 
 
-def build_pair(shape: Shape, dtype: torch.dtype, device: torch.device,
-               factory: CandidateFactory, seed: int = 0) -> Tuple[torch.nn.Module, torch.nn.Module]:
+def build_pair(shape: Shape, dtype: torch.dtype, device: torch.device, factory: CandidateFactory, seed: int = 0,
+               autocast: Optional[torch.dtype] = None) -> Tuple[torch.nn.Module, torch.nn.Module]:
     """``(torch.nn.LSTM, candidate)`` on ``device``/``dtype`` with the same weights; for a cell shape,
-    ``(CellLoop(torch.nn.LSTMCell), CellLoop(the candidate's LSTMCell))``.
+    ``(CellLoop(torch.nn.LSTMCell), CellLoop(the candidate's LSTMCell))``; with ``autocast``, each wrapped in
+    :class:`UnderAutocast` of that dtype.
 
     The baseline is initialised from ``seed``; the candidate receives its
     ``state_dict`` (strict, so differing parameter names fail loudly).
@@ -76,6 +96,8 @@ def build_pair(shape: Shape, dtype: torch.dtype, device: torch.device,
     reference = reference.to(device=device, dtype=dtype)
     candidate = make(factory).to(device=device, dtype=dtype)
     candidate.load_state_dict(reference.state_dict())
+    if autocast is not None:
+        return UnderAutocast(reference, autocast), UnderAutocast(candidate, autocast)
     return reference, candidate
 
 

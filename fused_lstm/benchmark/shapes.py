@@ -25,15 +25,30 @@ GRAD_MODES: Tuple[str, ...] = ("train", "train_weights", "fwd", "bwd")
 #: Modes whose input is data: no gradient is taken for it (the first layer of most training).
 DATA_INPUT_MODES: Tuple[str, ...] = ("train_weights",)
 
-#: Precision names accepted on the command line.
+#: Precision names accepted on the command line, and the dtype of the modules' weights and inputs in each.
 DTYPES: Dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
+    "autocast-bf16": torch.float32,
+    "autocast-fp16": torch.float32,
 }
 
+#: The precisions that run float32 modules and inputs under ``torch.autocast`` (mixed-precision training and
+#: inference), and the autocast dtype: both modules compute and return it, and float32 gradients reach the weights.
+AUTOCAST_DTYPES: Dict[str, torch.dtype] = {
+    "autocast-bf16": torch.bfloat16,
+    "autocast-fp16": torch.float16,
+}
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    """The dtype precision ``name`` computes in: the autocast dtype, else the modules' own."""
+    return AUTOCAST_DTYPES.get(name, DTYPES[name])
+
+
 #: Precisions allowed on CPU (fp16 has no fast CPU path in torch.nn.LSTM to race).
-CPU_DTYPES: Tuple[str, ...] = ("fp32", "bf16")
+CPU_DTYPES: Tuple[str, ...] = ("fp32", "bf16", "autocast-bf16")
 
 _TRUE = {"1", "true", "yes", "y", "on", "bidir", "bidirectional", "packed"}
 _FALSE = {"0", "false", "no", "n", "off", "uni", "unidirectional", "padded", ""}
@@ -206,7 +221,7 @@ def _grid(group: str, T: int, batches: Iterable[int], hiddens: Iterable[int], ce
 
 
 CLASSIC = Shape(100, 64, 512, 512)
-_ALL_DTYPES = tuple(DTYPES)
+_ALL_DTYPES = ("fp32", "bf16", "fp16")
 _TRAIN_MODES = ("train", "fwd", "bwd")
 
 
@@ -229,10 +244,14 @@ def _cpu() -> Preset:
         Case(Shape(50, 16, 256, 256, layers=2, bidirectional=True), "multilayer"),
         Case(Shape(50, 16, 256, 256, packed=True), "packed"),
     ) + tuple(_grid("cell", 50, (1, 8, 64), (128, 512), cell=True)) + tuple(
-        _grid("sweep-bf16", 50, (1, 8, 64), (128, 256, 512, 1024), modes=("infer", "train"), dtypes=("bf16",)))
+        _grid("sweep-bf16", 50, (1, 8, 64), (128, 256, 512, 1024), modes=("infer", "train"),
+              dtypes=("bf16", "autocast-bf16"))) + tuple(
+        _grid("cell-bf16", 50, (1, 8, 64), (128, 512), cell=True, modes=("infer", "train"),
+              dtypes=("autocast-bf16",)))
     return Preset("cpu", "T=50 batch 1..64 x hidden 128..1024, plus 2-layer bidir, packed, and LSTMCell "
-                  "loops (batch 1..64 x hidden 128, 512), fp32; the batch x hidden sweep again in bf16 "
-                  "(infer, train)", cases, ("infer", "train", "train_weights"), ("fp32",))
+                  "loops (batch 1..64 x hidden 128, 512), fp32; the batch x hidden sweep again in bf16 and "
+                  "under bf16 autocast, and the LSTMCell loops under bf16 autocast (infer, train)",
+                  cases, ("infer", "train", "train_weights"), ("fp32",))
 
 
 def _gpu() -> Preset:
