@@ -149,6 +149,47 @@ def test_reduced_precision_on_cpu_matches_torch(dtype):
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_pointwise_is_the_same_in_every_kernel_build(dtype):
+    """bfloat16 and float16 pointwise steps run the float32 code on float32 copies, chunk by chunk (H=300: chunks
+    of 128, 128 and 44 units): every kernel build (AVX-512, AVX2, and the baseline the ATen setting runs) gives
+    the same bits, forward and backward, and a NaN in one input row stays NaN in that row's results."""
+    torch.manual_seed(0)
+    args = [a.detach().to(dtype) for a in cell_args(batch=3, input_size=7, hidden=300, dtype=torch.float32)]
+    args[0][1, 2] = float("nan")
+    grad_h, grad_c = torch.randn(3, 300).to(dtype), torch.randn(3, 300).to(dtype)
+    runs = []
+    for kernels in [k for k in ("avx512", "avx2") if k in fused_lstm._C._supported_cpu_kernels()] + ["aten"]:
+        previous = fused_lstm._C._set_cpu_kernels(kernels)
+        try:
+            h, c, gates = torch.ops.fused_lstm.lstm_cell(*args)
+            grads = torch.ops.fused_lstm.lstm_cell_backward(grad_h, grad_c, *args[:5], gates, True)
+        finally:
+            fused_lstm._C._set_cpu_kernels(previous)
+        runs.append([h, c, gates, *grads[:3]])
+    assert len(runs) >= 2
+    for name, value in zip(["h", "c", "gates", "grad_input", "grad_hx", "grad_cx"], runs[0]):
+        assert torch.isnan(value[1]).all() and not torch.isnan(value[[0, 2]]).any(), name
+    for other in runs[1:]:
+        for name, a, b in zip(["h", "c", "gates", "grad_input", "grad_hx", "grad_cx"], runs[0], other):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_state_rounds_as_torch(dtype, cpu_kernels):
+    """With saturated gates (pre-activations +-100: i = f = o = 1, g = +-1 exactly) c' = c +- 1 is computed in
+    float32 and rounded to the storage type: it must equal torch's own rounding of the same sum, ties included,
+    in every kernel build (H=300 spans three float32 chunks)."""
+    N, H = 4, 300
+    c = torch.randn(N, H).to(dtype)
+    sign = torch.randint(0, 2, (H,)).float() * 2 - 1
+    b_ih = torch.cat([torch.full((H,), 100.0), torch.full((H,), 100.0), 100 * sign, torch.full((H,), 100.0)])
+    zeros = lambda *shape: torch.zeros(*shape, dtype=dtype)  # noqa: E731
+    _, c_next, _ = torch.ops.fused_lstm.lstm_cell(torch.randn(N, 3).to(dtype), zeros(N, H), c, zeros(4 * H, 3),
+                                                  zeros(4 * H, H), b_ih.to(dtype), zeros(4 * H))
+    assert torch.equal(c_next, (c.float() + sign).to(dtype))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_noncontiguous_arguments(dtype):
     """Strided slices and transposed layouts of every matrix, forward and every gradient."""

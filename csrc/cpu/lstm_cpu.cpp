@@ -42,21 +42,25 @@ void for_each_row_span(int64_t rows, int64_t hidden, const Fn& fn) {
   });
 }
 
-// The pointwise step of one storage type over a span of units of one row, as a kernel (simd.h): float32 in the
-// explicit vectors its instruction set runs best (kPointwiseLanes), other types in the scalar loop that
-// `omp simd` vectorises for that set.
+// The pointwise step of one storage type over a span of units of one row, as a kernel (simd.h): float32 math
+// (16-bit types on float32 copies) in the explicit vectors its instruction set runs best (kPointwiseLanes),
+// float64 in the scalar loop that `omp simd` vectorises for that set.
+template <typename scalar_t>
+constexpr int span_lanes(int isa_lanes) {
+  return std::is_same_v<scalar_t, double> ? 0 : isa_lanes;
+}
 template <typename scalar_t>
 struct ForwardSpan {
   template <typename Isa>
   FUSED_LSTM_ALWAYS_INLINE static void run(const StepForwardArgs& a, int64_t b, int64_t j0, int64_t j1) {
-    forward_span<scalar_t, std::is_same_v<scalar_t, float> ? Isa::kPointwiseLanes : 0>(a, b, j0, j1);
+    forward_span<scalar_t, span_lanes<scalar_t>(Isa::kPointwiseLanes)>(a, b, j0, j1);
   }
 };
 template <typename scalar_t>
 struct BackwardSpan {
   template <typename Isa>
   FUSED_LSTM_ALWAYS_INLINE static void run(const StepBackwardArgs& a, int64_t b, int64_t j0, int64_t j1) {
-    backward_span<scalar_t, std::is_same_v<scalar_t, float> ? Isa::kPointwiseLanes : 0>(a, b, j0, j1);
+    backward_span<scalar_t, span_lanes<scalar_t>(Isa::kPointwiseLanes)>(a, b, j0, j1);
   }
 };
 
