@@ -527,16 +527,19 @@ BACKWARD_VARIANTS = [(torch.float32, "fma"), (torch.float16, "fma"), (torch.bflo
                      (torch.float16, "mma"), (torch.bfloat16, "mma")]
 
 
-@pytest.mark.parametrize("dtype, product", BACKWARD_VARIANTS, ids=str)
+@pytest.mark.parametrize("dtype, product, exchange", [(*v, "grid") for v in BACKWARD_VARIANTS] + [
+    (torch.float32, "fma", "cluster"), (torch.bfloat16, "fma", "cluster")], ids=str)
 @pytest.mark.parametrize("layer", PERSISTENT_LAYERS, ids=lambda c: c.name)
-def test_persistent_backward(layer: Layer, dtype: torch.dtype, product: str, monkeypatch):
-    """The cooperative backward kernel (pointwise backward and d_gates @ W_hh fused per step, dh and dc kept on
-    chip; the product on FMAs or tensor cores, 16 dh columns a block) on the persistent forward's workspace: every
-    gradient against the CPU path and float64."""
+def test_persistent_backward(layer: Layer, dtype: torch.dtype, product: str, exchange: str, monkeypatch):
+    """The persistent backward kernel (pointwise backward and d_gates @ W_hh fused per step, dh and dc kept on
+    chip; the product on FMAs or tensor cores, 16 dh columns a block; d_gates through global memory after a grid
+    barrier, or written into every block's shared memory of one cluster) on the persistent forward's workspace:
+    every gradient against the CPU path and float64."""
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT", "1")
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", product)
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", exchange)
     plan = persistent_plan(layer.batch, layer.hidden, dtype, backward=True)
-    assert plan["tensor_cores"] == (product == "mma")
+    assert (plan["tensor_cores"], plan["cluster"]) == (product == "mma", exchange == "cluster")
     assert plan["units_per_block"] % (16 if product == "mma" else 1) == 0
     before = persistent_launches()
     emulated, cpu, reference = run_layer(layer, dtype, recurrence="persistent")
@@ -595,12 +598,15 @@ def test_persistent_backward_h0_grad_flag(need_h0_grad: bool, packed: bool, proj
         torch.testing.assert_close(gh_p, gh_s, **tolerance)
 
 
-@pytest.mark.parametrize("dtype, product", [(torch.float32, "fma"), (torch.bfloat16, "mma")], ids=str)
-def test_persistent_backward_bitwise_across_runs_and_block_orders(monkeypatch, dtype, product):
+@pytest.mark.parametrize("dtype, product, exchange", [(torch.float32, "fma", "grid"), (torch.bfloat16, "mma", "grid"),
+                                                      (torch.float32, "fma", "cluster")], ids=str)
+def test_persistent_backward_bitwise_across_runs_and_block_orders(monkeypatch, dtype, product, exchange):
     """Gradients are bitwise equal run to run and whatever order the blocks run in (hidden 40: three blocks of
-    16 dh columns for tensor cores, the last one part padding)."""
+    16 dh columns for tensor cores, the last one part padding; a missing barrier or a single d_gates buffer in
+    the cluster would show)."""
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT", "1")
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", product)
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", exchange)
     layer = Layer("determinism", packed=True, batch=6, steps=5, hidden=21 if product == "fma" else 40)
     inputs = cast(make_inputs(layer, dtype), dtype, layer)
     forward = layer_forward(EMU, layer, inputs, "persistent")
@@ -615,7 +621,8 @@ def test_persistent_backward_bitwise_across_runs_and_block_orders(monkeypatch, d
     ("l4", 33, 130, 8, 3),
 ])
 def test_persistent_backward_plan_branches(profile, batch, hidden, k_split, units_per_block, monkeypatch):
-    """The backward kernel's plan reaches the same branches, and runs there."""
+    """The backward kernel's plan reaches the same branches (the grid exchange), and runs there."""
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", "grid")
     emu.set_device_profile(profile)
     units, blocks, lanes, shared, tensor_cores, cluster, outs, _ = torch.ops.fused_lstm_emu.persistent_plan(
         torch.empty(1), batch, hidden, True)
@@ -642,6 +649,23 @@ def test_persistent_backward_product_by_cost_model(batch, tensor_cores, monkeypa
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", "mma")
     with pytest.raises(RuntimeError, match="does not fit the backward kernel"):
         persistent_plan(batch, 1024, torch.bfloat16, backward=True)
+
+
+def test_persistent_backward_cluster_plan_and_its_limits(monkeypatch):
+    """The backward on a cluster: the cost model's pick at batch 1 where W_hh fits 16 SMs (fp32 H=256: 16 units
+    a block), not where it does not (fp32 H=1024); forced, a layer too large for 16 SMs is declined with the
+    reason; sm_90 only; with a projection the backward keeps the grid whatever the switch says."""
+    plan = persistent_plan(1, 256, backward=True)
+    assert plan["cluster"] and (plan["blocks"], plan["units_per_block"]) == (16, 16)
+    assert not persistent_plan(1, 1024, backward=True)["cluster"]
+    assert not persistent_plan(1, 64, proj=16, backward=True)["cluster"]
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", "cluster")
+    assert not persistent_plan(1, 64, proj=16, backward=True)["cluster"]
+    with pytest.raises(RuntimeError, match="does not fit the backward kernel"):
+        persistent_plan(1, 1024, backward=True)
+    emu.set_device_profile("a100")
+    with pytest.raises(RuntimeError, match="leave no variant"):
+        persistent_plan(1, 64, backward=True)
 
 
 @pytest.mark.parametrize("profile", ["h100", "l4"])

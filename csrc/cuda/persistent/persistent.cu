@@ -80,7 +80,10 @@ auto forward_kernel(bool save_workspace, Product product, Exchange exchange, boo
 }
 
 template <typename scalar_t>
-auto backward_kernel(Product product, bool project) {
+auto backward_kernel(Product product, Exchange exchange, bool project) {
+  if (exchange == Exchange::Cluster) {  // Fma without a projection only (candidate_variants)
+    return &persistent_backward_kernel<scalar_t, false, Product::Fma, Exchange::Cluster>;
+  }
   if (product == Product::Mma) {
     return project ? &persistent_backward_kernel<scalar_t, true, Product::Mma>
                    : &persistent_backward_kernel<scalar_t, false, Product::Mma>;
@@ -102,7 +105,7 @@ const void* kernel_for(Pass pass, at::ScalarType dtype, Product product, Exchang
   const void* kernel = nullptr;
   FUSED_LSTM_DISPATCH_PERSISTENT_TYPES(dtype, "fused_lstm_persistent_kernel_for", [&] {
     kernel = pass == Pass::Backward
-                 ? reinterpret_cast<const void*>(backward_kernel<scalar_t>(product, project))
+                 ? reinterpret_cast<const void*>(backward_kernel<scalar_t>(product, exchange, project))
                  : reinterpret_cast<const void*>(
                        forward_kernel<scalar_t>(pass == Pass::ForwardTraining, product, exchange, project));
   });
@@ -138,7 +141,8 @@ void set_reason(std::string* why_not, const std::string& reason) {
 size_t pass_shared_bytes(Pass pass, Product product, Exchange exchange, int units, int padded_k, int padded_batch,
                          int element_size, int outs = 0, int padded_proj_k = 0) {
   return pass == Pass::Backward
-             ? backward_shared_bytes(units, padded_k, padded_batch, element_size, outs, padded_proj_k, product)
+             ? backward_shared_bytes(units, padded_k, padded_batch, element_size, outs, padded_proj_k, product,
+                                     exchange == Exchange::Cluster)
              : forward_shared_bytes(units, padded_k, padded_batch, element_size, exchange == Exchange::Cluster, outs,
                                     padded_proj_k);
 }
@@ -276,20 +280,21 @@ std::vector<Variant> restricted(std::vector<Variant> variants, const char* name,
 // The variants of a pass on a device, as (product, exchange) pairs:
 //   - products: Fma always; Mma (tensor cores) on sm_80 and newer, for fp16 and bf16, and for float32 when TF32
 //     is allowed for RNNs (as cuDNN's products would);
-//   - exchanges: Grid always; Cluster in the forward pass on sm_90 and newer, with the Fma product (the cluster
-//     serves the small batches FMAs suit).
-// FUSED_LSTM_PERSISTENT_PRODUCT=fma|mma keeps one product in both passes; FUSED_LSTM_PERSISTENT_EXCHANGE=
-// grid|cluster keeps one exchange of the forward kernel (the backward kernel has the grid only and keeps it, so
-// that a forced forward exchange still trains); a value that is not a variant's name is an error in both passes.
-std::vector<std::pair<Product, Exchange>> candidate_variants(Pass pass, at::ScalarType dtype, int compute_major) {
+//   - exchanges: Grid always; Cluster on sm_90 and newer, with the Fma product (the cluster serves the small
+//     batches FMAs suit), in the backward pass without a projection.
+// FUSED_LSTM_PERSISTENT_PRODUCT=fma|mma keeps one product and FUSED_LSTM_PERSISTENT_EXCHANGE=grid|cluster one
+// exchange in both passes, except that the backward with a projection has the grid only and keeps it (so that a
+// forced forward exchange still trains); a value that is not a variant's name is an error in both passes.
+std::vector<std::pair<Product, Exchange>> candidate_variants(Pass pass, at::ScalarType dtype, int compute_major,
+                                                             bool project) {
   std::vector<Product> products{Product::Fma};
   if (compute_major >= 8 && (dtype != at::kFloat || cuda::rnn_allows_tf32())) products.push_back(Product::Mma);
   std::vector<Exchange> exchanges{Exchange::Grid};
-  if (pass != Pass::Backward && compute_major >= 9) exchanges.push_back(Exchange::Cluster);
+  if (compute_major >= 9) exchanges.push_back(Exchange::Cluster);
   products = restricted(products, "FUSED_LSTM_PERSISTENT_PRODUCT", {{"fma", Product::Fma}, {"mma", Product::Mma}});
   exchanges = restricted(exchanges, "FUSED_LSTM_PERSISTENT_EXCHANGE",
                          {{"grid", Exchange::Grid}, {"cluster", Exchange::Cluster}});
-  if (pass == Pass::Backward) exchanges = {Exchange::Grid};
+  if (pass == Pass::Backward && project) exchanges = {Exchange::Grid};
   std::vector<std::pair<Product, Exchange>> variants;
   for (const Product product : products) {
     for (const Exchange exchange : exchanges) {
@@ -307,11 +312,12 @@ std::optional<Plan> make_plan(Pass pass, at::ScalarType dtype, int64_t batch, in
                               c10::DeviceIndex device, std::string* why_not) {
   const gpu::DeviceGuard guard(device);
   const std::vector<std::pair<Product, Exchange>> variants =
-      candidate_variants(pass, dtype, gpu::device_limits(device).compute_major);
+      candidate_variants(pass, dtype, gpu::device_limits(device).compute_major, proj > 0);
   if (variants.empty()) {
     set_reason(why_not, "FUSED_LSTM_PERSISTENT_PRODUCT / FUSED_LSTM_PERSISTENT_EXCHANGE leave no variant for this "
                         "pass, dtype and device (tensor cores: sm_80+, float32 only with "
-                        "torch.backends.cudnn.allow_tf32; clusters: the forward pass with FMAs on sm_90+)");
+                        "torch.backends.cudnn.allow_tf32; clusters: FMAs on sm_90+, and in the backward pass "
+                        "without a projection)");
     return std::nullopt;
   }
   std::optional<Plan> best;
@@ -500,7 +506,7 @@ void launch_backward(const RecurrenceBackwardArgs& a, const Plan& plan, Cooperat
   p.reverse = a.reverse;
   p.need_h0_grad = a.need_h0_grad;
   fill_lengths(*a.step_rows, static_cast<int>(N), p.lengths);
-  launch_cooperative(Pass::Backward, backward_kernel<scalar_t>(plan.product, project), p, plan, order);
+  launch_cooperative(Pass::Backward, backward_kernel<scalar_t>(plan.product, plan.exchange, project), p, plan, order);
 }
 
 // The backward plan for `a`, after checking everything about `a` the plan does not cover.

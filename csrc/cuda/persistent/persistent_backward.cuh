@@ -22,9 +22,12 @@
 //   - Mma: tensor cores (product_mma: WMMA, m16n16k16 for fp16 / bf16, TF32 m16n16k8 for float32 when TF32 is
 //     allowed), the block's dh columns padded to 16 and the batch to 16, into a float32 buffer from which the
 //     carried rows are copied.
-// Both are bitwise reproducible. With a projection (proj_size) see persistent_backward_kernel below; its own
-// product (dh_total @ W_hr) is Fma in both. The cell math is cell_backward from ../../lstm_cell.h, as on every
-// other path.
+// Both are bitwise reproducible. The blocks exchange the step's d_gates (Exchange) through global memory, staged
+// from L2 after a grid barrier (Grid), or, without a projection on sm_90, in one thread-block cluster whose
+// blocks each write their d_gates columns straight into every block's shared memory (double-buffered) and meet
+// at cluster.sync (Cluster, with Fma): nothing is staged. With a projection (proj_size) see
+// persistent_backward_kernel below; its own product (dh_total @ W_hr) is Fma in both. The cell math is
+// cell_backward from ../../lstm_cell.h, as on every other path.
 //
 // Included by persistent.cu only.
 #pragma once
@@ -82,18 +85,20 @@ __host__ __device__ constexpr int backward_weight_rows(int outs_per_block, Produ
 }
 
 // Shared memory of one block, in bytes: the transposed W_hh slice [Vw, K] (Vw = backward_weight_rows(V)), the
-// staging buffer [N_pad, max(K, Kr)] (d_gates, and with a projection also dh_total), in float32 the Mma product's
+// staging buffer [N_pad, max(K, Kr)] (d_gates, and with a projection also dh_total; Cluster: two [N_pad, K]
+// buffers, the double buffer every block writes its d_gates columns into), in float32 the Mma product's
 // output [Vw, N_pad] (Mma only), the transposed W_hr slice [U, Kr] (Kr = 0 without a projection) in the storage
 // dtype; then in float32 dh of the block's dh columns [N_pad, V], dc of its units [N_pad, U] and, with a
 // projection, dh' = dh_total @ W_hr of its units [N_pad, U]. Every part starts 32-byte aligned for Mma.
 inline size_t backward_shared_bytes(int units_per_block, int padded_gates, int padded_batch, size_t element_size,
-                                    int outs_per_block = 0, int padded_out = 0, Product product = Product::Fma) {
+                                    int outs_per_block = 0, int padded_out = 0, Product product = Product::Fma,
+                                    bool cluster = false) {
   const bool project = padded_out > 0;
   const size_t n_pad = static_cast<size_t>(padded_batch);
   const size_t u = static_cast<size_t>(units_per_block);
   const int v = project ? outs_per_block : units_per_block;
   const size_t w_rows = static_cast<size_t>(backward_weight_rows(v, product));
-  const size_t staged = n_pad * static_cast<size_t>(std::max(padded_gates, padded_out));
+  const size_t staged = n_pad * static_cast<size_t>(cluster ? 2 * padded_gates : std::max(padded_gates, padded_out));
   const size_t mma_out = product == Product::Mma ? w_rows * n_pad : 0;
   return (w_rows * padded_gates + staged + u * padded_out) * element_size +
          (mma_out + (static_cast<size_t>(v) + (project ? 2 : 1) * u) * n_pad) * sizeof(float);
@@ -120,8 +125,9 @@ __device__ __forceinline__ void stage_rows(scalar_t* dst, int pitch, const scala
 }
 
 // Requires a cooperative launch of exactly ceil(H / U) blocks of kThreads threads with backward_shared_bytes(U, K,
-// N_pad, sizeof(scalar_t), V, kProject ? Kr : 0, kProduct) bytes of dynamic shared memory, all co-resident; for
-// Mma, K a multiple of the k step and N_pad of 16.
+// N_pad, sizeof(scalar_t), V, kProject ? Kr : 0, kProduct, kCluster) bytes of dynamic shared memory, all
+// co-resident (Cluster: the blocks are one cluster, launched without the cooperative flag); for Mma, K a multiple
+// of the k step and N_pad of 16.
 //
 // With a projection (kProject), block k also owns the dh columns [k*V, k*V + V) of Hout (not its units: dh is
 // the gradient of the projected h), and each step has two phases with a grid barrier after each:
@@ -132,10 +138,13 @@ __device__ __forceinline__ void stage_rows(scalar_t* dst, int pitch, const scala
 //       barrier; then the dh product for its dh columns as without a projection.
 // Phase 0 of step s+1 writes other rows than phase 1 of step s reads, and phase 1 of step s+1 restages only after
 // the barrier that ends phase 0: two barriers per step, no double buffering.
-template <typename scalar_t, bool kProject = false, Product kProduct = Product::Fma>
+template <typename scalar_t, bool kProject = false, Product kProduct = Product::Fma,
+          Exchange kExchange = Exchange::Grid>
 __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm)
     persistent_backward_kernel(const __grid_constant__ BackwardParams<scalar_t> p) {
   constexpr bool kMma = kProduct == Product::Mma;
+  constexpr bool kCluster = kExchange == Exchange::Cluster;
+  static_assert(!kCluster || (!kProject && !kMma), "the cluster backward: Fma, without a projection");
   const int H = p.hidden, G = 4 * H, K = p.padded_gates, N = p.batch, U = p.units_per_block;
   const int HO = kProject ? p.out_hidden : H, Kr = kProject ? p.padded_out : 0;
   const int V = kProject ? p.outs_per_block : U;
@@ -146,13 +155,14 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
   const int live_units = min(U, H - unit0), live_outs = max(0, min(V, HO - out0));
 
   // Dynamic shared memory, 16-byte aligned: w_s [w_rows][K], st_s [n_pad][max(K, Kr)] (staged d_gates at pitch K,
-  // staged dh_total at pitch Kr), out_s [w_rows][n_pad] (Mma), wr_s [U][Kr], dh_s [n_pad][V], dc_s [n_pad][U],
-  // dhp_s [n_pad][U] (kProject). For Mma, K * sizeof(scalar_t) and n_pad are multiples of 32 bytes and of 16, so
+  // staged dh_total at pitch Kr; Cluster [2][n_pad][K]), out_s [w_rows][n_pad] (Mma), wr_s [U][Kr],
+  // dh_s [n_pad][V], dc_s [n_pad][U], dhp_s [n_pad][U] (kProject). For Mma, K * sizeof(scalar_t) and n_pad are multiples of 32 bytes and of 16, so
   // w_s, st_s and out_s start 32-byte aligned.
   FUSED_LSTM_DYNAMIC_SHARED(uint4, smem);
   scalar_t* w_s = reinterpret_cast<scalar_t*>(smem);
   scalar_t* st_s = w_s + w_rows * K;
-  float* out_s = reinterpret_cast<float*>(st_s + n_pad * max(K, Kr));
+  const int staged_elements = kCluster ? 2 * n_pad * K : n_pad * max(K, Kr);
+  float* out_s = reinterpret_cast<float*>(st_s + staged_elements);
   scalar_t* wr_s = reinterpret_cast<scalar_t*>(out_s + (kMma ? w_rows * n_pad : 0));
   float* dh_s = reinterpret_cast<float*>(wr_s + U * Kr);
   float* dc_s = dh_s + n_pad * V;
@@ -164,7 +174,7 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
   // dh columns and dc of the owned units from dh_state / dc_state.
   load_weight_rows(w_s, w_rows, K, p.w_hh, p.w_stride_col, p.w_stride_row, out0, min(HO, out0 + V), G);
   if constexpr (kProject) load_weight_rows(wr_s, U, Kr, p.w_hr, p.wr_stride_col, p.wr_stride_row, unit0, H, HO);
-  for (int i = threadIdx.x; i < n_pad * max(K, Kr); i += kThreads) st_s[i] = zero;
+  for (int i = threadIdx.x; i < staged_elements; i += kThreads) st_s[i] = zero;
   for (int i = threadIdx.x; i < n_pad * V; i += kThreads) {
     const int b = i / V, out = out0 + i % V;
     dh_s[i] = (b < N && out < HO) ? static_cast<float>(p.dh_state[static_cast<int64_t>(b) * HO + out]) : 0.0f;
@@ -174,14 +184,18 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
     dc_s[i] = (b < N && unit < H) ? static_cast<float>(p.dc_state[static_cast<int64_t>(b) * H + unit]) : 0.0f;
   }
   __syncthreads();
+  // Cluster: no block's first d_gates may land in a buffer another block is still zeroing.
+  if constexpr (kCluster) step_barrier<kExchange>();
 
-  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   StepWalk walk(/*walk_descending=*/!p.reverse, N, p.total_rows);
   for (int s = 0; s < p.steps; ++s) {
     const int t = p.reverse ? s : p.steps - 1 - s;
     walk.enter(t, p.lengths, N);
     const int rows = walk.rows;
     const int64_t offset = walk.offset;
+    // The step's d_gates rows in shared memory: staged there (Grid), or written there by every block (Cluster,
+    // the buffer of this step's parity).
+    scalar_t* const st_cur = st_s + (kCluster ? (s & 1) * n_pad * K : 0);
 
     if constexpr (kProject) {
       // (0) dh_total of the owned dh columns: the dh carried from the step after (or grad_h_n) plus this step's
@@ -193,7 +207,7 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
         const float total = dh_s[b * V + j] + static_cast<float>(p.d_output[row * p.d_output_stride + out0 + j]);
         p.dh_total[row * HO + out0 + j] = static_cast<scalar_t>(total);
       }
-      grid.sync();  // the step's dh_total complete in every column
+      step_barrier<kExchange>();  // the step's dh_total complete in every column
       stage_rows(st_s, Kr, p.dh_total + offset * HO, rows, HO);
       __syncthreads();
       // dh' [rows, U] = dh_total @ W_hr's columns of the owned units.
@@ -217,16 +231,20 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
       float dc_prev, h_next;
       const GateGrads<float> grad = cell_backward<float>(gate, static_cast<float>(p.c_prev[row * H + unit]), dh,
                                                          dc_s[b * U + u], &dc_prev, &h_next);
+      const scalar_t stored[4] = {static_cast<scalar_t>(grad.i), static_cast<scalar_t>(grad.f),
+                                  static_cast<scalar_t>(grad.g), static_cast<scalar_t>(grad.o)};
       scalar_t* dg = p.d_gates + row * G + unit;
-      dg[0] = static_cast<scalar_t>(grad.i);
-      dg[H] = static_cast<scalar_t>(grad.f);
-      dg[2 * H] = static_cast<scalar_t>(grad.g);
-      dg[3 * H] = static_cast<scalar_t>(grad.o);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        dg[q * H] = stored[q];
+        if constexpr (kCluster) publish<scalar_t, kExchange>(nullptr, st_cur, b * K + q * H + unit, stored[q]);
+      }
       dc_s[b * U + u] = dc_prev;
       if constexpr (kProject) p.h_next[row * H + unit] = static_cast<scalar_t>(h_next);
     }
-    // Publishes this step's d_gates columns to every block (grid.sync fences memory at device scope).
-    grid.sync();
+    // Publishes this step's d_gates columns to every block (grid.sync fences memory at device scope; cluster.sync
+    // orders the shared-memory writes of the cluster).
+    step_barrier<kExchange>();
 
     // (2) dh for the step before, of the rows that go on to one (all active rows when h0's gradient is wanted).
     const int carried = p.need_h0_grad ? rows
@@ -234,17 +252,19 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
                                       : (t + 1 < p.steps ? rows_at(t + 1, p.lengths, N) : 0);
     // Stage those rows' d_gates. Rows of tiles past `carried` keep stale but finite values; their sums are
     // computed and dropped.
-    stage_rows(st_s, K, p.d_gates + offset * G, carried, G);
-    __syncthreads();
+    if constexpr (!kCluster) {
+      stage_rows(st_s, K, p.d_gates + offset * G, carried, G);
+      __syncthreads();
+    }
     if constexpr (kMma) {
-      product_mma<scalar_t>(w_s, w_rows, st_s, K, out_s, n_pad);
+      product_mma<scalar_t>(w_s, w_rows, st_cur, K, out_s, n_pad);
       __syncthreads();  // out_s complete
       for (int i = threadIdx.x; i < carried * V; i += kThreads) {
         const int b = i / V, j = i - b * V;
         if (j < live_outs) dh_s[b * V + j] = out_s[j * n_pad + b];
       }
     } else {
-      row_product_fma<scalar_t>(w_s, st_s, V, live_outs, K, fma_rows, carried, p.k_split,
+      row_product_fma<scalar_t>(w_s, st_cur, V, live_outs, K, fma_rows, carried, p.k_split,
                                 [&](int j, int b, float sum) { dh_s[b * V + j] = sum; });
     }
     // dh_s complete before the next step reads it; st_s free to be restaged.

@@ -116,6 +116,50 @@ struct TileSplit {
   __device__ int first_row(int tile) const { return (tile % row_tiles) * kRowsPerTile; }
 };
 
+// How the blocks exchange what every block needs each step (forward h_t, backward the step's d_gates) and meet:
+//   Grid:    a cooperative grid of any size; through global memory (read through L2) and one grid.sync per
+//            step.
+//   Cluster: one thread-block cluster (sm_90, at most kMaxClusterBlocks blocks) holds the whole W_hh; each
+//            block writes its columns straight into every block's shared memory (distributed shared memory,
+//            double-buffered) and the cluster meets at cluster.sync, a third of a grid barrier's cost: nothing
+//            is staged from L2.
+enum class Exchange { Grid, Cluster };
+// The most blocks a cluster may hold: 16 on sm_90 with cudaFuncAttributeNonPortableClusterSizeAllowed (8 is the
+// portable size); the plan asks the device how many it can run (gpu::max_cluster_blocks) and takes at most that.
+constexpr int kMaxClusterBlocks = 16;
+
+// Writes one exchanged element (forward: of h_t) where the next phase reads it: the global buffer (Grid), or the
+// same place in the shared buffer of every block of the cluster (Cluster).
+template <typename scalar_t, Exchange kExchange>
+__device__ __forceinline__ void publish(scalar_t* global, scalar_t* shared, int64_t index,
+                                         scalar_t value) {
+  if constexpr (kExchange == Exchange::Grid) {
+    global[index] = value;
+  } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+    __trap();  // clusters need sm_90; the plan never picks this exchange below it
+#else
+    const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    for (unsigned rank = 0; rank < cluster.num_blocks(); ++rank) cluster.map_shared_rank(shared, rank)[index] = value;
+#endif
+  }
+}
+
+// The step's barrier: publishes what was exchanged to every block and keeps anyone from overwriting what another
+// still reads.
+template <Exchange kExchange>
+__device__ __forceinline__ void step_barrier() {
+  if constexpr (kExchange == Exchange::Grid) {
+    cooperative_groups::this_grid().sync();  // fences memory at device scope
+  } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+    __trap();
+#else
+    cooperative_groups::this_cluster().sync();  // release / acquire at cluster scope, shared memory included
+#endif
+  }
+}
+
 // How a block computes a step's recurrent product (forward: h @ W_hh^T; backward: d_gates @ W_hh): float32 FMAs
 // or tensor cores.
 enum class Product { Fma, Mma };

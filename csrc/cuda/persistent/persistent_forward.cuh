@@ -73,18 +73,6 @@ struct ForwardParams {
                                // row b is active at step t iff t < lengths[b]
 };
 
-// How the blocks exchange h_t and meet each step:
-//   Grid:    a cooperative grid of any size; h_t through a global exchange buffer (read through L2) and one
-//            grid.sync per step.
-//   Cluster: one thread-block cluster (sm_90, at most kMaxClusterBlocks blocks) holds the whole W_hh; each
-//            block writes its h_t columns straight into every block's shared memory (distributed shared
-//            memory, double-buffered) and the cluster meets at cluster.sync, a third of a grid barrier's
-//            cost: nothing is staged from L2.
-enum class Exchange { Grid, Cluster };
-// The most blocks a cluster may hold: 16 on sm_90 with cudaFuncAttributeNonPortableClusterSizeAllowed (8 is the
-// portable size); the plan asks the device how many it can run (gpu::max_cluster_blocks) and takes at most that.
-constexpr int kMaxClusterBlocks = 16;
-
 // Shared memory of one block, in bytes: the W_hh slice [4U, P] and the staging buffer (h_{t-1} [N_pad, P], two
 // of them for the Cluster exchange's double buffer; with a projection on the Grid exchange [N_pad, max(P, Hr)],
 // since it also stages h'_t [N, Hr]; on the Cluster exchange a buffer of its own, [N_pad, Hr], that every block
@@ -166,37 +154,6 @@ __device__ __forceinline__ void product_fma(const scalar_t* w_s, const scalar_t*
         pre_s[(4 * u + g) * n_pad + b0 + kslice] = sum;
       }
     }
-  }
-}
-
-// Writes one element of h_t (row b, hidden unit `unit`) where the next step reads it: the global exchange half
-// (Grid), or the next shared buffer of every block of the cluster (Cluster).
-template <typename scalar_t, Exchange kExchange>
-__device__ __forceinline__ void publish_h(scalar_t* h_next_global, scalar_t* h_next_shared, int64_t index,
-                                         scalar_t value) {
-  if constexpr (kExchange == Exchange::Grid) {
-    h_next_global[index] = value;
-  } else {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-    __trap();  // clusters need sm_90; the plan never picks this exchange below it
-#else
-    const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-    for (unsigned rank = 0; rank < cluster.num_blocks(); ++rank) cluster.map_shared_rank(h_next_shared, rank)[index] = value;
-#endif
-  }
-}
-
-// The step's barrier: publishes h_t to every block and keeps anyone from overwriting what another still reads.
-template <Exchange kExchange>
-__device__ __forceinline__ void step_barrier() {
-  if constexpr (kExchange == Exchange::Grid) {
-    cooperative_groups::this_grid().sync();  // fences memory at device scope
-  } else {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-    __trap();
-#else
-    cooperative_groups::this_cluster().sync();  // release / acquire at cluster scope, shared memory included
-#endif
   }
 }
 
@@ -312,7 +269,7 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
         if constexpr (kProject) {
           // h_t is carried in phase 2 (its columns are not this block's units).
         } else if constexpr (kCluster) {
-          publish_h<scalar_t, kExchange>(h_next, h_next_s, b * P + unit, h_cur_s[b * P + unit]);
+          publish<scalar_t, kExchange>(h_next, h_next_s, b * P + unit, h_cur_s[b * P + unit]);
         } else {
           copy_through_l2(h_next + b * P + unit, h_cur + b * P + unit);
         }
@@ -335,9 +292,9 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
       const scalar_t h_stored = static_cast<scalar_t>(h_t);
       if constexpr (kSaveWorkspace) p.c_prev_saved[row * H + unit] = static_cast<scalar_t>(c);
       if constexpr (kProject) {
-        publish_h<scalar_t, kExchange>(p.h_raw, hr_s, b * p.padded_raw + unit, h_stored);  // h'_t, for phase 2
+        publish<scalar_t, kExchange>(p.h_raw, hr_s, b * p.padded_raw + unit, h_stored);  // h'_t, for phase 2
       } else {
-        publish_h<scalar_t, kExchange>(h_next, h_next_s, b * P + unit, h_stored);
+        publish<scalar_t, kExchange>(h_next, h_next_s, b * P + unit, h_stored);
         p.output[row * p.output_stride + unit] = h_stored;
         if constexpr (kSaveWorkspace) p.h_prev_saved[row * H + unit] = h_cur_s[b * P + unit];  // staged or held
       }
@@ -365,7 +322,7 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
       row_product_fma<scalar_t>(wr_s, hr_s, V, live_outs, Hr, n_pad, rows, p.proj_k_split,
                                 [&](int j, int b, float sum) {
                                   const scalar_t h_stored = static_cast<scalar_t>(sum);
-                                  publish_h<scalar_t, kExchange>(h_next, h_next_s, b * P + out0 + j, h_stored);
+                                  publish<scalar_t, kExchange>(h_next, h_next_s, b * P + out0 + j, h_stored);
                                   p.output[(offset + b) * p.output_stride + out0 + j] = h_stored;
                                 });
       // Rows past their sequence keep their h: carried into the half the next step reads.
@@ -373,7 +330,7 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
         const int b = rows + i / V, j = i % V;
         if (j >= live_outs) continue;
         if constexpr (kCluster) {
-          publish_h<scalar_t, kExchange>(h_next, h_next_s, b * P + out0 + j, h_cur_s[b * P + out0 + j]);
+          publish<scalar_t, kExchange>(h_next, h_next_s, b * P + out0 + j, h_cur_s[b * P + out0 + j]);
         } else {
           copy_through_l2(h_next + b * P + out0 + j, h_cur + b * P + out0 + j);
         }
