@@ -96,17 +96,28 @@ FUSED_LSTM_ALWAYS_INLINE void forward_span_native(const StepForwardArgs& a, int6
   if (output) std::copy(h_next + j0, h_next + j1, output + j0);
 }
 
+// Batch row b's operands of a backward step (StepBackwardArgs), typed; d_output and h_next null when absent.
+template <typename scalar_t>
+struct BackwardRow {
+  const scalar_t *gates, *c_prev, *dh, *d_output;
+  scalar_t *dc, *d_gates, *h_next;
+  BackwardRow(const StepBackwardArgs& a, int64_t b)
+      : gates(a.gates.row<const scalar_t>(b)),
+        c_prev(a.c_prev.row<const scalar_t>(b)),
+        dh(a.dh.row<const scalar_t>(b)),
+        d_output(a.d_output ? a.d_output.row<const scalar_t>(b) : nullptr),
+        dc(a.dc_state.row<scalar_t>(b)),
+        d_gates(a.d_gates.row<scalar_t>(b)),
+        h_next(a.h_next ? a.h_next.row<scalar_t>(b) : nullptr) {}
+};
+
 template <typename scalar_t, int Lanes>
 FUSED_LSTM_ALWAYS_INLINE void backward_span_native(const StepBackwardArgs& a, int64_t b, int64_t j0, int64_t j1) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = a.hidden;
-  const scalar_t* g = a.gates.row<const scalar_t>(b);
-  const scalar_t* c_prev = a.c_prev.row<const scalar_t>(b);
-  const scalar_t* dh = a.dh.row<const scalar_t>(b);
-  const scalar_t* d_output = a.d_output ? a.d_output.row<const scalar_t>(b) : nullptr;
-  scalar_t* dc = a.dc_state.row<scalar_t>(b);
-  scalar_t* dg = a.d_gates.row<scalar_t>(b);
-  scalar_t* h_next = a.h_next ? a.h_next.row<scalar_t>(b) : nullptr;
+  const BackwardRow<scalar_t> r(a, b);
+  const scalar_t *g = r.gates, *c_prev = r.c_prev, *dh = r.dh, *d_output = r.d_output;
+  scalar_t *dc = r.dc, *dg = r.d_gates, *h_next = r.h_next;
   if constexpr (Lanes == 0) {
 #pragma omp simd
     for (int64_t j = j0; j < j1; ++j) {
@@ -229,15 +240,12 @@ FUSED_LSTM_ALWAYS_INLINE void forward_span_through_float(const StepForwardArgs& 
 
 // backward_span of a 16-bit type, the same way.
 template <typename scalar_t, int Lanes>
-FUSED_LSTM_ALWAYS_INLINE void backward_span_through_float(const StepBackwardArgs& a, int64_t b, int64_t j0, int64_t j1) {
+FUSED_LSTM_ALWAYS_INLINE void backward_span_through_float(const StepBackwardArgs& a, int64_t b, int64_t j0,
+                                                          int64_t j1) {
   const int64_t H = a.hidden;
-  const scalar_t* g = a.gates.row<const scalar_t>(b);
-  const scalar_t* c_prev = a.c_prev.row<const scalar_t>(b);
-  const scalar_t* dh = a.dh.row<const scalar_t>(b);
-  const scalar_t* d_output = a.d_output ? a.d_output.row<const scalar_t>(b) : nullptr;
-  scalar_t* dc = a.dc_state.row<scalar_t>(b);
-  scalar_t* dg = a.d_gates.row<scalar_t>(b);
-  scalar_t* h_next = a.h_next ? a.h_next.row<scalar_t>(b) : nullptr;
+  const BackwardRow<scalar_t> r(a, b);
+  const scalar_t *g = r.gates, *c_prev = r.c_prev, *dh = r.dh, *d_output = r.d_output;
+  scalar_t *dc = r.dc, *dg = r.d_gates, *h_next = r.h_next;
   alignas(64) float g32[4 * kFloatChunk], c32[kFloatChunk], dh32[kFloatChunk], out32[kFloatChunk];
   alignas(64) float dc32[kFloatChunk], dg32[4 * kFloatChunk], h32[kFloatChunk];
   StepBackwardArgs chunk{};

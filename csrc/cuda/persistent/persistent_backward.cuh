@@ -156,8 +156,8 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
 
   // Dynamic shared memory, 16-byte aligned: w_s [w_rows][K], st_s [n_pad][max(K, Kr)] (staged d_gates at pitch K,
   // staged dh_total at pitch Kr; Cluster [2][n_pad][K]), out_s [w_rows][n_pad] (Mma), wr_s [U][Kr],
-  // dh_s [n_pad][V], dc_s [n_pad][U], dhp_s [n_pad][U] (kProject). For Mma, K * sizeof(scalar_t) and n_pad are multiples of 32 bytes and of 16, so
-  // w_s, st_s and out_s start 32-byte aligned.
+  // dh_s [n_pad][V], dc_s [n_pad][U], dhp_s [n_pad][U] (kProject). For Mma, K * sizeof(scalar_t) is a multiple of
+  // 32 bytes and n_pad of 16, so w_s, st_s and out_s start 32-byte aligned.
   FUSED_LSTM_DYNAMIC_SHARED(uint4, smem);
   scalar_t* w_s = reinterpret_cast<scalar_t*>(smem);
   scalar_t* st_s = w_s + w_rows * K;
@@ -169,8 +169,8 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
   float* dhp_s = dc_s + n_pad * U;
   const scalar_t zero = static_cast<scalar_t>(0.0f);
 
-  // --- Once: row j of w_s is column out0 + j of W_hh (zero past Hout and past V, and in the padding columns); row u of wr_s
-  // is column unit0 + u of W_hr; st_s zeroed (padding columns and rows never staged stay finite); dh of the owned
+  // --- Once: row j of w_s is column out0 + j of W_hh (zero past Hout and past V, and in the padding columns); row
+  // u of wr_s is column unit0 + u of W_hr; st_s zeroed (padding columns and rows never staged stay finite); dh of the owned
   // dh columns and dc of the owned units from dh_state / dc_state.
   load_weight_rows(w_s, w_rows, K, p.w_hh, p.w_stride_col, p.w_stride_row, out0, min(HO, out0 + V), G);
   if constexpr (kProject) load_weight_rows(wr_s, U, Kr, p.w_hr, p.wr_stride_col, p.wr_stride_row, unit0, H, HO);
