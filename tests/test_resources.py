@@ -29,8 +29,12 @@ EXPECTED = {
        f"(fused_lstm::cuda::persistent::Exchange){e}, {j}>": 256
        for t in ("float", "c10::Half", "c10::BFloat16") for w in ("true", "false")
        for p, e in ((0, 0), (1, 0), (0, 1)) for j in ("false", "true")},
-    **{f"persistent_backward_kernel<{t}, {j}>": 256
-       for t in ("float", "c10::Half", "c10::BFloat16") for j in ("false", "true")},
+    # (projection, product, exchange): FMA or tensor cores on the grid exchange, with and without a projection;
+    # FMA in a cluster without one
+    **{f"persistent_backward_kernel<{t}, {j}, (fused_lstm::cuda::persistent::Product){p}, "
+       f"(fused_lstm::cuda::persistent::Exchange){e}>": 256
+       for t in ("float", "c10::Half", "c10::BFloat16")
+       for j, p, e in (("false", 0, 0), ("true", 0, 0), ("false", 1, 0), ("true", 1, 0), ("false", 0, 1))},
     **{f"{k}<{t}>": 256 for k in ("step_forward_kernel", "step_backward_kernel")
        for t in ("float", "double", "c10::Half", "c10::BFloat16")},
 }
@@ -114,7 +118,8 @@ def test_report_parser_finds_spills_and_register_overruns():
     assert any("300 registers" in p for p in budget_violations(usage))
     assert ("persistent_forward_kernel<float, true, (fused_lstm::cuda::persistent::Product)1, "
             "(fused_lstm::cuda::persistent::Exchange)0, true> (sm_90)") in missing_kernels(usage)
-    assert "persistent_backward_kernel<c10::Half, true> (sm_90)" in missing_kernels(usage)
+    assert ("persistent_backward_kernel<c10::Half, true, (fused_lstm::cuda::persistent::Product)1, "
+            "(fused_lstm::cuda::persistent::Exchange)0> (sm_90)") in missing_kernels(usage)
 
 
 def report_text() -> str:
