@@ -657,15 +657,14 @@ def test_persistent_backward_product_by_cost_model(batch, tensor_cores, monkeypa
 
 
 def test_persistent_backward_cluster_plan_and_its_limits(monkeypatch):
-    """The backward on a cluster: the cost model's pick at batch 1 where W_hh fits 16 SMs (fp32 H=256: 16 units
-    a block), not where it does not (fp32 H=1024); forced, a layer too large for 16 SMs is declined with the
-    reason; sm_90 only; with a projection the backward keeps the grid whatever the switch says."""
+    """The backward on a cluster: the cost model's pick at batch 1 where W_hh (and W_hr) fit 16 SMs (fp32 H=256: 16
+    units a block), not where they do not (fp32 H=1024); forced, a layer too large for 16 SMs is declined with the
+    reason; sm_90 only."""
     plan = persistent_plan(1, 256, backward=True)
     assert plan["cluster"] and (plan["blocks"], plan["units_per_block"]) == (16, 16)
     assert not persistent_plan(1, 1024, backward=True)["cluster"]
-    assert not persistent_plan(1, 64, proj=16, backward=True)["cluster"]
+    assert persistent_plan(1, 64, proj=16, backward=True)["cluster"]
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", "cluster")
-    assert not persistent_plan(1, 64, proj=16, backward=True)["cluster"]
     with pytest.raises(RuntimeError, match="does not fit the backward kernel"):
         persistent_plan(1, 1024, backward=True)
     emu.set_device_profile("a100")
@@ -871,17 +870,20 @@ def test_persistent_projection_forward(layer: Layer, dtype: torch.dtype, product
     assert persistent_launches() == before + layer.directions
 
 
-@pytest.mark.parametrize("dtype, product", BACKWARD_VARIANTS, ids=str)
+@pytest.mark.parametrize("dtype, product, exchange", [(*v, "grid") for v in BACKWARD_VARIANTS] + [
+    (torch.float32, "fma", "cluster"), (torch.bfloat16, "fma", "cluster")], ids=str)
 @pytest.mark.parametrize("layer", PROJECTION_LAYERS, ids=lambda c: c.name)
-def test_persistent_projection_backward(layer: Layer, dtype: torch.dtype, product: str, monkeypatch):
+def test_persistent_projection_backward(layer: Layer, dtype: torch.dtype, product: str, exchange: str, monkeypatch):
     """The persistent backward with a projection (dh_total, dh' = dh_total @ W_hr and the pointwise backward in
     one phase, the d_gates @ W_hh product for each block's dh columns in the other, on FMAs or on tensor cores
-    with the V columns padded to 16) on the persistent forward's workspace: every gradient, grad_w_hr included,
+    with the V columns padded to 16; dh_total and d_gates through global memory, or in a cluster written into
+    every block's shared memory) on the persistent forward's workspace: every gradient, grad_w_hr included,
     against the CPU path and float64."""
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT", "1")
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT_PRODUCT", product)
-    assert persistent_plan(layer.batch, layer.hidden, dtype, proj=layer.proj, backward=True)["tensor_cores"] == (
-        product == "mma")
+    monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", exchange)
+    plan = persistent_plan(layer.batch, layer.hidden, dtype, proj=layer.proj, backward=True)
+    assert (plan["tensor_cores"], plan["cluster"]) == (product == "mma", exchange == "cluster")
     before = persistent_launches()
     emulated, cpu, reference = run_layer(layer, dtype, recurrence="persistent")
     check_rule(emulated, cpu, reference, dtype)
@@ -892,7 +894,8 @@ def test_persistent_projection_backward(layer: Layer, dtype: torch.dtype, produc
     # (units_per_block, blocks, k_split, outs_per_block, proj_k_split)
     ("h100", 3, 33, 17, False, "grid", (1, 33, 32, 1, 32)),
     ("h100", 3, 33, 17, False, "cluster", (3, 11, 32, 2, 32)),
-    ("h100", 3, 33, 17, True, "auto", (1, 33, 32, 1, 32)),
+    ("h100", 3, 33, 17, True, "grid", (1, 33, 32, 1, 32)),
+    ("h100", 3, 33, 17, True, "auto", (3, 11, 32, 2, 32)),  # the cost model's pick: the backward on a cluster
     ("l4", 33, 130, 100, False, "auto", (3, 44, 8, 3, 8)),
     ("l4", 33, 130, 100, True, "auto", (3, 44, 8, 3, 8)),
     ("h100", 64, 6, 5, True, "auto", (1, 6, 16, 1, 16)),

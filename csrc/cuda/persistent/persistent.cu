@@ -81,8 +81,9 @@ auto forward_kernel(bool save_workspace, Product product, Exchange exchange, boo
 
 template <typename scalar_t>
 auto backward_kernel(Product product, Exchange exchange, bool project) {
-  if (exchange == Exchange::Cluster) {  // Fma without a projection only (candidate_variants)
-    return &persistent_backward_kernel<scalar_t, false, Product::Fma, Exchange::Cluster>;
+  if (exchange == Exchange::Cluster) {  // Fma only (candidate_variants)
+    return project ? &persistent_backward_kernel<scalar_t, true, Product::Fma, Exchange::Cluster>
+                   : &persistent_backward_kernel<scalar_t, false, Product::Fma, Exchange::Cluster>;
   }
   if (product == Product::Mma) {
     return project ? &persistent_backward_kernel<scalar_t, true, Product::Mma>
@@ -277,16 +278,14 @@ std::vector<Variant> restricted(std::vector<Variant> variants, const char* name,
   TORCH_CHECK(false, "fused_lstm: ", name, " must be ", known, "or auto, got '", forced, "'");
 }
 
-// The variants of a pass on a device, as (product, exchange) pairs:
+// The variants of both passes on a device, as (product, exchange) pairs:
 //   - products: Fma always; Mma (tensor cores) on sm_80 and newer, for fp16 and bf16, and for float32 when TF32
 //     is allowed for RNNs (as cuDNN's products would);
 //   - exchanges: Grid always; Cluster on sm_90 and newer, with the Fma product (the cluster serves the small
-//     batches FMAs suit), in the backward pass without a projection.
+//     batches FMAs suit).
 // FUSED_LSTM_PERSISTENT_PRODUCT=fma|mma keeps one product and FUSED_LSTM_PERSISTENT_EXCHANGE=grid|cluster one
-// exchange in both passes, except that the backward with a projection has the grid only and keeps it (so that a
-// forced forward exchange still trains); a value that is not a variant's name is an error in both passes.
-std::vector<std::pair<Product, Exchange>> candidate_variants(Pass pass, at::ScalarType dtype, int compute_major,
-                                                             bool project) {
+// exchange in both passes; a value that is not a variant's name is an error in both passes.
+std::vector<std::pair<Product, Exchange>> candidate_variants(at::ScalarType dtype, int compute_major) {
   std::vector<Product> products{Product::Fma};
   if (compute_major >= 8 && (dtype != at::kFloat || cuda::rnn_allows_tf32())) products.push_back(Product::Mma);
   std::vector<Exchange> exchanges{Exchange::Grid};
@@ -294,7 +293,6 @@ std::vector<std::pair<Product, Exchange>> candidate_variants(Pass pass, at::Scal
   products = restricted(products, "FUSED_LSTM_PERSISTENT_PRODUCT", {{"fma", Product::Fma}, {"mma", Product::Mma}});
   exchanges = restricted(exchanges, "FUSED_LSTM_PERSISTENT_EXCHANGE",
                          {{"grid", Exchange::Grid}, {"cluster", Exchange::Cluster}});
-  if (pass == Pass::Backward && project) exchanges = {Exchange::Grid};
   std::vector<std::pair<Product, Exchange>> variants;
   for (const Product product : products) {
     for (const Exchange exchange : exchanges) {
@@ -312,12 +310,11 @@ std::optional<Plan> make_plan(Pass pass, at::ScalarType dtype, int64_t batch, in
                               c10::DeviceIndex device, std::string* why_not) {
   const gpu::DeviceGuard guard(device);
   const std::vector<std::pair<Product, Exchange>> variants =
-      candidate_variants(pass, dtype, gpu::device_limits(device).compute_major, proj > 0);
+      candidate_variants(dtype, gpu::device_limits(device).compute_major);
   if (variants.empty()) {
     set_reason(why_not, "FUSED_LSTM_PERSISTENT_PRODUCT / FUSED_LSTM_PERSISTENT_EXCHANGE leave no variant for this "
-                        "pass, dtype and device (tensor cores: sm_80+, float32 only with "
-                        "torch.backends.cudnn.allow_tf32; clusters: FMAs on sm_90+, and in the backward pass "
-                        "without a projection)");
+                        "dtype and device (tensor cores: sm_80+, float32 only with "
+                        "torch.backends.cudnn.allow_tf32; clusters: FMAs on sm_90+)");
     return std::nullopt;
   }
   std::optional<Plan> best;

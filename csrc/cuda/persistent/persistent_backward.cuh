@@ -22,10 +22,10 @@
 //   - Mma: tensor cores (product_mma: WMMA, m16n16k16 for fp16 / bf16, TF32 m16n16k8 for float32 when TF32 is
 //     allowed), the block's dh columns padded to 16 and the batch to 16, into a float32 buffer from which the
 //     carried rows are copied.
-// Both are bitwise reproducible. The blocks exchange the step's d_gates (Exchange) through global memory, staged
-// from L2 after a grid barrier (Grid), or, without a projection on sm_90, in one thread-block cluster whose
-// blocks each write their d_gates columns straight into every block's shared memory (double-buffered) and meet
-// at cluster.sync (Cluster, with Fma): nothing is staged. With a projection (proj_size) see
+// Both are bitwise reproducible. The blocks exchange the step's d_gates (and with a projection its dh_total) through
+// global memory, staged from L2 after a grid barrier (Grid), or, on sm_90, in one thread-block cluster whose blocks
+// each write their columns straight into every block's shared memory (double-buffered) and meet at cluster.sync
+// (Cluster, with Fma): nothing is staged. With a projection (proj_size) see
 // persistent_backward_kernel below; its own product (dh_total @ W_hr) is Fma in both. The cell math is
 // cell_backward from ../../lstm_cell.h, as on every other path.
 //
@@ -86,10 +86,11 @@ __host__ __device__ constexpr int backward_weight_rows(int outs_per_block, Produ
 
 // Shared memory of one block, in bytes: the transposed W_hh slice [Vw, K] (Vw = backward_weight_rows(V)), the
 // staging buffer [N_pad, max(K, Kr)] (d_gates, and with a projection also dh_total; Cluster: two [N_pad, K]
-// buffers, the double buffer every block writes its d_gates columns into), in float32 the Mma product's
-// output [Vw, N_pad] (Mma only), the transposed W_hr slice [U, Kr] (Kr = 0 without a projection) in the storage
-// dtype; then in float32 dh of the block's dh columns [N_pad, V], dc of its units [N_pad, U] and, with a
-// projection, dh' = dh_total @ W_hr of its units [N_pad, U]. Every part starts 32-byte aligned for Mma.
+// buffers, the double buffer every block writes its d_gates columns into, then one [N_pad, Kr] for dh_total), in
+// float32 the Mma product's output [Vw, N_pad] (Mma only), the transposed W_hr slice [U, Kr] (Kr = 0 without a
+// projection) in the storage dtype; then in float32 dh of the block's dh columns [N_pad, V], dc of its units
+// [N_pad, U] and, with a projection, dh' = dh_total @ W_hr of its units [N_pad, U]. Every part starts 32-byte
+// aligned for Mma.
 inline size_t backward_shared_bytes(int units_per_block, int padded_gates, int padded_batch, size_t element_size,
                                     int outs_per_block = 0, int padded_out = 0, Product product = Product::Fma,
                                     bool cluster = false) {
@@ -98,7 +99,8 @@ inline size_t backward_shared_bytes(int units_per_block, int padded_gates, int p
   const size_t u = static_cast<size_t>(units_per_block);
   const int v = project ? outs_per_block : units_per_block;
   const size_t w_rows = static_cast<size_t>(backward_weight_rows(v, product));
-  const size_t staged = n_pad * static_cast<size_t>(cluster ? 2 * padded_gates : std::max(padded_gates, padded_out));
+  const size_t staged =
+      n_pad * static_cast<size_t>(cluster ? 2 * padded_gates + padded_out : std::max(padded_gates, padded_out));
   const size_t mma_out = product == Product::Mma ? w_rows * n_pad : 0;
   return (w_rows * padded_gates + staged + u * padded_out) * element_size +
          (mma_out + (static_cast<size_t>(v) + (project ? 2 : 1) * u) * n_pad) * sizeof(float);
@@ -133,18 +135,23 @@ __device__ __forceinline__ void stage_rows(scalar_t* dst, int pitch, const scala
 // the gradient of the projected h), and each step has two phases with a grid barrier after each:
 //   (0) for its dh columns and the step's active rows: dh_total = dh + grad_output, written to the op's dh_total
 //       (grad_w_hr needs it, and every block needs all of it); grid barrier;
-//   (1) stage the step's dh_total rows, dh' = dh_total @ W_hr for the block's units (W_hr's columns of those
-//       units on chip), the pointwise backward on dh' (also writing the recomputed h' for grad_w_hr); grid
-//       barrier; then the dh product for its dh columns as without a projection.
+//   (1) stage the step's dh_total rows (Cluster: every block wrote them into its shared memory), dh' =
+//       dh_total @ W_hr for the block's units (W_hr's columns of those units on chip), the pointwise backward on
+//       dh' (also writing the recomputed h' for grad_w_hr); grid barrier; then the dh product for its dh columns
+//       as without a projection.
 // Phase 0 of step s+1 writes other rows than phase 1 of step s reads, and phase 1 of step s+1 restages only after
-// the barrier that ends phase 0: two barriers per step, no double buffering.
+// the barrier that ends phase 0: two barriers per step, no double buffering. In a cluster both exchanges write into
+// every block's shared memory, and the same holds: a block writes dh_total of step s+1 only after the barrier that
+// ends every block's phase 1 of step s (the last read of dh_total s), and d_gates of step s+1 only after the one
+// that ends phase 0 of step s+1, which every block reaches after its dh product of step s. (Without a projection
+// the one barrier per step does not separate them, so there d_gates is double-buffered.)
 template <typename scalar_t, bool kProject = false, Product kProduct = Product::Fma,
           Exchange kExchange = Exchange::Grid>
 __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm)
     persistent_backward_kernel(const __grid_constant__ BackwardParams<scalar_t> p) {
   constexpr bool kMma = kProduct == Product::Mma;
   constexpr bool kCluster = kExchange == Exchange::Cluster;
-  static_assert(!kCluster || (!kProject && !kMma), "the cluster backward: Fma, without a projection");
+  static_assert(!kCluster || !kMma, "the cluster backward runs the Fma product");
   const int H = p.hidden, G = 4 * H, K = p.padded_gates, N = p.batch, U = p.units_per_block;
   const int HO = kProject ? p.out_hidden : H, Kr = kProject ? p.padded_out : 0;
   const int V = kProject ? p.outs_per_block : U;
@@ -155,13 +162,13 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
   const int live_units = min(U, H - unit0), live_outs = max(0, min(V, HO - out0));
 
   // Dynamic shared memory, 16-byte aligned: w_s [w_rows][K], st_s [n_pad][max(K, Kr)] (staged d_gates at pitch K,
-  // staged dh_total at pitch Kr; Cluster [2][n_pad][K]), out_s [w_rows][n_pad] (Mma), wr_s [U][Kr],
-  // dh_s [n_pad][V], dc_s [n_pad][U], dhp_s [n_pad][U] (kProject). For Mma, K * sizeof(scalar_t) is a multiple of
-  // 32 bytes and n_pad of 16, so w_s, st_s and out_s start 32-byte aligned.
+  // staged dh_total at pitch Kr; Cluster [2][n_pad][K] then [n_pad][Kr]), out_s [w_rows][n_pad] (Mma),
+  // wr_s [U][Kr], dh_s [n_pad][V], dc_s [n_pad][U], dhp_s [n_pad][U] (kProject). For Mma, K * sizeof(scalar_t)
+  // is a multiple of 32 bytes and n_pad of 16, so w_s, st_s and out_s start 32-byte aligned.
   FUSED_LSTM_DYNAMIC_SHARED(uint4, smem);
   scalar_t* w_s = reinterpret_cast<scalar_t*>(smem);
   scalar_t* st_s = w_s + w_rows * K;
-  const int staged_elements = kCluster ? 2 * n_pad * K : n_pad * max(K, Kr);
+  const int staged_elements = kCluster ? n_pad * (2 * K + Kr) : n_pad * max(K, Kr);
   float* out_s = reinterpret_cast<float*>(st_s + staged_elements);
   scalar_t* wr_s = reinterpret_cast<scalar_t*>(out_s + (kMma ? w_rows * n_pad : 0));
   float* dh_s = reinterpret_cast<float*>(wr_s + U * Kr);
@@ -169,9 +176,9 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
   float* dhp_s = dc_s + n_pad * U;
   const scalar_t zero = static_cast<scalar_t>(0.0f);
 
-  // --- Once: row j of w_s is column out0 + j of W_hh (zero past Hout and past V, and in the padding columns); row
-  // u of wr_s is column unit0 + u of W_hr; st_s zeroed (padding columns and rows never staged stay finite); dh of the owned
-  // dh columns and dc of the owned units from dh_state / dc_state.
+  // --- Once: row j of w_s is column out0 + j of W_hh (zero past Hout and past V, and in the padding columns);
+  // row u of wr_s is column unit0 + u of W_hr; st_s zeroed (padding columns and rows never staged stay finite); dh
+  // of the owned dh columns and dc of the owned units from dh_state / dc_state.
   load_weight_rows(w_s, w_rows, K, p.w_hh, p.w_stride_col, p.w_stride_row, out0, min(HO, out0 + V), G);
   if constexpr (kProject) load_weight_rows(wr_s, U, Kr, p.w_hr, p.wr_stride_col, p.wr_stride_row, unit0, H, HO);
   for (int i = threadIdx.x; i < staged_elements; i += kThreads) st_s[i] = zero;
@@ -193,9 +200,10 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
     walk.enter(t, p.lengths, N);
     const int rows = walk.rows;
     const int64_t offset = walk.offset;
-    // The step's d_gates rows in shared memory: staged there (Grid), or written there by every block (Cluster,
-    // the buffer of this step's parity).
+    // The step's d_gates rows (and dh_total rows) in shared memory: staged there (Grid, one buffer for both), or
+    // written there by every block (Cluster: d_gates into the buffer of this step's parity).
     scalar_t* const st_cur = st_s + (kCluster ? (s & 1) * n_pad * K : 0);
+    scalar_t* const dt_cur = st_s + (kCluster ? 2 * n_pad * K : 0);
 
     if constexpr (kProject) {
       // (0) dh_total of the owned dh columns: the dh carried from the step after (or grad_h_n) plus this step's
@@ -205,13 +213,17 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
         if (j >= live_outs) continue;
         const int64_t row = offset + b;
         const float total = dh_s[b * V + j] + static_cast<float>(p.d_output[row * p.d_output_stride + out0 + j]);
-        p.dh_total[row * HO + out0 + j] = static_cast<scalar_t>(total);
+        const scalar_t stored = static_cast<scalar_t>(total);
+        p.dh_total[row * HO + out0 + j] = stored;
+        if constexpr (kCluster) publish<scalar_t, kExchange>(nullptr, dt_cur, b * Kr + out0 + j, stored);
       }
       step_barrier<kExchange>();  // the step's dh_total complete in every column
-      stage_rows(st_s, Kr, p.dh_total + offset * HO, rows, HO);
-      __syncthreads();
+      if constexpr (!kCluster) {
+        stage_rows(st_s, Kr, p.dh_total + offset * HO, rows, HO);
+        __syncthreads();
+      }
       // dh' [rows, U] = dh_total @ W_hr's columns of the owned units.
-      row_product_fma<scalar_t>(wr_s, st_s, U, live_units, Kr, fma_rows, rows, p.proj_k_split,
+      row_product_fma<scalar_t>(wr_s, dt_cur, U, live_units, Kr, fma_rows, rows, p.proj_k_split,
                                 [&](int u, int b, float sum) { dhp_s[b * U + u] = sum; });
       __syncthreads();  // dhp_s complete; st_s free to be restaged
     }
