@@ -326,7 +326,8 @@ def test_projection_product_variants(persistent, monkeypatch, product: str, dtyp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_projection_in_a_cluster(persistent, monkeypatch, dtype: torch.dtype):
     """A projection on the Hopper cluster exchange (h' and h through distributed shared memory, two cluster.sync
-    per step), forced, against cuDNN's error; the backward is the grid kernel."""
+    per step), forced, against cuDNN's error; the backward runs in a cluster too (dh_total and d_gates through
+    distributed shared memory)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("clusters need sm_90")
     monkeypatch.setenv("FUSED_LSTM_PERSISTENT_EXCHANGE", "cluster")
