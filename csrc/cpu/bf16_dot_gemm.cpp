@@ -1,6 +1,5 @@
 #include "bf16_dot_gemm.h"
 
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -11,8 +10,7 @@
 #define FUSED_LSTM_BF16_DOT_KERNEL 1
 #endif
 
-#include "cpu_limits.h"
-#include "cpu_plan.h"
+#include "dot_gemm.h"
 #include "simd.h"
 
 namespace fused_lstm {
@@ -182,22 +180,6 @@ FUSED_LSTM_BF16_DOT_TARGET void bf16_rowmajor_block(const uint16_t* a, int64_t a
 
 const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>()); }
 
-// fn(r0, c0, rows, cols) over the out[M, Nc] blocks of the float32 dot kernel, with its thread split (cpu_plan.h,
-// plan_dot_product). The block functions it calls are built for AVX512-BF16 themselves (a lambda's body is
-// compiled for the baseline ISA).
-template <typename Fn>
-void for_each_block(int64_t M, int64_t K, int64_t Nc, const Fn& fn) {
-  constexpr int64_t kBlock = cpu_limits::kDotBlock;
-  const int64_t col_blocks = (Nc + kBlock - 1) / kBlock;
-  const cpu_plan::TaskGrid grid = cpu_plan::plan_dot_product(M, K, Nc);
-  at::parallel_for(0, grid.tasks, grid.grain, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t r0 = task / col_blocks * kBlock, c0 = task % col_blocks * kBlock;
-      fn(r0, c0, std::min(kBlock, M - r0), std::min(kBlock, Nc - c0));
-    }
-  });
-}
-
 }  // namespace
 
 void bf16_dot_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w, bool accumulate,
@@ -210,7 +192,7 @@ void bf16_dot_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tenso
   const uint16_t* w_ptr = bits(w);
   uint16_t* out_ptr = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const int64_t a_rs = a.stride(0), w_rs = w.stride(0), out_rs = out.stride(0);
-  for_each_block(M, K, Nc, [&](int64_t r0, int64_t c0, int64_t rows, int64_t cols) {
+  for_each_dot_block(M, K, Nc, [&](int64_t r0, int64_t c0, int64_t rows, int64_t cols) {
     bf16_dot_block(a_ptr + r0 * a_rs, a_rs, w_ptr + c0 * w_rs, w_rs, K, out_ptr + r0 * out_rs + c0, out_rs,
                    accumulate, bias_ptr ? bias_ptr + c0 : nullptr, rows, cols);
   });
@@ -226,7 +208,7 @@ void bf16_rowmajor_matmul(const at::Tensor& out, const at::Tensor& a, const at::
   const uint16_t* b_ptr = bits(b);
   uint16_t* out_ptr = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const int64_t a_rs = a.stride(0), a_cs = a.stride(1), b_rs = b.stride(0), out_rs = out.stride(0);
-  for_each_block(M, K, Nc, [&](int64_t r0, int64_t c0, int64_t rows, int64_t cols) {
+  for_each_dot_block(M, K, Nc, [&](int64_t r0, int64_t c0, int64_t rows, int64_t cols) {
     bf16_rowmajor_block(a_ptr + r0 * a_rs, a_rs, a_cs, b_ptr + c0, b_rs, K, out_ptr + r0 * out_rs + c0, out_rs,
                         accumulate, bias_ptr ? bias_ptr + c0 : nullptr, rows, cols);
   });

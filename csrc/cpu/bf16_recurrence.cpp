@@ -16,10 +16,6 @@
 #include <algorithm>
 #include <cstring>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
 #define FUSED_LSTM_BF16_KERNELS 1
@@ -48,7 +44,6 @@ constexpr int64_t kPanelPairStride = 2 * kPanel;    // bfloat16 per pair of the 
 struct Team {
   int64_t N, H, Hout, Kp;       // Kp: Hout padded to kBf16PackedDepthMultiple (the packed reduction)
   int64_t blocks, h_rows;       // 16-unit blocks; rows of each h buffer (N and a tile's padding)
-  int64_t steps;
   bool reverse, split_rows;
   int64_t row_tile;
   const std::vector<int64_t>* step_rows;
@@ -317,7 +312,7 @@ FUSED_LSTM_BF16_TARGET void thread_sequence(Team& t, int64_t thread, int64_t tea
 
 // What every thread of a backward team reads.
 struct BackwardTeam {
-  int64_t N, H, K4p;        // K4p: 4H padded to kBf16PackedDepthMultiple (the packed reduction)
+  int64_t H, K4p;           // K4p: 4H padded to kBf16PackedDepthMultiple (the packed reduction)
   int64_t panels, dg_rows;  // 64-unit panels of dh; rows of each d_gates buffer (N and a tile's padding)
   int64_t steps;
   bool reverse, need_h0_grad;
@@ -435,8 +430,6 @@ const char* cpu_bf16_recurrence_forward(const RecurrenceForwardArgs& a) {
   shape.out_hidden = a.h_state.size(1);
   shape.input_size = a.input.size(1);
   shape.rows = a.input.size(0);
-  shape.float32 = false;
-  shape.bfloat16 = true;
   shape.projection = a.w_hr.defined();
   shape.required = a.required;
   const cpu_plan::Bf16ForwardPlan plan = cpu_plan::plan_bf16_forward(shape, cpu_plan::this_machine());
@@ -466,7 +459,7 @@ const char* cpu_bf16_recurrence_forward(const RecurrenceForwardArgs& a) {
   at::Tensor c_state = a.c_state.to(at::kFloat).contiguous();
 
   Team t{
-      .N = N, .H = H, .Hout = Hout, .Kp = Kp, .blocks = blocks, .h_rows = h_rows, .steps = steps,
+      .N = N, .H = H, .Hout = Hout, .Kp = Kp, .blocks = blocks, .h_rows = h_rows,
       .reverse = a.reverse, .split_rows = plan.split_rows, .row_tile = plan.row_tile,
       .step_rows = a.step_rows, .step_offset = a.step_offset,
       .w_hh = bits(w_hh), .packed = bits(packed), .h_buf = bits(h_buffers), .c = c_state.data_ptr<float>(),
@@ -522,7 +515,7 @@ const char* cpu_bf16_recurrence_backward(const RecurrenceBackwardArgs& a) {
   at::Tensor dc = a.dc_state.to(at::kFloat).contiguous();
 
   const BackwardTeam t{
-      .N = N, .H = H, .K4p = K4p, .panels = panels, .dg_rows = dg_rows,
+      .H = H, .K4p = K4p, .panels = panels, .dg_rows = dg_rows,
       .steps = static_cast<int64_t>(a.step_rows->size()), .reverse = a.reverse, .need_h0_grad = a.need_h0_grad,
       .step_rows = a.step_rows, .step_offset = a.step_offset, .w_hh = bits(w_hh), .packed = bits(packed),
       .gates = bits(a.gates), .c_prev = bits(a.c_prev),

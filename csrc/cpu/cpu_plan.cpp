@@ -303,11 +303,10 @@ ForwardPlan plan_forward(const ForwardShape& s, const Machine& m) {
 Bf16ForwardPlan plan_bf16_forward(const ForwardShape& s, const Machine& m) {
   Bf16ForwardPlan plan;
   const int64_t N = s.batch, H = s.hidden, Hout = s.out_hidden;
-  if (!s.bfloat16 || s.projection || m.bf16_kernels == CpuBf16Kernels::aten) {
-    plan.reason = !s.bfloat16     ? "not bfloat16"
-                  : s.projection ? "proj_size: the per-step loop (the fused recurrence has no w_hr)"
-                                 : "this CPU has no AVX512-BF16 (or the avx512 kernels are not in use): the "
-                                   "per-step loop with ATen's GEMMs";
+  if (s.projection || m.bf16_kernels == CpuBf16Kernels::aten) {
+    plan.reason = s.projection ? "proj_size: the per-step loop (the fused recurrence has no w_hr)"
+                               : "this CPU has no AVX512-BF16 (or the avx512 kernels are not in use): the "
+                                 "per-step loop with ATen's GEMMs";
     return plan;
   }
   if (s.rows < limits::kMinRecurrenceRows && !s.required) {

@@ -132,7 +132,6 @@ int64_t team_size(int64_t H, int64_t K, int64_t N, int64_t slices, const Machine
 struct ForwardShape {
   int64_t batch = 0, hidden = 0, out_hidden = 0, input_size = 0, rows = 0;
   bool float32 = true;
-  bool bfloat16 = false;        // bfloat16 storage (autocast): plan_bf16_forward
   bool projection = false;      // proj_size (w_hr): the per-step loop, always
   bool vector_kernels = true;   // the CPU runs fused_lstm's kernels (cpu_features.h)
   bool required = false;        // recurrence='persistent': the fused recurrence or an error

@@ -179,8 +179,6 @@ void register_cpu_plan_bindings(py::module_& m) {
         [](int64_t batch, int64_t hidden, int64_t input_size, int64_t rows, int64_t out_hidden, bool projection,
            bool required, const py::object& machine) {
           ForwardShape s = forward_shape(batch, hidden, input_size, rows, out_hidden, projection, required);
-          s.float32 = false;
-          s.bfloat16 = true;
           const Bf16ForwardPlan p = plan_bf16_forward(s, machine_from(machine));
           py::dict d;
           d["fused"] = p.fused;

@@ -5,13 +5,36 @@
 // use it (the planner decides which, cpu_plan.h).
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
+
+#include "cpu_limits.h"
+#include "cpu_plan.h"
 #include "simd.h"
 
 namespace fused_lstm {
 
 constexpr int kDotCols = 4;  // rows of W (output columns) per tile, by Isa::kDotRows rows of a
+
+// fn(r0, c0, rows, cols) over the blocks of out[M, Nc] that the in-place dot kernels (float32 here, bfloat16 in
+// bf16_dot_gemm.cpp) compute, kDotBlock rows x columns each so that a block's share of a and of W stays in L2,
+// with the planner's thread split (cpu_plan.h, plan_dot_product: small products stay on fewer threads, waking one
+// costs a few µs). fn calls a kernel built for its instruction set (run_kernel, or a target-built block function):
+// a lambda's own body is compiled for the baseline ISA.
+template <typename Fn>
+void for_each_dot_block(int64_t M, int64_t K, int64_t Nc, const Fn& fn) {
+  constexpr int64_t kBlock = cpu_limits::kDotBlock;
+  const int64_t col_blocks = (Nc + kBlock - 1) / kBlock;
+  const cpu_plan::TaskGrid grid = cpu_plan::plan_dot_product(M, K, Nc);
+  at::parallel_for(0, grid.tasks, grid.grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r0 = task / col_blocks * kBlock, c0 = task % col_blocks * kBlock;
+      fn(r0, c0, std::min(kBlock, M - r0), std::min(kBlock, Nc - c0));
+    }
+  });
+}
 
 // Rows x Cols outputs: out[r * out_row_stride + c] (+)= bias[c] + sum_k a[r * a_row_stride + k] * w[c * w_row_stride + k]
 // for r < Rows, c < Cols; bias may be null, and is ignored when accumulating. a and w have unit stride along k.

@@ -16,11 +16,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <utility>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "cpu_limits.h"
 #include "cpu_plan.h"
