@@ -53,30 +53,24 @@ const char* kernel_name(Pass pass) {
   return pass == Pass::Backward ? "persistent_backward_kernel" : "persistent_forward_kernel";
 }
 
-template <typename scalar_t>
-auto forward_kernel(bool save_workspace, Product product, Exchange exchange, bool project) {
-  if (project) {
-    if (exchange == Exchange::Cluster) {  // Fma only (candidate_variants)
-      return save_workspace ? &persistent_forward_kernel<scalar_t, true, Product::Fma, Exchange::Cluster, true>
-                            : &persistent_forward_kernel<scalar_t, false, Product::Fma, Exchange::Cluster, true>;
-    }
-    if (product == Product::Mma) {
-      return save_workspace ? &persistent_forward_kernel<scalar_t, true, Product::Mma, Exchange::Grid, true>
-                            : &persistent_forward_kernel<scalar_t, false, Product::Mma, Exchange::Grid, true>;
-    }
-    return save_workspace ? &persistent_forward_kernel<scalar_t, true, Product::Fma, Exchange::Grid, true>
-                          : &persistent_forward_kernel<scalar_t, false, Product::Fma, Exchange::Grid, true>;
-  }
+template <typename scalar_t, bool kProject>
+auto forward_kernel_for(bool save_workspace, Product product, Exchange exchange) {
   if (exchange == Exchange::Cluster) {  // Fma only (candidate_variants)
-    return save_workspace ? &persistent_forward_kernel<scalar_t, true, Product::Fma, Exchange::Cluster>
-                          : &persistent_forward_kernel<scalar_t, false, Product::Fma, Exchange::Cluster>;
+    return save_workspace ? &persistent_forward_kernel<scalar_t, true, Product::Fma, Exchange::Cluster, kProject>
+                          : &persistent_forward_kernel<scalar_t, false, Product::Fma, Exchange::Cluster, kProject>;
   }
   if (product == Product::Mma) {
-    return save_workspace ? &persistent_forward_kernel<scalar_t, true, Product::Mma>
-                          : &persistent_forward_kernel<scalar_t, false, Product::Mma>;
+    return save_workspace ? &persistent_forward_kernel<scalar_t, true, Product::Mma, Exchange::Grid, kProject>
+                          : &persistent_forward_kernel<scalar_t, false, Product::Mma, Exchange::Grid, kProject>;
   }
-  return save_workspace ? &persistent_forward_kernel<scalar_t, true, Product::Fma>
-                        : &persistent_forward_kernel<scalar_t, false, Product::Fma>;
+  return save_workspace ? &persistent_forward_kernel<scalar_t, true, Product::Fma, Exchange::Grid, kProject>
+                        : &persistent_forward_kernel<scalar_t, false, Product::Fma, Exchange::Grid, kProject>;
+}
+
+template <typename scalar_t>
+auto forward_kernel(bool save_workspace, Product product, Exchange exchange, bool project) {
+  return project ? forward_kernel_for<scalar_t, true>(save_workspace, product, exchange)
+                 : forward_kernel_for<scalar_t, false>(save_workspace, product, exchange);
 }
 
 template <typename scalar_t>
@@ -379,12 +373,13 @@ void launch_forward(const RecurrenceForwardArgs& a, const Plan& plan, bool save_
   const int64_t T = static_cast<int64_t>(a.step_rows->size());
 
   // The h exchange buffer [2, N, P]: half 0 starts as h0, padding columns stay zero (the kernel's dot
-  // products run over all P columns). With a projection also h' before W_hr [N, Hr], zeros (the projection
-  // product reads whole row tiles, so every value it may read must be finite). Allocated once per call, before
-  // the launch.
+  // products run over all P columns). With a projection on the grid exchange also h' before W_hr [N, Hr], zeros
+  // (the projection product reads whole row tiles, so every value it may read must be finite; a cluster keeps h'
+  // in shared memory). Allocated once per call, before the launch.
   const Tensor h_exchange = at::zeros({2, N, P}, a.h_state.options());
   h_exchange[0].narrow(1, 0, HO).copy_(a.h_state);
-  const Tensor h_raw = project ? at::zeros({N, plan.padded_proj_k}, a.h_state.options()) : Tensor();
+  const bool raw_in_global = project && plan.exchange == Exchange::Grid;
+  const Tensor h_raw = raw_in_global ? at::zeros({N, plan.padded_proj_k}, a.h_state.options()) : Tensor();
 
   ForwardParams<scalar_t> p;
   p.gates = a.gates.data_ptr<scalar_t>();
@@ -400,7 +395,7 @@ void launch_forward(const RecurrenceForwardArgs& a, const Plan& plan, bool save_
   p.w_hr = project ? a.w_hr.data_ptr<scalar_t>() : nullptr;
   p.wr_stride_row = project ? a.w_hr.stride(0) : 0;
   p.wr_stride_col = project ? a.w_hr.stride(1) : 0;
-  p.h_raw = project ? h_raw.data_ptr<scalar_t>() : nullptr;
+  p.h_raw = raw_in_global ? h_raw.data_ptr<scalar_t>() : nullptr;
   p.total_rows = a.gates.size(0);
   p.hidden = static_cast<int>(H);
   p.out_hidden = static_cast<int>(HO);

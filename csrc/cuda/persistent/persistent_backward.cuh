@@ -143,8 +143,8 @@ __device__ __forceinline__ void stage_rows(scalar_t* dst, int pitch, const scala
 // the barrier that ends phase 0: two barriers per step, no double buffering. In a cluster both exchanges write into
 // every block's shared memory, and the same holds: a block writes dh_total of step s+1 only after the barrier that
 // ends every block's phase 1 of step s (the last read of dh_total s), and d_gates of step s+1 only after the one
-// that ends phase 0 of step s+1, which every block reaches after its dh product of step s. (Without a projection
-// the one barrier per step does not separate them, so there d_gates is double-buffered.)
+// that ends phase 0 of step s+1, which every block reaches after its dh product of step s. d_gates is
+// double-buffered all the same: without a projection the one barrier per step does not separate them.
 template <typename scalar_t, bool kProject = false, Product kProduct = Product::Fma,
           Exchange kExchange = Exchange::Grid>
 __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm)
@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
         const float total = dh_s[b * V + j] + static_cast<float>(p.d_output[row * p.d_output_stride + out0 + j]);
         const scalar_t stored = static_cast<scalar_t>(total);
         p.dh_total[row * HO + out0 + j] = stored;
-        if constexpr (kCluster) publish<scalar_t, kExchange>(nullptr, dt_cur, b * Kr + out0 + j, stored);
+        if constexpr (kCluster) publish_to_cluster(dt_cur, b * Kr + out0 + j, stored);
       }
       step_barrier<kExchange>();  // the step's dh_total complete in every column
       if constexpr (!kCluster) {
@@ -249,7 +249,7 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         dg[q * H] = stored[q];
-        if constexpr (kCluster) publish<scalar_t, kExchange>(nullptr, st_cur, b * K + q * H + unit, stored[q]);
+        if constexpr (kCluster) publish_to_cluster(st_cur, b * K + q * H + unit, stored[q]);
       }
       dc_s[b * U + u] = dc_prev;
       if constexpr (kProject) p.h_next[row * H + unit] = static_cast<scalar_t>(h_next);
@@ -269,7 +269,7 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
       __syncthreads();
     }
     if constexpr (kMma) {
-      product_mma<scalar_t>(w_s, w_rows, st_cur, K, out_s, n_pad);
+      product_mma<scalar_t>(w_s, w_rows, st_cur, K, out_s, n_pad, carried);
       __syncthreads();  // out_s complete
       for (int i = threadIdx.x; i < carried * V; i += kThreads) {
         const int b = i / V, j = i - b * V;

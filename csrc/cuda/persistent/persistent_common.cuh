@@ -128,20 +128,26 @@ enum class Exchange { Grid, Cluster };
 // portable size); the plan asks the device how many it can run (gpu::max_cluster_blocks) and takes at most that.
 constexpr int kMaxClusterBlocks = 16;
 
-// Writes one exchanged element (forward: of h_t) where the next phase reads it: the global buffer (Grid), or the
-// same place in the shared buffer of every block of the cluster (Cluster).
+// Writes one element into the same place of the shared buffer `shared` of every block of the cluster (distributed
+// shared memory).
+template <typename scalar_t>
+__device__ __forceinline__ void publish_to_cluster(scalar_t* shared, int64_t index, scalar_t value) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // clusters need sm_90; the plan never picks this exchange below it
+#else
+  const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  for (unsigned rank = 0; rank < cluster.num_blocks(); ++rank) cluster.map_shared_rank(shared, rank)[index] = value;
+#endif
+}
+
+// Writes one exchanged element of h_t (or h'_t) where the next phase reads it: the global buffer (Grid), or the same
+// place in the shared buffer of every block of the cluster (Cluster).
 template <typename scalar_t, Exchange kExchange>
-__device__ __forceinline__ void publish(scalar_t* global, scalar_t* shared, int64_t index,
-                                         scalar_t value) {
+__device__ __forceinline__ void publish(scalar_t* global, scalar_t* shared, int64_t index, scalar_t value) {
   if constexpr (kExchange == Exchange::Grid) {
     global[index] = value;
   } else {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-    __trap();  // clusters need sm_90; the plan never picks this exchange below it
-#else
-    const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-    for (unsigned rank = 0; rank < cluster.num_blocks(); ++rank) cluster.map_shared_rank(shared, rank)[index] = value;
-#endif
+    publish_to_cluster(shared, index, value);
   }
 }
 
@@ -182,10 +188,11 @@ struct MmaTraits<float> {
 // warp computing 16 x 16 tiles over P in k steps, float32 accumulation. Forward: M = 4U gate rows against the
 // staged h; backward: M = the dh columns (padded to 16) against the staged d_gates. Requires M and N_pad multiples
 // of 16, P a multiple of the k step, and 32-byte aligned shared matrices (the plans' padding and the kernels'
-// shared layouts provide them). Every output of the padded tiles is written.
+// shared layouts provide them). Only the tiles of batch rows below `rows` are computed (every output of those
+// padded tiles is written); the callers read no other row.
 template <typename scalar_t>
 __device__ __forceinline__ void product_mma(const scalar_t* w_s, int m_rows, const scalar_t* x_s, int P, float* out_s,
-                                            int n_pad) {
+                                            int n_pad, int rows) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // bf16 and TF32 fragments need sm_80; the plan never picks this variant below it
 #else
@@ -195,7 +202,7 @@ __device__ __forceinline__ void product_mma(const scalar_t* w_s, int m_rows, con
   constexpr int KS = Traits::kStep;
   const element* w = reinterpret_cast<const element*>(w_s);
   const element* x = reinterpret_cast<const element*>(x_s);
-  const int m_tiles = m_rows / 16, n_tiles = n_pad / 16;
+  const int m_tiles = m_rows / 16, n_tiles = min(n_pad, round_up(rows, 16)) / 16;
   // Whole warps take whole tiles, so every lane of a warp makes the same collective calls.
   for (int tile = threadIdx.x / 32; tile < m_tiles * n_tiles; tile += kThreads / 32) {
     const int m = tile / n_tiles, n = tile - m * n_tiles;

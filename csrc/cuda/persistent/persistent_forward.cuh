@@ -253,7 +253,7 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
     }
 
     if constexpr (kProduct == Product::Mma) {
-      product_mma<scalar_t>(w_s, 4 * U, h_cur_s, P, pre_s, n_pad);
+      product_mma<scalar_t>(w_s, 4 * U, h_cur_s, P, pre_s, n_pad, rows);
     } else {
       product_fma<scalar_t>(w_s, h_cur_s, pre_s, U, P, n_pad, rows, p.k_split);
     }
