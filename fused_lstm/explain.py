@@ -211,20 +211,6 @@ def _needs_grad(tensors: Sequence[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _cpu_autocast_enabled() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
-
-
-def _cpu_autocast_dtype() -> torch.dtype:
-    try:
-        return torch.get_autocast_dtype("cpu")
-    except AttributeError:  # torch < 2.4
-        return torch.get_autocast_cpu_dtype()
-
-
 def explain(module: torch.nn.Module, input, hx=None, *, machine: Optional[Dict[str, int]] = None) -> Plan:
     """What ``module(input, hx)`` would run on the CPU: per layer and direction, the forward path (fused
     recurrence, packed or with W_hh read in place, and its thread split and projection schedule; or the
@@ -257,8 +243,8 @@ def explain(module: torch.nn.Module, input, hx=None, *, machine: Optional[Dict[s
     Hout = module.proj_size or H
     # Under autocast the module's float32 weights and input reach the op in the autocast dtype.
     dtype = data.dtype
-    if device_type == "cpu" and dtype == torch.float32 and _cpu_autocast_enabled():
-        dtype = _cpu_autocast_dtype()
+    if device_type == "cpu" and dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
     recurrence = getattr(module, "recurrence", "auto")
     weights = list(module._flat_weights)
     per_layer = len(weights) // module.num_layers

@@ -590,39 +590,8 @@ class _CellFunction(torch.autograd.Function):
 
 
 # Under torch.autocast (CUDA or CPU) the layer and the cell run in the autocast dtype, float16 or bfloat16, as
-# torch.nn.LSTM does: every floating-point tensor argument on that device but float64 (input, states,
-# weights, whatever mix of float32 and 16-bit) is cast to torch.get_autocast_dtype(device), then the op runs
-# with autocast off. Eager calls take the C++ kernels of csrc/autocast.cpp, whose casts use torch's autocast
-# weight cache; these are their twins for the Python dispatcher (compile, export), which traces the casts.
-# (torch.library.register_autocast casts to one dtype fixed at registration.)
-
-
-def _autocast_cast(value, device_type: str, dtype: torch.dtype):
-    if isinstance(value, Tensor):
-        eligible = value.is_floating_point() and value.device.type == device_type and value.dtype != torch.float64
-        return value.to(dtype) if eligible else value
-    if isinstance(value, (list, tuple)):
-        return type(value)(_autocast_cast(v, device_type, dtype) for v in value)
-    return value
-
-
-def _register_autocast(name: str, device_type: str) -> None:
-    op = getattr(torch.ops.fused_lstm, name).default
-    dispatch_key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
-
-    def run_in_autocast_dtype(*args):
-        dtype = torch.get_autocast_dtype(device_type)
-        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(dispatch_key)):
-            return op(*_autocast_cast(args, device_type, dtype))
-
-    op.py_kernels.pop(dispatch_key, None)  # a reload's
-    op.py_impl(dispatch_key)(run_in_autocast_dtype)
-
-
-for _device_type in ("cpu", "cuda"):
-    if torch._C._is_autocast_available(_device_type):
-        for _name in ("lstm_layer", "lstm_cell"):
-            _register_autocast(_name, _device_type)
+# torch.nn.LSTM does: the ops' autocast kernels are C++ (csrc/autocast.cpp, through torch's autocast weight cache),
+# and compile and export trace them too.
 
 # ONNX export of the layer op as ONNX's LSTM, for both exporters (fused_lstm/onnx.py; imports neither onnx nor
 # onnxscript).

@@ -165,8 +165,8 @@ def test_cached_casts_follow_weight_updates_between_regions():
 
 
 def test_autocast_inside_compiled_function():
-    """torch.compile traces the casts through the ops' Python-dispatcher autocast kernels (one graph): same dtype
-    and values as eager."""
+    """torch.compile traces the casts of the ops' autocast kernels into one graph: same dtype and values as
+    eager."""
     lstm = fused_lstm.LSTM(5, 6)
     x = torch.randn(4, 3, 5)
 
@@ -178,3 +178,23 @@ def test_autocast_inside_compiled_function():
     eager = run(x)
     assert compiled.dtype == eager.dtype == torch.bfloat16
     torch.testing.assert_close(compiled, eager)
+
+
+def test_autocast_inside_exported_program():
+    """torch.export keeps the casts of the ops' autocast kernels: the exported program returns the autocast dtype
+    and eager's values."""
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = fused_lstm.LSTM(5, 6)
+
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.lstm(x)[0]
+
+    model, x = Model(), torch.randn(4, 3, 5)
+    exported = torch.export.export(model, (x,), strict=False).module()(x)
+    eager = model(x)
+    assert exported.dtype == eager.dtype == torch.bfloat16
+    torch.testing.assert_close(exported, eager)

@@ -528,12 +528,13 @@ def test_persistent_environment_switch(monkeypatch):
 
 # --- The persistent backward kernel.
 
-BACKWARD_VARIANTS = [(torch.float32, "fma"), (torch.float16, "fma"), (torch.bfloat16, "fma"),
-                     (torch.float16, "mma"), (torch.bfloat16, "mma")]
+# (dtype, product, exchange) of the persistent kernels: FMA and tensor cores on the grid, FMA in a cluster.
+KERNEL_VARIANTS = [(torch.float32, "fma", "grid"), (torch.float16, "fma", "grid"), (torch.bfloat16, "fma", "grid"),
+                   (torch.float16, "mma", "grid"), (torch.bfloat16, "mma", "grid"),
+                   (torch.float32, "fma", "cluster"), (torch.bfloat16, "fma", "cluster")]
 
 
-@pytest.mark.parametrize("dtype, product, exchange", [(*v, "grid") for v in BACKWARD_VARIANTS] + [
-    (torch.float32, "fma", "cluster"), (torch.bfloat16, "fma", "cluster")], ids=str)
+@pytest.mark.parametrize("dtype, product, exchange", KERNEL_VARIANTS, ids=str)
 @pytest.mark.parametrize("layer", PERSISTENT_LAYERS, ids=lambda c: c.name)
 def test_persistent_backward(layer: Layer, dtype: torch.dtype, product: str, exchange: str, monkeypatch):
     """The persistent backward kernel (pointwise backward and d_gates @ W_hh fused per step, dh and dc kept on
@@ -846,12 +847,9 @@ PROJECTION_LAYERS = [
     Layer("proj_batch1_zero_state", steps=5, batch=1, input_size=2, hidden=20, proj=7, bidirectional=False,
           zero_state=True),
 ]
-PROJECTION_VARIANTS = [(torch.float32, "fma", "grid"), (torch.float16, "fma", "grid"), (torch.bfloat16, "fma", "grid"),
-                       (torch.float16, "mma", "grid"), (torch.bfloat16, "mma", "grid"),
-                       (torch.float32, "fma", "cluster"), (torch.bfloat16, "fma", "cluster")]
 
 
-@pytest.mark.parametrize("dtype, product, exchange", PROJECTION_VARIANTS, ids=str)
+@pytest.mark.parametrize("dtype, product, exchange", KERNEL_VARIANTS, ids=str)
 @pytest.mark.parametrize("layer", PROJECTION_LAYERS, ids=lambda c: c.name)
 def test_persistent_projection_forward(layer: Layer, dtype: torch.dtype, product: str, exchange: str, monkeypatch):
     """The persistent forward with a projection, FMA or tensor-core W_hh product (the projection itself on FMAs),
@@ -870,8 +868,7 @@ def test_persistent_projection_forward(layer: Layer, dtype: torch.dtype, product
     assert persistent_launches() == before + layer.directions
 
 
-@pytest.mark.parametrize("dtype, product, exchange", [(*v, "grid") for v in BACKWARD_VARIANTS] + [
-    (torch.float32, "fma", "cluster"), (torch.bfloat16, "fma", "cluster")], ids=str)
+@pytest.mark.parametrize("dtype, product, exchange", KERNEL_VARIANTS, ids=str)
 @pytest.mark.parametrize("layer", PROJECTION_LAYERS, ids=lambda c: c.name)
 def test_persistent_projection_backward(layer: Layer, dtype: torch.dtype, product: str, exchange: str, monkeypatch):
     """The persistent backward with a projection (dh_total, dh' = dh_total @ W_hr and the pointwise backward in

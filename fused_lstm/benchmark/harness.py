@@ -163,11 +163,10 @@ def _base(job: Job, mode: str, device: torch.device) -> Result:
 
 
 def _run_job(job: Job, factory: CandidateFactory, config: BenchmarkConfig) -> List[Result]:
-    device, dtype = config.device, DTYPES[job.dtype]
+    device, dtype, autocast = config.device, DTYPES[job.dtype], AUTOCAST_DTYPES.get(job.dtype)
     rows = {m: _base(job, m, device) for m in job.modes}
     try:
-        reference, candidate = build_pair(job.shape, dtype, device, factory, config.seed,
-                                          autocast=AUTOCAST_DTYPES.get(job.dtype))
+        reference, candidate = build_pair(job.shape, dtype, device, factory, config.seed, autocast=autocast)
         inputs = draw_inputs(job.shape, dtype, device, config.timing.n_inputs, config.seed + 1)
         tol = tolerance_for(job.dtype, device, config.tolerance)
         gates: Dict[Tuple[bool, bool], GateResult] = {}
@@ -175,7 +174,7 @@ def _run_job(job: Job, factory: CandidateFactory, config: BenchmarkConfig) -> Li
             kind = (mode in GRAD_MODES, mode in DATA_INPUT_MODES)  # (gradients, of the weights only)
             if kind not in gates:
                 gates[kind] = check_pair(reference, candidate, inputs[0], kind[0], tol, data_input=kind[1],
-                                         autocast=job.dtype in AUTOCAST_DTYPES)
+                                         autocast=autocast is not None)
             _fill(rows[mode], gates[kind], reference, candidate, inputs, config)
     except Exception as exc:  # keep going: record the failure against the remaining modes
         for row in rows.values():

@@ -221,7 +221,7 @@ def _grid(group: str, T: int, batches: Iterable[int], hiddens: Iterable[int], ce
 
 
 CLASSIC = Shape(100, 64, 512, 512)
-_ALL_DTYPES = ("fp32", "bf16", "fp16")
+_ALL_DTYPES = tuple(d for d in DTYPES if d not in AUTOCAST_DTYPES)  # the modules' own precisions
 _TRAIN_MODES = ("train", "fwd", "bwd")
 
 
