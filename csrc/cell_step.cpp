@@ -122,8 +122,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_bac
   }
   Tensor grad_w_ih = nothing(), grad_w_hh = nothing(), grad_b_ih = nothing(), grad_b_hh = nothing();
   if (need_weight_grads && N > 0) {
-    grad_w_ih = at::empty_like(w_ih, at::MemoryFormat::Contiguous);
-    grad_w_hh = at::empty_like(w_hh, at::MemoryFormat::Contiguous);
+    grad_w_ih = backend.empty_weight_gradient(w_ih);
+    grad_w_hh = backend.empty_weight_gradient(w_hh);
     backend.matmul(grad_w_ih, d_gates.t(), input, /*accumulate=*/false);  // [4H, I]
     backend.matmul(grad_w_hh, d_gates.t(), hx, /*accumulate=*/false);     // [4H, H]
   } else if (need_weight_grads) {  // an empty batch: zero gradients, as from any product over no rows

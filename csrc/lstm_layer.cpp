@@ -170,6 +170,10 @@ void LayerBackend::weight_gradients(const Tensor& grad_w_ih, const Tensor& grad_
   if (grad_bias.defined()) at::sum_out(const_cast<Tensor&>(grad_bias), d_gates, /*dim=*/{0});
 }
 
+Tensor LayerBackend::empty_weight_gradient(const Tensor& w) const {
+  return at::empty_like(w, at::MemoryFormat::Contiguous);
+}
+
 void LayerBackend::for_each_direction(c10::ArrayRef<DirectionPass*> passes) const {
   for (DirectionPass* pass : passes) pass->run();
 }
@@ -507,7 +511,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_layer_backward(
   std::vector<Tensor> grad_weights;
   grad_weights.reserve(weights.size());
   for (const Tensor& w : weights) {
-    grad_weights.push_back(need_weight_grads ? at::empty_like(w, at::MemoryFormat::Contiguous) : at::empty({0}, opts));
+    grad_weights.push_back(need_weight_grads ? backend.empty_weight_gradient(w) : at::empty({0}, opts));
   }
 
   const BackwardLayer layer{s, backend, weights,

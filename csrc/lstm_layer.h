@@ -194,6 +194,9 @@ class LayerBackend {
   //   grad_bias [4H] (undefined without biases). The default is two matmuls and a sum.
   virtual void weight_gradients(const Tensor& grad_w_ih, const Tensor& grad_w_hh, const Tensor& grad_bias,
                                 const Tensor& d_gates, const Tensor& input, const Tensor& h_prev) const;
+  // An uninitialised contiguous tensor shaped like the weight w, for its gradient. The default is
+  // at::empty_like; the CPU recycles the storage of earlier steps' gradients (cpu/recycled_gradients.h).
+  virtual Tensor empty_weight_gradient(const Tensor& w) const;
   virtual void step_forward(const StepForwardArgs& args) const = 0;
   virtual void step_backward(const StepBackwardArgs& args) const = 0;
   // Runs the pass of each direction (passes[d] is direction d's; one or two of them). The default runs them

@@ -6,6 +6,7 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/cpu_plan_bindings.h"
+#include "cpu/recycled_gradients.h"
 #include "lstm_layer.h"
 #include "op_schemas.h"
 
@@ -60,4 +61,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "selected at import.");
   m.def("_supported_cpu_kernels", &fused_lstm::supported_cpu_kernel_names,
         "The CPU float32 kernel sets this CPU can run, for _set_cpu_kernels.");
+  m.def("_kept_gradient_blocks", &fused_lstm::kept_gradient_blocks,
+        "How many freed weight-gradient blocks the CPU keeps now for later steps of a backward pass "
+        "(csrc/cpu/recycled_gradients.h); 0 outside a backward pass.");
 }

@@ -22,6 +22,7 @@
 #include "cpu_plan.h"
 #include "dot_gemm.h"
 #include "packed_gemm.h"
+#include "recycled_gradients.h"
 #include "recurrence_cpu.h"
 #include "step_spans.h"
 
@@ -135,6 +136,7 @@ class CpuBackend final : public LayerBackend {
     const PackedMatrix& packed_h_prev = packed(h_prev);
     transposed_matmuls({grad_w_ih, grad_w_hh}, a, {&packed_input, &packed_h_prev}, grad_bias);
   }
+  Tensor empty_weight_gradient(const Tensor& w) const override { return empty_recycled_gradient(w); }
   void step_forward(const StepForwardArgs& a) const override { run_spans<ForwardSpan>(a); }
   void step_backward(const StepBackwardArgs& a) const override { run_spans<BackwardSpan>(a); }
   // The fused recurrences need the vector kernels (cpu_features.h); without them the driver's per-step loop
