@@ -425,5 +425,10 @@ def test_bfloat16_products_with_few_rows_read_w_in_place():
     t = dict(a_rows_contiguous=False, a_transposed=True)
     assert product(512, 1, 128, **b, **t)["kernel"] == "bf16_rowmajor"
     assert product(macs // (512 * 128), 512, 128, **b)["kernel"] == "aten"
+    # A step's weight gradients (a = d_gates^T over a reduction of its few rows): ours at any size, since
+    # writing out is the cost; from kMinPackedDepth rows, ATen.
+    depth = _C.cpu_kernel_limits()["min_packed_depth"]
+    assert product(2048, depth - 1, 512, **b, **t)["kernel"] == "bf16_rowmajor"
+    assert product(2048, depth, 512, **b, **t)["kernel"] == "aten"
     assert product(16, 512, 128, b_rows_contiguous=False, **b)["kernel"] == "aten"
     assert product(1, 128, 512, vector_kernels=False, b_is_w_transposed=True)["kernel"] == "aten"

@@ -121,6 +121,10 @@ ProductPlan plan_product(const ProductShape& s) {
     } else if (small && s.b_rows_contiguous) {
       plan.kernel = ProductKernel::bf16_rowmajor;
       plan.reason = "bfloat16, few multiply-adds: b's rows read in place (ATen's per-call cost dominates)";
+    } else if (s.a_transposed && s.depth < limits::kMinPackedDepth && s.b_rows_contiguous) {
+      plan.kernel = ProductKernel::bf16_rowmajor;
+      plan.reason = "bfloat16 over a short reduction (a step's weight gradients): writing out is the cost, and "
+                    "both operands are widened once";
     } else {
       plan.reason = "bfloat16 with many rows or multiply-adds: ATen";
     }
