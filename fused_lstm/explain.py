@@ -53,9 +53,11 @@ class _Products:
     """The backend's per-call memory (which right operands it packed or read in place, csrc/cpu/lstm_cpu.cpp)
     and the products planned so far, merged by name."""
 
-    def __init__(self, vector_kernels: bool, machine: Optional[Dict[str, int]], bf16_dot: bool = False):
+    def __init__(self, vector_kernels: bool, machine: Optional[Dict[str, int]], bf16_dot: bool = False,
+                 bf16_amx: bool = False):
         self.vector_kernels = vector_kernels
         self.bf16_dot = bf16_dot  # bfloat16 products on a CPU with a bfloat16 kernel (csrc/cpu/bf16_dot_gemm.h)
+        self.bf16_amx = bf16_amx  # ... whose kernel is AMX
         self.machine = machine
         self.packed: set = set()
         self.in_place: set = set()
@@ -69,7 +71,8 @@ class _Products:
             rows, depth, cols, vector_kernels=vector, a_rows_contiguous=a_strides[1] == 1,
             a_transposed=a_strides[0] == 1, b_is_w_transposed=b_strides[0] == 1, b_rows_contiguous=b_strides[1] == 1,
             b_packed_before=vector and key in self.packed, b_in_place_before=vector and key in self.in_place,
-            bf16_dot_kernels=self.bf16_dot and out_unit_stride, machine=self.machine)
+            bf16_dot_kernels=self.bf16_dot and out_unit_stride, bf16_amx=self.bf16_amx and out_unit_stride,
+            machine=self.machine)
         if plan["first_in_place_use"]:
             self.in_place.add(key)
         if plan["kernel"] == "packed":
@@ -101,7 +104,8 @@ def _layer_plan(step_rows: List[int], I: int, H: int, Hout: int, D: int, dtype: 
     float32 = dtype == torch.float32
     bf16_kernels = (machine or {}).get("bf16_kernels") or _C.cpu_machine()["bf16_kernels"]
     bf16_dot = dtype == torch.bfloat16 and vector_kernels and bf16_kernels != "aten"
-    products = _Products(vector_kernels and float32, machine, bf16_dot)
+    bf16_amx = bf16_dot and bf16_kernels == "amx"
+    products = _Products(vector_kernels and float32, machine, bf16_dot, bf16_amx)
     directions: List[Dict[str, Any]] = []
     for d in range(D):
         reverse = d == 1
@@ -150,7 +154,7 @@ def _layer_plan(step_rows: List[int], I: int, H: int, Hout: int, D: int, dtype: 
     if not training:
         return {"directions": directions}
     # The backward (one op call, its own backend: a fresh memory of operands).
-    products = _Products(vector_kernels and float32, machine, bf16_dot)
+    products = _Products(vector_kernels and float32, machine, bf16_dot, bf16_amx)
     for d in range(D):
         reverse = d == 1
         bwd: Dict[str, Any] = {"products": []}
@@ -215,8 +219,8 @@ def explain(module: torch.nn.Module, input, hx=None, *, machine: Optional[Dict[s
     """What ``module(input, hx)`` would run on the CPU: per layer and direction, the forward path (fused
     recurrence, packed or with W_hh read in place, and its thread split and projection schedule; or the
     per-step loop), the backward path when the call would keep a workspace for training, and each matrix
-    product's kernel (``dot``, ``rowmajor``, ``packed`` with its schedule, ``bf16_dot``, ``bf16_rowmajor``, ``aten``) with counts and the
-    planner's reason.
+    product's kernel (``dot``, ``rowmajor``, ``packed`` with its schedule, ``bf16_amx``, ``bf16_amx_rowmajor``,
+    ``bf16_dot``, ``bf16_rowmajor``, ``aten``) with counts and the planner's reason.
 
     module: a ``fused_lstm.LSTM`` (or ``torch.nn.LSTM``, planned as fused_lstm would run it); input as the
     module takes it (dense, batch_first or not, unbatched, or a ``PackedSequence``). ``machine`` (a dict of

@@ -236,11 +236,12 @@ def test_kernel_selection_names_and_errors():
             _C._set_cpu_bf16_kernels(kernel)
 
 
-@pytest.fixture(params=["bf16_dot", "aten"])
+@pytest.fixture(params=["amx", "bf16_dot", "aten"])
 def cell_products(request):
-    """The bfloat16 cell's W^T products on fused_lstm's vdpbf16ps kernel (bf16_dot_gemm.h; any bfloat16 kernel
-    selection but aten enables it) or forced onto ATen's addmm."""
-    kernel = "avx512_bf16" if request.param == "bf16_dot" else "aten"
+    """The bfloat16 cell's products on fused_lstm's kernels (bf16_dot_gemm.h): AMX tiles (2 to 16 rows over a
+    multiple of 32 k, with the amx selection), vdpbf16ps and float32 FMAs (with avx512_bf16); or forced onto
+    ATen's (aten)."""
+    kernel = {"bf16_dot": "avx512_bf16"}.get(request.param, request.param)
     if kernel not in SUPPORTED:
         pytest.skip(f"this CPU has no {kernel} (supports {SUPPORTED})")
     previous_f32 = _C._set_cpu_kernels("avx512") if kernel != "aten" else None
@@ -275,9 +276,13 @@ def cell_runs(batch, input_size, hidden, bias):
 
 
 # (6, 333, 288): the weight gradient of w_ih has more multiply-adds than kMaxBf16SmallProductMacs over a reduction
-# of 6 rows, the path of a cell loop's backward at a large hidden size (cpu_plan.cpp, plan_product).
+# of 6 rows, the path of a cell loop's backward at a large hidden size (cpu_plan.cpp, plan_product). With AMX:
+# (8, 128, 128) and (3, 64, 96) run every product but the weight gradients on tiles, (16, 64, 64) a full tile of
+# rows, (4, 64, 37) x @ W_ih^T with a partial last W tile (4H = 148), (5, 45, 32) d_gates @ W_ih with a partial
+# last column block (I = 45); (17, 20, 37) and (1, 37, 37) have too many or too few rows.
 @pytest.mark.parametrize("batch,input_size,hidden",
-                         [(1, 37, 37), (17, 20, 37), (8, 128, 128), (3, 64, 96), (6, 333, 288)])
+                         [(1, 37, 37), (17, 20, 37), (8, 128, 128), (3, 64, 96), (6, 333, 288), (16, 64, 64),
+                          (4, 64, 37), (5, 45, 32)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_cell_within_torch_error(batch, input_size, hidden, bias, cell_products, poisoned_empty):
     mine, theirs, exact = cell_runs(batch, input_size, hidden, bias)

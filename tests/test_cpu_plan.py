@@ -425,6 +425,18 @@ def test_bfloat16_products_with_few_rows_read_w_in_place():
     t = dict(a_rows_contiguous=False, a_transposed=True)
     assert product(512, 1, 128, **b, **t)["kernel"] == "bf16_rowmajor"
     assert product(macs // (512 * 128), 512, 128, **b)["kernel"] == "aten"
+    # With AMX tiles: 2 to 16 rows over a multiple of 32 k, against W^T (W as A tiles) or b's rows (paired into B
+    # tiles); one row, 17 rows, a ragged reduction or no AMX take the kernels above.
+    amx, amx_w = dict(b, bf16_amx=True), dict(w, bf16_amx=True)
+    tile_rows, tile_depth = _C.cpu_kernel_limits()["amx_tile_rows"], _C.cpu_kernel_limits()["amx_tile_depth"]
+    for rows in (2, tile_rows):
+        assert product(rows, 512, 2048, **amx_w)["kernel"] == "bf16_amx"
+        assert product(rows, 2048, 512, **amx)["kernel"] == "bf16_amx_rowmajor"
+    assert product(1, 512, 2048, **amx_w)["kernel"] == "bf16_dot"
+    assert product(tile_rows + 1, 512, 2048, **amx_w)["kernel"] == "aten"
+    assert product(8, tile_depth + 2, 148, **amx_w)["kernel"] == "bf16_dot"
+    assert product(8, 2048, 512, **b)["kernel"] == "aten"  # no AMX
+    assert product(2048, 8, 512, **amx, **t)["kernel"] == "bf16_rowmajor"  # a transposed: not a's rows in place
     # A step's weight gradients (a = d_gates^T over a reduction of its few rows): ours at any size, since
     # writing out is the cost; from kMinPackedDepth rows, ATen.
     depth = _C.cpu_kernel_limits()["min_packed_depth"]

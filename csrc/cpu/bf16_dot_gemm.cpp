@@ -11,6 +11,8 @@
 #define FUSED_LSTM_BF16_DOT_KERNEL 1
 #endif
 
+#include "cpu_features.h"
+#include "cpu_limits.h"
 #include "dot_gemm.h"
 #include "simd.h"
 
@@ -228,6 +230,148 @@ std::vector<float> widened(const at::Tensor& t) {
 
 const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>()); }
 
+// ---- AMX: out = a @ W^T with W as the A operand ----
+// AMX multiplies an A tile of 16 rows x 32 k (k contiguous, any row stride) by a B tile of 16 k pairs x 16
+// columns (VNNI pairs). W [Nc, K] has exactly the A layout, so it is read in place, 16 of its rows per tile, and
+// the product is computed transposed: C [16 W rows][16 rows of a] = W_tile @ a^T. Only a, a few rows, is packed
+// (once per call, as a^T in pairs); W streams through once, with no reorder (ATen's oneDNN reorders W on every
+// call).
+#define FUSED_LSTM_BF16_AMX_TARGET __attribute__((target("arch=x86-64-v4,avx512bf16,amx-tile,amx-bf16")))
+
+constexpr int64_t kAmxRows = cpu_limits::kAmxTileRows;    // rows of every tile
+constexpr int64_t kAmxDepth = cpu_limits::kAmxTileDepth;  // bfloat16 per A tile row; 16 pairs per B tile
+
+struct alignas(64) AmxTileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-1: C, 2-3: A, 4: B; `rows` rows in C and A (an A tile of a's own rows reads no further), 16 in B,
+// all of 64 bytes.
+FUSED_LSTM_BF16_AMX_TARGET void amx_begin(int64_t rows = kAmxRows) {
+  AmxTileConfig config;
+  for (int i = 0; i < 5; ++i) {
+    config.rows[i] = static_cast<uint8_t>(i < 4 ? rows : kAmxRows);
+    config.bytes_per_row[i] = 64;
+  }
+  // GCC 12 does not see ldtilecfg read the config and drops the stores above without this barrier.
+  asm volatile("" : : "r"(&config) : "memory");
+  _tile_loadconfig(&config);
+}
+FUSED_LSTM_BF16_AMX_TARGET void amx_end() { _tile_release(); }
+
+// out[rows of a, c0 .. c0 + 16) from the C tile [16 W rows][16 rows of a] stored in c_tile: column r of c_tile
+// is row r of out. bias / accumulate as bf16_dot_matmul; lanes past `cols` are not written.
+FUSED_LSTM_BF16_AMX_TARGET FUSED_LSTM_ALWAYS_INLINE void amx_write_rows(const float* c_tile, int64_t rows,
+                                                                        int64_t cols, uint16_t* out, int64_t out_rs,
+                                                                        bool accumulate, const uint16_t* bias) {
+  const __mmask16 mask = static_cast<__mmask16>((uint32_t{1} << cols) - 1);
+  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(kAmxRows));
+  const __m512 bias_v = bias && !accumulate ? load_as_float(bias, mask) : _mm512_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r) {
+    __m512 sum = _mm512_add_ps(_mm512_i32gather_ps(column, c_tile + r, 4), bias_v);
+    uint16_t* o = out + r * out_rs;
+    if (accumulate) sum = _mm512_add_ps(sum, load_as_float(o, mask));
+    _mm256_mask_storeu_epi16(o, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(sum)));
+  }
+}
+
+// out[:, 0 .. valid) = a @ w[0 .. count)^T for `count` rows of W (a multiple of 16: whole tiles, the last one
+// from a zero-padded copy when W ends inside it) against every row of a, given as a_pairs [K / 32][16 pairs]
+// [16 rows][2] (a^T in pairs, rows past `rows` zero). out and bias start at w's first row's column.
+FUSED_LSTM_BF16_AMX_TARGET void amx_w_tiles(const uint16_t* w, int64_t w_rs, int64_t K, const uint16_t* a_pairs,
+                                            int64_t rows, int64_t count, int64_t valid, uint16_t* out,
+                                            int64_t out_rs, bool accumulate, const uint16_t* bias) {
+  alignas(64) float c_tiles[2][kAmxRows * kAmxRows];
+  const auto write = [&](int t, int64_t n) FUSED_LSTM_BF16_AMX_TARGET {
+    amx_write_rows(c_tiles[t], rows, std::min(kAmxRows, valid - n), out + n, out_rs, accumulate,
+                   bias ? bias + n : nullptr);
+  };
+  const int64_t w_bytes = w_rs * 2;
+  int64_t n = 0;
+  for (; n + 2 * kAmxRows <= count; n += 2 * kAmxRows) {  // two W tiles per B tile load
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t k0 = 0; k0 < K; k0 += kAmxDepth) {
+      _tile_loadd(4, a_pairs + k0 * kAmxRows, 64);
+      _tile_loadd(2, w + n * w_rs + k0, w_bytes);
+      _tile_dpbf16ps(0, 2, 4);
+      _tile_loadd(3, w + (n + kAmxRows) * w_rs + k0, w_bytes);
+      _tile_dpbf16ps(1, 3, 4);
+    }
+    _tile_stored(0, c_tiles[0], 64);
+    _tile_stored(1, c_tiles[1], 64);
+    write(0, n);
+    write(1, n + kAmxRows);
+  }
+  if (n < count) {
+    _tile_zero(0);
+    for (int64_t k0 = 0; k0 < K; k0 += kAmxDepth) {
+      _tile_loadd(4, a_pairs + k0 * kAmxRows, 64);
+      _tile_loadd(2, w + n * w_rs + k0, w_bytes);
+      _tile_dpbf16ps(0, 2, 4);
+    }
+    _tile_stored(0, c_tiles[0], 64);
+    write(0, n);
+  }
+}
+
+// Row r < rows of out[:, c0 .. c0 + cols) from a C tile stored in c_tile [16][16], as bias / accumulate say.
+FUSED_LSTM_BF16_AMX_TARGET FUSED_LSTM_ALWAYS_INLINE void amx_write_tile_rows(const float* c_tile, int64_t rows,
+                                                                             int64_t cols, uint16_t* out,
+                                                                             int64_t out_rs, bool accumulate,
+                                                                             const uint16_t* bias) {
+  const __mmask16 mask = static_cast<__mmask16>((uint32_t{1} << cols) - 1);
+  const __m512 bias_v = bias && !accumulate ? load_as_float(bias, mask) : _mm512_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r) {
+    __m512 sum = _mm512_add_ps(_mm512_load_ps(c_tile + r * kAmxRows), bias_v);
+    uint16_t* o = out + r * out_rs;
+    if (accumulate) sum = _mm512_add_ps(sum, load_as_float(o, mask));
+    _mm256_mask_storeu_epi16(o, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(sum)));
+  }
+}
+
+// out[:, c0 .. c0 + cols) for every row of a (at most 16, the tiles' rows), cols <= 32 = two C tiles: A tiles
+// are a's rows in place; B tiles are b's rows paired on the fly (row 2p in the low half of each 32-bit lane,
+// 2p + 1 in the high half: the VNNI layout), both column halves from one 64-byte line of each row.
+FUSED_LSTM_BF16_AMX_TARGET void amx_rowmajor_block(const uint16_t* a, int64_t a_rs, const uint16_t* b, int64_t b_rs,
+                                                   int64_t K, int64_t rows, int64_t cols, uint16_t* out,
+                                                   int64_t out_rs, bool accumulate, const uint16_t* bias) {
+  alignas(64) uint32_t b_tiles[2][kAmxRows * kAmxRows];
+  alignas(64) float c_tiles[2][kAmxRows * kAmxRows];
+  const __mmask32 mask = static_cast<__mmask32>((uint64_t{1} << cols) - 1);
+  _tile_zero(0);
+  _tile_zero(1);
+  for (int64_t k0 = 0; k0 < K; k0 += kAmxDepth) {
+    for (int64_t p = 0; p < kAmxRows; ++p) {
+      const uint16_t* even = b + (k0 + 2 * p) * b_rs;
+      const __m512i rows[2] = {_mm512_maskz_loadu_epi16(mask, even), _mm512_maskz_loadu_epi16(mask, even + b_rs)};
+      for (int half = 0; half < 2; ++half) {
+        __m512i widened[2];
+        for (int i = 0; i < 2; ++i) {
+          const __m256i part = half ? _mm512_extracti64x4_epi64(rows[i], 1) : _mm512_castsi512_si256(rows[i]);
+          widened[i] = _mm512_cvtepu16_epi32(part);
+        }
+        _mm512_store_si512(b_tiles[half] + p * kAmxRows, _mm512_or_si512(widened[0], _mm512_slli_epi32(widened[1], 16)));
+      }
+    }
+    _tile_loadd(2, a + k0, a_rs * 2);
+    _tile_loadd(4, b_tiles[0], 64);
+    _tile_dpbf16ps(0, 2, 4);
+    _tile_loadd(4, b_tiles[1], 64);
+    _tile_dpbf16ps(1, 2, 4);
+  }
+  _tile_stored(0, c_tiles[0], 64);
+  _tile_stored(1, c_tiles[1], 64);
+  for (int64_t half = 0; half < 2 && half * kAmxRows < cols; ++half) {
+    const int64_t c = half * kAmxRows;
+    amx_write_tile_rows(c_tiles[half], rows, std::min(kAmxRows, cols - c), out + c, out_rs, accumulate,
+                        bias ? bias + c : nullptr);
+  }
+}
+
 }  // namespace
 
 void bf16_dot_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w, bool accumulate,
@@ -272,8 +416,88 @@ void bf16_rowmajor_matmul(const at::Tensor& out, const at::Tensor& a, const at::
   });
 }
 
+void bf16_amx_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w, bool accumulate,
+                     const at::Tensor& bias) {
+  TORCH_INTERNAL_ASSERT(cpu_bf16_kernels() == CpuBf16Kernels::amx, "fused_lstm: bf16_amx_matmul needs AMX-BF16");
+  const int64_t M = a.size(0), Nc = w.size(0), K = a.size(1);
+  TORCH_INTERNAL_ASSERT(M <= kAmxRows && K % kAmxDepth == 0 && a.stride(1) == 1 && w.stride(1) == 1,
+                        "fused_lstm: bf16_amx_matmul takes at most 16 rows over a multiple of 32 k, unit k strides");
+  if (M == 0 || Nc == 0) return;
+  const uint16_t* bias_ptr = bias.defined() && !accumulate ? bits(bias) : nullptr;
+  const uint16_t* a_ptr = bits(a);
+  const uint16_t* w_ptr = bits(w);
+  uint16_t* out_ptr = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t a_rs = a.stride(0), w_rs = w.stride(0), out_rs = out.stride(0);
+  // a^T in pairs: [K / 32][16 pairs][16 rows][2], rows past M zero.
+  std::vector<uint32_t> a_pairs(static_cast<size_t>(K / 2 * kAmxRows), 0);
+  for (int64_t r = 0; r < M; ++r) {
+    for (int64_t p = 0; p < K / 2; ++p) {
+      uint32_t pair;
+      std::memcpy(&pair, a_ptr + r * a_rs + 2 * p, sizeof(pair));
+      a_pairs[p * kAmxRows + r] = pair;
+    }
+  }
+  const auto* pairs = reinterpret_cast<const uint16_t*>(a_pairs.data());
+  // The last W tile, if partial, from a zero-padded copy: a tile load reads 16 whole rows.
+  const int64_t whole = Nc / kAmxRows * kAmxRows;
+  std::vector<uint16_t> tail;
+  if (whole < Nc) {
+    tail.assign(static_cast<size_t>(kAmxRows * K), 0);
+    for (int64_t n = whole; n < Nc; ++n) std::memcpy(&tail[(n - whole) * K], w_ptr + n * w_rs, K * sizeof(uint16_t));
+  }
+  const int64_t tiles = (Nc + kAmxRows - 1) / kAmxRows;
+  const int64_t grain = std::max<int64_t>(1, cpu_limits::kDotMinChunkMacs / (kAmxRows * kAmxRows * K));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    amx_begin();
+    const int64_t n0 = begin * kAmxRows, n1 = std::min(whole, end * kAmxRows);
+    if (n1 > n0) {
+      amx_w_tiles(w_ptr + n0 * w_rs, w_rs, K, pairs, M, n1 - n0, Nc - n0, out_ptr + n0, out_rs, accumulate,
+                  bias_ptr ? bias_ptr + n0 : nullptr);
+    }
+    if (end * kAmxRows > whole && whole < Nc) {  // the partial tile, from its zero-padded copy
+      amx_w_tiles(tail.data(), K, K, pairs, M, kAmxRows, Nc - whole, out_ptr + whole, out_rs, accumulate,
+                  bias_ptr ? bias_ptr + whole : nullptr);
+    }
+    amx_end();
+  });
+}
+
+void bf16_amx_rowmajor_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+                              const at::Tensor& bias) {
+  TORCH_INTERNAL_ASSERT(cpu_bf16_kernels() == CpuBf16Kernels::amx,
+                        "fused_lstm: bf16_amx_rowmajor_matmul needs AMX-BF16");
+  const int64_t M = a.size(0), K = a.size(1), Nc = b.size(1);
+  TORCH_INTERNAL_ASSERT(M <= kAmxRows && K % kAmxDepth == 0 && a.stride(1) == 1 && b.stride(1) == 1,
+                        "fused_lstm: bf16_amx_rowmajor_matmul takes at most 16 rows over a multiple of 32 k, unit "
+                        "column strides");
+  if (M == 0 || Nc == 0) return;
+  const uint16_t* bias_ptr = bias.defined() && !accumulate ? bits(bias) : nullptr;
+  const uint16_t* a_ptr = bits(a);
+  const uint16_t* b_ptr = bits(b);
+  uint16_t* out_ptr = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t a_rs = a.stride(0), b_rs = b.stride(0), out_rs = out.stride(0);
+  constexpr int64_t kBlockCols = 2 * kAmxRows;  // two C tiles: one 64-byte line of each row of b
+  const int64_t blocks = (Nc + kBlockCols - 1) / kBlockCols;
+  const int64_t grain = std::max<int64_t>(1, cpu_limits::kDotMinChunkMacs / (kAmxRows * kBlockCols * K));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    amx_begin(M);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t c0 = block * kBlockCols;
+      amx_rowmajor_block(a_ptr, a_rs, b_ptr + c0, b_rs, K, M, std::min(kBlockCols, Nc - c0), out_ptr + c0, out_rs,
+                         accumulate, bias_ptr ? bias_ptr + c0 : nullptr);
+    }
+    amx_end();
+  });
+}
+
 #else  // no GCC x86-64: cpu_bf16_kernels() is aten, so the planner never picks this
 
+void bf16_amx_rowmajor_matmul(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, const at::Tensor&) {
+  TORCH_CHECK(false, "fused_lstm: bf16_amx_rowmajor_matmul is built only for x86-64 with GCC");
+}
+void bf16_amx_matmul(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, const at::Tensor&) {
+  TORCH_CHECK(false, "fused_lstm: bf16_amx_matmul is built only for x86-64 with GCC");
+}
 void bf16_dot_matmul(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, const at::Tensor&) {
   TORCH_CHECK(false, "fused_lstm: bf16_dot_matmul is built only for x86-64 with GCC");
 }

@@ -15,6 +15,17 @@ namespace fused_lstm {
 void bf16_dot_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w, bool accumulate,
                      const at::Tensor& bias);
 
+// bf16_dot_matmul's product on AMX tiles, W read in place as the A operand (16 of its rows a tile) against a^T;
+// a has at most 16 rows, K is a multiple of 32, a and w have unit stride along k. Runs only where
+// cpu_bf16_kernels() is amx.
+void bf16_amx_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& w, bool accumulate,
+                     const at::Tensor& bias);
+
+// bf16_rowmajor_matmul's product on AMX tiles: a (at most 16 rows, unit stride along k) in place as A tiles,
+// b's rows paired on the fly into B tiles; K is a multiple of 32. Runs only where cpu_bf16_kernels() is amx.
+void bf16_amx_rowmajor_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+                              const at::Tensor& bias);
+
 // out[M, Nc] (accumulate ? += : =) a[M, K] @ b[K, Nc] (+ bias), b's rows read in place: the backward's small
 // products d_gates @ W and, with a = d_gates^T (any strides), the weight gradients of a few rows. Widens b to
 // float32 and sums with FMAs (b's k pairs are not adjacent, as vdpbf16ps needs); rounds each output once.

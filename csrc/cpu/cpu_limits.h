@@ -117,6 +117,8 @@ constexpr int64_t kRowSplitL2Multiple = 1;
 constexpr int64_t kBf16PackedDepthMultiple = 32;
 // Rows per AMX tile: the tile multiplies this many rows whatever the batch (padding rows are zeros).
 constexpr int64_t kAmxTileRows = 16;
+// bfloat16 per AMX A tile row (64 bytes): a product on tiles runs over a multiple of this many k.
+constexpr int64_t kAmxTileDepth = 32;
 // Rows per vdpbf16ps register tile: 4 accumulators (the 64 columns of a panel) per row, plus 4 panel vectors
 // and a broadcast, within AVX-512's 32 registers.
 constexpr int64_t kDpbf16RowTile = 6;

@@ -105,6 +105,8 @@ const char* name(ProductKernel kernel) {
     case ProductKernel::dot: return "dot";
     case ProductKernel::bf16_dot: return "bf16_dot";
     case ProductKernel::bf16_rowmajor: return "bf16_rowmajor";
+    case ProductKernel::bf16_amx: return "bf16_amx";
+    case ProductKernel::bf16_amx_rowmajor: return "bf16_amx_rowmajor";
     case ProductKernel::rowmajor: return "rowmajor";
     case ProductKernel::packed: return "packed";
     default: return "aten";
@@ -115,7 +117,18 @@ ProductPlan plan_product(const ProductShape& s) {
   ProductPlan plan;
   if (s.bf16_dot_kernels && s.rows > 0) {
     const bool small = s.rows * s.depth * s.cols < limits::kMaxBf16SmallProductMacs;
-    if (small && s.b_is_w_transposed && s.a_rows_contiguous && s.rows < limits::kMaxBf16DotRows) {
+    // One AMX tile of rows (a single row does 1/16 of a tile's work: the vector kernels match it there).
+    const bool amx = s.bf16_amx && s.a_rows_contiguous && s.rows > 1 && s.rows <= limits::kAmxTileRows &&
+                     s.depth % limits::kAmxTileDepth == 0;
+    if (amx && s.b_is_w_transposed) {
+      plan.kernel = ProductKernel::bf16_amx;
+      plan.reason = "bfloat16, one AMX tile of rows against W^T: W read in place as A tiles (ATen reorders W every "
+                    "call)";
+    } else if (amx && s.b_rows_contiguous) {
+      plan.kernel = ProductKernel::bf16_amx_rowmajor;
+      plan.reason = "bfloat16, one AMX tile of rows: b's rows paired into B tiles on the fly (ATen reorders b every "
+                    "call)";
+    } else if (small && s.b_is_w_transposed && s.a_rows_contiguous && s.rows < limits::kMaxBf16DotRows) {
       plan.kernel = ProductKernel::bf16_dot;
       plan.reason = "bfloat16, few rows against W^T: W read in place with vdpbf16ps (ATen's per-call cost dominates)";
     } else if (small && s.b_rows_contiguous) {

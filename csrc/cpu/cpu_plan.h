@@ -50,6 +50,8 @@ int64_t packed_bytes(int64_t K, int64_t cols);
 
 enum class ProductKernel {
   aten,      // ATen's GEMM (float16, strided outputs, no vector kernels, small products with strided b)
+  bf16_amx,  // bfloat16, 2 to 16 rows, b = W^T read in place as AMX A tiles (bf16_dot_gemm.h, bf16_amx_matmul)
+  bf16_amx_rowmajor,  // bfloat16, 2 to 16 rows, b's rows paired into AMX B tiles on the fly (bf16_dot_gemm.h)
   bf16_dot,  // bfloat16, few rows and multiply-adds, b = W^T read in place with vdpbf16ps (bf16_dot_gemm.h)
   bf16_rowmajor,  // bfloat16, few multiply-adds, b's rows read in place, float32 FMAs (bf16_dot_gemm.h)
   dot,       // b = W^T read in place, dot products along W's rows (dot_gemm.h)
@@ -63,6 +65,7 @@ struct ProductShape {
   int64_t rows = 0, depth = 0, cols = 0;  // M, K, Nc
   bool vector_kernels = true;  // float32 with unit-stride output columns, on a CPU with the vector kernels
   bool bf16_dot_kernels = false;  // bfloat16 with unit-stride output columns, on a CPU with AVX512-BF16 in use
+  bool bf16_amx = false;          // ... and AMX tiles in use (cpu_bf16_kernels() == amx)
   bool a_rows_contiguous = true;   // a.stride(1) == 1
   bool a_transposed = false;       // a.stride(0) == 1 (a transposed view, e.g. d_gates^T)
   bool b_is_w_transposed = false;  // b.stride(0) == 1: b = W^T with W's rows contiguous

@@ -93,6 +93,7 @@ void register_cpu_plan_bindings(py::module_& m) {
     d["flops_per_thread"] = limits::kFlopsPerThread;
     d["bf16_packed_depth_multiple"] = limits::kBf16PackedDepthMultiple;
     d["amx_tile_rows"] = limits::kAmxTileRows;
+    d["amx_tile_depth"] = limits::kAmxTileDepth;
     d["dpbf16_row_tile"] = limits::kDpbf16RowTile;
     d["amx_min_batch"] = limits::kAmxMinBatch;
     d["bf16_projection_l2_divisor"] = limits::kBf16ProjectionL2Divisor;
@@ -112,7 +113,7 @@ void register_cpu_plan_bindings(py::module_& m) {
   m.def("cpu_plan_product",
         [](int64_t rows, int64_t depth, int64_t cols, bool vector_kernels, bool a_rows_contiguous, bool a_transposed,
            bool b_is_w_transposed, bool b_rows_contiguous, bool b_packed_before, bool b_in_place_before,
-           bool bf16_dot_kernels, const py::object& machine) {
+           bool bf16_dot_kernels, bool bf16_amx, const py::object& machine) {
           ProductShape s;
           s.rows = rows;
           s.depth = depth;
@@ -125,6 +126,7 @@ void register_cpu_plan_bindings(py::module_& m) {
           s.b_packed_before = b_packed_before;
           s.b_in_place_before = b_in_place_before;
           s.bf16_dot_kernels = bf16_dot_kernels;
+          s.bf16_amx = bf16_amx;
           const ProductPlan plan = plan_product(s);
           const Machine mach = machine_from(machine);
           py::dict d;
@@ -138,7 +140,8 @@ void register_cpu_plan_bindings(py::module_& m) {
             d["grain"] = p.grain;
             d["rows_per_task"] = p.rows_per_task;
             d["schedule_reason"] = p.reason;
-          } else if (plan.kernel != ProductKernel::aten) {
+          } else if (plan.kernel != ProductKernel::aten && plan.kernel != ProductKernel::bf16_amx &&
+                     plan.kernel != ProductKernel::bf16_amx_rowmajor) {
             const TaskGrid g = plan.kernel != ProductKernel::rowmajor ? plan_dot_product(rows, depth, cols)
                                                                  : plan_rowmajor_product(rows, depth, cols);
             d["tasks"] = g.tasks;
@@ -149,7 +152,7 @@ void register_cpu_plan_bindings(py::module_& m) {
         py::arg("rows"), py::arg("depth"), py::arg("cols"), py::kw_only(), py::arg("vector_kernels") = true,
         py::arg("a_rows_contiguous") = true, py::arg("a_transposed") = false, py::arg("b_is_w_transposed") = false,
         py::arg("b_rows_contiguous") = true, py::arg("b_packed_before") = false, py::arg("b_in_place_before") = false,
-        py::arg("bf16_dot_kernels") = false, py::arg("machine") = py::none(),
+        py::arg("bf16_dot_kernels") = false, py::arg("bf16_amx") = false, py::arg("machine") = py::none(),
         "The CPU planner's choice for one product out[rows, cols] (+)= a[rows, depth] @ b (cpu_plan.h, "
         "plan_product; for packed products also plan_packed_product's schedule)");
 

@@ -103,6 +103,7 @@ class CpuBackend final : public LayerBackend {
     shape.vector_kernels = out.scalar_type() == at::kFloat && out.stride(1) == 1 && cpu_vector_kernels();
     shape.bf16_dot_kernels = out.scalar_type() == at::kBFloat16 && a.scalar_type() == at::kBFloat16 &&
                              out.stride(1) == 1 && cpu_bf16_kernels() != CpuBf16Kernels::aten;
+    shape.bf16_amx = shape.bf16_dot_kernels && cpu_bf16_kernels() == CpuBf16Kernels::amx;
     shape.a_rows_contiguous = a.stride(1) == 1;
     shape.a_transposed = a.stride(0) == 1;
     shape.b_is_w_transposed = b.stride(0) == 1;
@@ -114,6 +115,8 @@ class CpuBackend final : public LayerBackend {
     if (plan.first_in_place_use) in_place_.push_back(key);
     switch (plan.kernel) {
       case cpu_plan::ProductKernel::dot: dot_matmul(out, a, b.t(), accumulate, bias); return;
+      case cpu_plan::ProductKernel::bf16_amx: bf16_amx_matmul(out, a, b.t(), accumulate, bias); return;
+      case cpu_plan::ProductKernel::bf16_amx_rowmajor: bf16_amx_rowmajor_matmul(out, a, b, accumulate, bias); return;
       case cpu_plan::ProductKernel::bf16_dot: bf16_dot_matmul(out, a, b.t(), accumulate, bias); return;
       case cpu_plan::ProductKernel::bf16_rowmajor: bf16_rowmajor_matmul(out, a, b, accumulate, bias); return;
       case cpu_plan::ProductKernel::rowmajor: rowmajor_matmul(out, a, b, accumulate, bias); return;
