@@ -230,6 +230,20 @@ std::vector<float> widened(const at::Tensor& t) {
 
 const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>()); }
 
+// out (+)= a @ b (+ bias) as every entry point below reads it: raw bfloat16 words and strides in elements. b is
+// the right operand as given (W for the W^T products). bias is null when absent or accumulating.
+struct Operands {
+  const uint16_t *a, *b, *bias;
+  uint16_t* out;
+  int64_t a_rs, a_cs, b_rs, out_rs;
+};
+Operands operands(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+                  const at::Tensor& bias) {
+  return {bits(a), bits(b), bias.defined() && !accumulate ? bits(bias) : nullptr,
+          reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), a.stride(0), a.stride(1), b.stride(0),
+          out.stride(0)};
+}
+
 // ---- AMX: out = a @ W^T with W as the A operand ----
 // AMX multiplies an A tile of 16 rows x 32 k (k contiguous, any row stride) by a B tile of 16 k pairs x 16
 // columns (VNNI pairs). W [Nc, K] has exactly the A layout, so it is read in place, 16 of its rows per tile, and
@@ -261,8 +275,10 @@ FUSED_LSTM_BF16_AMX_TARGET void amx_begin(int64_t rows = kAmxRows) {
 }
 FUSED_LSTM_BF16_AMX_TARGET void amx_end() { _tile_release(); }
 
-// out[rows of a, c0 .. c0 + 16) from the C tile [16 W rows][16 rows of a] stored in c_tile: column r of c_tile
-// is row r of out. bias / accumulate as bf16_dot_matmul; lanes past `cols` are not written.
+// Rows r < rows of out[:, 0 .. cols) from a C tile stored in c_tile [16][16] float32: row r of the tile, or
+// column r when the tile holds out transposed (the W^T product's C = W_tile @ a^T). bias / accumulate as
+// bf16_dot_matmul; rounded by vcvtneps2bf16; lanes past `cols` are not written.
+template <bool kTransposed>
 FUSED_LSTM_BF16_AMX_TARGET FUSED_LSTM_ALWAYS_INLINE void amx_write_rows(const float* c_tile, int64_t rows,
                                                                         int64_t cols, uint16_t* out, int64_t out_rs,
                                                                         bool accumulate, const uint16_t* bias) {
@@ -271,7 +287,8 @@ FUSED_LSTM_BF16_AMX_TARGET FUSED_LSTM_ALWAYS_INLINE void amx_write_rows(const fl
                                             _mm512_set1_epi32(kAmxRows));
   const __m512 bias_v = bias && !accumulate ? load_as_float(bias, mask) : _mm512_setzero_ps();
   for (int64_t r = 0; r < rows; ++r) {
-    __m512 sum = _mm512_add_ps(_mm512_i32gather_ps(column, c_tile + r, 4), bias_v);
+    const __m512 c = kTransposed ? _mm512_i32gather_ps(column, c_tile + r, 4) : _mm512_load_ps(c_tile + r * kAmxRows);
+    __m512 sum = _mm512_add_ps(c, bias_v);
     uint16_t* o = out + r * out_rs;
     if (accumulate) sum = _mm512_add_ps(sum, load_as_float(o, mask));
     _mm256_mask_storeu_epi16(o, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(sum)));
@@ -286,7 +303,7 @@ FUSED_LSTM_BF16_AMX_TARGET void amx_w_tiles(const uint16_t* w, int64_t w_rs, int
                                             int64_t out_rs, bool accumulate, const uint16_t* bias) {
   alignas(64) float c_tiles[2][kAmxRows * kAmxRows];
   const auto write = [&](int t, int64_t n) FUSED_LSTM_BF16_AMX_TARGET {
-    amx_write_rows(c_tiles[t], rows, std::min(kAmxRows, valid - n), out + n, out_rs, accumulate,
+    amx_write_rows<true>(c_tiles[t], rows, std::min(kAmxRows, valid - n), out + n, out_rs, accumulate,
                    bias ? bias + n : nullptr);
   };
   const int64_t w_bytes = w_rs * 2;
@@ -315,21 +332,6 @@ FUSED_LSTM_BF16_AMX_TARGET void amx_w_tiles(const uint16_t* w, int64_t w_rs, int
     }
     _tile_stored(0, c_tiles[0], 64);
     write(0, n);
-  }
-}
-
-// Row r < rows of out[:, c0 .. c0 + cols) from a C tile stored in c_tile [16][16], as bias / accumulate say.
-FUSED_LSTM_BF16_AMX_TARGET FUSED_LSTM_ALWAYS_INLINE void amx_write_tile_rows(const float* c_tile, int64_t rows,
-                                                                             int64_t cols, uint16_t* out,
-                                                                             int64_t out_rs, bool accumulate,
-                                                                             const uint16_t* bias) {
-  const __mmask16 mask = static_cast<__mmask16>((uint32_t{1} << cols) - 1);
-  const __m512 bias_v = bias && !accumulate ? load_as_float(bias, mask) : _mm512_setzero_ps();
-  for (int64_t r = 0; r < rows; ++r) {
-    __m512 sum = _mm512_add_ps(_mm512_load_ps(c_tile + r * kAmxRows), bias_v);
-    uint16_t* o = out + r * out_rs;
-    if (accumulate) sum = _mm512_add_ps(sum, load_as_float(o, mask));
-    _mm256_mask_storeu_epi16(o, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(sum)));
   }
 }
 
@@ -367,8 +369,8 @@ FUSED_LSTM_BF16_AMX_TARGET void amx_rowmajor_block(const uint16_t* a, int64_t a_
   _tile_stored(1, c_tiles[1], 64);
   for (int64_t half = 0; half < 2 && half * kAmxRows < cols; ++half) {
     const int64_t c = half * kAmxRows;
-    amx_write_tile_rows(c_tiles[half], rows, std::min(kAmxRows, cols - c), out + c, out_rs, accumulate,
-                        bias ? bias + c : nullptr);
+    amx_write_rows<false>(c_tiles[half], rows, std::min(kAmxRows, cols - c), out + c, out_rs, accumulate,
+                          bias ? bias + c : nullptr);
   }
 }
 
@@ -379,14 +381,10 @@ void bf16_dot_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tenso
   TORCH_INTERNAL_ASSERT(cpu_bf16_kernels() != CpuBf16Kernels::aten, "fused_lstm: bf16_dot_matmul needs AVX512-BF16");
   const int64_t M = a.size(0), Nc = w.size(0), K = a.size(1);
   if (M == 0 || Nc == 0) return;
-  const uint16_t* bias_ptr = bias.defined() && !accumulate ? bits(bias) : nullptr;
-  const uint16_t* a_ptr = bits(a);
-  const uint16_t* w_ptr = bits(w);
-  uint16_t* out_ptr = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const int64_t a_rs = a.stride(0), w_rs = w.stride(0), out_rs = out.stride(0);
+  const Operands o = operands(out, a, w, accumulate, bias);
   for_each_dot_block(M, K, Nc, [&](int64_t r0, int64_t c0, int64_t rows, int64_t cols) {
-    bf16_dot_block(a_ptr + r0 * a_rs, a_rs, w_ptr + c0 * w_rs, w_rs, K, out_ptr + r0 * out_rs + c0, out_rs,
-                   accumulate, bias_ptr ? bias_ptr + c0 : nullptr, rows, cols);
+    bf16_dot_block(o.a + r0 * o.a_rs, o.a_rs, o.b + c0 * o.b_rs, o.b_rs, K, o.out + r0 * o.out_rs + c0, o.out_rs,
+                   accumulate, o.bias ? o.bias + c0 : nullptr, rows, cols);
   });
 }
 
@@ -395,24 +393,20 @@ void bf16_rowmajor_matmul(const at::Tensor& out, const at::Tensor& a, const at::
   TORCH_INTERNAL_ASSERT(cpu_bf16_kernels() != CpuBf16Kernels::aten, "fused_lstm: bf16_rowmajor_matmul needs AVX512");
   const int64_t M = a.size(0), Nc = b.size(1), K = a.size(1);
   if (M == 0 || Nc == 0) return;
-  const uint16_t* bias_ptr = bias.defined() && !accumulate ? bits(bias) : nullptr;
-  const uint16_t* a_ptr = bits(a);
-  const uint16_t* b_ptr = bits(b);
-  uint16_t* out_ptr = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const int64_t a_rs = a.stride(0), a_cs = a.stride(1), b_rs = b.stride(0), out_rs = out.stride(0);
+  const Operands o = operands(out, a, b, accumulate, bias);
   if (K < cpu_limits::kMinPackedDepth) {
     // A short reduction (a step's weight gradients, K = its rows): both operands are small next to out, so
     // widen them once and let every tile read float32.
     const std::vector<float> a_wide = widened(a), b_wide = widened(b);
     for_each_dot_block(M, K, Nc, [&](int64_t r0, int64_t c0, int64_t rows, int64_t cols) {
-      bf16_rowmajor_block(a_wide.data() + r0 * K, K, 1, b_wide.data() + c0, Nc, K, out_ptr + r0 * out_rs + c0,
-                          out_rs, accumulate, bias_ptr ? bias_ptr + c0 : nullptr, rows, cols);
+      bf16_rowmajor_block(a_wide.data() + r0 * K, K, 1, b_wide.data() + c0, Nc, K, o.out + r0 * o.out_rs + c0,
+                          o.out_rs, accumulate, o.bias ? o.bias + c0 : nullptr, rows, cols);
     });
     return;
   }
   for_each_dot_block(M, K, Nc, [&](int64_t r0, int64_t c0, int64_t rows, int64_t cols) {
-    bf16_rowmajor_block(a_ptr + r0 * a_rs, a_rs, a_cs, b_ptr + c0, b_rs, K, out_ptr + r0 * out_rs + c0, out_rs,
-                        accumulate, bias_ptr ? bias_ptr + c0 : nullptr, rows, cols);
+    bf16_rowmajor_block(o.a + r0 * o.a_rs, o.a_rs, o.a_cs, o.b + c0, o.b_rs, K, o.out + r0 * o.out_rs + c0,
+                        o.out_rs, accumulate, o.bias ? o.bias + c0 : nullptr, rows, cols);
   });
 }
 
@@ -423,17 +417,13 @@ void bf16_amx_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tenso
   TORCH_INTERNAL_ASSERT(M <= kAmxRows && K % kAmxDepth == 0 && a.stride(1) == 1 && w.stride(1) == 1,
                         "fused_lstm: bf16_amx_matmul takes at most 16 rows over a multiple of 32 k, unit k strides");
   if (M == 0 || Nc == 0) return;
-  const uint16_t* bias_ptr = bias.defined() && !accumulate ? bits(bias) : nullptr;
-  const uint16_t* a_ptr = bits(a);
-  const uint16_t* w_ptr = bits(w);
-  uint16_t* out_ptr = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const int64_t a_rs = a.stride(0), w_rs = w.stride(0), out_rs = out.stride(0);
+  const Operands o = operands(out, a, w, accumulate, bias);
   // a^T in pairs: [K / 32][16 pairs][16 rows][2], rows past M zero.
   std::vector<uint32_t> a_pairs(static_cast<size_t>(K / 2 * kAmxRows), 0);
   for (int64_t r = 0; r < M; ++r) {
     for (int64_t p = 0; p < K / 2; ++p) {
       uint32_t pair;
-      std::memcpy(&pair, a_ptr + r * a_rs + 2 * p, sizeof(pair));
+      std::memcpy(&pair, o.a + r * o.a_rs + 2 * p, sizeof(pair));
       a_pairs[p * kAmxRows + r] = pair;
     }
   }
@@ -443,7 +433,7 @@ void bf16_amx_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tenso
   std::vector<uint16_t> tail;
   if (whole < Nc) {
     tail.assign(static_cast<size_t>(kAmxRows * K), 0);
-    for (int64_t n = whole; n < Nc; ++n) std::memcpy(&tail[(n - whole) * K], w_ptr + n * w_rs, K * sizeof(uint16_t));
+    for (int64_t n = whole; n < Nc; ++n) std::memcpy(&tail[(n - whole) * K], o.b + n * o.b_rs, K * sizeof(uint16_t));
   }
   const int64_t tiles = (Nc + kAmxRows - 1) / kAmxRows;
   const int64_t grain = std::max<int64_t>(1, cpu_limits::kDotMinChunkMacs / (kAmxRows * kAmxRows * K));
@@ -451,12 +441,12 @@ void bf16_amx_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tenso
     amx_begin();
     const int64_t n0 = begin * kAmxRows, n1 = std::min(whole, end * kAmxRows);
     if (n1 > n0) {
-      amx_w_tiles(w_ptr + n0 * w_rs, w_rs, K, pairs, M, n1 - n0, Nc - n0, out_ptr + n0, out_rs, accumulate,
-                  bias_ptr ? bias_ptr + n0 : nullptr);
+      amx_w_tiles(o.b + n0 * o.b_rs, o.b_rs, K, pairs, M, n1 - n0, Nc - n0, o.out + n0, o.out_rs, accumulate,
+                  o.bias ? o.bias + n0 : nullptr);
     }
     if (end * kAmxRows > whole && whole < Nc) {  // the partial tile, from its zero-padded copy
-      amx_w_tiles(tail.data(), K, K, pairs, M, kAmxRows, Nc - whole, out_ptr + whole, out_rs, accumulate,
-                  bias_ptr ? bias_ptr + whole : nullptr);
+      amx_w_tiles(tail.data(), K, K, pairs, M, kAmxRows, Nc - whole, o.out + whole, o.out_rs, accumulate,
+                  o.bias ? o.bias + whole : nullptr);
     }
     amx_end();
   });
@@ -471,11 +461,7 @@ void bf16_amx_rowmajor_matmul(const at::Tensor& out, const at::Tensor& a, const 
                         "fused_lstm: bf16_amx_rowmajor_matmul takes at most 16 rows over a multiple of 32 k, unit "
                         "column strides");
   if (M == 0 || Nc == 0) return;
-  const uint16_t* bias_ptr = bias.defined() && !accumulate ? bits(bias) : nullptr;
-  const uint16_t* a_ptr = bits(a);
-  const uint16_t* b_ptr = bits(b);
-  uint16_t* out_ptr = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const int64_t a_rs = a.stride(0), b_rs = b.stride(0), out_rs = out.stride(0);
+  const Operands o = operands(out, a, b, accumulate, bias);
   constexpr int64_t kBlockCols = 2 * kAmxRows;  // two C tiles: one 64-byte line of each row of b
   const int64_t blocks = (Nc + kBlockCols - 1) / kBlockCols;
   const int64_t grain = std::max<int64_t>(1, cpu_limits::kDotMinChunkMacs / (kAmxRows * kBlockCols * K));
@@ -483,8 +469,8 @@ void bf16_amx_rowmajor_matmul(const at::Tensor& out, const at::Tensor& a, const 
     amx_begin(M);
     for (int64_t block = begin; block < end; ++block) {
       const int64_t c0 = block * kBlockCols;
-      amx_rowmajor_block(a_ptr, a_rs, b_ptr + c0, b_rs, K, M, std::min(kBlockCols, Nc - c0), out_ptr + c0, out_rs,
-                         accumulate, bias_ptr ? bias_ptr + c0 : nullptr);
+      amx_rowmajor_block(o.a, o.a_rs, o.b + c0, o.b_rs, K, M, std::min(kBlockCols, Nc - c0), o.out + c0, o.out_rs,
+                         accumulate, o.bias ? o.bias + c0 : nullptr);
     }
     amx_end();
   });
