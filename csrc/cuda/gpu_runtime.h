@@ -52,11 +52,12 @@
 #define FUSED_LSTM_CUDA_ARCHS "unknown"  // setup.py defines it from TORCH_CUDA_ARCH_LIST
 #endif
 
-// Dynamic shared memory of the block, as `type* name` (16-byte aligned).
+// Dynamic shared memory of the block, as `type* name`, 128-byte aligned: WMMA fragment loads and stores need 32
+// bytes, which an undecorated `extern __shared__` array does not promise (the emulator aligns to 128 too).
 #if defined(FUSED_LSTM_CUDA_EMULATION)
 #define FUSED_LSTM_DYNAMIC_SHARED(type, name) type* name = static_cast<type*>(::fused_lstm::emu::dynamic_shared_memory())
 #else
-#define FUSED_LSTM_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#define FUSED_LSTM_DYNAMIC_SHARED(type, name) extern __shared__ __align__(128) type name[]
 #endif
 
 // Checks a cuBLAS status; the emulated cuBLAS adds why it refused the call.
