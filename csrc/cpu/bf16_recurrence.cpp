@@ -431,14 +431,9 @@ uint16_t* bits(const at::Tensor& tensor) { return reinterpret_cast<uint16_t*>(te
 
 const char* cpu_bf16_recurrence_forward(const RecurrenceForwardArgs& a) {
   if (a.h_state.scalar_type() != at::kBFloat16) return nullptr;
-  cpu_plan::ForwardShape shape;
-  shape.batch = a.h_state.size(0);
-  shape.hidden = a.c_state.size(1);
-  shape.out_hidden = a.h_state.size(1);
-  shape.input_size = a.input.size(1);
-  shape.rows = a.input.size(0);
-  shape.projection = a.w_hr.defined();
-  shape.required = a.required;
+  const cpu_plan::ForwardShape shape =
+      cpu_plan::forward_shape(a.h_state.size(0), a.c_state.size(1), a.input.size(1), a.input.size(0),
+                              a.h_state.size(1), a.w_hr.defined(), a.required);
   const cpu_plan::Bf16ForwardPlan plan = cpu_plan::plan_bf16_forward(shape, cpu_plan::this_machine());
   TORCH_CHECK(plan.fused || !a.required, "fused_lstm: recurrence='persistent' on the CPU cannot run this bfloat16 "
               "layer: ", plan.reason);

@@ -273,6 +273,19 @@ int64_t team_size(int64_t H, int64_t K, int64_t N, int64_t slices, const Machine
   return std::max<int64_t>(1, std::min({m.threads, slices, flops_per_step / limits::kFlopsPerThread}));
 }
 
+ForwardShape forward_shape(int64_t batch, int64_t hidden, int64_t input_size, int64_t rows, int64_t out_hidden,
+                           bool projection, bool required) {
+  ForwardShape s;
+  s.batch = batch;
+  s.hidden = hidden;
+  s.out_hidden = out_hidden > 0 ? out_hidden : hidden;
+  s.input_size = input_size;
+  s.rows = rows;
+  s.projection = projection;
+  s.required = required;
+  return s;
+}
+
 ForwardPlan plan_forward(const ForwardShape& s, const Machine& m) {
   ForwardPlan plan;
   const int64_t N = s.batch, H = s.hidden, Hout = s.out_hidden, I = s.input_size;

@@ -153,6 +153,9 @@ struct ForwardPlan {
   int64_t threads = 1;
   const char* reason = "";
 };
+// The shape of one direction: N rows per step, hidden H, h of out_hidden (0: H, no projection), input I, R rows.
+ForwardShape forward_shape(int64_t batch, int64_t hidden, int64_t input_size, int64_t rows, int64_t out_hidden,
+                           bool projection, bool required);
 ForwardPlan plan_forward(const ForwardShape& shape, const Machine& m);
 
 // One bfloat16 forward recurrence direction (bf16_recurrence.cpp): the driver projects the input (ATen's

@@ -34,20 +34,6 @@ Machine machine_from(const py::object& overrides) {
   return m;
 }
 
-// The forward recurrence shape the planner bindings' arguments describe (out_hidden 0: no projection).
-ForwardShape forward_shape(int64_t batch, int64_t hidden, int64_t input_size, int64_t rows, int64_t out_hidden,
-                           bool projection, bool required) {
-  ForwardShape s;
-  s.batch = batch;
-  s.hidden = hidden;
-  s.out_hidden = out_hidden > 0 ? out_hidden : hidden;
-  s.input_size = input_size;
-  s.rows = rows;
-  s.projection = projection;
-  s.required = required;
-  return s;
-}
-
 py::dict machine_dict(const Machine& m) {
   py::dict d;
   d["threads"] = m.threads;

@@ -164,13 +164,8 @@ bool cpu_recurrence_forward(const RecurrenceForwardArgs& a) {
   if (!supported) return false;
   const int64_t N = a.h_state.size(0), H = a.c_state.size(1), Hout = a.h_state.size(1);
   const int64_t I = a.input.size(1);
-  cpu_plan::ForwardShape shape;
-  shape.batch = N;
-  shape.hidden = H;
-  shape.out_hidden = Hout;
-  shape.input_size = I;
-  shape.rows = a.input.size(0);
-  shape.required = a.required;
+  const cpu_plan::ForwardShape shape =
+      cpu_plan::forward_shape(N, H, I, a.input.size(0), Hout, /*projection=*/false, a.required);
   const cpu_plan::ForwardPlan plan = cpu_plan::plan_forward(shape, cpu_plan::this_machine());
   if (!plan.fused) return false;
   const bool in_place = plan.in_place, owns_projection = !plan.in_place, split_rows = plan.split_rows;
