@@ -321,7 +321,6 @@ FUSED_LSTM_BF16_TARGET void thread_sequence(Team& t, int64_t thread, int64_t tea
 struct BackwardTeam {
   int64_t H, K4p;           // K4p: 4H padded to kBf16PackedDepthMultiple (the packed reduction)
   int64_t panels, dg_rows;  // 64-unit panels of dh; rows of each d_gates buffer (N and a tile's padding)
-  int64_t steps;
   bool reverse, need_h0_grad;
   const std::vector<int64_t>* step_rows;
   const std::vector<int64_t>* step_offset;
@@ -395,20 +394,17 @@ FUSED_LSTM_BF16_TARGET void thread_backward(const BackwardTeam& t, int64_t threa
   const int64_t unit_begin = panel_begin * kPanel, unit_end = std::min(t.H, panel_end * kPanel);
   alignas(64) float acc[2 * kTileRows * kPanel];  // a product block's rows (AmxProduct: up to two tiles)
   Product::begin();
-  int64_t parity = 0;
-  for (int64_t step = 0; step < t.steps; ++step) {
-    const int64_t time = t.reverse ? step : t.steps - 1 - step;
-    const int64_t rows = (*t.step_rows)[time], row0 = (*t.step_offset)[time];
-    if (rows == 0) continue;  // the same on every thread, so the barriers stay matched
+  int64_t parity = 0;  // which d_gates buffer this step writes: the product reads it while the next step writes
+  const auto pointwise = [&](int64_t rows, int64_t row0) FUSED_LSTM_BF16_TARGET {
     uint16_t* dg_rows = t.dg_buf + parity * t.dg_rows * t.K4p;
     for (int64_t b = 0; b < rows; ++b) {
       for (int64_t u0 = unit_begin; u0 < unit_end; u0 += kGroup) {
         pointwise_backward(t, row0, b, u0, std::min(kGroup, unit_end - u0), dg_rows);
       }
     }
-    const int64_t carried = carried_rows(*t.step_rows, time, t.reverse, t.need_h0_grad);
-    if (carried == 0) continue;  // the same on every thread: no product, no barrier, the buffer stays
-#pragma omp barrier
+  };
+  const auto product = [&](int64_t carried, int64_t) FUSED_LSTM_BF16_TARGET {
+    const uint16_t* dg_rows = t.dg_buf + parity * t.dg_rows * t.K4p;
     for (int64_t p = panel_begin; p < panel_end; ++p) {
       const int64_t columns = std::min(kPanel, t.H - p * kPanel);
       for (int64_t tile = 0, tile_rows = 0; tile < carried; tile += tile_rows) {
@@ -420,7 +416,8 @@ FUSED_LSTM_BF16_TARGET void thread_backward(const BackwardTeam& t, int64_t threa
       }
     }
     parity = 1 - parity;
-  }
+  };
+  walk_backward_steps(*t.step_rows, *t.step_offset, t.reverse, t.need_h0_grad, pointwise, product);
   Product::end();
 }
 
@@ -518,7 +515,7 @@ const char* cpu_bf16_recurrence_backward(const RecurrenceBackwardArgs& a) {
 
   const BackwardTeam t{
       .H = H, .K4p = K4p, .panels = panels, .dg_rows = dg_rows,
-      .steps = static_cast<int64_t>(a.step_rows->size()), .reverse = a.reverse, .need_h0_grad = a.need_h0_grad,
+      .reverse = a.reverse, .need_h0_grad = a.need_h0_grad,
       .step_rows = a.step_rows, .step_offset = a.step_offset, .w_hh = bits(w_hh), .packed = bits(packed),
       .gates = bits(a.gates), .c_prev = bits(a.c_prev),
       .d_output = bits(a.d_output), .d_output_stride = a.d_output.stride(0),

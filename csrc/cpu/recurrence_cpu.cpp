@@ -285,7 +285,6 @@ bool cpu_recurrence_backward(const RecurrenceBackwardArgs& a) {
       cpu_plan::plan_backward(N, H, a.gates.size(0), a.gates.scalar_type() == at::kFloat, /*projection=*/false,
                               /*vector_kernels=*/true, cpu_plan::this_machine());
   if (!plan.fused) return false;
-  const int64_t steps = static_cast<int64_t>(a.step_rows->size());
   const PackedMatrix w_hh = pack_matrix(a.w_hh);  // [4H, H] in panels of 64 columns (units)
   const int threads = static_cast<int>(plan.threads);
 
@@ -302,10 +301,7 @@ bool cpu_recurrence_backward(const RecurrenceBackwardArgs& a) {
     const auto [thread, team] = thread_in_team();
     const int64_t panel_begin = w_hh.count() * thread / team, panel_end = w_hh.count() * (thread + 1) / team;
     const int64_t unit_begin = panel_begin * kPanel, unit_end = std::min(H, panel_end * kPanel);
-    for (int64_t step = 0; step < steps; ++step) {
-      const int64_t t = a.reverse ? step : steps - 1 - step;
-      const int64_t rows = (*a.step_rows)[t], row0 = (*a.step_offset)[t];
-      if (rows == 0) continue;  // the same on every thread, so the barriers stay matched
+    const auto pointwise = [&](int64_t rows, int64_t row0) {
       const StepBackwardArgs s{
           .dtype = at::kFloat,
           .rows = rows,
@@ -318,9 +314,8 @@ bool cpu_recurrence_backward(const RecurrenceBackwardArgs& a) {
           .d_gates = {d_gates + row0 * 4 * H, 4 * H},
       };
       run_kernel<PointwiseBackwardUnits>(s, unit_begin, unit_end);
-      const int64_t carried = carried_rows(*a.step_rows, t, a.reverse, a.need_h0_grad);
-      if (carried == 0) continue;  // the same on every thread, and the last step with rows (batch sizes never grow)
-#pragma omp barrier
+    };
+    const auto product = [&](int64_t carried, int64_t row0) {
       // A panel is [4H][64]: at large H too much to stay in L2 next to the rows it multiplies, so each row
       // tile would stream it from L3 again. In k chunks of kPanelChunkK (plan.k_chunks of them) it does stay.
       constexpr int64_t kChunkK = cpu_limits::kPanelChunkK;
@@ -330,7 +325,8 @@ bool cpu_recurrence_backward(const RecurrenceBackwardArgs& a) {
                        carried, k0, std::min(4 * H, k0 + kChunkK));
         }
       }
-    }
+    };
+    walk_backward_steps(*a.step_rows, *a.step_offset, a.reverse, a.need_h0_grad, pointwise, product);
   }
   return true;
 }

@@ -1,13 +1,16 @@
-// The time walk one member of a forward recurrence's OpenMP team runs, shared by the float32 recurrence
-// (recurrence_cpu.cpp) and the bfloat16 one (bf16_recurrence.cpp), which differ in what a step computes. h is
-// double-buffered (every thread reads all of h_{t-1} while others write h_t); the team splits the hidden units
-// (a barrier per step) or the batch rows (none: a thread's sequences depend on nothing another writes).
+// The time walks one member of a recurrence's OpenMP team runs, shared by the float32 recurrences
+// (recurrence_cpu.cpp) and the bfloat16 ones (bf16_recurrence.cpp), which differ in what a step computes.
+// Forward: h is double-buffered (every thread reads all of h_{t-1} while others write h_t); the team splits the
+// hidden units (a barrier per step) or the batch rows (none: a thread's sequences depend on nothing another
+// writes). Backward: walk_backward_steps.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <utility>
 #include <vector>
+
+#include "../lstm_layer.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -74,6 +77,29 @@ inline __attribute__((always_inline)) int64_t walk_steps(const TeamWalk<T>& w, i
     }
   }
   return parity;
+}
+
+// The backward walk: the forward's steps in reverse. Per step with rows, pointwise(rows, row0) (the step's `rows`
+// active rows start at input row row0) for this thread's units; then, when some of those rows carry dh to the
+// step before (carried_rows, lstm_layer.h), a barrier (every thread's d_gates are written) and
+// product(carried, row0) for this thread's part of dh. A step without rows, or with none carried, is the same on
+// every thread, so the barriers stay matched.
+template <typename Pointwise, typename Product>
+inline __attribute__((always_inline)) void walk_backward_steps(const std::vector<int64_t>& step_rows,
+                                                               const std::vector<int64_t>& step_offset,
+                                                               bool reverse, bool need_h0_grad,
+                                                               Pointwise&& pointwise, Product&& product) {
+  const int64_t steps = static_cast<int64_t>(step_rows.size());
+  for (int64_t step = 0; step < steps; ++step) {
+    const int64_t time = reverse ? step : steps - 1 - step;
+    const int64_t rows = step_rows[time], row0 = step_offset[time];
+    if (rows == 0) continue;
+    pointwise(rows, row0);
+    const int64_t carried = carried_rows(step_rows, time, reverse, need_h0_grad);
+    if (carried == 0) continue;
+#pragma omp barrier
+    product(carried, row0);
+  }
 }
 
 }  // namespace fused_lstm
