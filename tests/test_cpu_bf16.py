@@ -14,6 +14,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import fused_lstm
 from fused_lstm import _C, reference
 
+import conftest
 from conftest import lstm_pair
 
 SUPPORTED = _C._supported_cpu_bf16_kernels()
@@ -51,15 +52,11 @@ def expected_kernel(kernel, batch, hidden, input_size, rows):
 
 
 def assert_error_within_torch(mine, theirs, exact, what):
-    """RMS error at most 2x torch's plus 1/16 bfloat16 ulp of the magnitude; the largest at most 2x torch's plus
-    one ulp (one element's error is noisier than the RMS: a single rounding of a bfloat16 output either way)."""
-    mine, theirs, exact = mine.detach().double(), theirs.detach().double(), exact.detach().double()
-    magnitude = max(1.0, exact.abs().max().item())
-    rms = lambda t: (t - exact).pow(2).mean().sqrt().item()  # noqa: E731
-    largest = lambda t: (t - exact).abs().max().item()  # noqa: E731
-    assert torch.isfinite(mine).all(), (what, "non-finite: an element was never written")
-    assert rms(mine) <= 2 * rms(theirs) + BF16_EPS / 16 * magnitude, (what, "rms", rms(mine), rms(theirs))
-    assert largest(mine) <= 2 * largest(theirs) + BF16_EPS * magnitude, (what, "max", largest(mine), largest(theirs))
+    """conftest's rule with bfloat16 floors: RMS error at most 2x torch's plus 1/16 bfloat16 ulp of the magnitude;
+    the largest at most 2x torch's plus one ulp (one element's error is noisier than the RMS: a single rounding of
+    a bfloat16 output either way)."""
+    conftest.assert_error_within_torch(mine, theirs, exact, what, rms_floor=BF16_EPS / 16, max_factor=2,
+                                       max_floor=BF16_EPS)
 
 
 def rounded(t):
