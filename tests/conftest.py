@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -16,6 +17,23 @@ TOLERANCE = {torch.float64: dict(atol=1e-10, rtol=1e-9), torch.float32: dict(ato
 VECTOR_KERNELS = [k for k in ("avx512", "avx2") if k in fused_lstm._C._supported_cpu_kernels()]
 
 
+@contextlib.contextmanager
+def selected_cpu_kernels(float32=None, bfloat16=None):
+    """Runs the block with these CPU kernel sets selected (fused_lstm._C._set_cpu_kernels / _set_cpu_bf16_kernels;
+    None leaves that one as it is) and restores the previous selection after it, however it ends."""
+    previous_f32 = fused_lstm._C._set_cpu_kernels(float32) if float32 else None
+    try:
+        previous_bf16 = fused_lstm._C._set_cpu_bf16_kernels(bfloat16) if bfloat16 else None
+        try:
+            yield
+        finally:
+            if previous_bf16 is not None:
+                fused_lstm._C._set_cpu_bf16_kernels(previous_bf16)
+    finally:
+        if previous_f32 is not None:
+            fused_lstm._C._set_cpu_kernels(previous_f32)
+
+
 @pytest.fixture(params=VECTOR_KERNELS or [pytest.param("none", marks=pytest.mark.skip(
     reason="this CPU runs no fused_lstm kernels (neither AVX2 nor AVX-512): test_cpu_fallback.py covers it"))])
 def cpu_kernels(request):
@@ -23,10 +41,9 @@ def cpu_kernels(request):
     width and tile shape); restores the default after the test. Also for tests of what only the kernels run
     (the fused recurrence, recurrence='persistent' on the CPU): on a CPU with neither AVX2 nor AVX-512 they
     are skipped, and test_cpu_fallback.py checks that CPU's path and errors instead."""
-    previous = fused_lstm._C._set_cpu_kernels(request.param)
-    assert fused_lstm.build_info()["cpu_kernels"] == request.param
-    yield request.param
-    fused_lstm._C._set_cpu_kernels(previous)
+    with selected_cpu_kernels(float32=request.param):
+        assert fused_lstm.build_info()["cpu_kernels"] == request.param
+        yield request.param
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import fused_lstm
-from conftest import assert_backward_skips_unneeded, assert_close, assert_error_within_torch, cell_pair
+from conftest import (assert_backward_skips_unneeded, assert_close, assert_error_within_torch, cell_pair,
+                      selected_cpu_kernels)
 from fused_lstm import ops, reference
 from gpu_harness import relayout
 
@@ -160,12 +161,9 @@ def test_reduced_precision_pointwise_is_the_same_in_every_kernel_build(dtype):
     grad_h, grad_c = torch.randn(3, 300).to(dtype), torch.randn(3, 300).to(dtype)
     runs = []
     for kernels in [k for k in ("avx512", "avx2") if k in fused_lstm._C._supported_cpu_kernels()] + ["aten"]:
-        previous = fused_lstm._C._set_cpu_kernels(kernels)
-        try:
+        with selected_cpu_kernels(float32=kernels):
             h, c, gates = torch.ops.fused_lstm.lstm_cell(*args)
             grads = torch.ops.fused_lstm.lstm_cell_backward(grad_h, grad_c, *args[:5], gates, True)
-        finally:
-            fused_lstm._C._set_cpu_kernels(previous)
         runs.append([h, c, gates, *grads[:3]])
     assert len(runs) >= 2
     for name, value in zip(["h", "c", "gates", "grad_input", "grad_hx", "grad_cx"], runs[0]):

@@ -15,7 +15,7 @@ import fused_lstm
 from fused_lstm import _C, reference
 
 import conftest
-from conftest import lstm_pair
+from conftest import lstm_pair, selected_cpu_kernels
 
 SUPPORTED = _C._supported_cpu_bf16_kernels()
 BF16_EPS = torch.finfo(torch.bfloat16).eps
@@ -26,12 +26,9 @@ def bf16_kernel(request):
     """Each bfloat16 product kernel in turn, where this CPU has its instructions (cpu_features.h)."""
     if request.param not in SUPPORTED:
         pytest.skip(f"this CPU has no {request.param} (supports {SUPPORTED})")
-    previous_f32 = _C._set_cpu_kernels("avx512")
-    previous = _C._set_cpu_bf16_kernels(request.param)
-    assert fused_lstm.build_info()["cpu_bf16_kernels"] == request.param
-    yield request.param
-    _C._set_cpu_bf16_kernels(previous)
-    _C._set_cpu_kernels(previous_f32)
+    with selected_cpu_kernels(float32="avx512", bfloat16=request.param):
+        assert fused_lstm.build_info()["cpu_bf16_kernels"] == request.param
+        yield request.param
 
 
 @pytest.fixture
@@ -214,14 +211,11 @@ def test_recurrence_persistent_runs_bfloat16(bf16_kernel):
 
 
 def test_aten_bfloat16_kernel_takes_the_per_step_loop():
-    previous = _C._set_cpu_bf16_kernels("aten")
-    try:
+    with selected_cpu_kernels(bfloat16="aten"):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             fused_lstm.LSTM(8, 16)(torch.randn(5, 4, 8))
         assert fused_lstm.last_path() == "cpu:per-step"
         assert not _C.cpu_plan_bf16_forward(4, 16, 8, 20)["fused"]
-    finally:
-        _C._set_cpu_bf16_kernels(previous)
 
 
 def test_kernel_selection_names_and_errors():
@@ -241,12 +235,8 @@ def cell_products(request):
     kernel = {"bf16_dot": "avx512_bf16"}.get(request.param, request.param)
     if kernel not in SUPPORTED:
         pytest.skip(f"this CPU has no {kernel} (supports {SUPPORTED})")
-    previous_f32 = _C._set_cpu_kernels("avx512") if kernel != "aten" else None
-    previous = _C._set_cpu_bf16_kernels(kernel)
-    yield request.param
-    _C._set_cpu_bf16_kernels(previous)
-    if previous_f32 is not None:
-        _C._set_cpu_kernels(previous_f32)
+    with selected_cpu_kernels(float32="avx512" if kernel != "aten" else None, bfloat16=kernel):
+        yield request.param
 
 
 def cell_runs(batch, input_size, hidden, bias):
@@ -299,12 +289,7 @@ def test_cell_products_agree_with_aten():
                                           torch.randn(148))]
     runs = {}
     for kernel in ("avx512_bf16", "aten"):
-        previous_f32 = _C._set_cpu_kernels("avx512")
-        previous = _C._set_cpu_bf16_kernels(kernel)
-        try:
+        with selected_cpu_kernels(float32="avx512", bfloat16=kernel):
             runs[kernel] = torch.ops.fused_lstm.lstm_cell(*ins)
-        finally:
-            _C._set_cpu_bf16_kernels(previous)
-            _C._set_cpu_kernels(previous_f32)
     for mine, aten in zip(runs["avx512_bf16"], runs["aten"]):
         assert torch.allclose(mine.float(), aten.float(), rtol=2 * BF16_EPS, atol=2 * BF16_EPS)

@@ -15,7 +15,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_lstm
-from conftest import VECTOR_KERNELS, assert_close, cell_pair, lstm_pair
+from conftest import VECTOR_KERNELS, assert_close, cell_pair, lstm_pair, selected_cpu_kernels
 
 
 SUPPORTED = fused_lstm._C._supported_cpu_kernels()
@@ -23,9 +23,8 @@ SUPPORTED = fused_lstm._C._supported_cpu_kernels()
 
 @pytest.fixture
 def aten_kernels():
-    previous = fused_lstm._C._set_cpu_kernels("aten")
-    yield
-    fused_lstm._C._set_cpu_kernels(previous)
+    with selected_cpu_kernels(float32="aten"):
+        yield
 
 
 def test_build_info_reports_the_cpu_kernels(aten_kernels):
