@@ -9,6 +9,7 @@
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
 #define FUSED_LSTM_BF16_DOT_KERNEL 1
+#include "amx_tiles.h"
 #endif
 
 #include "cpu_features.h"
@@ -244,22 +245,17 @@ Operands operands(const at::Tensor& out, const at::Tensor& a, const at::Tensor& 
           out.stride(0)};
 }
 
-// ---- AMX: out = a @ W^T with W as the A operand ----
+// ---- AMX tiles: a step's few rows (2 to 16) against a weight read in place ----
 // AMX multiplies an A tile of 16 rows x 32 k (k contiguous, any row stride) by a B tile of 16 k pairs x 16
-// columns (VNNI pairs). W [Nc, K] has exactly the A layout, so it is read in place, 16 of its rows per tile, and
-// the product is computed transposed: C [16 W rows][16 rows of a] = W_tile @ a^T. Only a, a few rows, is packed
-// (once per call, as a^T in pairs); W streams through once, with no reorder (ATen's oneDNN reorders W on every
-// call).
+// columns (VNNI pairs). Against W^T (bf16_amx_matmul), W [Nc, K] has exactly the A layout, so it is read in place,
+// 16 of its rows per tile, and the product is computed transposed: C [16 W rows][16 rows of a] = W_tile @ a^T;
+// only a, a few rows, is packed (once per call, as a^T in pairs). Against a row-major b (bf16_amx_rowmajor_matmul),
+// a's rows are the A tiles in place and b's rows are paired into B tiles on the fly. Either way the weight
+// streams through once with no reorder (ATen's oneDNN reorders it on every call).
 #define FUSED_LSTM_BF16_AMX_TARGET __attribute__((target("arch=x86-64-v4,avx512bf16,amx-tile,amx-bf16")))
 
 constexpr int64_t kAmxRows = cpu_limits::kAmxTileRows;    // rows of every tile
 constexpr int64_t kAmxDepth = cpu_limits::kAmxTileDepth;  // bfloat16 per A tile row; 16 pairs per B tile
-
-struct alignas(64) AmxTileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t bytes_per_row[16] = {};
-  uint8_t rows[16] = {};
-};
 
 // Tiles 0-1: C, 2-3: A, 4: B; `rows` rows in C and A (an A tile of a's own rows reads no further), 16 in B,
 // all of 64 bytes.
@@ -269,9 +265,7 @@ FUSED_LSTM_BF16_AMX_TARGET void amx_begin(int64_t rows = kAmxRows) {
     config.rows[i] = static_cast<uint8_t>(i < 4 ? rows : kAmxRows);
     config.bytes_per_row[i] = 64;
   }
-  // GCC 12 does not see ldtilecfg read the config and drops the stores above without this barrier.
-  asm volatile("" : : "r"(&config) : "memory");
-  _tile_loadconfig(&config);
+  load_tile_config(config);
 }
 FUSED_LSTM_BF16_AMX_TARGET void amx_end() { _tile_release(); }
 

@@ -19,6 +19,7 @@
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
 #define FUSED_LSTM_BF16_KERNELS 1
+#include "amx_tiles.h"
 #endif
 
 #include "cpu_limits.h"
@@ -148,18 +149,13 @@ FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE void pointwise(const Team& t, in
 struct AmxProduct {
   static constexpr int64_t kRowTile = kTileRows;
 
-  struct alignas(64) TileConfig {
-    uint8_t palette = 1, start_row = 0, reserved[14] = {};
-    uint16_t bytes_per_row[16] = {};
-    uint8_t rows[16] = {};
-  };
   FUSED_LSTM_BF16_TARGET static void begin() {
-    TileConfig config;
+    AmxTileConfig config;
     for (int i = 0; i < 8; ++i) {
       config.rows[i] = kTileRows;
       config.bytes_per_row[i] = 64;
     }
-    _tile_loadconfig(&config);
+    load_tile_config(config);
   }
   FUSED_LSTM_BF16_TARGET static void end() { _tile_release(); }
 
