@@ -9,7 +9,7 @@
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
 #define FUSED_LSTM_BF16_DOT_KERNEL 1
-#include "amx_tiles.h"
+#include "bf16_simd.h"
 #endif
 
 #include "cpu_features.h"
@@ -39,7 +39,7 @@ FUSED_LSTM_ALWAYS_INLINE float bf16_bits_to_float(uint16_t bits) {
 
 // 16 bfloat16 (the lanes of mask; zero elsewhere) as float32: the bits shifted into a float's high half.
 FUSED_LSTM_BF16_DOT_TARGET FUSED_LSTM_ALWAYS_INLINE __m512 load_as_float(const uint16_t* p, __mmask16 mask) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+  return widen_bf16(_mm256_maskz_loadu_epi16(mask, p));
 }
 FUSED_LSTM_BF16_DOT_TARGET FUSED_LSTM_ALWAYS_INLINE __m512 load_as_float(const float* p, __mmask16 mask) {
   return _mm512_maskz_loadu_ps(mask, p);
@@ -337,20 +337,21 @@ FUSED_LSTM_BF16_AMX_TARGET void amx_rowmajor_block(const uint16_t* a, int64_t a_
                                                    int64_t out_rs, bool accumulate, const uint16_t* bias) {
   alignas(64) uint32_t b_tiles[2][kAmxRows * kAmxRows];
   alignas(64) float c_tiles[2][kAmxRows * kAmxRows];
-  const __mmask32 mask = static_cast<__mmask32>((uint64_t{1} << cols) - 1);
+  __mmask16 masks[2];
+  for (int half = 0; half < 2; ++half) {
+    const int64_t left = std::clamp<int64_t>(cols - half * kAmxRows, 0, kAmxRows);
+    masks[half] = static_cast<__mmask16>((uint32_t{1} << left) - 1);
+  }
   _tile_zero(0);
   _tile_zero(1);
   for (int64_t k0 = 0; k0 < K; k0 += kAmxDepth) {
     for (int64_t p = 0; p < kAmxRows; ++p) {
       const uint16_t* even = b + (k0 + 2 * p) * b_rs;
-      const __m512i rows[2] = {_mm512_maskz_loadu_epi16(mask, even), _mm512_maskz_loadu_epi16(mask, even + b_rs)};
       for (int half = 0; half < 2; ++half) {
-        __m512i widened[2];
-        for (int i = 0; i < 2; ++i) {
-          const __m256i part = half ? _mm512_extracti64x4_epi64(rows[i], 1) : _mm512_castsi512_si256(rows[i]);
-          widened[i] = _mm512_cvtepu16_epi32(part);
-        }
-        _mm512_store_si512(b_tiles[half] + p * kAmxRows, _mm512_or_si512(widened[0], _mm512_slli_epi32(widened[1], 16)));
+        const uint16_t* e = even + half * kAmxRows;
+        _mm512_store_si512(b_tiles[half] + p * kAmxRows,
+                           vnni_pairs(_mm256_maskz_loadu_epi16(masks[half], e),
+                                      _mm256_maskz_loadu_epi16(masks[half], e + b_rs)));
       }
     }
     _tile_loadd(2, a + k0, a_rs * 2);

@@ -19,7 +19,7 @@
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
 #define FUSED_LSTM_BF16_KERNELS 1
-#include "amx_tiles.h"
+#include "bf16_simd.h"
 #endif
 
 #include "cpu_limits.h"
@@ -89,9 +89,9 @@ FUSED_LSTM_BF16_TARGET void pack_forward_blocks(const Team& t, int64_t block_beg
   }
 }
 
-// bfloat16 -> float32 is exact: the bits shifted up.
+// bfloat16 -> float32 (exact), as the vec<16> the pointwise math takes.
 FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE vec<16> widen(__m256i bf16) {
-  return reinterpret_cast<vec<16>>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
+  return reinterpret_cast<vec<16>>(widen_bf16(bf16));
 }
 
 // float32 -> bfloat16 rounded to nearest even, NaN to the quiet NaN 0x7fc0: c10::BFloat16's conversion, bit
@@ -344,9 +344,7 @@ FUSED_LSTM_BF16_TARGET void pack_backward_panels(const BackwardTeam& t, int64_t 
         const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
         const __m256i even = k < K ? _mm256_maskz_loadu_epi16(m, t.w_hh + k * t.H + u0) : _mm256_setzero_si256();
         const __m256i odd = k + 1 < K ? _mm256_maskz_loadu_epi16(m, t.w_hh + (k + 1) * t.H + u0) : _mm256_setzero_si256();
-        const __m512i pairs = _mm512_or_si512(_mm512_cvtepu16_epi32(even),
-                                              _mm512_slli_epi32(_mm512_cvtepu16_epi32(odd), 16));
-        _mm512_storeu_si512(panel + (k / 2) * kPanelPairStride + g * 2 * kGroup, pairs);
+        _mm512_storeu_si512(panel + (k / 2) * kPanelPairStride + g * 2 * kGroup, vnni_pairs(even, odd));
       }
     }
   }

@@ -1,0 +1,39 @@
+// Vector and tile helpers the bfloat16 kernels share (bf16_recurrence.cpp, bf16_dot_gemm.cpp). Included only
+// where those kernels are built (GCC, x86-64); they run only where cpu_bf16_kernels() found the instructions
+// (AVX512-BF16, and for the tiles AMX with the OS's permission, cpu_features.cpp).
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace fused_lstm {
+
+#define FUSED_LSTM_BF16_SIMD_TARGET __attribute__((target("avx512f,avx512bw")))
+
+// 16 bfloat16 as float32 (exact): the bits shifted into each float's high half.
+FUSED_LSTM_BF16_SIMD_TARGET inline __m512 widen_bf16(__m256i bf16) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
+}
+
+// The VNNI pair layout of vdpbf16ps and AMX B tiles: 16 columns of two consecutive reduction rows, row k's
+// bfloat16 in the low half of each 32-bit lane and row k + 1's in the high half.
+FUSED_LSTM_BF16_SIMD_TARGET inline __m512i vnni_pairs(__m256i even, __m256i odd) {
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(even), _mm512_slli_epi32(_mm512_cvtepu16_epi32(odd), 16));
+}
+
+// The 64-byte operand of ldtilecfg: per tile, its rows and bytes per row (at most 16 and 64).
+struct alignas(64) AmxTileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Loads config into this thread's tile state. GCC 12 does not see ldtilecfg read its operand, and where the
+// config is filled just before, drops the stores without the barrier.
+__attribute__((target("amx-tile"))) inline void load_tile_config(const AmxTileConfig& config) {
+  asm volatile("" : : "r"(&config) : "memory");
+  _tile_loadconfig(&config);
+}
+
+}  // namespace fused_lstm
