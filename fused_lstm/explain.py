@@ -53,11 +53,11 @@ class _Products:
     """The backend's per-call memory (which right operands it packed or read in place, csrc/cpu/lstm_cpu.cpp)
     and the products planned so far, merged by name."""
 
-    def __init__(self, vector_kernels: bool, machine: Optional[Dict[str, int]], bf16_dot: bool = False,
-                 bf16_amx: bool = False):
+    def __init__(self, vector_kernels: bool, machine: Optional[Dict[str, int]], bf16_kernels: Optional[str] = None):
         self.vector_kernels = vector_kernels
-        self.bf16_dot = bf16_dot  # bfloat16 products on a CPU with a bfloat16 kernel (csrc/cpu/bf16_dot_gemm.h)
-        self.bf16_amx = bf16_amx  # ... whose kernel is AMX
+        # bfloat16 products on a CPU with a bfloat16 kernel (csrc/cpu/bf16_dot_gemm.h); None: not bfloat16
+        self.bf16_dot = bf16_kernels not in (None, "aten")
+        self.bf16_amx = bf16_kernels == "amx"  # ... whose kernel is AMX
         self.machine = machine
         self.packed: set = set()
         self.in_place: set = set()
@@ -103,9 +103,8 @@ def _layer_plan(step_rows: List[int], I: int, H: int, Hout: int, D: int, dtype: 
     N, R, T = step_rows[0], sum(step_rows), len(step_rows)
     float32 = dtype == torch.float32
     bf16_kernels = (machine or {}).get("bf16_kernels") or _C.cpu_machine()["bf16_kernels"]
-    bf16_dot = dtype == torch.bfloat16 and vector_kernels and bf16_kernels != "aten"
-    bf16_amx = bf16_dot and bf16_kernels == "amx"
-    products = _Products(vector_kernels and float32, machine, bf16_dot, bf16_amx)
+    bf16_products = bf16_kernels if dtype == torch.bfloat16 and vector_kernels else None
+    products = _Products(vector_kernels and float32, machine, bf16_products)
     directions: List[Dict[str, Any]] = []
     for d in range(D):
         reverse = d == 1
@@ -154,7 +153,7 @@ def _layer_plan(step_rows: List[int], I: int, H: int, Hout: int, D: int, dtype: 
     if not training:
         return {"directions": directions}
     # The backward (one op call, its own backend: a fresh memory of operands).
-    products = _Products(vector_kernels and float32, machine, bf16_dot, bf16_amx)
+    products = _Products(vector_kernels and float32, machine, bf16_products)
     for d in range(D):
         reverse = d == 1
         bwd: Dict[str, Any] = {"products": []}

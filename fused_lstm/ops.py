@@ -1,4 +1,4 @@
-"""Python face of the fused_lstm custom ops: fake kernels, autograd and autocast registrations.
+"""Python face of the fused_lstm custom ops: fake kernels and autograd registrations (autocast: csrc/autocast.cpp).
 
 The ops themselves (schemas in ``csrc/ops.cpp``, kernels in ``csrc/cpu`` and ``csrc/cuda``) are loaded
 by importing ``fused_lstm._C``. Shapes are documented in ``csrc/lstm_layer.h``.

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import fused_lstm
-from conftest import (assert_backward_skips_unneeded, assert_close, assert_error_within_torch, cell_pair,
-                      selected_cpu_kernels)
+from conftest import (VECTOR_KERNELS, assert_backward_skips_unneeded, assert_close, assert_error_within_torch,
+                      cell_pair, selected_cpu_kernels)
 from fused_lstm import ops, reference
 from gpu_harness import relayout
 
@@ -160,16 +160,17 @@ def test_reduced_precision_pointwise_is_the_same_in_every_kernel_build(dtype):
     args[0][1, 2] = float("nan")
     grad_h, grad_c = torch.randn(3, 300).to(dtype), torch.randn(3, 300).to(dtype)
     runs = []
-    for kernels in [k for k in ("avx512", "avx2") if k in fused_lstm._C._supported_cpu_kernels()] + ["aten"]:
+    for kernels in VECTOR_KERNELS + ["aten"]:
         with selected_cpu_kernels(float32=kernels):
             h, c, gates = torch.ops.fused_lstm.lstm_cell(*args)
             grads = torch.ops.fused_lstm.lstm_cell_backward(grad_h, grad_c, *args[:5], gates, True)
         runs.append([h, c, gates, *grads[:3]])
     assert len(runs) >= 2
-    for name, value in zip(["h", "c", "gates", "grad_input", "grad_hx", "grad_cx"], runs[0]):
+    names = ["h", "c", "gates", "grad_input", "grad_hx", "grad_cx"]
+    for name, value in zip(names, runs[0]):
         assert torch.isnan(value[1]).all() and not torch.isnan(value[[0, 2]]).any(), name
     for other in runs[1:]:
-        for name, a, b in zip(["h", "c", "gates", "grad_input", "grad_hx", "grad_cx"], runs[0], other):
+        for name, a, b in zip(names, runs[0], other):
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
 
 

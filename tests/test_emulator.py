@@ -528,10 +528,9 @@ def test_persistent_environment_switch(monkeypatch):
 
 # --- The persistent backward kernel.
 
-# (dtype, product, exchange) of the persistent kernels: FMA and tensor cores on the grid, FMA in a cluster.
-KERNEL_VARIANTS = [(torch.float32, "fma", "grid"), (torch.float16, "fma", "grid"), (torch.bfloat16, "fma", "grid"),
-                   (torch.float16, "mma", "grid"), (torch.bfloat16, "mma", "grid"),
-                   (torch.float32, "fma", "cluster"), (torch.bfloat16, "fma", "cluster")]
+# The forward's variants for the backward and projection tests, less float16 in a cluster: the cluster code is
+# the same for every 16-bit type, and bfloat16 covers it at a fraction of the emulated time.
+KERNEL_VARIANTS = [v for v in VARIANTS if v != (torch.float16, "fma", "cluster")]
 
 
 @pytest.mark.parametrize("dtype, product, exchange", KERNEL_VARIANTS, ids=str)

@@ -574,7 +574,8 @@ double predicted_step_us(Pass pass, const Plan& plan, int64_t batch, int64_t hid
     // Forward: V columns x H; backward: U units x Hout; staging h' [N, H] or dh_total [N, Hout].
     const double fmas = static_cast<double>(backward ? plan.units_per_block : plan.outs_per_block) *
                         static_cast<double>(backward ? proj : hidden) * static_cast<double>(batch);
-    // A cluster exchanges h' through distributed shared memory (nothing staged) and meets at cluster.sync.
+    // A cluster exchanges h' (backward: dh_total) through distributed shared memory (nothing staged) and meets at
+    // cluster.sync.
     const bool cluster = plan.exchange == Exchange::Cluster;
     step += persistent_cost::persistent_projection_us(fmas, cluster ? 0.0 : n4 * plan.padded_proj_k * element_size,
                                                       cluster);

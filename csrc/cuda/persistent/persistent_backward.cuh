@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
   const int unit0 = blockIdx.x * U, out0 = blockIdx.x * V;
   const int live_units = min(U, H - unit0), live_outs = max(0, min(V, HO - out0));
 
-  // Dynamic shared memory, 16-byte aligned: w_s [w_rows][K], st_s [n_pad][max(K, Kr)] (staged d_gates at pitch K,
+  // Dynamic shared memory (gpu_runtime.h: 128-byte aligned): w_s [w_rows][K], st_s [n_pad][max(K, Kr)] (staged d_gates at pitch K,
   // staged dh_total at pitch Kr; Cluster [2][n_pad][K] then [n_pad][Kr]), out_s [w_rows][n_pad] (Mma),
   // wr_s [U][Kr], dh_s [n_pad][V], dc_s [n_pad][U], dhp_s [n_pad][U] (kProject). For Mma, K * sizeof(scalar_t)
   // is a multiple of 32 bytes and n_pad of 16, so w_s, st_s and out_s start 32-byte aligned.

@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
   const int n_pad = p.padded_batch;
   const int unit0 = blockIdx.x * U;
 
-  // Dynamic shared memory, 16-byte aligned (declared as uint4): w_s [4U][P], h_s [1 or 2][n_pad][P] (kProject:
+  // Dynamic shared memory (gpu_runtime.h: 128-byte aligned; declared as uint4): w_s [4U][P], h_s [1 or 2][n_pad][P] (kProject:
   // Grid [n_pad][max(P, Hr)], also staging h'_t at pitch Hr; Cluster [2][n_pad][P] then hr_s [n_pad][Hr]),
   // pre_s [4U][n_pad], c_s [n_pad][U], wr_s [V][Hr] (kProject). P * sizeof(scalar_t) is a multiple of 16 (Mma:
   // 32), so rows start aligned.
