@@ -1,5 +1,5 @@
-// Autocast kernels of the layer and cell ops (eager mode; fused_lstm/ops.py registers the Python dispatcher's
-// twin for compile and export). Under torch.autocast every floating-point tensor argument on the autocast
+// Autocast kernels of the layer and cell ops, for eager mode and for what torch.compile and torch.export trace.
+// Under torch.autocast every floating-point tensor argument on the autocast
 // device but float64 (input, states, weights: whatever mix of float32 and 16-bit) is cast to
 // torch.get_autocast_dtype(device), then the op runs with autocast off, as torch.nn.LSTM's ops do.
 //

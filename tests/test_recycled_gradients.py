@@ -8,6 +8,8 @@ fails, and the tensors it hands out are ordinary CPU tensors.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -128,3 +130,30 @@ def test_recycled_gradients_are_ordinary_tensors():
     assert_close(grad, expected, torch.float32)
     grad.resize_(7)
     assert grad.shape == (7,)
+
+
+FORK_SCRIPT = """
+import os, sys, torch, fused_lstm
+kept = fused_lstm._C._kept_gradient_blocks
+cell = fused_lstm.LSTMCell(24, 20)
+def loop():
+    h = c = torch.zeros(3, 20); total = 0
+    for step in torch.randn(5, 3, 24):
+        h, c = cell(step, (h, c)); total = total + h.sum()
+    total.backward()
+loop()
+pid = os.fork()
+if pid == 0:
+    torch.set_num_threads(1)
+    loop()
+    os._exit(0 if kept() == 0 and all(torch.isfinite(p.grad).all() for p in cell.parameters()) else 3)
+_, status = os.waitpid(pid, 0)
+loop()
+sys.exit(os.waitstatus_to_exitcode(status) or kept())
+"""
+
+
+def test_a_forked_child_trains_with_its_own_recycler():
+    # A fresh process: the child of a fork must not inherit the parent's recycler state (its lock, its passes).
+    result = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

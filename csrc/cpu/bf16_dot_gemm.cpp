@@ -37,6 +37,17 @@ FUSED_LSTM_ALWAYS_INLINE float bf16_bits_to_float(uint16_t bits) {
   return f;
 }
 
+// The sums of the 16 lanes of a, b, c and d, in lanes 0..3.
+FUSED_LSTM_BF16_DOT_TARGET FUSED_LSTM_ALWAYS_INLINE __m128 reduce_add_4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] and the same for c, d; then [a, b, c, d] per lane.
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+
 // 16 bfloat16 (the lanes of mask; zero elsewhere) as float32: the bits shifted into a float's high half.
 FUSED_LSTM_BF16_DOT_TARGET FUSED_LSTM_ALWAYS_INLINE __m512 load_as_float(const uint16_t* p, __mmask16 mask) {
   return widen_bf16(_mm256_maskz_loadu_epi16(mask, p));
@@ -47,15 +58,16 @@ FUSED_LSTM_BF16_DOT_TARGET FUSED_LSTM_ALWAYS_INLINE __m512 load_as_float(const f
 FUSED_LSTM_ALWAYS_INLINE float as_float(uint16_t bits) { return bf16_bits_to_float(bits); }
 FUSED_LSTM_ALWAYS_INLINE float as_float(float value) { return value; }
 
-// The sums of the 16 lanes of a, b, c and d, in lanes 0..3.
-FUSED_LSTM_BF16_DOT_TARGET FUSED_LSTM_ALWAYS_INLINE __m128 reduce_add_4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] and the same for c, d; then [a, b, c, d] per lane.
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
-                                    _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
-  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
-  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+// Lanes `mask` of one output row: sum plus out's old value (accumulate) or plus bias (if given), rounded by
+// vcvtneps2bf16 (to nearest even, as c10::BFloat16; it also flushes float32 denormals to zero).
+FUSED_LSTM_BF16_DOT_TARGET FUSED_LSTM_ALWAYS_INLINE void store_row(__m512 sum, uint16_t* out, bool accumulate,
+                                                                   const uint16_t* bias, __mmask16 mask) {
+  if (accumulate) {
+    sum = _mm512_add_ps(sum, load_as_float(out, mask));
+  } else if (bias) {
+    sum = _mm512_add_ps(sum, load_as_float(bias, mask));
+  }
+  _mm256_mask_storeu_epi16(out, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(sum)));
 }
 
 // Rows x Cols outputs: out[r, c] (+)= bias[c] + sum_k a[r, k] * w[c, k]. Each accumulator lane sums one k pair of
@@ -92,15 +104,9 @@ FUSED_LSTM_BF16_DOT_TARGET FUSED_LSTM_ALWAYS_INLINE void bf16_dot_tile(
   for (int r = 0; r < Rows; ++r) {
     uint16_t* o = out + r * out_rs;
     if constexpr (Cols == 4) {
-      // The four sums at once (a quarter of four separate reductions' shuffles), rounded by vcvtneps2bf16 (to
-      // nearest even, as c10::BFloat16; it also flushes float32 denormals to zero).
-      __m128 sums = reduce_add_4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
-      if (accumulate) {
-        sums = _mm_add_ps(sums, _mm512_castps512_ps128(load_as_float(o, 0xF)));
-      } else if (bias) {
-        sums = _mm_add_ps(sums, _mm512_castps512_ps128(load_as_float(bias, 0xF)));
-      }
-      _mm_mask_storeu_epi16(o, 0xF, reinterpret_cast<__m128i>(_mm_cvtneps_pbh(sums)));
+      // The four sums at once (a quarter of four separate reductions' shuffles).
+      const __m128 sums = reduce_add_4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+      store_row(_mm512_castps128_ps512(sums), o, accumulate, bias, 0xF);
     } else {
       for (int c = 0; c < Cols; ++c) {
         float sum = _mm512_reduce_add_ps(acc[r][c]);
@@ -176,14 +182,7 @@ FUSED_LSTM_BF16_DOT_TARGET FUSED_LSTM_ALWAYS_INLINE void bf16_rowmajor_tile(
     uint16_t* o = out + r * out_rs;
 #pragma GCC unroll 4
     for (int q = 0; q < 4; ++q) {
-      __m512 sum = acc[r][q];
-      if (accumulate) {
-        sum = _mm512_add_ps(sum, load_as_float(o + q * 16, masks[q]));
-      } else if (bias) {
-        sum = _mm512_add_ps(sum, load_as_float(bias + q * 16, masks[q]));
-      }
-      // vcvtneps2bf16: to nearest even, as c10::BFloat16 (it also flushes float32 denormals to zero).
-      _mm256_mask_storeu_epi16(o + q * 16, masks[q], reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(sum)));
+      store_row(acc[r][q], o + q * 16, accumulate, bias ? bias + q * 16 : nullptr, masks[q]);
     }
   }
 }
@@ -270,8 +269,8 @@ FUSED_LSTM_BF16_AMX_TARGET void amx_begin(int64_t rows = kAmxRows) {
 FUSED_LSTM_BF16_AMX_TARGET void amx_end() { _tile_release(); }
 
 // Rows r < rows of out[:, 0 .. cols) from a C tile stored in c_tile [16][16] float32: row r of the tile, or
-// column r when the tile holds out transposed (the W^T product's C = W_tile @ a^T). bias / accumulate as
-// bf16_dot_matmul; rounded by vcvtneps2bf16; lanes past `cols` are not written.
+// column r when the tile holds out transposed (the W^T product's C = W_tile @ a^T), through store_row; lanes
+// past `cols` are not written.
 template <bool kTransposed>
 FUSED_LSTM_BF16_AMX_TARGET FUSED_LSTM_ALWAYS_INLINE void amx_write_rows(const float* c_tile, int64_t rows,
                                                                         int64_t cols, uint16_t* out, int64_t out_rs,
@@ -279,13 +278,9 @@ FUSED_LSTM_BF16_AMX_TARGET FUSED_LSTM_ALWAYS_INLINE void amx_write_rows(const fl
   const __mmask16 mask = static_cast<__mmask16>((uint32_t{1} << cols) - 1);
   const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                             _mm512_set1_epi32(kAmxRows));
-  const __m512 bias_v = bias && !accumulate ? load_as_float(bias, mask) : _mm512_setzero_ps();
   for (int64_t r = 0; r < rows; ++r) {
     const __m512 c = kTransposed ? _mm512_i32gather_ps(column, c_tile + r, 4) : _mm512_load_ps(c_tile + r * kAmxRows);
-    __m512 sum = _mm512_add_ps(c, bias_v);
-    uint16_t* o = out + r * out_rs;
-    if (accumulate) sum = _mm512_add_ps(sum, load_as_float(o, mask));
-    _mm256_mask_storeu_epi16(o, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(sum)));
+    store_row(c, out + r * out_rs, accumulate, bias, mask);
   }
 }
 

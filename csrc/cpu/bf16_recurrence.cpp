@@ -38,7 +38,7 @@ namespace {
 
 constexpr int64_t kPanel = 4 * kGroup;             // columns per panel: the 4 gates of 16 units
 constexpr int64_t kTileRows = cpu_limits::kAmxTileRows;
-constexpr int64_t kTileDepth = 32;                  // bfloat16 per AMX tile row (64 bytes)
+constexpr int64_t kTileDepth = cpu_limits::kAmxTileDepth;  // bfloat16 per AMX tile row (64 bytes)
 constexpr int64_t kPanelPairStride = 2 * kPanel;    // bfloat16 per pair of the reduction in a panel
 
 // What every thread of the team reads. Row r of a buffer with row stride s is at base + r * s.

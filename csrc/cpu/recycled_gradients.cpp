@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <memory>
 #include <mutex>
+
+#include <pthread.h>
 #include <utility>
 #include <vector>
 
@@ -65,10 +67,20 @@ struct Recycler {
   }
 };
 
-Recycler& recycler() {
-  static auto* instance = new Recycler();  // never destroyed: tensors may be freed during interpreter exit
-  return *instance;
+Recycler* new_recycler();
+
+// Never destroyed: tensors may be freed during interpreter exit. A forked child starts a fresh one: the parent's
+// mutex may have been held by another thread at the fork, and the child runs none of the parent's passes.
+Recycler*& recycler_instance() {
+  static Recycler* instance = new_recycler();
+  return instance;
 }
+Recycler* new_recycler() {
+  static const int registered = pthread_atfork(nullptr, nullptr, [] { recycler_instance() = new Recycler(); });
+  (void)registered;
+  return new Recycler();
+}
+Recycler& recycler() { return *recycler_instance(); }
 
 void give_back(void* block) { recycler().give_back(static_cast<Block*>(block)); }
 
@@ -108,8 +120,8 @@ at::Tensor empty_recycled_gradient(const at::Tensor& w) {
     auto end = std::make_shared<PassEnd>(pass);
     torch::autograd::Engine::get_default_engine().queue_callback([end] { end->run(); });
   }
-  static RecyclingAllocator allocator;
-  return at::detail::empty_generic(w.sizes(), &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
+  static auto* allocator = new RecyclingAllocator();  // never destroyed, like the storages that point to it
+  return at::detail::empty_generic(w.sizes(), allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    w.scalar_type(), c10::MemoryFormat::Contiguous);
 }
 
