@@ -84,6 +84,13 @@ __host__ __device__ constexpr int backward_weight_rows(int outs_per_block, Produ
   return product == Product::Mma ? round_up(outs_per_block, 16) : outs_per_block;
 }
 
+// Storage elements of the staging buffer (below), for padded_gates K and padded_out Kr (0 without a projection).
+__host__ __device__ constexpr int backward_staged_elements(int padded_batch, int padded_gates, int padded_out,
+                                                           bool cluster) {
+  return padded_batch * (cluster ? 2 * padded_gates + padded_out
+                                 : (padded_gates > padded_out ? padded_gates : padded_out));
+}
+
 // Shared memory of one block, in bytes: the transposed W_hh slice [Vw, K] (Vw = backward_weight_rows(V)), the
 // staging buffer [N_pad, max(K, Kr)] (d_gates, and with a projection also dh_total; Cluster: two [N_pad, K]
 // buffers, the double buffer every block writes its d_gates columns into, then one [N_pad, Kr] for dh_total), in
@@ -99,8 +106,7 @@ inline size_t backward_shared_bytes(int units_per_block, int padded_gates, int p
   const size_t u = static_cast<size_t>(units_per_block);
   const int v = project ? outs_per_block : units_per_block;
   const size_t w_rows = static_cast<size_t>(backward_weight_rows(v, product));
-  const size_t staged =
-      n_pad * static_cast<size_t>(cluster ? 2 * padded_gates + padded_out : std::max(padded_gates, padded_out));
+  const size_t staged = static_cast<size_t>(backward_staged_elements(padded_batch, padded_gates, padded_out, cluster));
   const size_t mma_out = product == Product::Mma ? w_rows * n_pad : 0;
   return (w_rows * padded_gates + staged + u * padded_out) * element_size +
          (mma_out + (static_cast<size_t>(v) + (project ? 2 : 1) * u) * n_pad) * sizeof(float);
@@ -161,14 +167,15 @@ __global__ void __launch_bounds__(kBounds.max_threads, kBounds.min_blocks_per_sm
   const int unit0 = blockIdx.x * U, out0 = blockIdx.x * V;
   const int live_units = min(U, H - unit0), live_outs = max(0, min(V, HO - out0));
 
-  // Dynamic shared memory (gpu_runtime.h: 128-byte aligned): w_s [w_rows][K], st_s [n_pad][max(K, Kr)] (staged d_gates at pitch K,
-  // staged dh_total at pitch Kr; Cluster [2][n_pad][K] then [n_pad][Kr]), out_s [w_rows][n_pad] (Mma),
-  // wr_s [U][Kr], dh_s [n_pad][V], dc_s [n_pad][U], dhp_s [n_pad][U] (kProject). For Mma, K * sizeof(scalar_t)
-  // is a multiple of 32 bytes and n_pad of 16, so w_s, st_s and out_s start 32-byte aligned.
+  // Dynamic shared memory (gpu_runtime.h: 128-byte aligned): w_s [w_rows][K], st_s [n_pad][max(K, Kr)]
+  // (staged d_gates at pitch K, staged dh_total at pitch Kr; Cluster [2][n_pad][K] then [n_pad][Kr]),
+  // out_s [w_rows][n_pad] (Mma), wr_s [U][Kr], dh_s [n_pad][V], dc_s [n_pad][U], dhp_s [n_pad][U] (kProject).
+  // For Mma, K * sizeof(scalar_t) is a multiple of 32 bytes and n_pad of 16, so w_s, st_s and out_s start
+  // 32-byte aligned.
   FUSED_LSTM_DYNAMIC_SHARED(uint4, smem);
   scalar_t* w_s = reinterpret_cast<scalar_t*>(smem);
   scalar_t* st_s = w_s + w_rows * K;
-  const int staged_elements = kCluster ? n_pad * (2 * K + Kr) : n_pad * max(K, Kr);
+  const int staged_elements = backward_staged_elements(n_pad, K, Kr, kCluster);
   float* out_s = reinterpret_cast<float*>(st_s + staged_elements);
   scalar_t* wr_s = reinterpret_cast<scalar_t*>(out_s + (kMma ? w_rows * n_pad : 0));
   float* dh_s = reinterpret_cast<float*>(wr_s + U * Kr);
