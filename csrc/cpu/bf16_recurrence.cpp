@@ -164,10 +164,15 @@ struct AmxProduct {
   static int64_t rows_per_block(int64_t left) { return left >= 2 * kTileRows ? 2 * kTileRows : std::min(kTileRows, left); }
 
   // out [rows][64] = a's rows [rows][Kp] @ panel; rows is 32 (two row tiles) or at most 16 (one tile: its rows
-  // past `rows` read padding or other rows, and their results are not read).
+  // past `rows` read padding or other rows, and their results are not read). between(s, S) runs after the tile
+  // instructions of each of the S k steps: the tile unit works through them while the core runs that vector
+  // work (another block's pointwise step), which otherwise waits for the product and leaves the tile unit idle.
+  template <class Between>
   FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE static void block(const uint16_t* a, int64_t a_stride, int64_t Kp,
-                                                                    int64_t rows, const uint16_t* panel, float* out) {
+                                                                    int64_t rows, const uint16_t* panel, float* out,
+                                                                    Between&& between) {
     constexpr int64_t kPanelRowBytes = kPanelPairStride * 2, kOutRowBytes = kPanel * 4;
+    const int64_t k_steps = Kp / kTileDepth;
     if (rows > kTileRows) {
       // Two passes of two gates: C tiles 0-1 the first row tile's, 2-3 the second's, A tiles 4-5, B tiles 6-7.
       const uint16_t* a1 = a + kTileRows * a_stride;
@@ -176,7 +181,8 @@ struct AmxProduct {
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
-        for (int64_t k0 = 0; k0 < Kp; k0 += kTileDepth) {
+        for (int64_t k = 0; k < k_steps; ++k) {
+          const int64_t k0 = k * kTileDepth;
           const uint16_t* b = panel + (k0 / 2) * kPanelPairStride + q * 2 * kGroup;
           _tile_loadd(4, a + k0, a_stride * 2);
           _tile_loadd(6, b, kPanelRowBytes);
@@ -186,6 +192,7 @@ struct AmxProduct {
           _tile_loadd(5, a1 + k0, a_stride * 2);
           _tile_dpbf16ps(2, 5, 6);
           _tile_dpbf16ps(3, 5, 7);
+          between((q / 2) * k_steps + k, 2 * k_steps);
         }
         _tile_stored(0, out + q * kGroup, kOutRowBytes);
         _tile_stored(1, out + (q + 1) * kGroup, kOutRowBytes);
@@ -198,7 +205,8 @@ struct AmxProduct {
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-    for (int64_t k0 = 0; k0 < Kp; k0 += kTileDepth) {
+    for (int64_t k = 0; k < k_steps; ++k) {
+      const int64_t k0 = k * kTileDepth;
       const uint16_t* b = panel + (k0 / 2) * kPanelPairStride;
       _tile_loadd(4, a + k0, a_stride * 2);
       _tile_loadd(5, b, kPanelRowBytes);
@@ -209,6 +217,7 @@ struct AmxProduct {
       _tile_loadd(5, b + 6 * kGroup, kPanelRowBytes);
       _tile_dpbf16ps(2, 4, 7);
       _tile_dpbf16ps(3, 4, 5);
+      between(k, k_steps);
     }
     _tile_stored(0, out, kOutRowBytes);
     _tile_stored(1, out + kGroup, kOutRowBytes);
@@ -254,8 +263,12 @@ struct Dpbf16Product {
     }
   }
 
+  // between(0, 1) runs first: the vector work would compete with this product for the same ports.
+  template <class Between>
   FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE static void block(const uint16_t* a, int64_t a_stride, int64_t Kp,
-                                                                    int64_t rows, const uint16_t* panel, float* out) {
+                                                                    int64_t rows, const uint16_t* panel, float* out,
+                                                                    Between&& between) {
+    between(0, 1);
     static_assert(kRowTile == 6, "one case per row count below");
     switch (rows) {
       case 1: rows_block<1>(a, a_stride, Kp, panel, out); break;
@@ -288,25 +301,46 @@ FUSED_LSTM_BF16_TARGET void thread_sequence(Team& t, int64_t thread, int64_t tea
   const int64_t own_end = t.split_rows ? std::min(t.N, tiles * (thread + 1) / team * t.row_tile) : t.N;
   const TeamWalk<uint16_t> walk(t.step_rows, t.step_offset, t.reverse, t.split_rows, {own_begin, own_end},
                                 {unit_begin, unit_end}, t.h_buf, t.h_rows * t.Kp, t.Kp);
-  alignas(64) float acc[2 * kTileRows * kPanel];  // a product block's rows (AmxProduct: up to two tiles)
+  // Two product blocks' rows (AmxProduct: up to two tiles each): the pointwise step of one block runs while the
+  // next block's product is computed (AmxProduct::block).
+  alignas(64) float acc[2][2 * kTileRows * kPanel];
   Product::begin();
   const int64_t parity = walk_steps(
       walk, t.parity, step_begin, step_end, [](int64_t, int64_t) {},
       [&](int64_t, int64_t row0, int64_t r0, int64_t r1, const uint16_t* h_cur, uint16_t* h_next)
           FUSED_LSTM_BF16_TARGET {
+        // The block whose product is in acc[pending] and whose pointwise step is not yet done: rows
+        // [pending_tile, pending_tile + pending_rows) of unit block pending_ub, the first `next` of them done.
+        int64_t pending = 0, pending_ub = 0, pending_tile = 0, pending_rows = 0, next = 0;
+        const auto pointwise_until = [&](int64_t end) FUSED_LSTM_BF16_TARGET {
+          for (; next < end; ++next) {
+            const int64_t b = pending_tile + next;
+            const uint16_t* ahead = t.gates + (row0 + b + cpu_limits::kBf16PrefetchRows - t.gates_origin) * 4 * t.H;
+            for (int64_t q = 0; q < 4; ++q) _mm_prefetch(ahead + q * t.H + pending_ub * kGroup, _MM_HINT_T0);
+            pointwise(t, row0, b, pending_ub, acc[pending] + next * kPanel, h_cur, h_next);
+          }
+        };
         for (int64_t ub = block_begin; ub < block_end && r1 > r0; ++ub) {
           const uint16_t* panel = t.packed + ub * t.Kp * kPanel;  // read once from L2 per step, for every tile
           for (int64_t tile = r0, tile_rows = 0; tile < r1; tile += tile_rows) {
             tile_rows = Product::rows_per_block(r1 - tile);
-            Product::block(h_cur + tile * t.Kp, t.Kp, t.Kp, tile_rows, panel, acc);
-            for (int64_t b = 0; b < tile_rows; ++b) {
-              const uint16_t* ahead =
-                  t.gates + (row0 + tile + b + cpu_limits::kBf16PrefetchRows - t.gates_origin) * 4 * t.H;
-              for (int64_t q = 0; q < 4; ++q) _mm_prefetch(ahead + q * t.H + ub * kGroup, _MM_HINT_T0);
-              pointwise(t, row0, tile + b, ub, acc + b * kPanel, h_cur, h_next);
-            }
+            // The pending block's rows spread evenly over this product's k steps: by the end of step s, the
+            // first pending_rows * (s + 1) / steps.
+            Product::block(h_cur + tile * t.Kp, t.Kp, t.Kp, tile_rows, panel, acc[1 - pending],
+                           [&](int64_t s, int64_t steps) FUSED_LSTM_BF16_TARGET {
+                             int64_t end = next;
+                             while (end < pending_rows && end * steps < pending_rows * (s + 1)) ++end;
+                             pointwise_until(end);
+                           });
+            pointwise_until(pending_rows);
+            pending = 1 - pending;
+            pending_ub = ub;
+            pending_tile = tile;
+            pending_rows = tile_rows;
+            next = 0;
           }
         }
+        pointwise_until(pending_rows);
       });
   Product::end();
 #pragma omp barrier
@@ -403,7 +437,8 @@ FUSED_LSTM_BF16_TARGET void thread_backward(const BackwardTeam& t, int64_t threa
       const int64_t columns = std::min(kPanel, t.H - p * kPanel);
       for (int64_t tile = 0, tile_rows = 0; tile < carried; tile += tile_rows) {
         tile_rows = Product::rows_per_block(carried - tile);
-        Product::block(dg_rows + tile * t.K4p, t.K4p, t.K4p, tile_rows, t.packed + p * t.K4p * kPanel, acc);
+        Product::block(dg_rows + tile * t.K4p, t.K4p, t.K4p, tile_rows, t.packed + p * t.K4p * kPanel, acc,
+                       [](int64_t, int64_t) {});
         for (int64_t b = 0; b < tile_rows; ++b) {
           std::copy(acc + b * kPanel, acc + b * kPanel + columns, t.dh + (tile + b) * t.H + p * kPanel);
         }
