@@ -158,10 +158,11 @@ def test_training_gradients_within_torch_error(steps, batch, input_size, hidden,
 @pytest.mark.parametrize("training", [False, True])
 def test_projection_in_several_chunks(training, bf16_kernel, poisoned_empty):
     """The input projection runs in chunks of steps (cpu_plan.h, chunk_steps): forward and reversed, packed."""
-    T, N, I, H = 40, 64, 16, 256
+    N, I, H = 64, 16, 256
+    chunk = _C.cpu_plan_bf16_forward(N, H, I, 1 << 20)["chunk_steps"]
+    T = chunk + chunk // 2 + 1  # a full chunk and a partial one
     plan = _C.cpu_plan_bf16_forward(N, H, I, T * N)
-    if plan["chunk_steps"] >= T:
-        pytest.skip(f"this CPU's L2 takes all {T} steps in one chunk ({plan})")
+    assert plan["fused"] and plan["chunk_steps"] == chunk < T, plan
     ref, ours = lstm_pair(I, H, bidirectional=True, dtype=torch.float32, init_scale=None)
     ours.requires_grad_(training)
     x = torch.randn(T, N, I)

@@ -367,6 +367,20 @@ def test_bf16_forward_kernel_follows_the_cpu_and_the_batch(machine):
     assert bf16_forward(1, 64, 64, rows=1, machine=overrides, required=True)["fused"]
 
 
+def test_bf16_projection_chunks(machine):
+    """The input projection's chunks: half an L2 of gates, else kBf16ProjectionChunkRows rows while their
+    buffer fits kBf16ProjectionChunkBytes, never fewer than kBf16MinProjectionChunkRows (cpu_limits.h)."""
+    overrides, full, limits = machine
+    l2 = full["l2_bytes"]
+    for batch, hidden in ((1, 64), (8, 512), (64, 512), (64, 1024), (3, 4096), (64, 16384)):
+        row_bytes = 8 * hidden
+        rows = min(max(limits["bf16_projection_chunk_bytes"] // row_bytes, limits["bf16_min_projection_chunk_rows"]),
+                   limits["bf16_projection_chunk_rows"])
+        expected = max(1, l2 // limits["bf16_projection_l2_divisor"] // (batch * row_bytes), -(-rows // batch))
+        assert bf16_forward(batch, hidden, hidden, machine=overrides)["chunk_steps"] == expected, (batch, hidden)
+    assert limits["bf16_min_projection_chunk_rows"] <= limits["bf16_projection_chunk_rows"]
+
+
 def test_bf16_backward_plan(machine):
     overrides, full, limits = machine
     plan = _C.cpu_plan_bf16_backward(8, 100, 400, machine=dict(overrides or {}, bf16_kernels="amx"))

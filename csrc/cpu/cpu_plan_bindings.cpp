@@ -85,6 +85,8 @@ void register_cpu_plan_bindings(py::module_& m) {
     d["bf16_projection_l2_divisor"] = limits::kBf16ProjectionL2Divisor;
     d["bf16_row_split_l2_divisor"] = limits::kBf16RowSplitL2Divisor;
     d["bf16_min_projection_chunk_rows"] = limits::kBf16MinProjectionChunkRows;
+    d["bf16_projection_chunk_rows"] = limits::kBf16ProjectionChunkRows;
+    d["bf16_projection_chunk_bytes"] = limits::kBf16ProjectionChunkBytes;
     // From the caches:
     d["usable_l3_bytes"] = usable_l3_bytes(mach);
     d["fused_projection_max_slice_bytes"] = fused_projection_max_slice_bytes(mach);
