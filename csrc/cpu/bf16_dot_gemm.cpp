@@ -58,8 +58,8 @@ FUSED_LSTM_BF16_DOT_TARGET FUSED_LSTM_ALWAYS_INLINE __m512 load_as_float(const f
 FUSED_LSTM_ALWAYS_INLINE float as_float(uint16_t bits) { return bf16_bits_to_float(bits); }
 FUSED_LSTM_ALWAYS_INLINE float as_float(float value) { return value; }
 
-// Lanes `mask` of one output row: sum plus out's old value (accumulate) or plus bias (if given), rounded by
-// vcvtneps2bf16 (to nearest even, as c10::BFloat16; it also flushes float32 denormals to zero).
+// Lanes `mask` of one output row: sum plus out's old value (accumulate) or plus bias (if given), rounded as
+// c10::BFloat16 rounds (narrow_bf16).
 FUSED_LSTM_BF16_DOT_TARGET FUSED_LSTM_ALWAYS_INLINE void store_row(__m512 sum, uint16_t* out, bool accumulate,
                                                                    const uint16_t* bias, __mmask16 mask) {
   if (accumulate) {
@@ -67,7 +67,7 @@ FUSED_LSTM_BF16_DOT_TARGET FUSED_LSTM_ALWAYS_INLINE void store_row(__m512 sum, u
   } else if (bias) {
     sum = _mm512_add_ps(sum, load_as_float(bias, mask));
   }
-  _mm256_mask_storeu_epi16(out, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(sum)));
+  _mm256_mask_storeu_epi16(out, mask, narrow_bf16(sum));
 }
 
 // Rows x Cols outputs: out[r, c] (+)= bias[c] + sum_k a[r, k] * w[c, k]. Each accumulator lane sums one k pair of

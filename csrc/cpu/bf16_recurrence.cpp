@@ -94,16 +94,9 @@ FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE vec<16> widen(__m256i bf16) {
   return reinterpret_cast<vec<16>>(widen_bf16(bf16));
 }
 
-// float32 -> bfloat16 rounded to nearest even, NaN to the quiet NaN 0x7fc0: c10::BFloat16's conversion, bit
-// for bit (vcvtneps2bf16 would flush denormals), so that what we write equals what the per-step loop writes
-// for the same float32 value.
+// narrow_bf16 on the vec<16> the pointwise math returns.
 FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE __m256i narrow(vec<16> x) {
-  const __m512i bits = reinterpret_cast<__m512i>(x);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  const __mmask16 nan = _mm512_cmp_ps_mask(reinterpret_cast<__m512>(x), reinterpret_cast<__m512>(x), _CMP_UNORD_Q);
-  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc00000));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+  return narrow_bf16(reinterpret_cast<__m512>(x));
 }
 
 // The pointwise step of row b (of this step's rows, which start at input row row0) for the units of block ub,

@@ -16,6 +16,18 @@ FUSED_LSTM_BF16_SIMD_TARGET inline __m512 widen_bf16(__m256i bf16) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
 }
 
+// 16 float32 as bfloat16 rounded to nearest even, NaN to the quiet NaN 0x7fc0: c10::BFloat16's conversion, bit
+// for bit (vcvtneps2bf16 would flush denormals), so that every kernel writes what ATen and the per-step loop
+// write for the same float32 value.
+FUSED_LSTM_BF16_SIMD_TARGET inline __m256i narrow_bf16(__m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc00000));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+
 // The VNNI pair layout of vdpbf16ps and AMX B tiles: 16 columns of two consecutive reduction rows, row k's
 // bfloat16 in the low half of each 32-bit lane and row k + 1's in the high half.
 FUSED_LSTM_BF16_SIMD_TARGET inline __m512i vnni_pairs(__m256i even, __m256i odd) {
