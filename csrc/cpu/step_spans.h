@@ -153,32 +153,6 @@ FUSED_LSTM_ALWAYS_INLINE void backward_span_native(const StepBackwardArgs& a, in
   }
 }
 
-// Forward of hidden units [j0, j1) of batch row b. Arguments as in StepForwardArgs. Lanes = 0: scalar code
-// that `omp simd` vectorises; Lanes > 0: float32 math in explicit vectors of that many floats (simd_math.h),
-// for the kernels built per instruction set (simd.h). 16-bit types run the float32 code (kThroughFloat) with
-// Lanes. StreamLanes > 0 (float32, kernels built per instruction set): the saved h_prev and c_prev, which only
-// the backward reads, go out through stream_copy in vectors of that many floats, and the caller issues
-// stream_fence() before they are read.
-template <typename scalar_t, int Lanes = 0, int StreamLanes = 0>
-FUSED_LSTM_ALWAYS_INLINE void forward_span(const StepForwardArgs& a, int64_t b, int64_t j0, int64_t j1) {
-  if constexpr (kThroughFloat<scalar_t>) {
-    forward_span_through_float<scalar_t, Lanes>(a, b, j0, j1);
-  } else {
-    forward_span_native<scalar_t, Lanes, StreamLanes>(a, b, j0, j1);
-  }
-}
-
-// Backward of hidden units [j0, j1) of batch row b. Arguments as in StepBackwardArgs; Lanes as in
-// forward_span.
-template <typename scalar_t, int Lanes = 0>
-FUSED_LSTM_ALWAYS_INLINE void backward_span(const StepBackwardArgs& a, int64_t b, int64_t j0, int64_t j1) {
-  if constexpr (kThroughFloat<scalar_t>) {
-    backward_span_through_float<scalar_t, Lanes>(a, b, j0, j1);
-  } else {
-    backward_span_native<scalar_t, Lanes>(a, b, j0, j1);
-  }
-}
-
 // Units per chunk of the 16-bit spans: the chunk's float32 copies (11 rows of it, backward) stay in L1.
 constexpr int64_t kFloatChunk = 128;
 
@@ -270,6 +244,32 @@ FUSED_LSTM_ALWAYS_INLINE void backward_span_through_float(const StepBackwardArgs
     for (int q = 0; q < 4; ++q) narrow(dg32 + q * kFloatChunk, dg + q * H + j, n);
     narrow(dc32, dc + j, n);
     if (h_next) narrow(h32, h_next + j, n);
+  }
+}
+
+// Forward of hidden units [j0, j1) of batch row b. Arguments as in StepForwardArgs. Lanes = 0: scalar code
+// that `omp simd` vectorises; Lanes > 0: float32 math in explicit vectors of that many floats (simd_math.h),
+// for the kernels built per instruction set (simd.h). 16-bit types run the float32 code (kThroughFloat) with
+// Lanes. StreamLanes > 0 (float32, kernels built per instruction set): the saved h_prev and c_prev, which only
+// the backward reads, go out through stream_copy in vectors of that many floats, and the caller issues
+// stream_fence() before they are read.
+template <typename scalar_t, int Lanes = 0, int StreamLanes = 0>
+FUSED_LSTM_ALWAYS_INLINE void forward_span(const StepForwardArgs& a, int64_t b, int64_t j0, int64_t j1) {
+  if constexpr (kThroughFloat<scalar_t>) {
+    forward_span_through_float<scalar_t, Lanes>(a, b, j0, j1);
+  } else {
+    forward_span_native<scalar_t, Lanes, StreamLanes>(a, b, j0, j1);
+  }
+}
+
+// Backward of hidden units [j0, j1) of batch row b. Arguments as in StepBackwardArgs; Lanes as in
+// forward_span.
+template <typename scalar_t, int Lanes = 0>
+FUSED_LSTM_ALWAYS_INLINE void backward_span(const StepBackwardArgs& a, int64_t b, int64_t j0, int64_t j1) {
+  if constexpr (kThroughFloat<scalar_t>) {
+    backward_span_through_float<scalar_t, Lanes>(a, b, j0, j1);
+  } else {
+    backward_span_native<scalar_t, Lanes>(a, b, j0, j1);
   }
 }
 
