@@ -89,6 +89,15 @@ def cell_pair(*args, dtype=torch.float64, **kwargs):
     return ref, ours
 
 
+def cell_loop(cell, xs, h, c):
+    """The h of each step of an LSTMCell run over xs [T, N, I] from (h, c)."""
+    hs = []
+    for x in xs:
+        h, c = cell(x, (h, c))
+        hs.append(h)
+    return hs
+
+
 def assert_close(actual, expected, dtype=torch.float64, what=""):
     """Elementwise closeness with the absolute tolerance scaled by the tensor's magnitude: weight gradients
     sum over every step and row, so their rounding error grows with their size."""

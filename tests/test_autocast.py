@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fused_lstm
+from conftest import cell_loop
 from fused_lstm import reference
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
@@ -113,12 +114,9 @@ class _CastCounter(torch.utils._python_dispatch.TorchDispatchMode):
 
 def _cell_loop(cell, xs, dtype):
     h = c = torch.zeros(xs.size(1), cell.hidden_size)
-    outputs = []
     with torch.autocast("cpu", dtype=dtype):
-        for x in xs:
-            h, c = cell(x, (h, c))
-            outputs.append(h)
-    return torch.stack(outputs)
+        hs = cell_loop(cell, xs, h, c)
+    return torch.stack(hs)
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fused_lstm
-from conftest import assert_close, cell_pair
+from conftest import assert_close, cell_loop, cell_pair
 
 kept_blocks = fused_lstm._C._kept_gradient_blocks
 
@@ -28,10 +28,7 @@ def cells():
 
 def loop_backward(cell, x, h, c, on_first_h_grad=None):
     """Runs the cell over x [T, N, I] from (h, c) and back from the sum of every h; returns the first h."""
-    hs = []
-    for step in x:
-        h, c = cell(step, (h, c))
-        hs.append(h)
+    hs = cell_loop(cell, x, h, c)
     if on_first_h_grad is not None:
         hs[0].register_hook(on_first_h_grad)  # runs in the last step of the backward pass
     torch.stack(hs).sum().backward()
