@@ -216,6 +216,8 @@ def test_compare_flags_nan_shape_and_dtype() -> None:
 
 def test_tolerances_depend_on_dtype() -> None:
     assert tolerance_for("fp32", CPU) == TOLERANCES["fp32"]
+    assert tolerance_for("autocast-bf16", CPU) == TOLERANCES["bf16"]
+    assert tolerance_for("autocast-fp16", CPU) == TOLERANCES["fp16"]
     assert TOLERANCES["fp32"].rtol < TOLERANCES["fp16"].rtol < TOLERANCES["bf16"].rtol
 
 

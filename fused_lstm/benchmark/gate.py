@@ -29,6 +29,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence
 
 from .inputs import InputSet, as_data
+from .shapes import compute_precision
 from .workloads import Outputs, backward, forward
 
 
@@ -65,7 +66,7 @@ def tolerance_for(dtype_name: str, device: torch.device,
         return override
     if dtype_name == "fp32" and device.type == "cuda" and cudnn_may_use_tf32():
         return TOLERANCES["tf32"]
-    return TOLERANCES[dtype_name.removeprefix("autocast-")]  # autocast computes in its dtype: that one's
+    return TOLERANCES[compute_precision(dtype_name)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,6 +47,12 @@ def compute_dtype(name: str) -> torch.dtype:
     return AUTOCAST_DTYPES.get(name, DTYPES[name])
 
 
+def compute_precision(name: str) -> str:
+    """The plain precision (a module dtype's name) that ``name`` computes in: ``bf16`` for ``autocast-bf16``."""
+    dtype = compute_dtype(name)
+    return next(plain for plain, d in DTYPES.items() if d == dtype and plain not in AUTOCAST_DTYPES)
+
+
 #: Precisions allowed on CPU (fp16 has no fast CPU path in torch.nn.LSTM to race).
 CPU_DTYPES: Tuple[str, ...] = ("fp32", "bf16", "autocast-bf16")
 
