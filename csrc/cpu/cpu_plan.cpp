@@ -330,6 +330,16 @@ ForwardPlan plan_forward(const ForwardShape& s, const Machine& m) {
   return plan;
 }
 
+namespace {
+
+// The bfloat16 recurrences' kernel (on a CPU with AVX512-BF16): AMX tiles from kAmxMinBatch rows, else vdpbf16ps.
+CpuBf16Kernels bf16_recurrence_kernel(int64_t N, const Machine& m) {
+  return m.bf16_kernels == CpuBf16Kernels::amx && N >= limits::kAmxMinBatch ? CpuBf16Kernels::amx
+                                                                            : CpuBf16Kernels::avx512_bf16;
+}
+
+}  // namespace
+
 Bf16ForwardPlan plan_bf16_forward(const ForwardShape& s, const Machine& m) {
   Bf16ForwardPlan plan;
   const int64_t N = s.batch, H = s.hidden, Hout = s.out_hidden;
@@ -344,9 +354,8 @@ Bf16ForwardPlan plan_bf16_forward(const ForwardShape& s, const Machine& m) {
     return plan;
   }
   plan.fused = true;
-  const bool amx = m.bf16_kernels == CpuBf16Kernels::amx && N >= limits::kAmxMinBatch;
-  plan.kernel = amx ? CpuBf16Kernels::amx : CpuBf16Kernels::avx512_bf16;
-  plan.row_tile = amx ? limits::kAmxTileRows : 1;
+  plan.kernel = bf16_recurrence_kernel(N, m);
+  plan.row_tile = plan.kernel == CpuBf16Kernels::amx ? limits::kAmxTileRows : 1;
   plan.packed_depth = ceil_div(Hout, limits::kBf16PackedDepthMultiple) * limits::kBf16PackedDepthMultiple;
   const int64_t weights = 4 * ceil_div(H, kGroup) * kGroup * plan.packed_depth * 2;  // packed bfloat16 W_hh
   const int64_t unit_team = team_size(H, Hout, N, ceil_div(H, kGroup), m);
@@ -377,8 +386,7 @@ Bf16BackwardPlan plan_bf16_backward(int64_t N, int64_t H, int64_t R, bool projec
     return plan;
   }
   plan.fused = true;
-  const bool amx = m.bf16_kernels == CpuBf16Kernels::amx && N >= limits::kAmxMinBatch;
-  plan.kernel = amx ? CpuBf16Kernels::amx : CpuBf16Kernels::avx512_bf16;
+  plan.kernel = bf16_recurrence_kernel(N, m);
   plan.packed_depth = ceil_div(4 * H, limits::kBf16PackedDepthMultiple) * limits::kBf16PackedDepthMultiple;
   plan.threads = team_size(H, H, N, ceil_div(H, 4 * kGroup), m);
   plan.reason = "bfloat16 backward recurrence: threads own 64-unit panels of dh, one barrier per step";

@@ -53,37 +53,42 @@ const char* kernel_name(Pass pass) {
   return pass == Pass::Backward ? "persistent_backward_kernel" : "persistent_forward_kernel";
 }
 
-template <typename scalar_t, bool kProject>
-auto forward_kernel_for(bool save_workspace, Product product, Exchange exchange) {
-  if (exchange == Exchange::Cluster) {  // Fma only (candidate_variants)
-    return save_workspace ? &persistent_forward_kernel<scalar_t, true, Product::Fma, Exchange::Cluster, kProject>
-                          : &persistent_forward_kernel<scalar_t, false, Product::Fma, Exchange::Cluster, kProject>;
-  }
-  if (product == Product::Mma) {
-    return save_workspace ? &persistent_forward_kernel<scalar_t, true, Product::Mma, Exchange::Grid, kProject>
-                          : &persistent_forward_kernel<scalar_t, false, Product::Mma, Exchange::Grid, kProject>;
-  }
-  return save_workspace ? &persistent_forward_kernel<scalar_t, true, Product::Fma, Exchange::Grid, kProject>
-                        : &persistent_forward_kernel<scalar_t, false, Product::Fma, Exchange::Grid, kProject>;
+// Calls variant(product, exchange) with both as compile-time constants (std::integral_constant): the variants
+// the kernels are built in. The cluster exchange exists for Fma only (candidate_variants).
+template <typename F>
+auto with_variant(Product product, Exchange exchange, F&& variant) {
+  using Fma = std::integral_constant<Product, Product::Fma>;
+  using Mma = std::integral_constant<Product, Product::Mma>;
+  using Grid = std::integral_constant<Exchange, Exchange::Grid>;
+  if (exchange == Exchange::Cluster) return variant(Fma{}, std::integral_constant<Exchange, Exchange::Cluster>{});
+  return product == Product::Mma ? variant(Mma{}, Grid{}) : variant(Fma{}, Grid{});
+}
+
+// Calls f(std::true_type) or f(std::false_type).
+template <typename F>
+auto with_flag(bool flag, F&& f) {
+  return flag ? f(std::true_type{}) : f(std::false_type{});
 }
 
 template <typename scalar_t>
 auto forward_kernel(bool save_workspace, Product product, Exchange exchange, bool project) {
-  return project ? forward_kernel_for<scalar_t, true>(save_workspace, product, exchange)
-                 : forward_kernel_for<scalar_t, false>(save_workspace, product, exchange);
+  return with_variant(product, exchange, [&](auto p, auto e) {
+    return with_flag(save_workspace, [&](auto save) {
+      return with_flag(project, [&](auto proj) {
+        return &persistent_forward_kernel<scalar_t, decltype(save)::value, decltype(p)::value, decltype(e)::value,
+                                         decltype(proj)::value>;
+      });
+    });
+  });
 }
 
 template <typename scalar_t>
 auto backward_kernel(Product product, Exchange exchange, bool project) {
-  if (exchange == Exchange::Cluster) {  // Fma only (candidate_variants)
-    return project ? &persistent_backward_kernel<scalar_t, true, Product::Fma, Exchange::Cluster>
-                   : &persistent_backward_kernel<scalar_t, false, Product::Fma, Exchange::Cluster>;
-  }
-  if (product == Product::Mma) {
-    return project ? &persistent_backward_kernel<scalar_t, true, Product::Mma>
-                   : &persistent_backward_kernel<scalar_t, false, Product::Mma>;
-  }
-  return project ? &persistent_backward_kernel<scalar_t, true> : &persistent_backward_kernel<scalar_t, false>;
+  return with_variant(product, exchange, [&](auto p, auto e) {
+    return with_flag(project, [&](auto proj) {
+      return &persistent_backward_kernel<scalar_t, decltype(proj)::value, decltype(p)::value, decltype(e)::value>;
+    });
+  });
 }
 
 // The storage dtypes the persistent kernels are built for: AT_DISPATCH over float32, float16 and bfloat16 (any
