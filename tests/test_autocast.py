@@ -33,6 +33,14 @@ def _expected_layer(lstm, x, hx, dtype):
     return out, h, c
 
 
+@pytest.mark.parametrize("op", ["fused_lstm::lstm_layer", "fused_lstm::lstm_cell"])
+def test_both_devices_have_the_autocast_kernel(op):
+    """CUDA's autocast kernel is csrc/autocast.cpp's template that the CPU cases below run, registered for
+    AutocastCUDA too: without a GPU, the registration is what can be checked here."""
+    for key in ("AutocastCPU", "AutocastCUDA"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, key), (op, key)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("input_dtype,hx_dtype,weight_dtype", MIXES)
