@@ -31,13 +31,17 @@ pytestmark = pytest.mark.skipif(emu is None, reason="fused_lstm._emu (the CUDA e
 EMU = "fused_lstm_emu"
 CPU = "fused_lstm"
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-# The floor of the tolerance rule, relative to the reference's magnitude. For float16 and bfloat16 it is 4 units
+# The floor of the tolerance rule, relative to the reference's magnitude. For float16 and bfloat16 it is 8 units
 # of the type's rounding (2^-10, 2^-7): their gradients run through a workspace stored in the type, whose
 # rounding two correct kernels flip differently (a persistent kernel keeps c in float32 across steps, the CPU
 # path rounds it every step), and a saturated gate turns one flipped unit into several. Over 1000 seeds of
 # test_persistent_projection_backward's batch-1 layer in float16 the emulated error needed up to 3.2 units
-# above twice the CPU path's (median 0); a wrong element or a missing barrier is off by O(1).
-FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 4 * 2.0**-10, torch.bfloat16: 4 * 2.0**-7}
+# above twice the CPU path's (median 0); on proj_odd_strided one draw in about 200-500 needs more, 5.4 units at
+# FUSED_LSTM_TEST_SEED=267828110, and there the CPU path's own backward, run on the persistent forward's
+# workspace, is as far off (0.114 against the emulated 0.122) while that workspace is as close to float64 as
+# the CPU path's (RMS 3.0e-4 against 3.1e-4 for the gates): an ill-conditioned draw, not a kernel error. A wrong
+# element or a missing barrier is off by O(1).
+FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 8 * 2.0**-10, torch.bfloat16: 8 * 2.0**-7}
 
 
 @pytest.fixture(autouse=True)
