@@ -368,16 +368,19 @@ def test_bf16_forward_kernel_follows_the_cpu_and_the_batch(machine):
 
 
 def test_bf16_projection_chunks(machine):
-    """The input projection's chunks: half an L2 of gates, else kBf16ProjectionChunkRows rows while their
-    buffer fits kBf16ProjectionChunkBytes, never fewer than kBf16MinProjectionChunkRows (cpu_limits.h)."""
+    """The input projection's chunks (cpu_limits.h): the most steps of half an L2 of gates, of
+    kBf16MinProjectionChunkRows rows, and of kBf16ProjectionChunkRows rows cut to whole steps within
+    kBf16ProjectionChunkBytes."""
     overrides, full, limits = machine
-    l2 = full["l2_bytes"]
-    for batch, hidden in ((1, 64), (8, 512), (64, 512), (64, 1024), (3, 4096), (64, 16384)):
-        row_bytes = 8 * hidden
-        rows = min(max(limits["bf16_projection_chunk_bytes"] // row_bytes, limits["bf16_min_projection_chunk_rows"]),
-                   limits["bf16_projection_chunk_rows"])
-        expected = max(1, l2 // limits["bf16_projection_l2_divisor"] // (batch * row_bytes), -(-rows // batch))
+    for batch, hidden in ((1, 64), (8, 512), (64, 512), (64, 1024), (64, 2048), (3, 4096), (64, 16384)):
+        step_bytes = batch * 8 * hidden
+        long_steps = min(-(-limits["bf16_projection_chunk_rows"] // batch),
+                         limits["bf16_projection_chunk_bytes"] // step_bytes)
+        expected = max(1, full["l2_bytes"] // limits["bf16_projection_l2_divisor"] // step_bytes,
+                       -(-limits["bf16_min_projection_chunk_rows"] // batch), long_steps)
         assert bf16_forward(batch, hidden, hidden, machine=overrides)["chunk_steps"] == expected, (batch, hidden)
+        if expected > -(-limits["bf16_min_projection_chunk_rows"] // batch):  # the minimum did not decide
+            assert expected * step_bytes <= limits["bf16_projection_chunk_bytes"], (batch, hidden)
     assert limits["bf16_min_projection_chunk_rows"] <= limits["bf16_projection_chunk_rows"]
 
 

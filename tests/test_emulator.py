@@ -31,17 +31,18 @@ pytestmark = pytest.mark.skipif(emu is None, reason="fused_lstm._emu (the CUDA e
 EMU = "fused_lstm_emu"
 CPU = "fused_lstm"
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-# The floor of the tolerance rule, relative to the reference's magnitude. For float16 and bfloat16 it is 8 units
+# The floor of the tolerance rule, relative to the reference's magnitude. For float16 and bfloat16 it is 4 units
 # of the type's rounding (2^-10, 2^-7): their gradients run through a workspace stored in the type, whose
 # rounding two correct kernels flip differently (a persistent kernel keeps c in float32 across steps, the CPU
 # path rounds it every step), and a saturated gate turns one flipped unit into several. Over 1000 seeds of
 # test_persistent_projection_backward's batch-1 layer in float16 the emulated error needed up to 3.2 units
-# above twice the CPU path's (median 0); on proj_odd_strided one draw in about 200-500 needs more, 5.4 units at
-# FUSED_LSTM_TEST_SEED=267828110, and there the CPU path's own backward, run on the persistent forward's
-# workspace, is as far off (0.114 against the emulated 0.122) while that workspace is as close to float64 as
-# the CPU path's (RMS 3.0e-4 against 3.1e-4 for the gates): an ill-conditioned draw, not a kernel error. A wrong
-# element or a missing barrier is off by O(1).
-FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 8 * 2.0**-10, torch.bfloat16: 8 * 2.0**-7}
+# above twice the CPU path's (median 0); a wrong element or a missing barrier is off by O(1).
+FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 4 * 2.0**-10, torch.bfloat16: 4 * 2.0**-7}
+# The projection backward gets twice the floor. On proj_odd_strided about one float16 draw in 200-500 needed
+# 5.4 units (FUSED_LSTM_TEST_SEED=267828110); there the CPU path's own backward, run on the persistent forward's
+# workspace, is as far off (0.114 against the emulated 0.122) while that workspace is as close to float64 as the
+# CPU path's (gates RMS 3.0e-4 against 3.1e-4): an ill-conditioned draw, not a kernel error.
+PROJECTION_BACKWARD_FLOOR_SCALE = 2
 
 
 @pytest.fixture(autouse=True)
@@ -238,8 +239,9 @@ def flatten(forward, backward=None) -> Dict[str, torch.Tensor]:
 
 
 def check_rule(emulated: Dict[str, torch.Tensor], cpu: Dict[str, torch.Tensor], reference: Dict[str, torch.Tensor],
-               dtype: torch.dtype) -> None:
-    """Each emulated tensor: finite, the reference's shape, and within 2x the CPU path's error plus the floor."""
+               dtype: torch.dtype, floor_scale: float = 1) -> None:
+    """Each emulated tensor: finite, the reference's shape, and within 2x the CPU path's error plus the floor
+    (times floor_scale)."""
     for name, ref in reference.items():
         ours, theirs = emulated[name], cpu[name]
         assert ours.shape == ref.shape, name
@@ -247,7 +249,7 @@ def check_rule(emulated: Dict[str, torch.Tensor], cpu: Dict[str, torch.Tensor], 
         scale = max(1.0, ref.abs().max().item())
         err_ours = (ours.double() - ref).abs().max().item() if ref.numel() else 0.0
         err_cpu = (theirs.double() - ref).abs().max().item() if ref.numel() else 0.0
-        assert err_ours <= 2 * err_cpu + FLOOR[dtype] * scale, (name, err_ours, err_cpu)
+        assert err_ours <= 2 * err_cpu + FLOOR[dtype] * floor_scale * scale, (name, err_ours, err_cpu)
 
 
 def random_grads(forward, dtype):
@@ -886,7 +888,7 @@ def test_persistent_projection_backward(layer: Layer, dtype: torch.dtype, produc
     assert (plan["tensor_cores"], plan["cluster"]) == (product == "mma", exchange == "cluster")
     before = persistent_launches()
     emulated, cpu, reference = run_layer(layer, dtype, recurrence="persistent")
-    check_rule(emulated, cpu, reference, dtype)
+    check_rule(emulated, cpu, reference, dtype, floor_scale=PROJECTION_BACKWARD_FLOOR_SCALE)
     assert persistent_launches() == before + 2 * layer.directions  # forward and backward
 
 

@@ -308,8 +308,13 @@ FUSED_LSTM_BF16_TARGET void thread_sequence(Team& t, int64_t thread, int64_t tea
         const auto pointwise_until = [&](int64_t end) FUSED_LSTM_BF16_TARGET {
           for (; next < end; ++next) {
             const int64_t b = pending_tile + next;
-            const uint16_t* ahead = t.gates + (row0 + b + cpu_limits::kBf16PrefetchRows - t.gates_origin) * 4 * t.H;
-            for (int64_t q = 0; q < 4; ++q) _mm_prefetch(ahead + q * t.H + pending_ub * kGroup, _MM_HINT_T0);
+            // An address, not a pointer: near the chunk's end it lies past the gates (harmless to prefetch).
+            const uintptr_t ahead =
+                reinterpret_cast<uintptr_t>(t.gates) +
+                ((row0 + b + cpu_limits::kBf16PrefetchRows - t.gates_origin) * 4 * t.H + pending_ub * kGroup) * 2;
+            for (int64_t q = 0; q < 4; ++q) {
+              _mm_prefetch(reinterpret_cast<const char*>(ahead + q * t.H * 2), _MM_HINT_T0);
+            }
             pointwise(t, row0, b, pending_ub, acc[pending] + next * kPanel, h_cur, h_next);
           }
         };
@@ -318,7 +323,7 @@ FUSED_LSTM_BF16_TARGET void thread_sequence(Team& t, int64_t thread, int64_t tea
           for (int64_t tile = r0, tile_rows = 0; tile < r1; tile += tile_rows) {
             tile_rows = Product::rows_per_block(r1 - tile);
             // The pending block's rows spread evenly over this product's k steps: by the end of step s, the
-            // first pending_rows * (s + 1) / steps.
+            // first pending_rows * (s + 1) / steps, rounded up.
             Product::block(h_cur + tile * t.Kp, t.Kp, t.Kp, tile_rows, panel, acc[1 - pending],
                            [&](int64_t s, int64_t steps) FUSED_LSTM_BF16_TARGET {
                              int64_t end = next;

@@ -17,8 +17,8 @@ FUSED_LSTM_BF16_SIMD_TARGET inline __m512 widen_bf16(__m256i bf16) {
 }
 
 // 16 float32 as bfloat16 rounded to nearest even, NaN to the quiet NaN 0x7fc0: c10::BFloat16's conversion, bit
-// for bit (vcvtneps2bf16 would flush denormals), so that every kernel writes what ATen and the per-step loop
-// write for the same float32 value.
+// for bit (vcvtneps2bf16 would flush denormals), so that every kernel here writes what c10's conversions (the
+// per-step loop, ATen's elementwise ops) write for the same float32 value.
 FUSED_LSTM_BF16_SIMD_TARGET inline __m256i narrow_bf16(__m512 x) {
   const __m512i bits = _mm512_castps_si512(x);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));

@@ -134,14 +134,13 @@ constexpr int64_t kBf16RowSplitL2Divisor = 2;
 // The input projection runs in chunks of steps whose bfloat16 gates take at most 1 / kBf16ProjectionL2Divisor of
 // one core's L2, just before the team runs them, so that the pointwise step finds them in cache ...
 constexpr int64_t kBf16ProjectionL2Divisor = 2;
-// ... but of at least kBf16ProjectionChunkRows rows, or as many as fit a buffer of kBf16ProjectionChunkBytes
-// (inference's gates buffer; training writes the workspace), and never fewer than kBf16MinProjectionChunkRows:
-// oneDNN's bfloat16 GEMM reorders W_ih on every call, a cost the size of the GEMM of a fixed number of rows
-// whatever H and I. [R, H] @ [H, 4H] in chunks of 1024 / 512 / 128 rows took 1.1x / 1.3x / 2x the time of one
-// call (H = 512 and 1024, R = 3200). LSTM T = 50, N = 64, 2 Xeon cores, inference in chunks of 1024 rows against
-// one: 3.95 against 3.56 ms at H = 256, 38.7 against 36.2 at H = 1024; training 1-3%.
+// ... but of kBf16ProjectionChunkRows rows, fewer (whole steps) where their buffer (inference's; training writes
+// the workspace) would pass kBf16ProjectionChunkBytes, and never fewer than kBf16MinProjectionChunkRows: oneDNN's
+// bfloat16 GEMM reorders W_ih on every call, a cost the size of the GEMM of a fixed number of rows whatever H and
+// I (docs/cpu.md). The byte limit stays under glibc's 32 MiB ceiling for reusing a freed mmap'd block, with room
+// for its header (above it every call faults its buffer in).
 constexpr int64_t kBf16ProjectionChunkRows = 4096;
-constexpr int64_t kBf16ProjectionChunkBytes = int64_t{32} << 20;
+constexpr int64_t kBf16ProjectionChunkBytes = int64_t{30} << 20;
 constexpr int64_t kBf16MinProjectionChunkRows = 1024;
 // The pointwise step prefetches the gates of the row this many rows ahead (they are 8H bytes apart, too far for
 // the hardware's stride prefetcher from H = 256 on).

@@ -364,12 +364,11 @@ Bf16ForwardPlan plan_bf16_forward(const ForwardShape& s, const Machine& m) {
   plan.split_rows = N >= limits::kRowSplitMinBatch && weights <= m.l2_bytes / limits::kBf16RowSplitL2Divisor &&
                     row_team >= unit_team;
   plan.threads = plan.split_rows ? row_team : unit_team;
-  const int64_t row_gate_bytes = std::max<int64_t>(1, 4 * H * 2);
-  const int64_t step_gate_bytes = std::max<int64_t>(1, N) * row_gate_bytes;
-  const int64_t chunk_rows = std::clamp(limits::kBf16ProjectionChunkBytes / row_gate_bytes,
-                                        limits::kBf16MinProjectionChunkRows, limits::kBf16ProjectionChunkRows);
+  const int64_t batch = std::max<int64_t>(1, N), step_gate_bytes = batch * std::max<int64_t>(1, 4 * H * 2);
+  const int64_t long_steps = std::min(ceil_div(limits::kBf16ProjectionChunkRows, batch),
+                                      limits::kBf16ProjectionChunkBytes / step_gate_bytes);
   plan.chunk_steps = std::max({int64_t{1}, m.l2_bytes / limits::kBf16ProjectionL2Divisor / step_gate_bytes,
-                               ceil_div(chunk_rows, std::max<int64_t>(1, N))});
+                               ceil_div(limits::kBf16MinProjectionChunkRows, batch), long_steps});
   plan.reason = plan.split_rows ? "bfloat16, packed W_hh fits one core's L2 and the batch is large: threads split "
                                   "the batch"
                                 : "bfloat16, threads split hidden units, a barrier per step";

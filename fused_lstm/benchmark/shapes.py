@@ -50,7 +50,10 @@ def compute_dtype(name: str) -> torch.dtype:
 def compute_precision(name: str) -> str:
     """The plain precision (a module dtype's name) that ``name`` computes in: ``bf16`` for ``autocast-bf16``."""
     dtype = compute_dtype(name)
-    return next(plain for plain, d in DTYPES.items() if d == dtype and plain not in AUTOCAST_DTYPES)
+    plain = next((p for p, d in DTYPES.items() if d == dtype and p not in AUTOCAST_DTYPES), None)
+    if plain is None:
+        raise KeyError(name)
+    return plain
 
 
 #: Precisions allowed on CPU (fp16 has no fast CPU path in torch.nn.LSTM to race).
