@@ -76,6 +76,7 @@ template <int Rows, int Cols>
 FUSED_LSTM_BF16_DOT_TARGET FUSED_LSTM_ALWAYS_INLINE void bf16_dot_tile(
     const uint16_t* a, int64_t a_rs, const uint16_t* w, int64_t w_rs, int64_t K, uint16_t* out, int64_t out_rs,
     bool accumulate, const uint16_t* bias) {
+  static_assert(Cols == 4 || Cols == 1, "a group of four columns, or one");
   __m512 acc[Rows][Cols];
   for (int r = 0; r < Rows; ++r) {
     for (int c = 0; c < Cols; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -108,15 +109,7 @@ FUSED_LSTM_BF16_DOT_TARGET FUSED_LSTM_ALWAYS_INLINE void bf16_dot_tile(
       const __m128 sums = reduce_add_4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
       store_row(_mm512_castps128_ps512(sums), o, accumulate, bias, 0xF);
     } else {
-      for (int c = 0; c < Cols; ++c) {
-        float sum = _mm512_reduce_add_ps(acc[r][c]);
-        if (accumulate) {
-          sum += bf16_bits_to_float(o[c]);
-        } else if (bias) {
-          sum += bf16_bits_to_float(bias[c]);
-        }
-        o[c] = c10::BFloat16(sum).x;  // round to nearest even
-      }
+      store_row(_mm512_castps128_ps512(_mm_set_ss(_mm512_reduce_add_ps(acc[r][0]))), o, accumulate, bias, 0x1);
     }
   }
 }
@@ -196,7 +189,7 @@ FUSED_LSTM_BF16_DOT_TARGET void bf16_rowmajor_block(const A* a, int64_t a_rs, in
     __mmask16 masks[4];
     for (int q = 0; q < 4; ++q) {
       const int64_t left = std::clamp<int64_t>(cols - c - q * 16, 0, 16);
-      masks[q] = static_cast<__mmask16>((uint32_t{1} << left) - 1);
+      masks[q] = lane_mask16(left);
     }
     const B* bc = b + c;
     uint16_t* oc = out + c;
@@ -251,31 +244,27 @@ Operands operands(const at::Tensor& out, const at::Tensor& a, const at::Tensor& 
 // only a, a few rows, is packed (once per call, as a^T in pairs). Against a row-major b (bf16_amx_rowmajor_matmul),
 // a's rows are the A tiles in place and b's rows are paired into B tiles on the fly. Either way the weight
 // streams through once with no reorder (ATen's oneDNN reorders it on every call).
-#define FUSED_LSTM_BF16_AMX_TARGET __attribute__((target("arch=x86-64-v4,avx512bf16,amx-tile,amx-bf16")))
 
 constexpr int64_t kAmxRows = cpu_limits::kAmxTileRows;    // rows of every tile
 constexpr int64_t kAmxDepth = cpu_limits::kAmxTileDepth;  // bfloat16 per A tile row; 16 pairs per B tile
 
 // Tiles 0-1: C, 2-3: A, 4: B; `rows` rows in C and A (an A tile of a's own rows reads no further), 16 in B,
 // all of 64 bytes.
-FUSED_LSTM_BF16_AMX_TARGET void amx_begin(int64_t rows = kAmxRows) {
-  AmxTileConfig config;
-  for (int i = 0; i < 5; ++i) {
-    config.rows[i] = static_cast<uint8_t>(i < 4 ? rows : kAmxRows);
-    config.bytes_per_row[i] = 64;
-  }
+FUSED_LSTM_BF16_TARGET void amx_begin(int64_t rows = kAmxRows) {
+  AmxTileConfig config = amx_tile_config(5, rows);
+  config.rows[4] = kAmxRows;
   load_tile_config(config);
 }
-FUSED_LSTM_BF16_AMX_TARGET void amx_end() { _tile_release(); }
+FUSED_LSTM_BF16_TARGET void amx_end() { _tile_release(); }
 
 // Rows r < rows of out[:, 0 .. cols) from a C tile stored in c_tile [16][16] float32: row r of the tile, or
 // column r when the tile holds out transposed (the W^T product's C = W_tile @ a^T), through store_row; lanes
 // past `cols` are not written.
 template <bool kTransposed>
-FUSED_LSTM_BF16_AMX_TARGET FUSED_LSTM_ALWAYS_INLINE void amx_write_rows(const float* c_tile, int64_t rows,
-                                                                        int64_t cols, uint16_t* out, int64_t out_rs,
-                                                                        bool accumulate, const uint16_t* bias) {
-  const __mmask16 mask = static_cast<__mmask16>((uint32_t{1} << cols) - 1);
+FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE void amx_write_rows(const float* c_tile, int64_t rows,
+                                                                    int64_t cols, uint16_t* out, int64_t out_rs,
+                                                                    bool accumulate, const uint16_t* bias) {
+  const __mmask16 mask = lane_mask16(cols);
   const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                             _mm512_set1_epi32(kAmxRows));
   for (int64_t r = 0; r < rows; ++r) {
@@ -284,42 +273,48 @@ FUSED_LSTM_BF16_AMX_TARGET FUSED_LSTM_ALWAYS_INLINE void amx_write_rows(const fl
   }
 }
 
+// C tiles 0 .. Tiles - 1 (Tiles = 1 or 2) = W's rows [16 t, 16 t + 16) @ a^T over K, stored to c_tiles[t]: each
+// B tile load (a_pairs, as below) serves every W tile.
+template <int Tiles>
+FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE void amx_w_tile_group(const uint16_t* w, int64_t w_rs, int64_t K,
+                                                                      const uint16_t* a_pairs,
+                                                                      float (*c_tiles)[kAmxRows * kAmxRows]) {
+  static_assert(Tiles == 1 || Tiles == 2, "C tiles 0-1, A tiles 2-3");
+  const int64_t w_bytes = w_rs * 2;
+  _tile_zero(0);
+  if constexpr (Tiles == 2) _tile_zero(1);
+  for (int64_t k0 = 0; k0 < K; k0 += kAmxDepth) {
+    _tile_loadd(4, a_pairs + k0 * kAmxRows, 64);
+    _tile_loadd(2, w + k0, w_bytes);
+    _tile_dpbf16ps(0, 2, 4);
+    if constexpr (Tiles == 2) {
+      _tile_loadd(3, w + kAmxRows * w_rs + k0, w_bytes);
+      _tile_dpbf16ps(1, 3, 4);
+    }
+  }
+  _tile_stored(0, c_tiles[0], 64);
+  if constexpr (Tiles == 2) _tile_stored(1, c_tiles[1], 64);
+}
+
 // out[:, 0 .. valid) = a @ w[0 .. count)^T for `count` rows of W (a multiple of 16: whole tiles, the last one
 // from a zero-padded copy when W ends inside it) against every row of a, given as a_pairs [K / 32][16 pairs]
 // [16 rows][2] (a^T in pairs, rows past `rows` zero). out and bias start at w's first row's column.
-FUSED_LSTM_BF16_AMX_TARGET void amx_w_tiles(const uint16_t* w, int64_t w_rs, int64_t K, const uint16_t* a_pairs,
-                                            int64_t rows, int64_t count, int64_t valid, uint16_t* out,
-                                            int64_t out_rs, bool accumulate, const uint16_t* bias) {
+FUSED_LSTM_BF16_TARGET void amx_w_tiles(const uint16_t* w, int64_t w_rs, int64_t K, const uint16_t* a_pairs,
+                                        int64_t rows, int64_t count, int64_t valid, uint16_t* out,
+                                        int64_t out_rs, bool accumulate, const uint16_t* bias) {
   alignas(64) float c_tiles[2][kAmxRows * kAmxRows];
-  const auto write = [&](int t, int64_t n) FUSED_LSTM_BF16_AMX_TARGET {
+  const auto write = [&](int t, int64_t n) FUSED_LSTM_BF16_TARGET {
     amx_write_rows<true>(c_tiles[t], rows, std::min(kAmxRows, valid - n), out + n, out_rs, accumulate,
-                   bias ? bias + n : nullptr);
+                         bias ? bias + n : nullptr);
   };
-  const int64_t w_bytes = w_rs * 2;
   int64_t n = 0;
   for (; n + 2 * kAmxRows <= count; n += 2 * kAmxRows) {  // two W tiles per B tile load
-    _tile_zero(0);
-    _tile_zero(1);
-    for (int64_t k0 = 0; k0 < K; k0 += kAmxDepth) {
-      _tile_loadd(4, a_pairs + k0 * kAmxRows, 64);
-      _tile_loadd(2, w + n * w_rs + k0, w_bytes);
-      _tile_dpbf16ps(0, 2, 4);
-      _tile_loadd(3, w + (n + kAmxRows) * w_rs + k0, w_bytes);
-      _tile_dpbf16ps(1, 3, 4);
-    }
-    _tile_stored(0, c_tiles[0], 64);
-    _tile_stored(1, c_tiles[1], 64);
+    amx_w_tile_group<2>(w + n * w_rs, w_rs, K, a_pairs, c_tiles);
     write(0, n);
     write(1, n + kAmxRows);
   }
   if (n < count) {
-    _tile_zero(0);
-    for (int64_t k0 = 0; k0 < K; k0 += kAmxDepth) {
-      _tile_loadd(4, a_pairs + k0 * kAmxRows, 64);
-      _tile_loadd(2, w + n * w_rs + k0, w_bytes);
-      _tile_dpbf16ps(0, 2, 4);
-    }
-    _tile_stored(0, c_tiles[0], 64);
+    amx_w_tile_group<1>(w + n * w_rs, w_rs, K, a_pairs, c_tiles);
     write(0, n);
   }
 }
@@ -327,15 +322,15 @@ FUSED_LSTM_BF16_AMX_TARGET void amx_w_tiles(const uint16_t* w, int64_t w_rs, int
 // out[:, c0 .. c0 + cols) for every row of a (at most 16, the tiles' rows), cols <= 32 = two C tiles: A tiles
 // are a's rows in place; B tiles are b's rows paired on the fly (row 2p in the low half of each 32-bit lane,
 // 2p + 1 in the high half: the VNNI layout), both column halves from one 64-byte line of each row.
-FUSED_LSTM_BF16_AMX_TARGET void amx_rowmajor_block(const uint16_t* a, int64_t a_rs, const uint16_t* b, int64_t b_rs,
-                                                   int64_t K, int64_t rows, int64_t cols, uint16_t* out,
-                                                   int64_t out_rs, bool accumulate, const uint16_t* bias) {
+FUSED_LSTM_BF16_TARGET void amx_rowmajor_block(const uint16_t* a, int64_t a_rs, const uint16_t* b, int64_t b_rs,
+                                               int64_t K, int64_t rows, int64_t cols, uint16_t* out,
+                                               int64_t out_rs, bool accumulate, const uint16_t* bias) {
   alignas(64) uint32_t b_tiles[2][kAmxRows * kAmxRows];
   alignas(64) float c_tiles[2][kAmxRows * kAmxRows];
   __mmask16 masks[2];
   for (int half = 0; half < 2; ++half) {
     const int64_t left = std::clamp<int64_t>(cols - half * kAmxRows, 0, kAmxRows);
-    masks[half] = static_cast<__mmask16>((uint32_t{1} << left) - 1);
+    masks[half] = lane_mask16(left);
   }
   _tile_zero(0);
   _tile_zero(1);

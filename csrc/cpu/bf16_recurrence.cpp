@@ -33,8 +33,8 @@ namespace fused_lstm {
 namespace {
 
 // Everything below runs only where cpu_features.cpp found AVX512-BF16 (and, for the AMX kernel, AMX-BF16 with
-// the OS's permission); the AMX instructions are only ever issued by AmxProduct.
-#define FUSED_LSTM_BF16_TARGET __attribute__((target("arch=x86-64-v4,avx512bf16,amx-tile,amx-bf16")))
+// the OS's permission); the AMX instructions are only ever issued by AmxProduct. FUSED_LSTM_BF16_TARGET:
+// bf16_simd.h.
 
 constexpr int64_t kPanel = 4 * kGroup;             // columns per panel: the 4 gates of 16 units
 constexpr int64_t kTileRows = cpu_limits::kAmxTileRows;
@@ -106,7 +106,7 @@ FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE void pointwise(const Team& t, in
                                                                const float* acc, const uint16_t* h_cur,
                                                                uint16_t* h_next) {
   const int64_t H = t.H, u0 = ub * kGroup, n = std::min(kGroup, H - u0);
-  const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+  const __mmask16 m = lane_mask16(n);
   const int64_t row = row0 + b;
   uint16_t* g = t.gates + (row - t.gates_origin) * 4 * H + u0;
   vec<16> pre[4];
@@ -143,12 +143,7 @@ struct AmxProduct {
   static constexpr int64_t kRowTile = kTileRows;
 
   FUSED_LSTM_BF16_TARGET static void begin() {
-    AmxTileConfig config;
-    for (int i = 0; i < 8; ++i) {
-      config.rows[i] = kTileRows;
-      config.bytes_per_row[i] = 64;
-    }
-    load_tile_config(config);
+    load_tile_config(amx_tile_config(8, kTileRows));
   }
   FUSED_LSTM_BF16_TARGET static void end() { _tile_release(); }
 
@@ -326,11 +321,10 @@ FUSED_LSTM_BF16_TARGET void thread_sequence(Team& t, int64_t thread, int64_t tea
             // first pending_rows * (s + 1) / steps, rounded up.
             Product::block(h_cur + tile * t.Kp, t.Kp, t.Kp, tile_rows, panel, acc[1 - pending],
                            [&](int64_t s, int64_t steps) FUSED_LSTM_BF16_TARGET {
-                             int64_t end = next;
-                             while (end < pending_rows && end * steps < pending_rows * (s + 1)) ++end;
-                             pointwise_until(end);
+                             pointwise_until((pending_rows * (s + 1) + steps - 1) / steps);
                            });
-            pointwise_until(pending_rows);
+            // Both products' last between() call (s + 1 == steps) finished the pending block.
+            TORCH_INTERNAL_ASSERT_DEBUG_ONLY(next == pending_rows);
             pending = 1 - pending;
             pending_ub = ub;
             pending_tile = tile;
@@ -373,7 +367,7 @@ FUSED_LSTM_BF16_TARGET void pack_backward_panels(const BackwardTeam& t, int64_t 
     for (int64_t k = 0; k < t.K4p; k += 2) {
       for (int64_t g = 0; g < 4; ++g) {
         const int64_t u0 = p * kPanel + g * kGroup, n = std::clamp<int64_t>(t.H - u0, 0, kGroup);
-        const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+        const __mmask16 m = lane_mask16(n);
         const __m256i even = k < K ? _mm256_maskz_loadu_epi16(m, t.w_hh + k * t.H + u0) : _mm256_setzero_si256();
         const __m256i odd = k + 1 < K ? _mm256_maskz_loadu_epi16(m, t.w_hh + (k + 1) * t.H + u0) : _mm256_setzero_si256();
         _mm512_storeu_si512(panel + (k / 2) * kPanelPairStride + g * 2 * kGroup, vnni_pairs(even, odd));
@@ -387,7 +381,7 @@ FUSED_LSTM_BF16_TARGET void pack_backward_panels(const BackwardTeam& t, int64_t 
 FUSED_LSTM_BF16_TARGET FUSED_LSTM_ALWAYS_INLINE void pointwise_backward(const BackwardTeam& t, int64_t row0, int64_t b,
                                                                         int64_t u0, int64_t n, uint16_t* dg_rows) {
   const int64_t H = t.H, row = row0 + b;
-  const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+  const __mmask16 m = lane_mask16(n);
   const uint16_t* g = t.gates + row * 4 * H + u0;
   const Gates<vec<16>> gate{widen(_mm256_maskz_loadu_epi16(m, g)), widen(_mm256_maskz_loadu_epi16(m, g + H)),
                             widen(_mm256_maskz_loadu_epi16(m, g + 2 * H)),

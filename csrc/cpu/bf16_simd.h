@@ -10,6 +10,11 @@
 namespace fused_lstm {
 
 #define FUSED_LSTM_BF16_SIMD_TARGET __attribute__((target("avx512f,avx512bw")))
+// The target of the bfloat16 kernels that may issue AMX instructions (the recurrences, the cell's tile products).
+#define FUSED_LSTM_BF16_TARGET __attribute__((target("arch=x86-64-v4,avx512bf16,amx-tile,amx-bf16")))
+
+// The first n (<= 16) lanes.
+inline __mmask16 lane_mask16(int64_t n) { return static_cast<__mmask16>((uint32_t{1} << n) - 1); }
 
 // 16 bfloat16 as float32 (exact): the bits shifted into each float's high half.
 FUSED_LSTM_BF16_SIMD_TARGET inline __m512 widen_bf16(__m256i bf16) {
@@ -40,6 +45,16 @@ struct alignas(64) AmxTileConfig {
   uint16_t bytes_per_row[16] = {};
   uint8_t rows[16] = {};
 };
+
+// The first `tiles` tiles with `rows` rows of 64 bytes; the others unused.
+inline AmxTileConfig amx_tile_config(int tiles, int64_t rows) {
+  AmxTileConfig config;
+  for (int i = 0; i < tiles; ++i) {
+    config.rows[i] = static_cast<uint8_t>(rows);
+    config.bytes_per_row[i] = 64;
+  }
+  return config;
+}
 
 // Loads config into this thread's tile state. GCC 12 does not see ldtilecfg read its operand, and where the
 // config is filled just before, drops the stores without the barrier.

@@ -146,4 +146,8 @@ constexpr int64_t kBf16MinProjectionChunkRows = 1024;
 // the hardware's stride prefetcher from H = 256 on).
 constexpr int64_t kBf16PrefetchRows = 4;
 
+// Per-step weight gradients (recycled_gradients.h): at most this many freed blocks are kept within a backward
+// pass, the two weight gradients of each of four cells per step.
+constexpr int64_t kMaxKeptGradientBlocks = 8;
+
 }  // namespace fused_lstm::cpu_limits

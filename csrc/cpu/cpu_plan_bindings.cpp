@@ -87,6 +87,7 @@ void register_cpu_plan_bindings(py::module_& m) {
     d["bf16_min_projection_chunk_rows"] = limits::kBf16MinProjectionChunkRows;
     d["bf16_projection_chunk_rows"] = limits::kBf16ProjectionChunkRows;
     d["bf16_projection_chunk_bytes"] = limits::kBf16ProjectionChunkBytes;
+    d["max_kept_gradient_blocks"] = limits::kMaxKeptGradientBlocks;
     // From the caches:
     d["usable_l3_bytes"] = usable_l3_bytes(mach);
     d["fused_projection_max_slice_bytes"] = fused_projection_max_slice_bytes(mach);

@@ -14,6 +14,8 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_limits.h"
+
 namespace fused_lstm {
 namespace {
 
@@ -42,7 +44,7 @@ struct Recycler {
   void give_back(Block* block) {
     {
       const std::lock_guard<std::mutex> lock(mutex);
-      if (!active_passes.empty() && static_cast<int64_t>(kept.size()) < kMaxKeptBlocks) {
+      if (!active_passes.empty() && static_cast<int64_t>(kept.size()) < cpu_limits::kMaxKeptGradientBlocks) {
         kept.push_back(block);
         return;
       }
@@ -67,18 +69,14 @@ struct Recycler {
   }
 };
 
-Recycler* new_recycler();
-
 // Never destroyed: tensors may be freed during interpreter exit. A forked child starts a fresh one: the parent's
 // mutex may have been held by another thread at the fork, and the child runs none of the parent's passes.
 Recycler*& recycler_instance() {
-  static Recycler* instance = new_recycler();
+  static Recycler* instance = [] {
+    pthread_atfork(nullptr, nullptr, [] { recycler_instance() = new Recycler(); });
+    return new Recycler();
+  }();
   return instance;
-}
-Recycler* new_recycler() {
-  static const int registered = pthread_atfork(nullptr, nullptr, [] { recycler_instance() = new Recycler(); });
-  (void)registered;
-  return new Recycler();
 }
 Recycler& recycler() { return *recycler_instance(); }
 

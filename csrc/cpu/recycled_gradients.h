@@ -8,7 +8,8 @@
 // of a 2.7 ms backward step (Intel Xeon VM). torch.nn.LSTMCell's linear layers hold one such block at a time and
 // stay under the threshold. So on the CPU the cell backward takes its weight gradients from here:
 //   - a freed block is kept, while a backward pass that allocated from here runs, for the next allocation of
-//     exactly its size (at most kMaxKeptBlocks blocks, so a pass holds at most one step's gradients more);
+//     exactly its size (at most cpu_limits::kMaxKeptGradientBlocks blocks, so a pass holds at most one step's
+//     gradients more);
 //   - when the last such pass ends (an autograd engine final callback), every kept block is freed;
 //   - outside a backward pass (the op called directly) this is a plain allocation.
 // The tensors are ordinary CPU tensors (resizable, shareable); only their storage's allocator is this one.
@@ -19,9 +20,6 @@
 #include <cstdint>
 
 namespace fused_lstm {
-
-// At most this many freed blocks are kept: the two weight gradients of each of four cells per step.
-constexpr int64_t kMaxKeptBlocks = 8;
 
 // An uninitialised contiguous tensor with w's shape and options, for w's gradient.
 at::Tensor empty_recycled_gradient(const at::Tensor& w);

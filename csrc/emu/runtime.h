@@ -57,7 +57,7 @@ const uint3& thread_index();
 const uint3& block_index();
 const dim3& block_dim();
 const dim3& grid_dim();
-// The running block's dynamic shared memory (16-byte aligned, poisoned with 0xFF at launch).
+// The running block's dynamic shared memory (128-byte aligned, poisoned with 0xFF at launch).
 void* dynamic_shared_memory();
 
 void sync_block(Site site);
